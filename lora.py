@@ -1,0 +1,100 @@
+"""LoRA: low-rank adaptation of frozen linear layers (Hu et al. 2021, "LoRA", §4.1).
+
+    y = W0 x + (alpha / r) * B A dropout(x),   A: (r, in), B: (out, r)
+
+B starts at zero, so training starts exactly from W0. A is Kaiming-uniform(a=sqrt(5)), the default of
+nn.Linear and of peft (which the papers' seed code used). Only A and B train; everything else is frozen.
+"""
+
+import json
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import InputError, check_keys, read_safetensors
+
+GPT2_BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # all four: the PRB paper's setting
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        assert rank > 0, "LoRA rank must be positive"
+        self.base = base.requires_grad_(False)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank  # Hu et al. §4.1: scale by alpha / r
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:  # B A already folded into W0
+            return y
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self):
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (alpha / r) B A, in fp32
+
+    @torch.no_grad()
+    def merge(self):
+        """W0 <- W0 + (alpha/r) B A, computed in fp32: inference then costs no more than the base model."""
+        if not self.merged:
+            w = self.base.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            w = self.base.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+
+def apply_lora(model, rank, alpha, dropout=0.0, targets=GPT2_BLOCK_MATRICES):
+    """Wrap every nn.Linear whose name ends with one of `targets` in a LoRALinear and freeze all base weights.
+
+    Modules attached at the model's sites (method modules) are neither frozen nor wrapped. Returns the model.
+    """
+    for name, p in model.named_parameters():
+        if not name.startswith("sites."):
+            p.requires_grad_(False)
+    chosen = [name for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and not name.startswith("sites.")
+              and any(name == t or name.endswith("." + t) for t in targets)]
+    if not chosen:
+        raise InputError(f"LoRA targets {', '.join(targets)} match no Linear layer of this model")
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    model.lora_settings = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    return model
+
+
+def lora_state_dict(model):
+    return {name: p.detach() for name, p in model.named_parameters() if ".lora_A" in name or ".lora_B" in name}
+
+
+def save_adapter(model, path):
+    """Save only the LoRA tensors (safetensors), with rank/alpha/targets as metadata."""
+    from safetensors.torch import save_file
+    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(state, path, metadata={"lora": json.dumps(model.lora_settings)})
+
+
+def load_adapter(model, path):
+    """Load an adapter saved by save_adapter into a model already wrapped by apply_lora with the same settings."""
+    from safetensors import safe_open
+    state = read_safetensors(path)
+    with safe_open(path, "pt") as f:
+        settings = json.loads((f.metadata() or {}).get("lora", "null"))
+    if settings != getattr(model, "lora_settings", None):
+        raise InputError(f"adapter {path} was trained with LoRA {settings}, the model has {getattr(model, 'lora_settings', None)}")
+    check_keys(state, lora_state_dict(model), f"adapter {path}")
+    model.load_state_dict(state, strict=False)
+    return model
