@@ -1,0 +1,467 @@
+"""Fine-tune GPT-2 with a memory or parameter-efficient method. One CLI for every experiment.
+
+    python train.py --method lora --dataset emotion                 # the PRB paper's LoRA r=32 baseline
+    python train.py --method full --init_from scratch --n_layer 2 --n_head 2 --n_embd 64 --max_steps 300
+
+Loss (the one definition used for train, val and test): token-weighted mean cross-entropy over every real
+target token. Each example is `[LABEL] text<|endoftext|>`; the model predicts every token from its prefix, label
+tokens and the closing <|endoftext|> included; padding targets are masked out. A reported loss is
+sum(CE over real target tokens) / (number of real target tokens): over a batch for a training step, over the
+last --log_interval steps for `train_loss`, over a whole split for val/test.
+
+Writes to --out_dir: metrics.jsonl (one line per log step), ckpt.pt (latest; trainable tensors only when the
+base is a published checkpoint), best.pt (trainable tensors at the best val loss), summary.json, loss.png,
+and adapter.safetensors for LoRA runs. Ctrl-C saves ckpt.pt; --resume continues exactly where it stopped.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lora import GPT2_BLOCK_MATRICES, apply_lora, save_adapter
+from model import GPT, GPTConfig, InputError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DATASETS = ["emotion"]
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def prepare_if_missing(dataset, data_dir):
+    """Run data/<dataset>/prepare.py on first use, so the main command works on a fresh machine."""
+    if os.path.isfile(os.path.join(data_dir, "meta.json")):
+        return
+    cmd = f"python data/{dataset}/prepare.py --source DIR --out_dir {data_dir}"
+    print(f"{data_dir} is not prepared; preparing it now (downloading {dataset})")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", dataset, "prepare.py"))
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    try:
+        prepare.prepare(None, data_dir)
+    except Exception as e:  # offline: say how to prepare from local files
+        raise InputError(f"{data_dir} is not prepared and downloading failed ({type(e).__name__}); run: {cmd}") from None
+
+
+class Split:
+    """One split as padded device tensors: x[i] = row i without its last token, y[i] = row i without its first
+    (-1 where padding). A batch is cut to the length of its longest row rounded up to a multiple of
+    `pad_multiple`, so there are only a few distinct, static shapes (one compiled graph each) and little
+    compute goes into padding."""
+
+    def __init__(self, data_dir, split, length, pad_id, device, pad_multiple=16):
+        try:
+            tokens = np.load(os.path.join(data_dir, f"{split}_tokens.npy"))
+            offsets = np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
+            labels = np.load(os.path.join(data_dir, f"{split}_labels.npy"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read the prepared {split} split in {data_dir} ({e}); prepare it again") from None
+        self.n, self.length, self.pad_multiple = len(offsets) - 1, length, pad_multiple
+        self.row_len = np.diff(offsets) - 1  # targets per row, known on the host: no device sync to size a batch
+        x = np.full((self.n, length), pad_id, dtype=np.int64)
+        y = np.full((self.n, length), -1, dtype=np.int64)
+        for i in range(self.n):
+            row = tokens[offsets[i]:offsets[i + 1]].astype(np.int64)
+            x[i, :len(row) - 1], y[i, :len(row) - 1] = row[:-1], row[1:]
+        self.x, self.y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        self.labels = torch.from_numpy(labels).to(device)
+
+    def padded_length(self, rows_host):
+        longest = int(self.row_len[rows_host].max())
+        return min(self.length, -(-longest // self.pad_multiple) * self.pad_multiple)
+
+    def batch(self, rows, length):
+        """rows: row ids (device tensor); length: from padded_length of the same rows."""
+        return self.x[rows, :length], self.y[rows, :length], {"label": self.labels[rows]}
+
+
+def training_order(n, batch_size, max_steps, seed):
+    """(max_steps, batch_size) row ids: a fresh seeded permutation each epoch. A pure function of its arguments,
+    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    epochs = math.ceil(max_steps * batch_size / n)
+    order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e)) for e in range(epochs)])
+    return order[: max_steps * batch_size].view(max_steps, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+def lm_loss_sum(logits, targets):
+    """(sum of CE over real target tokens, number of real target tokens); targets of -1 are padding."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+    return total, (targets != -1).sum()
+
+
+@torch.no_grad()
+def evaluate(model, split, batch_size, autocast, max_batches=0):
+    """Token-weighted mean loss over the split, or over a fixed random subset of max_batches * batch_size rows.
+    Rows go shortest first, so batches need little padding; the last batch is filled with repeated rows whose
+    targets count nothing."""
+    model.eval()
+    device = split.x.device
+    rows_used = np.arange(split.n)
+    if 0 < max_batches * batch_size < split.n:  # the same subset at every evaluation
+        rows_used = np.random.default_rng(0).permutation(split.n)[:max_batches * batch_size]
+    by_length = rows_used[np.argsort(split.row_len[rows_used], kind="stable")]
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    for b in range(math.ceil(len(by_length) / batch_size)):
+        rows = by_length[b * batch_size:(b + 1) * batch_size]
+        real = len(rows)
+        rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - real)])
+        x, y, ctx = split.batch(torch.from_numpy(rows).to(device), split.padded_length(rows))
+        y[real:] = -1  # filler rows
+        with autocast:
+            s, c = lm_loss_sum(model(x, ctx), y)
+        total, count = total + s, count + c
+    model.train()
+    return (total / count).item()
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def setup_full(model, args):
+    pass  # every weight trains
+
+
+def setup_lora(model, args):
+    apply_lora(model, args.rank, args.alpha, args.lora_dropout, targets=args.lora_targets.split(","))
+
+
+METHODS = {"full": setup_full, "lora": setup_lora}  # name -> function(model, args) that attaches the method
+
+
+def build_model(args, vocab_size):
+    torch.manual_seed(args.seed)  # scratch init and LoRA's A init depend on the seed
+    if args.init_from == "scratch":
+        config = GPTConfig(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
+                           n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+        if config.n_embd % config.n_head:
+            raise InputError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
+        model = GPT(config)
+    else:
+        model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+    METHODS[args.method](model, args)
+    return model
+
+
+def saved_state(model, args):
+    """What a checkpoint must hold to rebuild the model: everything for full fine-tuning or a scratch base,
+    only the trainable tensors when the frozen base is a published checkpoint that can be loaded again."""
+    if args.method == "full" or args.init_from == "scratch":
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def load_saved_state(model, state, what):
+    from model import check_keys
+    expected = model.state_dict()
+    if len(state) < len(expected):  # trainable tensors only
+        expected = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    check_keys(state, expected, what)
+    model.load_state_dict(state, strict=False)
+
+
+def atomic_torch_save(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not ours") from None
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, instead of usage + message
+        sys.exit(f"error: {message} (see python {os.path.basename(sys.argv[0])} --help)")
+
+
+def build_parser(suppress=False):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               argument_default=argparse.SUPPRESS if suppress else None)
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    g = p.add_argument_group("task")
+    g.add_argument("--method", choices=list(METHODS), default=d("lora"), help="what trains (default: %(default)s)")
+    g.add_argument("--dataset", choices=DATASETS, default=d("emotion"))
+    g.add_argument("--data_dir", default=d(None), help="prepared data (default: data/<dataset>)")
+    g = p.add_argument_group("model")
+    g.add_argument("--init_from", default=d("gpt2"),
+                   help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a folder with config.json + model.safetensors "
+                        "| scratch (random init, sized by the next flags)")
+    g.add_argument("--n_layer", type=int, default=d(12), help="scratch only")
+    g.add_argument("--n_head", type=int, default=d(12), help="scratch only")
+    g.add_argument("--n_embd", type=int, default=d(768), help="scratch only")
+    g.add_argument("--block_size", type=int, default=d(1024), help="scratch only")
+    g.add_argument("--pad_multiple", type=int, default=d(16),
+                   help="batches are padded to a multiple of this (few static shapes for torch.compile)")
+    g.add_argument("--dropout", type=float, default=d(0.1), help="GPT-2's residual/attention/embedding dropout")
+    g = p.add_argument_group("LoRA (--method lora)")
+    g.add_argument("--rank", type=int, default=d(32))
+    g.add_argument("--alpha", type=float, default=d(64.0))
+    g.add_argument("--lora_dropout", type=float, default=d(0.1))
+    g.add_argument("--lora_targets", default=d(",".join(GPT2_BLOCK_MATRICES)), help="comma-separated Linear names")
+    g = p.add_argument_group("optimization (defaults: the PRB paper §3.1)")
+    g.add_argument("--batch_size", type=int, default=d(8))
+    g.add_argument("--max_steps", type=int, default=d(16000))
+    g.add_argument("--lr", type=float, default=d(1e-3), help="peak learning rate of the cosine schedule")
+    g.add_argument("--min_lr", type=float, default=d(0.0))
+    g.add_argument("--warmup", type=int, default=d(200), help="linear warm-up steps")
+    g.add_argument("--weight_decay", type=float, default=d(0.0), help="AdamW decay on matrices")
+    g.add_argument("--grad_clip", type=float, default=d(1.0), help="max global grad norm (0: off)")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval_interval", type=int, default=d(500), help="steps between val evaluations")
+    g.add_argument("--eval_iters", type=int, default=d(0), help="val batches per evaluation (0: the whole split)")
+    g.add_argument("--eval_batch_size", type=int, default=d(64))
+    g.add_argument("--log_interval", type=int, default=d(50))
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default=d("auto"), help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=d("auto"),
+                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d(None),
+                   help="torch.compile the model (default: on for CUDA)")
+    g.add_argument("--seed", type=int, default=d(1337))
+    g.add_argument("--out_dir", default=d(None), help="default: out/<method>-<dataset>")
+    g.add_argument("--resume", action="store_true", default=d(False), help="continue the run in --out_dir")
+    return p
+
+
+RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "compile", "data_dir"}  # flags that do not change the math
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
+    explicit = set(vars(build_parser(suppress=True).parse_args(argv)))
+    args.data_dir = args.data_dir or os.path.join(ROOT, "data", args.dataset)
+    args.out_dir = args.out_dir or os.path.join("out", f"{args.method}-{args.dataset}")
+    for name in ("batch_size", "max_steps", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size", "rank"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
+    return args, explicit
+
+
+def resolve_system(args):
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but this machine has no CUDA GPU; use --device cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    compile_ = device.startswith("cuda") if args.compile is None else args.compile
+    return device, getattr(torch, dtype), compile_
+
+
+def lr_at(step, args):
+    """Linear warm-up to --lr, then cosine decay to --min_lr at --max_steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.max_steps - args.warmup)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def resume_args(args, explicit, ckpt):
+    saved = ckpt["args"]
+    for name in sorted(explicit - RESUME_MAY_CHANGE):
+        if getattr(args, name) != saved.get(name):
+            raise InputError(f"{args.out_dir} was trained with --{name} {saved.get(name)}, not {getattr(args, name)}; "
+                             "resume without that flag, or start a new run in another --out_dir")
+    return argparse.Namespace(**(saved | {k: getattr(args, k) for k in RESUME_MAY_CHANGE}))
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def train(args, explicit):
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = None
+    if args.resume:
+        if not os.path.isfile(ckpt_path):
+            raise InputError(f"nothing to resume: {ckpt_path} does not exist")
+        ckpt = load_checkpoint(ckpt_path)
+        args = resume_args(args, explicit, ckpt)
+    elif os.path.exists(ckpt_path) or os.path.exists(os.path.join(args.out_dir, "metrics.jsonl")):
+        raise InputError(f"{args.out_dir} already holds a run; pass --resume to continue it or choose another --out_dir")
+    device, dtype, compile_ = resolve_system(args)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    prepare_if_missing(args.dataset, args.data_dir)
+    with open(os.path.join(args.data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    length = meta["max_len"] - 1  # inputs drop the last token of the longest row
+    model = build_model(args, meta["vocab_size"]).to(device)
+    if length > model.config.block_size:
+        raise InputError(f"rows of up to {length} tokens do not fit block_size {model.config.block_size}")
+    train_split, val_split = (Split(args.data_dir, s, length, meta["eot_token"], device, args.pad_multiple)
+                              for s in ("train", "validation"))
+    order_host = training_order(train_split.n, args.batch_size, args.max_steps, args.seed)
+    order = order_host.to(device)
+    order_host = order_host.numpy()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device_type == "cuda")
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    # running sums over the current log window, on the device: reading them is the only host sync
+    running = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, target tokens, steps
+    step, best_val, best_step, elapsed = 0, float("inf"), -1, 0.0
+    if ckpt is not None:
+        load_saved_state(model, ckpt["model"], ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device_type == "cuda" and ckpt["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        running = ckpt["running"].to(device)
+        step, best_val, best_step, elapsed = ckpt["step"], ckpt["best_val"], ckpt["best_step"], ckpt["elapsed"]
+    else:
+        torch.manual_seed(args.seed + 1)  # dropout stream, independent of how the model was built
+    os.makedirs(args.out_dir, exist_ok=True)
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    keep = [] if ckpt is None else [l for l in open(metrics_path) if json.loads(l)["step"] <= step]
+    with open(metrics_path, "w") as f:  # drop what was logged after the checkpoint we resume from
+        f.writelines(keep)
+    print(f"{args.method} on {args.dataset}: {n_trainable:,} trainable of {n_total:,} parameters; "
+          f"device {device}, {str(dtype).removeprefix('torch.')}, compile {compile_}")
+
+    def checkpoint():
+        atomic_torch_save({"step": step, "model": saved_state(model, args), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                           "rng_cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+                           "running": running.cpu(), "best_val": best_val, "best_step": best_step,
+                           "elapsed": elapsed + time.time() - t0, "args": vars(args)}, ckpt_path)
+
+    def check_finite(value, what):
+        if not math.isfinite(value):
+            raise InputError(f"{what} is {value} at step {step}: training diverged (last good checkpoint kept); "
+                             "lower --lr, raise --warmup or use --dtype float32")
+
+    stop = {"asked": False}
+
+    def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, exit; second: exit now
+        stop["asked"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    step_model = torch.compile(model) if compile_ else model
+    model.train()
+    t0, t_window = time.time(), time.time()
+    bar = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    logged_step = step if ckpt is not None else -1  # a checkpoint's own step was logged before it was saved
+    try:
+        while True:
+            log_now = step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.max_steps
+            if log_now and step != logged_step:
+                record = {"step": step, "train_loss": None, "val_loss": None, "lr": lr_at(step, args)}
+                loss_sum, tokens, steps = running.tolist()
+                if steps > 0:
+                    record["train_loss"] = loss_sum / tokens
+                    check_finite(record["train_loss"], "train loss")
+                    record["tokens_per_s"] = tokens / (time.time() - t_window)
+                if step % args.eval_interval == 0 or step == args.max_steps:
+                    record["val_loss"] = evaluate(model, val_split, args.eval_batch_size, autocast, args.eval_iters)
+                    check_finite(record["val_loss"], "val loss")
+                    if record["val_loss"] < best_val:
+                        best_val, best_step = record["val_loss"], step
+                        atomic_torch_save(saved_state(model, args), os.path.join(args.out_dir, "best.pt"))
+                record["elapsed_s"] = elapsed + time.time() - t0
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.endswith("loss") and v is not None})
+                running.zero_()
+                t_window = time.time()
+                if record["val_loss"] is not None:
+                    checkpoint()
+            if step == args.max_steps:
+                break
+            if stop["asked"]:
+                check_finite(running[0].item(), "train loss")
+                checkpoint()
+                bar.close()
+                print(f"interrupted at step {step}; saved {ckpt_path}. Continue with: "
+                      f"python train.py --out_dir {args.out_dir} --resume")
+                return None
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y, ctx = train_split.batch(order[step], train_split.padded_length(order_host[step]))
+            with autocast:
+                loss_sum, tokens = lm_loss_sum(step_model(x, ctx), y)
+            scaler.scale(loss_sum / tokens).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            running += torch.stack([loss_sum.detach().double(), tokens.double(), torch.ones((), device=device, dtype=torch.float64)])
+            step += 1
+            bar.update(1)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    bar.close()
+    return finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, elapsed + time.time() - t0,
+                  best_step, best_val, length)
+
+
+def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wall, best_step, best_val, length):
+    """Test loss at the final step and at the best val step; summary.json, adapter, loss plot."""
+    test_split = Split(args.data_dir, "test", length, meta["eot_token"], device, args.pad_multiple)
+    with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
+        final_val = [json.loads(l) for l in f][-1]["val_loss"]
+    final_test = evaluate(model, test_split, args.eval_batch_size, autocast)
+    if args.method == "lora":
+        save_adapter(model, os.path.join(args.out_dir, "adapter.safetensors"))
+    load_saved_state(model, torch.load(os.path.join(args.out_dir, "best.pt"), weights_only=True), "best.pt")
+    best_test = evaluate(model, test_split, args.eval_batch_size, autocast)
+    summary = {"method": args.method, "dataset": args.dataset, "init_from": args.init_from, "steps": args.max_steps,
+               "final": {"step": args.max_steps, "val_loss": final_val, "test_loss": final_test},
+               "best": {"step": best_step, "val_loss": best_val, "test_loss": best_test},
+               "params": {"trainable": n_trainable, "total": n_total}, "wall_time_s": wall,
+               "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+               "dtype": str(dtype).removeprefix("torch."),
+               "loss": "token-weighted mean cross-entropy over real target tokens"}
+    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot_losses(args.out_dir)
+    print(f"final (step {args.max_steps}): val {final_val:.4f}  test {final_test:.4f}   "
+          f"best val (step {best_step}): val {best_val:.4f}  test {best_test:.4f}   ({wall:.0f} s)")
+    return summary
+
+
+def plot_losses(out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(l) for l in f]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("train_loss", "val_loss"):
+        pts = [(r["step"], r[key]) for r in rows if r[key] is not None]
+        ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None, ms=3)
+    ax.set(xlabel="step", ylabel="loss (token-weighted CE)", title=os.path.basename(os.path.abspath(out_dir)))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    try:
+        args, explicit = parse_args(argv)
+        return train(args, explicit)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
