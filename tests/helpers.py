@@ -1,0 +1,48 @@
+"""Helpers shared by the tests (and by every method's causality test)."""
+
+import importlib.util
+import os
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_prepare_module(dataset):
+    spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", os.path.join(ROOT, "data", dataset, "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_causal(forward, idx, vocab_size, positions=None, atol=1e-5, **ctx_kwargs):
+    """Causality check for any GPT-side method: for each position j, replacing token j must leave every
+    logit at positions < j unchanged (fp32 tolerance) and must change position j's.
+
+    forward(idx) -> logits (B, T, V); call it in eval mode (no dropout) and fp32.
+    """
+    T = idx.size(1)
+    with torch.no_grad():
+        base = forward(idx)
+        for j in positions if positions is not None else range(1, T):
+            changed = idx.clone()
+            changed[:, j] = (changed[:, j] + 1 + torch.arange(idx.size(0))) % vocab_size
+            out = forward(changed)
+            diff_before = (out[:, :j] - base[:, :j]).abs().max().item()
+            assert diff_before <= atol, f"changing token {j} moved logits at earlier positions by {diff_before:.3g}"
+            assert (out[:, j] - base[:, j]).abs().max().item() > atol, f"changing token {j} left position {j} unchanged"
+
+
+def save_tiny_hf_gpt2(path, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, n_positions=128, seed=0):
+    """A small random GPT-2 saved in Hugging Face format (config.json + model.safetensors) by `transformers`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # HF zero-inits biases and sets LayerNorm to 1/0: randomize so every tensor is checked
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model.eval()
