@@ -271,7 +271,8 @@ def resume_args(args, explicit, ckpt):
         if getattr(args, name) != saved.get(name):
             raise InputError(f"{args.out_dir} was trained with --{name} {saved.get(name)}, not {getattr(args, name)}; "
                              "resume without that flag, or start a new run in another --out_dir")
-    return argparse.Namespace(**(saved | {k: getattr(args, k) for k in RESUME_MAY_CHANGE}))
+    changed = (explicit & RESUME_MAY_CHANGE) | {"resume", "out_dir"}
+    return argparse.Namespace(**(saved | {k: getattr(args, k) for k in changed}))
 
 
 # ---------------------------------------------------------------------------------------------------- train

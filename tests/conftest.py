@@ -25,3 +25,24 @@ def emotion_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("emotion"))
     load_prepare_module("emotion").prepare(source if os.path.isdir(source) else None, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def emotion_small_dir(emotion_dir, tmp_path_factory):
+    """The prepared emotion data with the full train split but only the first 256 validation and test rows:
+    end-to-end runs on CPU spend their time training, not scoring 2000 rows against a 50257-token vocabulary."""
+    import json
+    import shutil
+    import numpy as np
+    out = str(tmp_path_factory.mktemp("emotion_small"))
+    for name in os.listdir(emotion_dir):
+        shutil.copy(os.path.join(emotion_dir, name), out)
+    for split in ("validation", "test"):
+        offsets = np.load(os.path.join(out, f"{split}_offsets.npy"))[:257]
+        np.save(os.path.join(out, f"{split}_offsets.npy"), offsets)
+        np.save(os.path.join(out, f"{split}_tokens.npy"), np.load(os.path.join(out, f"{split}_tokens.npy"))[:offsets[-1]])
+        np.save(os.path.join(out, f"{split}_labels.npy"), np.load(os.path.join(out, f"{split}_labels.npy"))[:256])
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    meta["counts"].update(validation=256, test=256)
+    json.dump(meta, open(os.path.join(out, "meta.json"), "w"))
+    return out

@@ -1,0 +1,153 @@
+"""train.py and eval.py end to end on the real emotion data with tiny models: learning, exact resume after
+Ctrl-C, LoRA on a Hugging Face-format checkpoint, and one clear line for every bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, save_tiny_hf_gpt2
+
+TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
+        "--batch_size", "4", "--lr", "3e-3", "--warmup", "20", "--eval_iters", "2", "--eval_batch_size", "32",
+        "--log_interval", "10", "--eval_interval", "40", "--method", "full"]
+STEPS = ["--max_steps", "200"]
+
+
+def cli(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def records(run_dir):
+    """metrics.jsonl without the wall-clock fields."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "elapsed_s")} for l in f]
+
+
+@pytest.fixture(scope="module")
+def finished_run(emotion_small_dir, tmp_path_factory):
+    import train
+    out = str(tmp_path_factory.mktemp("runs") / "full")
+    train.main([*TINY, *STEPS, "--data_dir", emotion_small_dir, "--out_dir", out])
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_and_writes_its_outputs(finished_run):
+    rows = records(finished_run)
+    vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    assert [r["step"] for r in rows] == list(range(0, 201, 10))
+    assert vals[0] > 10.5 and vals[-1] < vals[0] - 3  # from ln(50257) = 10.8 to well below
+    summary = json.load(open(os.path.join(finished_run, "summary.json")))
+    assert summary["final"]["step"] == 200 and summary["final"]["val_loss"] == vals[-1]
+    assert summary["best"]["val_loss"] == min(vals)
+    assert summary["params"]["trainable"] == summary["params"]["total"] > 0
+    for name in ("ckpt.pt", "best.pt", "loss.png"):
+        assert os.path.isfile(os.path.join(finished_run, name))
+
+
+@pytest.mark.slow
+def test_resume_after_ctrl_c_is_exact(finished_run, emotion_small_dir, tmp_path):
+    out = str(tmp_path / "interrupted")
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, *STEPS, "--data_dir", emotion_small_dir, "--out_dir", out],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "interrupted at step" in stdout, stderr
+    stopped_at = int(stdout.split("interrupted at step ")[1].split(";")[0])
+    assert 30 <= stopped_at < 200
+    done = cli(["train.py", "--out_dir", out, "--resume"])
+    assert done.returncode == 0, done.stderr
+    assert records(out) == records(finished_run)  # bit-identical losses, val losses and learning rates
+    assert json.load(open(os.path.join(out, "summary.json")))["final"] == \
+        json.load(open(os.path.join(finished_run, "summary.json")))["final"]
+
+
+@pytest.mark.slow
+def test_eval_reports_the_run(finished_run):
+    out = cli(["eval.py", finished_run, "--max_new_tokens", "5", "--which", "best"])
+    assert out.returncode == 0, out.stderr
+    assert "| trainable params | val loss | test loss |" in out.stdout and "[FEAR] ive been feeling" in out.stdout
+    result = json.load(open(os.path.join(finished_run, "eval-best.json")))
+    summary = json.load(open(os.path.join(finished_run, "summary.json")))
+    assert result["test_loss"] == pytest.approx(summary["best"]["test_loss"], rel=1e-5)  # same loss definition
+
+
+@pytest.mark.slow
+def test_lora_on_a_hugging_face_checkpoint(emotion_small_dir, tmp_path):
+    """--init_from PATH + LoRA: the checkpoint keeps only the adapter, and eval.py rebuilds the model from it."""
+    save_tiny_hf_gpt2(tmp_path / "base", n_layer=1, n_head=2, n_embd=32, n_positions=128)
+    out = str(tmp_path / "lora")
+    run = cli(["train.py", "--method", "lora", "--rank", "4", "--init_from", str(tmp_path / "base"), "--max_steps", "20",
+               "--eval_interval", "10", "--eval_iters", "1", "--data_dir", emotion_small_dir, "--out_dir", out])
+    assert run.returncode == 0, run.stderr
+    assert "2,048 trainable" in run.stdout  # 4 * (32+96 + 32+32 + 32+128 + 128+32) = 2,048
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+    assert state and all(".lora_" in k for k in state)
+    assert os.path.isfile(os.path.join(out, "adapter.safetensors"))
+    ev = cli(["eval.py", out, "--no_loss", "--max_new_tokens", "3", "--temperature", "0"])
+    assert ev.returncode == 0, ev.stderr
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_flags(tmp_path):
+    one_line_error(cli(["train.py", "--method", "nope"]), "invalid choice: 'nope'", "--help")
+    one_line_error(cli(["train.py", "--dataset", "nope"]), "--dataset")
+    one_line_error(cli(["train.py", "--batch_size", "0"]), "--batch_size must be positive")
+    one_line_error(cli(["eval.py", str(tmp_path)]), "not a run folder")
+
+
+def test_data_not_prepared_names_the_prepare_command(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = cli(["train.py", *TINY, "--data_dir", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "o")], env=env)
+    one_line_error(result, "is not prepared", "python data/emotion/prepare.py --source DIR")
+
+
+def test_bad_checkpoints(emotion_small_dir, tmp_path):
+    common = ["train.py", "--data_dir", emotion_small_dir, "--max_steps", "2", "--out_dir", str(tmp_path / "o")]
+    one_line_error(cli([*common, "--init_from", str(tmp_path / "missing")]), "neither a folder nor a known model")
+    save_tiny_hf_gpt2(tmp_path / "base", n_layer=1, n_head=2, n_embd=32)
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    one_line_error(cli([*common, "--init_from", str(tmp_path / "base")]), "truncated or corrupt")
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_config_and_runs_are_never_overwritten(finished_run, tmp_path):
+    before = open(os.path.join(finished_run, "metrics.jsonl")).read()
+    one_line_error(cli(["train.py", "--out_dir", finished_run, "--resume", "--n_layer", "2"]),
+                   "was trained with --n_layer 1, not 2")
+    one_line_error(cli(["train.py", *TINY, "--out_dir", finished_run]), "already holds a run", "--resume")
+    one_line_error(cli(["train.py", "--out_dir", str(tmp_path / "none"), "--resume"]), "nothing to resume")
+    assert open(os.path.join(finished_run, "metrics.jsonl")).read() == before
+    ckpt = tmp_path / "broken" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"not a checkpoint")
+    one_line_error(cli(["train.py", "--out_dir", str(ckpt.parent), "--resume"]), "cannot read checkpoint")
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(emotion_small_dir, tmp_path):
+    out = tmp_path / "nan"
+    result = cli(["train.py", *TINY, "--lr", "1e30", "--warmup", "1", "--max_steps", "40", "--data_dir", emotion_small_dir,
+                  "--out_dir", str(out)])
+    one_line_error(result, "training diverged", "lower --lr")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 0  # the checkpoint written before the divergence, untouched
