@@ -1,0 +1,171 @@
+"""Training-step speed of our GPT-2 + LoRA against the same model in transformers + peft, in one process.
+
+    python bench.py                                   # GPT-2 small shapes, random init, LoRA r=32, batch 8
+    python bench.py --init_from gpt2                  # the published weights (ours and HF load the same files)
+    python bench.py --n_layer 2 --n_embd 128 --n_head 4 --steps 5   # a tiny config for a CPU
+
+Every arm trains the same base weights on the same batches (random tokens, --seq_len long: an emotion batch padded
+to its bucket is 32-96 tokens), with AdamW (fused on CUDA), autocast and grad clipping as in train.py.
+Times are medians of per-step wall times after --warmup steps (CUDA synchronized). The reference arms need
+`transformers` and `peft` (pip install transformers peft); without them only our arms run.
+
+FLOPs per step, LoRA-correct (frozen weights get no weight gradient), N = batch * seq_len tokens:
+  frozen matmuls (block matrices + tied LM head), P_frozen weights: 2 P N forward + 2 P N input gradients
+  LoRA A and B, P_lora weights:                                     2 P N forward + 4 P N backward
+  attention scores and mixing (QK^T, AV; causal not halved):       4 L B T^2 C forward, twice that backward
+"""
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from lora import apply_lora
+from model import GPT, GPT2_HUB_IDS, GPTConfig, InputError, resolve_checkpoint
+from train import Parser, resolve_system
+
+
+def lora_flops(config, batch, seq_len, rank):
+    L, C, V, N = config.n_layer, config.n_embd, config.vocab_size, batch * seq_len
+    frozen = L * 12 * C * C + V * C  # c_attn 3C^2, attn.c_proj C^2, c_fc 4C^2, mlp.c_proj 4C^2; LM head
+    lora = L * rank * (C + 3 * C + C + C + C + 4 * C + 4 * C + C)  # r (in + out) for each of the four matrices
+    attention = 4 * L * batch * seq_len ** 2 * C
+    return 4 * frozen * N + 6 * lora * N + 3 * attention
+
+
+def hf_reference(config, our_model, rank, alpha, dropout, device):
+    """The same weights in transformers' GPT2LMHeadModel, LoRA through peft. None if they are not installed."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()
+    hf_config = transformers.GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
+                                        n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+                                        resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+                                        attn_pdrop=config.dropout, layer_norm_epsilon=config.layer_norm_epsilon)
+    hf = transformers.GPT2LMHeadModel(hf_config)
+    ours = {k: v for k, v in our_model.state_dict().items() if not k.startswith("sites.")}
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    missing, unexpected = hf.transformer.load_state_dict(
+        {k: v.t() if k.endswith(conv1d) else v for k, v in ours.items() if k != "lm_head.weight"}, strict=False)
+    assert not unexpected and all(k.endswith("attn.bias") for k in missing), (missing, unexpected)
+    lora_config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, fan_in_fan_out=True,
+                                  target_modules=["c_attn", "c_proj", "c_fc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # a deprecation inside peft, not ours
+        return peft.get_peft_model(hf, lora_config).to(device)
+
+
+def time_training(forward, model, batches, steps, warmup, device, autocast):
+    """Median wall time of one training step (forward, loss, backward, clip, AdamW), after warm-up."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        x, y = batches[i % len(batches)]
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with autocast:
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    return statistics.median(times), peak
+
+
+def main(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", default="scratch", help="scratch (sized below) | gpt2 | ... | a checkpoint folder")
+    p.add_argument("--n_layer", type=int, default=12)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=64.0)
+    p.add_argument("--dropout", type=float, default=0.1, help="model and LoRA dropout, as in training")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per arm")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per arm (compilation happens here)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile'd arms (default: on for CUDA)")
+    p.add_argument("--no_reference", action="store_true", help="skip the transformers + peft arms")
+    p.add_argument("--json", help="also write the results to this file")
+    a = p.parse_args(argv)
+    try:
+        run(a)
+    except InputError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def run(a):
+    device, dtype, compile_ = resolve_system(a)
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
+    torch.manual_seed(0)
+    if a.init_from == "scratch":
+        ours = GPT(GPTConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout))
+    else:
+        resolve_checkpoint(a.init_from, GPT2_HUB_IDS)  # a clear error before any work
+        ours = GPT.from_pretrained(a.init_from, dropout=a.dropout)
+    config = ours.config
+    reference = None if a.no_reference else hf_reference(config, ours, a.rank, a.alpha, a.dropout, device)
+    ours = apply_lora(ours, a.rank, a.alpha, a.dropout).to(device).train()
+    batches = [(torch.randint(0, config.vocab_size, (a.batch_size, a.seq_len), device=device),
+                torch.randint(0, config.vocab_size, (a.batch_size, a.seq_len), device=device)) for _ in range(4)]
+    arms = [("nanomem eager", ours, ours)]
+    if compile_:
+        arms.append(("nanomem compiled", ours, torch.compile(ours)))
+    if reference is not None:
+        reference.train()
+        hf_forward = lambda model: (lambda x: model(input_ids=x).logits)
+        arms.append(("transformers+peft eager", reference, hf_forward(reference)))
+        if compile_:
+            arms.append(("transformers+peft compiled", reference, hf_forward(torch.compile(reference))))
+    flops = lora_flops(config, a.batch_size, a.seq_len, a.rank)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.startswith('cuda') else 'cpu'}), "
+          f"{str(dtype).removeprefix('torch.')}; L={config.n_layer} C={config.n_embd} V={config.vocab_size}, "
+          f"LoRA r={a.rank}, batch {a.batch_size} x {a.seq_len} tokens; {flops / 1e9:.1f} GFLOP/step")
+    results = []
+    for name, model, forward in arms:
+        seconds, peak = time_training(forward, model, batches, a.steps, a.warmup, device, autocast)
+        results.append({"arm": name, "ms_per_step": seconds * 1e3, "tokens_per_s": a.batch_size * a.seq_len / seconds,
+                        "tflops": flops / seconds / 1e12, "peak_gib": peak})
+    base = results[0]["ms_per_step"]
+    print("\n| arm | ms/step | tokens/s | TFLOP/s | peak GiB | time / nanomem eager |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"  # not measured on CPU
+        print(f"| {r['arm']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.3f} | {peak} | "
+              f"{r['ms_per_step'] / base:.2f} |")
+    by_name = {r["arm"]: r["ms_per_step"] for r in results}
+    for ours_arm, ref_arm in [("nanomem eager", "transformers+peft eager"),
+                              ("nanomem compiled", "transformers+peft eager"),
+                              ("nanomem compiled", "transformers+peft compiled")]:
+        if ours_arm in by_name and ref_arm in by_name:
+            print(f"speed-up of {ours_arm} over {ref_arm}: {by_name[ref_arm] / by_name[ours_arm]:.2f}x")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "gflop_per_step": flops / 1e9, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""bench.py: the FLOP count, the reference model really is the same model, and the CLI runs on a tiny config."""
+
+import pytest
+import torch
+
+import bench
+from lora import apply_lora
+from model import GPT, GPTConfig
+
+
+def test_lora_flops_by_hand():
+    config = GPTConfig(n_layer=1, n_embd=4, vocab_size=10)
+    # frozen: 12*16 + 40 = 232 weights; LoRA r=2: 2*(4+12 + 4+4 + 4+16 + 16+4) = 128; N = 2*3 tokens
+    expected = 4 * 232 * 6 + 6 * 128 * 6 + 3 * 4 * 1 * 2 * 9 * 4
+    assert bench.lora_flops(config, batch=2, seq_len=3, rank=2) == expected
+
+
+def test_reference_arm_computes_the_same_function():
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16))
+    reference = bench.hf_reference(ours.config, ours, rank=4, alpha=8, dropout=0.0, device="cpu").eval()
+    ours = apply_lora(ours, 4, 8).eval()
+    idx = torch.randint(0, 97, (2, 32))
+    assert (ours(idx) - reference(input_ids=idx).logits).abs().max() <= 1e-5  # B = 0 in both: the base models
+
+
+def test_bench_cli_on_a_tiny_config(capsys, tmp_path):
+    pytest.importorskip("peft")
+    bench.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
+                "--steps", "2", "--warmup", "1", "--rank", "4", "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert "| nanomem eager |" in out and "| transformers+peft eager |" in out
+    assert "speed-up of nanomem eager over transformers+peft eager:" in out
+    assert (tmp_path / "b.json").exists()
