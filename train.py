@@ -126,7 +126,7 @@ def evaluate(model, split, batch_size, autocast, max_batches=0):
 
 # ---------------------------------------------------------------------------------------------------- model
 def setup_full(model, args):
-    pass  # every weight trains
+    """Full fine-tuning: nothing to attach or freeze, every weight trains."""
 
 
 def setup_lora(model, args):
@@ -326,8 +326,9 @@ def train(args, explicit):
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     keep = [] if ckpt is None else [l for l in open(metrics_path) if json.loads(l)["step"] <= step]
-    with open(metrics_path, "w") as f:  # drop what was logged after the checkpoint we resume from
+    with open(metrics_path + ".tmp", "w") as f:  # drop what was logged after the checkpoint we resume from
         f.writelines(keep)
+    os.replace(metrics_path + ".tmp", metrics_path)
     print(f"{args.method} on {args.dataset}: {n_trainable:,} trainable of {n_total:,} parameters; "
           f"device {device}, {str(dtype).removeprefix('torch.')}, compile {compile_}")
 
@@ -350,7 +351,7 @@ def train(args, explicit):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    step_model = torch.compile(model) if compile_ else model
+    step_model = torch.compile(model, dynamic=False) if compile_ else model  # one static graph per batch shape
     model.train()
     t0, t_window = time.time(), time.time()
     bar = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
