@@ -30,7 +30,7 @@ def load_run(run_dir, which, device):
     args = argparse.Namespace(**ckpt["args"])
     with open(os.path.join(args.data_dir, "meta.json")) as f:
         meta = json.load(f)
-    model = build_model(args, meta["vocab_size"])
+    model = build_model(args, meta)
     if which == "best":
         state_path = os.path.join(run_dir, "best.pt")
         if not os.path.isfile(state_path):
@@ -42,10 +42,13 @@ def load_run(run_dir, which, device):
 
 
 def label_context(prompt, meta, device):
-    """{"label": id} when the prompt starts with a known `[LABEL]` tag, for methods conditioned on it."""
+    """{"label", "prompt_len"} when the prompt starts with a known `[LABEL]` tag, for methods that read them."""
     tag = prompt.split("]")[0].lstrip("[").lower() if prompt.startswith("[") else None
     labels = meta.get("labels", [])
-    return {"label": torch.tensor([labels.index(tag)], device=device)} if tag in labels else {}
+    if tag not in labels:
+        return {}
+    label = labels.index(tag)
+    return {"label": torch.tensor([label], device=device), "prompt_len": torch.tensor([meta["prompt_tokens"][label]], device=device)}
 
 
 def main(argv=None):
@@ -81,9 +84,8 @@ def run(a):
         result = {"run": run_dir, "which": a.which, "ckpt_step": step,
                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         if not a.no_loss:
-            length = meta["max_len"] - 1
             for split in ("validation", "test"):
-                data = Split(args.data_dir, split, length, meta["eot_token"], device, args.pad_multiple)
+                data = Split(args.data_dir, split, meta, device, args.pad_multiple)
                 result[f"{split}_loss"] = evaluate(model, data, a.eval_batch_size, autocast)
         generator = torch.Generator(device).manual_seed(a.seed)
         result["samples"] = []

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from lora import GPT2_BLOCK_MATRICES, apply_lora, save_adapter
 from model import GPT, GPTConfig, InputError
+from registers import POOLS, RegisterBank
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATASETS = ["emotion"]
@@ -58,13 +59,14 @@ class Split:
     `pad_multiple`, so there are only a few distinct, static shapes (one compiled graph each) and little
     compute goes into padding."""
 
-    def __init__(self, data_dir, split, length, pad_id, device, pad_multiple=16):
+    def __init__(self, data_dir, split, meta, device, pad_multiple=16):
         try:
             tokens = np.load(os.path.join(data_dir, f"{split}_tokens.npy"))
             offsets = np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
             labels = np.load(os.path.join(data_dir, f"{split}_labels.npy"))
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read the prepared {split} split in {data_dir} ({e}); prepare it again") from None
+        length, pad_id = meta["max_len"] - 1, meta["eot_token"]  # inputs drop the last token of the longest row
         self.n, self.length, self.pad_multiple = len(offsets) - 1, length, pad_multiple
         self.row_len = np.diff(offsets) - 1  # targets per row, known on the host: no device sync to size a batch
         x = np.full((self.n, length), pad_id, dtype=np.int64)
@@ -74,6 +76,7 @@ class Split:
             x[i, :len(row) - 1], y[i, :len(row) - 1] = row[:-1], row[1:]
         self.x, self.y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         self.labels = torch.from_numpy(labels).to(device)
+        self.prompt_len = torch.tensor(meta["prompt_tokens"], device=device)[self.labels]  # tokens of each row's `[LABEL]`
 
     def padded_length(self, rows_host):
         longest = int(self.row_len[rows_host].max())
@@ -81,7 +84,7 @@ class Split:
 
     def batch(self, rows, length):
         """rows: row ids (device tensor); length: from padded_length of the same rows."""
-        return self.x[rows, :length], self.y[rows, :length], {"label": self.labels[rows]}
+        return self.x[rows, :length], self.y[rows, :length], {"label": self.labels[rows], "prompt_len": self.prompt_len[rows]}
 
 
 def training_order(n, batch_size, max_steps, seed):
@@ -125,28 +128,39 @@ def evaluate(model, split, batch_size, autocast, max_batches=0):
 
 
 # ---------------------------------------------------------------------------------------------------- model
-def setup_full(model, args):
+def setup_full(model, args, n_labels):
     """Full fine-tuning: nothing to attach or freeze, every weight trains."""
 
 
-def setup_lora(model, args):
+def setup_lora(model, args, n_labels):
     apply_lora(model, args.rank, args.alpha, args.lora_dropout, targets=args.lora_targets.split(","))
 
 
-METHODS = {"full": setup_full, "lora": setup_lora}  # name -> function(model, args) that attaches the method
+def setup_prb(model, args, n_labels):
+    """PRB paper §2-3: LoRA on the four block matrices plus a register bank before the LM head."""
+    setup_lora(model, args, n_labels)
+    bank = model.attach("head", RegisterBank(model.config.n_embd, args.prb_registers, args.prb_dim, args.prb_alpha,
+                                             args.prb_pool, n_labels if args.prb_label_bias == "on" else 0))
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    parts = bank.parameter_breakdown()
+    print(f"PRB parameters: LoRA {lora:,} + registers {sum(parts.values()):,} "
+          f"({', '.join(f'{k} {v:,}' for k, v in parts.items())}) = {lora + sum(parts.values()):,}")
 
 
-def build_model(args, vocab_size):
+METHODS = {"full": setup_full, "lora": setup_lora, "prb": setup_prb}  # name -> fn(model, args, n_labels)
+
+
+def build_model(args, meta):
     torch.manual_seed(args.seed)  # scratch init and LoRA's A init depend on the seed
     if args.init_from == "scratch":
-        config = GPTConfig(block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
+        config = GPTConfig(block_size=args.block_size, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
         if config.n_embd % config.n_head:
             raise InputError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
         model = GPT(config)
     else:
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
-    METHODS[args.method](model, args)
+    METHODS[args.method](model, args, len(meta["labels"]))
     return model
 
 
@@ -204,11 +218,20 @@ def build_parser(suppress=False):
     g.add_argument("--pad_multiple", type=int, default=d(16),
                    help="batches are padded to a multiple of this (few static shapes for torch.compile)")
     g.add_argument("--dropout", type=float, default=d(0.1), help="GPT-2's residual/attention/embedding dropout")
-    g = p.add_argument_group("LoRA (--method lora)")
+    g = p.add_argument_group("LoRA (--method lora, prb)")
     g.add_argument("--rank", type=int, default=d(32))
     g.add_argument("--alpha", type=float, default=d(64.0))
     g.add_argument("--lora_dropout", type=float, default=d(0.1))
     g.add_argument("--lora_targets", default=d(",".join(GPT2_BLOCK_MATRICES)), help="comma-separated Linear names")
+    g = p.add_argument_group("Parametric Register Banks (--method prb; LoRA flags above apply too)")
+    g.add_argument("--prb_pool", choices=POOLS, default=d("causal"),
+                   help="causal: prefix mean (default); full: whole-sequence mean as published (leaks future "
+                        "tokens); prompt: prefix mean over the [EMOTION] tag")
+    g.add_argument("--prb_label_bias", choices=["off", "on"], default=d("off"),
+                   help="bias the registers with an embedding of the gold label, as published (default: off)")
+    g.add_argument("--prb_registers", type=int, default=d(6))
+    g.add_argument("--prb_dim", type=int, default=d(64))
+    g.add_argument("--prb_alpha", type=float, default=d(0.1), help="initial injection scale alpha")
     g = p.add_argument_group("optimization (defaults: the PRB paper §3.1)")
     g.add_argument("--batch_size", type=int, default=d(8))
     g.add_argument("--max_steps", type=int, default=d(16000))
@@ -293,12 +316,10 @@ def train(args, explicit):
     prepare_if_missing(args.dataset, args.data_dir)
     with open(os.path.join(args.data_dir, "meta.json")) as f:
         meta = json.load(f)
-    length = meta["max_len"] - 1  # inputs drop the last token of the longest row
-    model = build_model(args, meta["vocab_size"]).to(device)
-    if length > model.config.block_size:
-        raise InputError(f"rows of up to {length} tokens do not fit block_size {model.config.block_size}")
-    train_split, val_split = (Split(args.data_dir, s, length, meta["eot_token"], device, args.pad_multiple)
-                              for s in ("train", "validation"))
+    model = build_model(args, meta).to(device)
+    if meta["max_len"] - 1 > model.config.block_size:
+        raise InputError(f"rows of up to {meta['max_len'] - 1} tokens do not fit block_size {model.config.block_size}")
+    train_split, val_split = (Split(args.data_dir, s, meta, device, args.pad_multiple) for s in ("train", "validation"))
     order_host = training_order(train_split.n, args.batch_size, args.max_steps, args.seed)
     order = order_host.to(device)
     order_host = order_host.numpy()
@@ -409,16 +430,16 @@ def train(args, explicit):
         signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     return finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, elapsed + time.time() - t0,
-                  best_step, best_val, length)
+                  best_step, best_val)
 
 
-def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wall, best_step, best_val, length):
+def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wall, best_step, best_val):
     """Test loss at the final step and at the best val step; summary.json, adapter, loss plot."""
-    test_split = Split(args.data_dir, "test", length, meta["eot_token"], device, args.pad_multiple)
+    test_split = Split(args.data_dir, "test", meta, device, args.pad_multiple)
     with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
         final_val = [json.loads(l) for l in f][-1]["val_loss"]
     final_test = evaluate(model, test_split, args.eval_batch_size, autocast)
-    if args.method == "lora":
+    if args.method in ("lora", "prb"):
         save_adapter(model, os.path.join(args.out_dir, "adapter.safetensors"))
     load_saved_state(model, torch.load(os.path.join(args.out_dir, "best.pt"), weights_only=True), "best.pt")
     best_test = evaluate(model, test_split, args.eval_batch_size, autocast)

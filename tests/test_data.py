@@ -30,7 +30,7 @@ def test_emotion_prepared_exactly(emotion_dir):
 
 def test_split_batches_pad_and_mask(emotion_dir):
     meta = json.load(open(os.path.join(emotion_dir, "meta.json")))
-    split = Split(emotion_dir, "validation", meta["max_len"] - 1, meta["eot_token"], "cpu", pad_multiple=16)
+    split = Split(emotion_dir, "validation", meta, "cpu", pad_multiple=16)
     rows = np.array([0, 5, 7])
     length = split.padded_length(rows)
     x, y, ctx = split.batch(torch.from_numpy(rows), length)
@@ -69,7 +69,7 @@ def test_evaluate_covers_every_row_once(emotion_dir):
     """evaluate() (length-sorted, bucketed, filler rows) equals a plain loop over all rows."""
     from model import GPT, GPTConfig
     meta = json.load(open(os.path.join(emotion_dir, "meta.json")))
-    split = Split(emotion_dir, "test", meta["max_len"] - 1, meta["eot_token"], "cpu")
+    split = Split(emotion_dir, "test", meta, "cpu")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, n_layer=1, n_head=2, n_embd=16)).eval()
     rows = np.arange(300)

@@ -49,15 +49,18 @@ def prepare(source=None, out_dir=HERE):
     enc = tiktoken.get_encoding("gpt2")
     rows = load_rows(source)
     os.makedirs(out_dir, exist_ok=True)
+    tags = [enc.encode_ordinary(f"[{name.upper()}]") for name in LABELS]  # the `[EMOTION]` prefix of each label
     counts, max_len = {}, 0
     for split in SPLITS:
         texts = [format_row(t, l) for t, l in zip(rows[split]["text"], rows[split]["label"])]
         ids = [seq + [enc.eot_token] for seq in enc.encode_ordinary_batch(texts)]
         offsets = np.cumsum([0] + [len(seq) for seq in ids]).astype(np.int64)
         tokens = np.fromiter((t for seq in ids for t in seq), dtype=np.uint16, count=int(offsets[-1]))
-        for i in range(len(texts)):  # round trip: every row decodes back to exactly its formatted text
+        for i, label in enumerate(rows[split]["label"]):  # every row decodes back to exactly its text ...
             if enc.decode(tokens[offsets[i]:offsets[i + 1] - 1].tolist()) != texts[i]:
                 raise RuntimeError(f"{split} row {i} does not round-trip through the tokenizer")
+            if ids[i][:len(tags[label])] != tags[label]:  # ... and starts with its label's prefix tokens
+                raise RuntimeError(f"{split} row {i} does not start with the tokens of its [LABEL] prefix")
         atomic_save(os.path.join(out_dir, f"{split}_tokens.npy"), tokens)
         atomic_save(os.path.join(out_dir, f"{split}_offsets.npy"), offsets)
         atomic_save(os.path.join(out_dir, f"{split}_labels.npy"), np.asarray(rows[split]["label"], dtype=np.int64))
@@ -65,7 +68,7 @@ def prepare(source=None, out_dir=HERE):
         max_len = max(max_len, int(np.diff(offsets).max()))
         print(f"{split:>10}: {len(texts):6d} rows, {len(tokens):8d} tokens, longest {np.diff(offsets).max()} tokens")
     meta = {"dataset": "emotion", "labels": LABELS, "counts": counts, "max_len": max_len,
-            "eot_token": enc.eot_token, "vocab_size": enc.n_vocab, "format": "[LABEL] text<|endoftext|>",
+            "prompt_tokens": [len(t) for t in tags], "eot_token": enc.eot_token, "vocab_size": enc.n_vocab, "format": "[LABEL] text<|endoftext|>",
             "source": source or "hub:dair-ai/emotion"}
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=1)

@@ -1,0 +1,77 @@
+"""Parametric Register Banks (PRB paper §2), attached at the "head" site of a GPT (see model.py).
+
+A bank of n learned registers reads a pooled summary of the hidden states, updates itself through gates, and
+writes one blended register back into every position, right before the LM head:
+
+    g    = sigmoid(W_g pool(H) + b)                          gates, one per register          (§2, eq. gate)
+    r'_i = r_i + g_i * tanh(f_i([pool(H); r_i]))             f_i: Linear(h + d -> d)          (§2, eq. update)
+    w    = softmax(g);  r_blend = sum_i w_i r'_i                                               (§2, eq. blend)
+    H'   = H + alpha * W_r r_blend                           alpha learnable, init 0.1        (§2, eq. inject)
+    r    = R + 0.1 * E[label]                                optional emotion bias (--prb_label_bias on)
+
+pool(H) is the one choice that matters for honesty (--prb_pool):
+  causal  pool_t = mean(H_<=t), a prefix mean: position t reads nothing after t (default);
+  full    mean over the whole padded sequence, as the published code does: every position sees the future;
+  prompt  pool_t = mean(H_<=min(t, P-1)) over the `[EMOTION]` prefix of P tokens, also causal.
+Every pooled quantity is computed per position, so generation uses the registers exactly as training did.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+POOLS = ("causal", "full", "prompt")
+
+
+def prefix_mean(h, limit=None):
+    """pool_t = mean(h_0 .. h_t), or mean(h_0 .. h_min(t, limit-1)) per row when limit (B,) is given. A cumsum:
+    O(T), no loop over positions."""
+    T = h.size(1)
+    sums = h.cumsum(dim=1)
+    last = torch.arange(T, device=h.device).expand(h.size(0), T)  # index of the last position pooled
+    if limit is not None:
+        last = torch.minimum(last, (limit - 1).clamp(min=0)[:, None])
+    pooled = sums.gather(1, last[..., None].expand(-1, -1, h.size(2)))
+    return pooled / (last + 1)[..., None].to(h.dtype)
+
+
+class RegisterBank(nn.Module):
+    def __init__(self, n_embd, n_registers=6, register_dim=64, alpha=0.1, pool="causal", n_labels=0):
+        super().__init__()
+        assert pool in POOLS, f"pool must be one of {POOLS}"
+        self.pool_mode = pool
+        self.registers = nn.Parameter(torch.randn(n_registers, register_dim) * 0.02)  # R ~ N(0, 0.02^2)
+        self.gate = nn.Linear(n_embd, n_registers)  # W_g, b
+        self.update = nn.ModuleList(nn.Linear(n_embd + register_dim, register_dim) for _ in range(n_registers))  # f_i
+        self.write = nn.Linear(register_dim, n_embd)  # W_r
+        self.alpha = nn.Parameter(torch.tensor(alpha))
+        # E: one embedding per label, only when the label bias is on (it reads the gold label; see the README)
+        self.label_embedding = nn.Embedding(n_labels, register_dim) if n_labels else None
+
+    def pool(self, h, ctx):
+        if self.pool_mode == "full":
+            return h.mean(dim=1, keepdim=True)  # the published code's whole-sequence mean: leaks the future
+        return prefix_mean(h, ctx["prompt_len"] if self.pool_mode == "prompt" else None)
+
+    def forward(self, h, ctx):
+        C = h.size(-1)
+        pooled = self.pool(h, ctx)  # (B, T, C), or (B, 1, C) for "full"
+        r = self.registers  # (n, d)
+        if self.label_embedding is not None:
+            r = r + 0.1 * self.label_embedding(ctx["label"])[:, None, :]  # r = R + 0.1 E[label]: (B, n, d)
+        r = r[:, None] if r.dim() == 3 else r  # (B, 1, n, d) or (n, d): broadcasts against (B, T, n, d)
+        g = torch.sigmoid(self.gate(pooled))  # (B, T, n)
+        weight = torch.stack([f.weight for f in self.update])  # (n, d, C + d): f_i's weight, split below
+        bias = torch.stack([f.bias for f in self.update])  # (n, d)
+        # f_i([pool; r_i]) = W_i[:, :C] pool + W_i[:, C:] r_i + b_i, for all registers at once
+        f = (torch.einsum("btc,ndc->btnd", pooled, weight[:, :, :C])
+             + torch.einsum("...ni,noi->...no", r, weight[:, :, C:]) + bias)
+        r_new = r + g[..., None] * torch.tanh(f)  # r'_i = r_i + g_i tanh(f_i(.)): (B, T, n, d)
+        blend = (F.softmax(g, dim=-1)[..., None] * r_new).sum(dim=-2)  # sum_i softmax(g)_i r'_i: (B, T, d)
+        return h + self.alpha * self.write(blend)  # H' = H + alpha W_r r_blend
+
+    def parameter_breakdown(self):
+        parts = {"registers R": self.registers, "gate W_g, b": self.gate, "updates f_i": self.update,
+                 "write W_r": self.write, "alpha": self.alpha, "label embeddings E": self.label_embedding}
+        count = lambda x: x.numel() if isinstance(x, torch.Tensor) else sum(p.numel() for p in x.parameters())
+        return {name: count(x) for name, x in parts.items() if x is not None}
