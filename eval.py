@@ -4,11 +4,15 @@
     python eval.py out/lora-r32 out/full --which best     # several runs side by side, at their best val step
     python eval.py out/lora-emotion --prompt "[JOY] today was" --temperature 0 --max_new_tokens 30
 
-Results also go to <run>/eval-<which>.json.
+    python eval.py prb-table --seeds 3                   # the PRB paper's arms x seeds: table, plot, consistency
+    python eval.py prb-table --seeds 3 --init_from scratch --n_layer 2 --n_head 2 --n_embd 64 --max_steps 500
+
+Results also go to <run>/eval-<which>.json; prb-table writes <out_dir>/prb-table.md, .json and loss-curves.png.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -52,6 +56,9 @@ def label_context(prompt, meta, device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prb-table"]:
+        return prb_table_main(argv[1:])
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by train.py (--out_dir)")
     p.add_argument("--which", choices=["final", "best"], default="final", help="final weights or best-val weights")
@@ -110,6 +117,188 @@ def run(a):
         print(f"\nsamples from {r['run']}:")
         for s in r["samples"]:
             print(f"  {s['text']!r}")
+
+
+# ------------------------------------------------------------------------------------- the PRB paper's table
+PRB_ARMS = {  # arm -> train.py flags; everything else identical across arms
+    "lora-r32": ["--method", "lora", "--rank", "32"],
+    "lora-r37": ["--method", "lora", "--rank", "37"],  # parameter-matched control
+    "prb-causal": ["--method", "prb", "--prb_pool", "causal"],  # ours: no future tokens, no gold label
+    "prb-causal-label": ["--method", "prb", "--prb_pool", "causal", "--prb_label_bias", "on"],
+    "prb-full": ["--method", "prb", "--prb_pool", "full"],  # the published pooling (leaks the future)
+    "prb-full-label": ["--method", "prb", "--prb_pool", "full", "--prb_label_bias", "on"],  # as published
+}
+PRB_PAPER = {"lora-r32": (3.357, 3.384), "lora-r37": (3.378, 3.401), "prb-full-label": (2.974, 2.991)}  # val, test
+
+
+def first_step_below(run_dir, threshold):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        steps = [r["step"] for r in map(json.loads, f) if r["val_loss"] is not None and r["val_loss"] < threshold]
+    return steps[0] if steps else None
+
+
+def mean_spread(values):
+    """'mean ± sample std' over seeds ('-' when any seed lacks the value)."""
+    if not values or any(v is None for v in values):
+        return "-"
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}" if isinstance(values[0], float) else f"{mean:.0f} ± {std:.0f}"
+
+
+class EmotionClassifier(torch.nn.Module):
+    """Bag-of-tokens logistic regression on GPT-2 BPE ids: p(label | text) = softmax(mean_t W[token_t] + b)."""
+
+    def __init__(self, vocab_size, n_labels):
+        super().__init__()
+        self.weights = torch.nn.EmbeddingBag(vocab_size, n_labels, mode="mean")
+        self.bias = torch.nn.Parameter(torch.zeros(n_labels))
+
+    def forward(self, tokens, offsets):
+        return self.weights(tokens, offsets) + self.bias
+
+
+def text_only(split_dir, split, meta):
+    """(tokens, offsets, labels) of each row's text: the `[LABEL]` prefix and closing <|endoftext|> removed."""
+    import numpy as np
+    tokens, offsets, labels = (np.load(os.path.join(split_dir, f"{split}_{k}.npy")) for k in ("tokens", "offsets", "labels"))
+    rows = [tokens[offsets[i] + meta["prompt_tokens"][labels[i]]:offsets[i + 1] - 1] for i in range(len(labels))]
+    return rows, torch.from_numpy(labels)
+
+
+def pack(rows):
+    lengths = torch.tensor([max(len(r), 1) for r in rows])
+    flat = torch.cat([torch.as_tensor(r if len(r) else [0], dtype=torch.long) for r in rows])
+    return flat, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+
+
+def train_classifier(data_dir, meta, epochs=5, seed=0):
+    """Fit on the train split's texts; returns (classifier, test accuracy)."""
+    torch.manual_seed(seed)
+    rows, labels = text_only(data_dir, "train", meta)
+    clf = EmotionClassifier(meta["vocab_size"], len(meta["labels"]))
+    opt = torch.optim.Adam(clf.parameters(), lr=0.5)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(rows)).split(256):
+            loss = torch.nn.functional.cross_entropy(clf(*pack([rows[i] for i in batch])), labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    test_rows, test_labels = text_only(data_dir, "test", meta)
+    with torch.no_grad():
+        accuracy = (clf(*pack(test_rows)).argmax(-1) == test_labels).float().mean().item()
+    return clf, accuracy
+
+
+@torch.no_grad()
+def emotion_consistency(model, meta, clf, samples, max_new_tokens, device, seed=0):
+    """Fraction of sampled continuations of `[LABEL]` that the classifier assigns to LABEL, per label and mean."""
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    generator = torch.Generator(device).manual_seed(seed)
+    scores = {}
+    for label, name in enumerate(meta["labels"]):
+        prompt = enc.encode_ordinary(f"[{name.upper()}]")
+        idx = torch.tensor([prompt] * samples, device=device)
+        ctx = {"label": torch.full((samples,), label, device=device),
+               "prompt_len": torch.full((samples,), len(prompt), device=device)}
+        out = model.generate(idx, max_new_tokens, temperature=0.8, top_k=50, ctx=ctx, generator=generator)
+        rows = []
+        for seq in out[:, len(prompt):].tolist():
+            rows.append(seq[:seq.index(enc.eot_token)] if enc.eot_token in seq else seq)
+        scores[name] = (clf(*pack(rows)).argmax(-1) == label).float().mean().item()
+    scores["mean"] = sum(scores.values()) / len(meta["labels"])
+    return scores
+
+
+def prb_table_main(argv):
+    import train
+    p = Parser(description="Run the PRB paper's arms over seeds (unknown flags go to train.py for every arm), "
+                           "then write a markdown table, a loss-curve plot and emotion-consistency scores.")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", default=",".join(PRB_ARMS), help="comma-separated subset of " + ", ".join(PRB_ARMS))
+    p.add_argument("--out_dir", default="out/prb-table")
+    p.add_argument("--threshold", type=float, default=3.0, help="report the first step with val loss below this")
+    p.add_argument("--samples", type=int, default=32, help="continuations per emotion for the consistency score")
+    p.add_argument("--max_new_tokens", type=int, default=30)
+    a, train_flags = p.parse_known_args(argv)
+    arms = a.arms.split(",")
+    if unknown := [arm for arm in arms if arm not in PRB_ARMS]:
+        sys.exit(f"error: unknown arm {unknown[0]!r}; arms are {', '.join(PRB_ARMS)}")
+    try:
+        for arm in arms:
+            for seed in range(a.seeds):
+                run_dir = os.path.join(a.out_dir, f"{arm}-s{seed}")
+                if os.path.isfile(os.path.join(run_dir, "summary.json")):
+                    continue  # finished earlier: reuse
+                print(f"== {arm}, seed {seed}")
+                resume = ["--resume"] if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else []
+                flags = resume or [*train_flags, *PRB_ARMS[arm], "--seed", str(seed)]
+                if train.main([*flags, "--out_dir", run_dir]) is None:
+                    sys.exit(1)  # interrupted: run the same command again to continue
+        write_prb_table(a, arms)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+def write_prb_table(a, arms):
+    runs = {arm: [os.path.join(a.out_dir, f"{arm}-s{seed}") for seed in range(a.seeds)] for arm in arms}
+    summaries = {arm: [json.load(open(os.path.join(d, "summary.json"))) for d in dirs] for arm, dirs in runs.items()}
+    device, _, _ = resolve_system(argparse.Namespace(device="auto", dtype="float32", compile=False))
+    first = summaries[arms[0]][0]
+    data_dir = first["data_dir"]
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    clf, clf_accuracy = train_classifier(data_dir, meta)
+    consistency = {}
+    for arm, dirs in runs.items():
+        consistency[arm] = []
+        for seed, d in enumerate(dirs):
+            model = load_run(d, "final", device)[0]
+            consistency[arm].append(emotion_consistency(model, meta, clf, a.samples, a.max_new_tokens, device, seed))
+    col = lambda arm, f: mean_spread([f(s) for s in summaries[arm]])
+    lines = [f"Base: `{first['init_from']}`, {first['steps']} steps, {a.seeds} seeds (mean ± sample std), "
+             f"device {first['device']}. Loss: {first['loss']}. Consistency: share of {a.samples} sampled "
+             f"continuations per emotion that a bag-of-tokens classifier (test accuracy {clf_accuracy:.3f}) "
+             f"assigns to the prompted emotion (chance 1/6).", "",
+             f"| arm | trainable | val (final) | test (final) | val (best) | test (best) | first step val < {a.threshold} "
+             f"| consistency | paper val / test |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for arm in arms:
+        firsts = [first_step_below(d, a.threshold) for d in runs[arm]]
+        paper = "{:.3f} / {:.3f}".format(*PRB_PAPER[arm]) if arm in PRB_PAPER else "-"
+        lines.append(f"| {arm} | {summaries[arm][0]['params']['trainable']:,} | "
+                     f"{col(arm, lambda s: s['final']['val_loss'])} | {col(arm, lambda s: s['final']['test_loss'])} | "
+                     f"{col(arm, lambda s: s['best']['val_loss'])} | {col(arm, lambda s: s['best']['test_loss'])} | "
+                     f"{mean_spread(firsts) if None not in firsts else f'{len(firsts) - firsts.count(None)}/{len(firsts)} seeds'} | "
+                     f"{mean_spread([c['mean'] for c in consistency[arm]])} | {paper} |")
+    table = "\n".join(lines) + "\n"
+    os.makedirs(a.out_dir, exist_ok=True)
+    with open(os.path.join(a.out_dir, "prb-table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(a.out_dir, "prb-table.json"), "w") as f:
+        json.dump({"summaries": summaries, "consistency": consistency, "classifier_test_accuracy": clf_accuracy}, f, indent=1)
+    plot_curves(runs, os.path.join(a.out_dir, "loss-curves.png"))
+    print(table)
+
+
+def plot_curves(runs, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for color, (arm, dirs) in zip(plt.cm.tab10.colors, runs.items()):
+        for seed, d in enumerate(dirs):
+            with open(os.path.join(d, "metrics.jsonl")) as f:
+                pts = [(r["step"], r["val_loss"]) for r in map(json.loads, f) if r["val_loss"] is not None]
+            ax.plot(*zip(*pts), color=color, alpha=0.8, label=arm if seed == 0 else None)
+    ax.set(xlabel="step", ylabel="val loss (token-weighted CE)", title="PRB paper arms, every seed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

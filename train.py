@@ -443,7 +443,8 @@ def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wal
         save_adapter(model, os.path.join(args.out_dir, "adapter.safetensors"))
     load_saved_state(model, torch.load(os.path.join(args.out_dir, "best.pt"), weights_only=True), "best.pt")
     best_test = evaluate(model, test_split, args.eval_batch_size, autocast)
-    summary = {"method": args.method, "dataset": args.dataset, "init_from": args.init_from, "steps": args.max_steps,
+    summary = {"method": args.method, "dataset": args.dataset, "data_dir": args.data_dir, "init_from": args.init_from,
+               "steps": args.max_steps,
                "final": {"step": args.max_steps, "val_loss": final_val, "test_loss": final_test},
                "best": {"step": best_step, "val_loss": best_val, "test_loss": best_test},
                "params": {"trainable": n_trainable, "total": n_total}, "wall_time_s": wall,
