@@ -1,4 +1,5 @@
-"""Training-step speed of our GPT-2 + LoRA against the same model in transformers + peft, in one process.
+"""Training-step speed of our GPT-2 + LoRA against the same model in transformers + peft, in one process,
+and of LoRA + a Parametric Register Bank (PRB) against plain LoRA.
 
     python bench.py                                   # GPT-2 small shapes, random init, LoRA r=32, batch 8
     python bench.py --init_from gpt2                  # the published weights (ours and HF load the same files)
@@ -16,6 +17,7 @@ FLOPs per step, LoRA-correct (frozen weights get no weight gradient), N = batch 
 """
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from lora import apply_lora
 from model import GPT, GPT2_HUB_IDS, GPTConfig, InputError, resolve_checkpoint
+from registers import POOLS, RegisterBank
 from train import Parser, resolve_system
 
 
@@ -109,6 +112,8 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile'd arms (default: on for CUDA)")
     p.add_argument("--no_reference", action="store_true", help="skip the transformers + peft arms")
+    p.add_argument("--no_prb", action="store_true", help="skip the LoRA + register bank arms")
+    p.add_argument("--prb_pool", choices=POOLS, default="causal", help="pooling of the PRB arms")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
     try:
@@ -129,11 +134,20 @@ def run(a):
     config = ours.config
     reference = None if a.no_reference else hf_reference(config, ours, a.rank, a.alpha, a.dropout, device)
     ours = apply_lora(ours, a.rank, a.alpha, a.dropout).to(device).train()
+    with_prb = copy.deepcopy(ours)  # the same LoRA model plus a register bank before the head (PRB paper §2)
+    with_prb.attach("head", RegisterBank(config.n_embd, pool=a.prb_pool).to(device))
+    prb_ctx = {"label": torch.zeros(a.batch_size, dtype=torch.long, device=device),
+               "prompt_len": torch.full((a.batch_size,), 4, device=device)}
     batches = [(torch.randint(0, config.vocab_size, (a.batch_size, a.seq_len), device=device),
                 torch.randint(0, config.vocab_size, (a.batch_size, a.seq_len), device=device)) for _ in range(4)]
     arms = [("nanomem eager", ours, ours)]
+    if not a.no_prb:
+        arms.append(("nanomem PRB eager", with_prb, lambda x: with_prb(x, prb_ctx)))
     if compile_:
-        arms.append(("nanomem compiled", ours, torch.compile(ours)))
+        arms.append(("nanomem compiled", ours, torch.compile(ours, dynamic=False)))
+        if not a.no_prb:
+            compiled_prb = torch.compile(with_prb, dynamic=False)
+            arms.append(("nanomem PRB compiled", with_prb, lambda x: compiled_prb(x, prb_ctx)))
     if reference is not None:
         reference.train()
         hf_forward = lambda model: (lambda x: model(input_ids=x).logits)
@@ -157,6 +171,9 @@ def run(a):
         print(f"| {r['arm']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.3f} | {peak} | "
               f"{r['ms_per_step'] / base:.2f} |")
     by_name = {r["arm"]: r["ms_per_step"] for r in results}
+    for prb_arm, lora_arm in [("nanomem PRB eager", "nanomem eager"), ("nanomem PRB compiled", "nanomem compiled")]:
+        if prb_arm in by_name:
+            print(f"{prb_arm} step / LoRA step: {by_name[prb_arm] / by_name[lora_arm]:.3f}")
     for ours_arm, ref_arm in [("nanomem eager", "transformers+peft eager"),
                               ("nanomem compiled", "transformers+peft eager"),
                               ("nanomem compiled", "transformers+peft compiled")]:

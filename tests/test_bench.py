@@ -32,4 +32,5 @@ def test_bench_cli_on_a_tiny_config(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| nanomem eager |" in out and "| transformers+peft eager |" in out
     assert "speed-up of nanomem eager over transformers+peft eager:" in out
+    assert "| nanomem PRB eager |" in out and "nanomem PRB eager step / LoRA step:" in out
     assert (tmp_path / "b.json").exists()
