@@ -34,8 +34,11 @@ def assert_causal(forward, idx, vocab_size, positions=None, atol=1e-5, **ctx_kwa
 
 
 def save_tiny_hf_gpt2(path, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, n_positions=128, seed=0):
-    """A small random GPT-2 saved in Hugging Face format (config.json + model.safetensors) by `transformers`."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A small random GPT-2 saved in Hugging Face format (config.json + model.safetensors) by `transformers`
+    (the test is skipped where transformers is not installed)."""
+    import pytest
+    transformers = pytest.importorskip("transformers")
+    GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
                         bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)

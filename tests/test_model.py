@@ -12,11 +12,9 @@ import torch.nn as nn
 from helpers import ROOT, assert_causal, save_tiny_hf_gpt2
 from model import GPT, GPTConfig, InputError
 
-transformers = pytest.importorskip("transformers")
-
-
 @pytest.fixture
 def tiny_ckpt(tmp_path):
+    pytest.importorskip("transformers")  # the reference implementation; the other tests here run without it
     hf = save_tiny_hf_gpt2(tmp_path / "tiny", vocab_size=101, n_layer=2, n_head=4, n_embd=32, n_positions=40)
     return str(tmp_path / "tiny"), hf
 
