@@ -14,13 +14,16 @@ import argparse
 import json
 import math
 import os
+import re
+import string
 import sys
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
 
 from model import InputError
-from train import Parser, Split, build_model, evaluate, load_checkpoint, load_saved_state, resolve_system
+from train import SPLITS, Parser, build_model, evaluate, load_checkpoint, load_saved_state, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
 
@@ -81,8 +84,6 @@ def main(argv=None):
 
 
 def run(a):
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
     device, dtype, _ = resolve_system(argparse.Namespace(device=a.device, dtype=a.dtype, compile=False))
     autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
     rows = []
@@ -90,10 +91,18 @@ def run(a):
         model, args, meta, step = load_run(run_dir, a.which, device)
         result = {"run": run_dir, "which": a.which, "ckpt_step": step,
                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-        if not a.no_loss:
+        if not a.no_loss and args.dataset != "squad":
             for split in ("validation", "test"):
-                data = Split(args.data_dir, split, meta, device, args.pad_multiple)
+                data = SPLITS[args.dataset](args.data_dir, split, meta, device, args.pad_multiple)
                 result[f"{split}_loss"] = evaluate(model, data, a.eval_batch_size, autocast)
+        if args.dataset == "squad":  # extractive QA: EM/F1 on the dev file instead of samples
+            scores = squad_scores(model, args.data_dir, "test", meta, device, a.eval_batch_size, autocast)
+            result |= {"test_loss": scores.pop("loss")} | scores
+            print(f"{run_dir}: EM {result['em']:.2f}  F1 {result['f1']:.2f} on {result['n']} dev questions")
+            rows.append(result)
+            continue
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
         generator = torch.Generator(device).manual_seed(a.seed)
         result["samples"] = []
         for prompt in a.prompt or DEFAULT_PROMPTS:
@@ -114,9 +123,97 @@ def run(a):
         print(f"| {r['run']} | {r['which']} (step {r['ckpt_step']}) | {r['trainable']:,} | "
               f"{fmt('validation_loss')} | {fmt('test_loss')} |")
     for r in rows:
-        print(f"\nsamples from {r['run']}:")
-        for s in r["samples"]:
+        print(f"\nsamples from {r['run']}:" if "samples" in r else "")
+        for s in r.get("samples", []):
             print(f"  {s['text']!r}")
+
+
+# ------------------------------------------------------------------------------------- SQuAD v1.1: EM and F1
+def normalize_answer(s):
+    """The official SQuAD v1.1 evaluation script's normalization: lower-case, drop punctuation, drop the articles
+    a/an/the, collapse whitespace."""
+    s = "".join(c for c in s.lower() if c not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction, gold_answers):
+    """1.0 if the normalized prediction equals any normalized gold answer (official: max over gold answers)."""
+    return max(float(normalize_answer(prediction) == normalize_answer(g)) for g in gold_answers)
+
+
+def f1_score(prediction, gold_answers):
+    """Max over gold answers of the bag-of-tokens F1 between normalized prediction and gold (official v1.1)."""
+    def f1(pred, gold):
+        pred, gold = normalize_answer(pred).split(), normalize_answer(gold).split()
+        same = sum((Counter(pred) & Counter(gold)).values())
+        if same == 0:
+            return 0.0
+        precision, recall = same / len(pred), same / len(gold)
+        return 2 * precision * recall / (precision + recall)
+    return max(f1(prediction, g) for g in gold_answers)
+
+
+@torch.no_grad()
+def best_spans(model, split, batch_size, autocast, context_mask, n_best=20, max_answer_len=30):
+    """For every feature, the best (score, start, end) among the n_best x n_best start/end candidates that lie in
+    the context, with start <= end < start + max_answer_len (BERT's run_squad decoding); score = start + end
+    logit. Also the QA loss over the split (train.py's definition), from the same forward passes. Features go
+    shortest first, so batches carry little padding."""
+    import numpy as np
+    model.eval()
+    device = split.x.device
+    by_length = np.argsort(split.row_len, kind="stable")
+    scores, starts, ends = (torch.zeros(split.n, device=device, dtype=t) for t in (torch.float32, torch.long, torch.long))
+    loss_sum = torch.zeros((), device=device)
+    for b in range(math.ceil(split.n / batch_size)):
+        rows_host = by_length[b * batch_size:(b + 1) * batch_size]
+        rows = torch.from_numpy(rows_host).to(device)
+        length = split.padded_length(rows_host)
+        x, y, ctx = split.batch(rows, length)
+        with autocast:
+            logits = model(x, ctx).float()  # (B, 2, T)
+        loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+        logits = logits.masked_fill(~context_mask[rows, None, :length], -float("inf"))
+        k = min(n_best, length)
+        top_start, s_idx = logits[:, 0].topk(k, dim=-1)  # (B, k)
+        top_end, e_idx = logits[:, 1].topk(k, dim=-1)
+        pair = top_start[:, :, None] + top_end[:, None, :]  # (B, k, k) candidate scores
+        span = e_idx[:, None, :] - s_idx[:, :, None]
+        pair = pair.masked_fill((span < 0) | (span >= max_answer_len), -float("inf")).flatten(1)
+        best = pair.argmax(dim=1, keepdim=True)
+        scores[rows] = pair.gather(1, best)[:, 0]
+        starts[rows] = s_idx.gather(1, best // k)[:, 0]
+        ends[rows] = e_idx.gather(1, best % k)[:, 0]
+    model.train()
+    return scores.cpu().numpy(), starts.cpu().numpy(), ends.cpu().numpy(), (loss_sum / (2 * split.n)).item()
+
+
+def squad_predictions(model, data_dir, split_name, meta, device, batch_size, autocast):
+    """{question id: predicted answer text}: per question, the best-scoring span over all its windows."""
+    import numpy as np
+    split = SPLITS["squad"](data_dir, split_name, meta, device, meta.get("pad_multiple", 64))
+    offsets = np.load(os.path.join(data_dir, f"{split_name}_offsets.npy"))
+    example = np.load(os.path.join(data_dir, f"{split_name}_example.npy"))
+    with open(os.path.join(data_dir, f"{split_name}_examples.json")) as f:
+        examples = json.load(f)
+    context_mask = torch.from_numpy(offsets[:, :, 0] >= 0).to(device)
+    scores, starts, ends, loss = best_spans(model, split, batch_size, autocast, context_mask)
+    best = {}  # example index -> (score, text)
+    for i, (score, s, e) in enumerate(zip(scores, starts, ends)):
+        ex = int(example[i])
+        if score > best.get(ex, (-float("inf"), ""))[0]:
+            best[ex] = (score, examples[ex]["context"][offsets[i, s, 0]:offsets[i, e, 1]])
+    return {ex["id"]: best.get(i, (None, ""))[1] for i, ex in enumerate(examples)}, examples, loss
+
+
+def squad_scores(model, data_dir, split_name, meta, device, batch_size, autocast):
+    """{'em', 'f1', 'n', 'loss'}: the official SQuAD v1.1 metrics (percent) over every question of the split,
+    and the QA loss over its features."""
+    predictions, examples, loss = squad_predictions(model, data_dir, split_name, meta, device, batch_size, autocast)
+    em = [exact_match(predictions[ex["id"]], ex["answers"]) for ex in examples]
+    f1 = [f1_score(predictions[ex["id"]], ex["answers"]) for ex in examples]
+    return {"em": 100 * sum(em) / len(em), "f1": 100 * sum(f1) / len(f1), "n": len(examples), "loss": loss}
 
 
 # ------------------------------------------------------------------------------------- the PRB paper's table

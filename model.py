@@ -1,6 +1,7 @@
-"""GPT-2, written out by hand, loadable from the published checkpoints.
+"""GPT-2 and BERT, written out by hand, loadable from the published checkpoints.
 
-Read top to bottom: config -> attention -> MLP -> block -> GPT (forward, generate, from_pretrained).
+Read top to bottom: GPT-2 (config -> attention -> MLP -> block -> GPT with forward, generate, from_pretrained),
+its checkpoint helpers, then BERT (config -> encoder layer -> BERT) and its WordPiece tokenizer.
 
 The extension point
 -------------------
@@ -19,12 +20,18 @@ It returns the new stream, and may add entries to `ctx` for later sites. A modul
 submodule of the model (`model.sites[site]`), so its parameters train, save and load with the model.
 In a GPT an attached module must be causal: position t may only read positions <= t.
 
+BERT has the same extension point with sites "embed" (after the embedding LayerNorm and dropout), "layer{i}" and
+"head" (after the last layer). BERT reads the padding mask from ctx["attention_mask"] *after* the embed site, so
+a module there may add positions (register tokens) and extend the mask; the head site's output is BERT's output
+(a task head attached there turns hidden states into logits).
+
 This file imports no method module.
 """
 
 import json
 import math
 import os
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -251,3 +258,246 @@ def read_safetensors(path):
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"cannot read {path}: {str(e).splitlines()[0]} (truncated or corrupt download? "
                          "delete it and fetch it again)") from None
+
+
+# ======================================================================================================== BERT
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1  # hidden dropout (embeddings, attention output, FFN output)
+    attention_dropout: float = 0.1  # on the attention probabilities
+
+
+class BertLayer(nn.Module):
+    """Post-LN encoder layer (Devlin et al. 2019): x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        H = config.hidden_size
+        assert H % config.n_head == 0, "hidden_size must be divisible by n_head"
+        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
+        self.attn_out = nn.Linear(H, H)
+        self.attn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(H, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, H)
+        self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.n_head, self.attention_dropout = config.n_head, config.attention_dropout
+
+    def attention_probs(self, x, mask):
+        """softmax(q k^T / sqrt(d) + mask) as a (B, heads, T, T) tensor, for analysis (forward uses fused SDPA)."""
+        q, k = (self.heads(f(x)) for f in (self.query, self.key))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+        return scores.masked_fill(~mask, -float("inf")).softmax(-1)
+
+    def heads(self, t):
+        B, T, H = t.shape
+        return t.view(B, T, self.n_head, H // self.n_head).transpose(1, 2)
+
+    def forward(self, x, mask):
+        """x: (B, T, H); mask: (B, 1, 1, T) bool, True where a key may be attended to."""
+        B, T, H = x.shape
+        q, k, v = (self.heads(f(x)) for f in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        x = self.attn_norm(x + self.dropout(self.attn_out(y.transpose(1, 2).reshape(B, T, H))))
+        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))  # BERT's exact (erf) GELU
+
+
+class BERT(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, H)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, H)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, H)
+        self.embed_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.n_layer))
+        self.sites = nn.ModuleDict()
+        for module in self.modules():  # BERT's init: N(0, 0.02) weights, zero biases, unit LayerNorm
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def site_names(self):
+        return ["embed"] + [f"layer{i}" for i in range(self.config.n_layer)] + ["head"]
+
+    attach, _at = GPT.attach, GPT._at  # the same extension point as GPT (see the module docstring)
+
+    def embed(self, idx, ctx):
+        """Token + position + segment embeddings, LayerNorm, dropout: the input of layer 0 (before the embed site)."""
+        token_type = ctx.get("token_type_ids")
+        token_type = torch.zeros_like(idx) if token_type is None else token_type
+        pos = torch.arange(idx.size(1), device=idx.device)
+        e = self.word_embeddings(idx) + self.position_embeddings(pos) + self.token_type_embeddings(token_type)
+        return self.drop(self.embed_norm(e))
+
+    @staticmethod
+    def key_mask(h, ctx):
+        """(B, 1, 1, T) bool from ctx['attention_mask'] (B, T) of 1 = token, 0 = padding; all True if absent."""
+        mask = ctx.get("attention_mask")
+        if mask is None:
+            return torch.ones(h.size(0), 1, 1, h.size(1), dtype=torch.bool, device=h.device)
+        return mask.bool()[:, None, None, :]
+
+    def forward(self, idx, ctx=None):
+        """idx: (B, T) token ids; ctx: token_type_ids, attention_mask (both (B, T), optional), method state.
+        Returns the head site's output: the last hidden states (B, T, H) when nothing is attached there."""
+        ctx = dict(ctx or {})  # sites may rewrite entries (e.g. extend the mask): never the caller's dict
+        if idx.size(1) > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of length {idx.size(1)} exceeds {self.config.max_position_embeddings} positions")
+        h = self._at("embed", self.embed(idx, ctx), ctx)
+        mask = self.key_mask(h, ctx)  # read after the embed site, which may have added positions
+        for i, layer in enumerate(self.layers):
+            h = self._at(f"layer{i}", layer(h, mask), ctx)
+        return self._at("head", h, ctx)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides):
+        """BERT from a hub name (see BERT_HUB_IDS) or a folder with config.json + model.safetensors + vocab.txt.
+        Any float dtype on disk (e.g. fp16) loads into fp32 parameters. overrides: e.g. dropout=0.0."""
+        folder = resolve_checkpoint(name_or_path, BERT_HUB_IDS, extra_files=("vocab.txt",))
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                hf = json.load(f)
+            if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+                raise InputError(f"{folder}: only BERTs with gelu and absolute positions are supported")
+            config = BertConfig(**{"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
+                                   "n_layer": hf["num_hidden_layers"], "n_head": hf["num_attention_heads"],
+                                   "intermediate_size": hf["intermediate_size"],
+                                   "max_position_embeddings": hf["max_position_embeddings"],
+                                   "type_vocab_size": hf.get("type_vocab_size", 2),
+                                   "layer_norm_eps": hf.get("layer_norm_eps", 1e-12),
+                                   "dropout": hf.get("hidden_dropout_prob", 0.1),
+                                   "attention_dropout": hf.get("attention_probs_dropout_prob", 0.1)} | overrides)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{folder}/config.json is not valid JSON ({e})") from None
+        except KeyError as e:
+            raise InputError(f"{folder}/config.json lacks {e}; is this a BERT checkpoint?") from None
+        model = cls(config)
+        model.load_state_dict(bert_state_from_hf(read_safetensors(os.path.join(folder, "model.safetensors")), model))
+        return model
+
+
+BERT_HUB_IDS = {"bert-base-uncased": "google-bert/bert-base-uncased", "bert-large-uncased": "google-bert/bert-large-uncased",
+                "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+BERT_RENAMES = [  # Hugging Face / original-BERT names -> ours (applied in order, as substring replacements)
+    ("embeddings.LayerNorm.", "embed_norm."), ("embeddings.word_", "word_"), ("embeddings.position_", "position_"),
+    ("embeddings.token_type_", "token_type_"), ("encoder.layer.", "layers."),
+    ("attention.self.", ""), ("attention.output.dense.", "attn_out."), ("attention.output.LayerNorm.", "attn_norm."),
+    ("intermediate.dense.", "ffn_in."), ("output.dense.", "ffn_out."), ("output.LayerNorm.", "ffn_norm.")]
+
+
+def bert_state_from_hf(state, model):
+    """Map a BERT checkpoint onto ours: optional 'bert.' prefix, legacy LayerNorm gamma/beta, and the parts a bare
+    encoder does not use (pooler, pre-training heads `cls.*`, the position_ids buffer) dropped."""
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("sites.")}
+    mapped = {}
+    for key, tensor in state.items():
+        key = key.removeprefix("bert.")
+        if key.startswith(("pooler.", "cls.")) or key.endswith("position_ids"):
+            continue
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        for old, new in BERT_RENAMES:
+            key = key.replace(old, new)
+        mapped[key] = tensor
+    check_keys(mapped, ours, "checkpoint")
+    return {k: v.to(ours[k].dtype) for k, v in mapped.items()}
+
+
+class BertTokenizer:
+    """BERT's uncased WordPiece tokenizer from vocab.txt, returning ids and character offsets into the input.
+
+    Normalize (drop control chars, whitespace -> ' ', space out CJK chars, strip accents, lower-case, one char at a
+    time, keeping each output char's source position), split on whitespace and punctuation, then greedy
+    longest-match-first WordPiece with '##' continuations; a word with no complete split (or > 100 chars) is [UNK].
+    Follows the reference `tokenizers` BertNormalizer / BertPreTokenizer / WordPiece step for step."""
+
+    WHITESPACE = set("\t\n\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000") | {chr(c) for c in range(0x2000, 0x200B)}
+    CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+           (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+    def __init__(self, vocab_path, lowercase=True):
+        try:
+            with open(vocab_path, encoding="utf-8") as f:
+                self.vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        except OSError as e:
+            raise InputError(f"cannot read {vocab_path} ({e.strerror})") from None
+        for special in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
+            if special not in self.vocab:
+                raise InputError(f"{vocab_path} has no {special}; is it a BERT vocab.txt?")
+        self.lowercase = lowercase
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id = (self.vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
+        self.id_to_token = {i: t for t, i in self.vocab.items()}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        return cls(os.path.join(resolve_checkpoint(name_or_path, BERT_HUB_IDS, extra_files=("vocab.txt",)), "vocab.txt"))
+
+    def normalize(self, text):
+        """-> list of (char, index of the input char it came from)."""
+        out = []
+        for i, c in enumerate(text):
+            if c in "\x00\ufffd" or (unicodedata.category(c).startswith("C") and c not in "\t\n\r"):
+                continue
+            c = " " if c in self.WHITESPACE else c
+            if any(lo <= ord(c) <= hi for lo, hi in self.CJK):
+                out += [(" ", i), (c, i), (" ", i)]
+                continue
+            if self.lowercase:  # strip accents (NFD, drop combining marks), then lower-case: the reference order
+                for d in unicodedata.normalize("NFD", c):
+                    if unicodedata.category(d) != "Mn":
+                        out += [(l, i) for l in d.lower()]
+            else:
+                out.append((c, i))
+        return out
+
+    @staticmethod
+    def is_punctuation(c):
+        o = ord(c)
+        return 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126 or unicodedata.category(c).startswith("P")
+
+    def words(self, text):
+        """-> list of (word, sources): sources[j] is the index in `text` of the word's j-th character."""
+        words, current = [], []
+        for c, i in self.normalize(text) + [(" ", len(text))]:
+            if c in self.WHITESPACE or self.is_punctuation(c):
+                if current:
+                    words.append(current)
+                if c not in self.WHITESPACE:  # a punctuation char is a word of its own
+                    words.append([(c, i)])
+                current = []
+            else:
+                current.append((c, i))
+        return [("".join(c for c, _ in w), [i for _, i in w]) for w in words]
+
+    def encode(self, text):
+        """-> (ids, offsets): WordPiece ids and (start, end) character spans in `text`, no special tokens."""
+        ids, offsets = [], []
+        for word, sources in self.words(text):
+            pieces, begin = [], 0
+            while begin < len(word) and len(word) <= 100:
+                for stop in range(len(word), begin, -1):  # longest match first
+                    piece = word[begin:stop] if begin == 0 else "##" + word[begin:stop]
+                    if piece in self.vocab:
+                        pieces.append((self.vocab[piece], begin, stop))
+                        break
+                else:
+                    break
+                begin = stop
+            if begin < len(word) or not pieces:  # no complete split: the whole word is [UNK]
+                pieces = [(self.unk_id, 0, len(word))]
+            for piece_id, b, e in pieces:
+                ids.append(piece_id)
+                offsets.append((sources[b], sources[e - 1] + 1))
+        return ids, offsets

@@ -1,4 +1,10 @@
-"""Parametric Register Banks (PRB paper §2), attached at the "head" site of a GPT (see model.py).
+"""Register methods. Two papers, both attached through the extension point of model.py:
+
+1. Parametric Register Banks (PRB paper §2), attached at the "head" site of a GPT.
+2. Register tokens for BERT question answering (seed poster "Register-Augmented LLM Fine-Tuning"), at the end.
+
+Parametric Register Banks
+-------------------------
 
 A bank of n learned registers reads a pooled summary of the hidden states, updates itself through gates, and
 writes one blended register back into every position, right before the LM head:
@@ -75,3 +81,41 @@ class RegisterBank(nn.Module):
                  "write W_r": self.write, "alpha": self.alpha, "label embeddings E": self.label_embedding}
         count = lambda x: x.numel() if isinstance(x, torch.Tensor) else sum(p.numel() for p in x.parameters())
         return {name: count(x) for name, x in parts.items() if x is not None}
+
+
+# ------------------------------------------------------------------------- register-token BERT for extractive QA
+class RegisterTokens(nn.Module):
+    """Register-augmented BERT (seed poster, "Method"): k learned register embeddings, each plus a learned register
+    position (both trunc-normal, std 0.02), are placed in front of the embedding output, after the embedding
+    LayerNorm. Text keeps its positions 0..N-1; the attention mask gains k ones; the QA head drops the k register
+    positions (QAHead reads ctx["n_registers"]). Attached at BERT's "embed" site."""
+
+    def __init__(self, hidden_size, n_registers):
+        super().__init__()
+        self.tokens = nn.Parameter(nn.init.trunc_normal_(torch.empty(n_registers, hidden_size), std=0.02))
+        self.positions = nn.Parameter(nn.init.trunc_normal_(torch.empty(n_registers, hidden_size), std=0.02))
+
+    def forward(self, h, ctx):
+        B, k = h.size(0), self.tokens.size(0)
+        registers = (self.tokens + self.positions).to(h.dtype).expand(B, k, -1)
+        mask = ctx.get("attention_mask")
+        mask = torch.ones(B, h.size(1), dtype=torch.long, device=h.device) if mask is None else mask
+        ctx["attention_mask"] = torch.cat([torch.ones(B, k, dtype=mask.dtype, device=h.device), mask], dim=1)
+        ctx["n_registers"] = k
+        return torch.cat([registers, h], dim=1)  # (B, k + T, H)
+
+
+class QAHead(nn.Module):
+    """Start/end logits for extractive QA (Devlin et al. 2019, §4.2): one Linear(H -> 2) on every text token.
+    Returns (B, 2, T): row 0 start logits, row 1 end logits. Register positions never reach it. Attached at
+    BERT's "head" site."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.qa_outputs = nn.Linear(hidden_size, 2)
+        nn.init.normal_(self.qa_outputs.weight, std=0.02)
+        nn.init.zeros_(self.qa_outputs.bias)
+
+    def forward(self, h, ctx):
+        text = h[:, ctx.get("n_registers", 0):]  # drop the k register positions
+        return self.qa_outputs(text).transpose(1, 2)

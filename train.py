@@ -1,7 +1,13 @@
-"""Fine-tune GPT-2 with a memory or parameter-efficient method. One CLI for every experiment.
+"""Fine-tune GPT-2 (or BERT) with a memory or parameter-efficient method. One CLI for every experiment.
 
     python train.py --method lora --dataset emotion                 # the PRB paper's LoRA r=32 baseline
     python train.py --method full --init_from scratch --n_layer 2 --n_head 2 --n_embd 64 --max_steps 300
+    python train.py --method regbert --dataset squad --init_from bert-base-uncased --n_registers 4   # BERT QA
+
+SQuAD (--dataset squad, --method regbert): BERT with k register tokens and a start/end head; the loss is the
+mean of the start and end cross-entropies (the same sum / count below, with two targets per feature), and the
+run ends with EM/F1 on the official dev file (the `test` split). Its own defaults (BERT fine-tuning, Devlin et
+al. 2019) apply unless given: see DATASET_DEFAULTS.
 
 Loss (the one definition used for train, val and test): token-weighted mean cross-entropy over every real
 target token. Each example is `[LABEL] text<|endoftext|>`; the model predicts every token from its prefix, label
@@ -29,15 +35,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lora import GPT2_BLOCK_MATRICES, apply_lora, save_adapter
-from model import GPT, GPTConfig, InputError
-from registers import POOLS, RegisterBank
+from model import BERT, GPT, BertConfig, GPTConfig, InputError
+from registers import POOLS, QAHead, RegisterBank, RegisterTokens
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DATASETS = ["emotion"]
+DATASETS = ["emotion", "squad"]
+DATASET_DEFAULTS = {  # flags whose default depends on the dataset (explicit flags always win)
+    "squad": {"method": "regbert", "init_from": "bert-base-uncased", "lr": 5e-5, "batch_size": 32, "max_steps": 700,
+              "warmup": 70, "weight_decay": 0.01, "eval_interval": 100, "log_interval": 10, "pad_multiple": 64},
+}
+BERT_MATRICES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def prepare_if_missing(dataset, data_dir):
+def prepare_if_missing(dataset, data_dir, **options):
     """Run data/<dataset>/prepare.py on first use, so the main command works on a fresh machine."""
     if os.path.isfile(os.path.join(data_dir, "meta.json")):
         return
@@ -48,7 +59,7 @@ def prepare_if_missing(dataset, data_dir):
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
     try:
-        prepare.prepare(None, data_dir)
+        prepare.prepare(None, data_dir, **options)
     except Exception as e:  # offline: say how to prepare from local files
         raise InputError(f"{data_dir} is not prepared and downloading failed ({type(e).__name__}); run: {cmd}") from None
 
@@ -85,6 +96,33 @@ class Split:
     def batch(self, rows, length):
         """rows: row ids (device tensor); length: from padded_length of the same rows."""
         return self.x[rows, :length], self.y[rows, :length], {"label": self.labels[rows], "prompt_len": self.prompt_len[rows]}
+
+
+class QASplit(Split):
+    """One prepared SQuAD split (data/squad/prepare.py) as device tensors. A batch: x = input ids cut to the
+    batch's padded length, y = (start, end) answer positions (B, 2), ctx = token types and the padding mask."""
+
+    def __init__(self, data_dir, split, meta, device, pad_multiple=64):
+        load = lambda name: np.load(os.path.join(data_dir, f"{split}_{name}.npy"))
+        try:
+            ids, types, lengths = load("input_ids"), load("token_type"), load("lengths")
+            answers = np.stack([load("start"), load("end")], axis=1)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read the prepared {split} split in {data_dir} ({e}); prepare it again") from None
+        self.n, self.length, self.pad_multiple = len(lengths), meta["max_len"], pad_multiple
+        self.row_len = lengths.astype(np.int64)
+        self.x = torch.from_numpy(ids.astype(np.int64)).to(device)
+        self.token_type = torch.from_numpy(types.astype(np.int64)).to(device)
+        self.lengths = torch.from_numpy(self.row_len).to(device)
+        self.y = torch.from_numpy(answers.astype(np.int64)).to(device)
+
+    def batch(self, rows, length):
+        mask = (torch.arange(length, device=rows.device) < self.lengths[rows, None]).long()
+        return self.x[rows, :length], self.y[rows].clone(), {"token_type_ids": self.token_type[rows, :length],
+                                                              "attention_mask": mask}
+
+
+SPLITS = {"emotion": Split, "squad": QASplit}
 
 
 def training_order(n, batch_size, max_steps, seed):
@@ -147,12 +185,25 @@ def setup_prb(model, args, n_labels):
           f"({', '.join(f'{k} {v:,}' for k, v in parts.items())}) = {lora + sum(parts.values()):,}")
 
 
-METHODS = {"full": setup_full, "lora": setup_lora, "prb": setup_prb}  # name -> fn(model, args, n_labels)
+def setup_regbert(model, args, n_labels):
+    """Register-token BERT (seed poster): k register tokens at the embed site (none for k = 0: plain BERT), a
+    start/end head at the head site; full fine-tuning, or LoRA on the encoder matrices with --lora_rank."""
+    if args.lora_rank:
+        apply_lora(model, args.lora_rank, args.alpha, args.lora_dropout, targets=BERT_MATRICES)
+    if args.n_registers:
+        model.attach("embed", RegisterTokens(model.config.hidden_size, args.n_registers))
+    model.attach("head", QAHead(model.config.hidden_size))
+
+
+METHODS = {"full": setup_full, "lora": setup_lora, "prb": setup_prb, "regbert": setup_regbert}  # fn(model, args, n_labels)
+METHOD_DATASETS = {"full": "emotion", "lora": "emotion", "prb": "emotion", "regbert": "squad"}
 
 
 def build_model(args, meta):
     torch.manual_seed(args.seed)  # scratch init and LoRA's A init depend on the seed
-    if args.init_from == "scratch":
+    if args.dataset == "squad":
+        model = build_bert(args, meta)
+    elif args.init_from == "scratch":
         config = GPTConfig(block_size=args.block_size, vocab_size=meta["vocab_size"], n_layer=args.n_layer,
                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
         if config.n_embd % config.n_head:
@@ -160,7 +211,20 @@ def build_model(args, meta):
         model = GPT(config)
     else:
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
-    METHODS[args.method](model, args, len(meta["labels"]))
+    METHODS[args.method](model, args, len(meta.get("labels", [])))
+    return model
+
+
+def build_bert(args, meta):
+    if args.init_from == "scratch":
+        if args.n_embd % args.n_head:
+            raise InputError(f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
+        return BERT(BertConfig(vocab_size=meta["vocab_size"], hidden_size=args.n_embd, n_layer=args.n_layer,
+                               n_head=args.n_head, intermediate_size=4 * args.n_embd, dropout=args.dropout,
+                               attention_dropout=args.dropout, max_position_embeddings=max(512, meta["max_len"])))
+    model = BERT.from_pretrained(args.init_from, dropout=args.dropout, attention_dropout=args.dropout)
+    if model.config.max_position_embeddings < meta["max_len"]:
+        raise InputError(f"features of {meta['max_len']} tokens exceed the model's {model.config.max_position_embeddings} positions")
     return model
 
 
@@ -232,6 +296,9 @@ def build_parser(suppress=False):
     g.add_argument("--prb_registers", type=int, default=d(6))
     g.add_argument("--prb_dim", type=int, default=d(64))
     g.add_argument("--prb_alpha", type=float, default=d(0.1), help="initial injection scale alpha")
+    g = p.add_argument_group("register-token BERT (--method regbert, --dataset squad)")
+    g.add_argument("--n_registers", type=int, default=d(0), help="register tokens k (0: plain BERT)")
+    g.add_argument("--lora_rank", type=int, default=d(0), help="LoRA rank on the encoder matrices (0: full fine-tuning)")
     g = p.add_argument_group("optimization (defaults: the PRB paper §3.1)")
     g.add_argument("--batch_size", type=int, default=d(8))
     g.add_argument("--max_steps", type=int, default=d(16000))
@@ -263,6 +330,13 @@ RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "compile", "data_dir"}  # fl
 def parse_args(argv):
     args = build_parser().parse_args(argv)
     explicit = set(vars(build_parser(suppress=True).parse_args(argv)))
+    for name, value in DATASET_DEFAULTS.get(args.dataset, {}).items():
+        if name not in explicit:
+            setattr(args, name, value)
+    if METHOD_DATASETS[args.method] != args.dataset:
+        raise InputError(f"--method {args.method} trains on --dataset {METHOD_DATASETS[args.method]}, not {args.dataset}")
+    if args.n_registers < 0 or args.lora_rank < 0:
+        raise InputError("--n_registers and --lora_rank must be >= 0")
     args.data_dir = args.data_dir or os.path.join(ROOT, "data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", f"{args.method}-{args.dataset}")
     for name in ("batch_size", "max_steps", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size", "rank"):
@@ -278,6 +352,19 @@ def resolve_system(args):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     compile_ = device.startswith("cuda") if args.compile is None else args.compile
     return device, getattr(torch, dtype), compile_
+
+
+def check_vocab(args, meta):
+    """SQuAD features are token ids of one vocabulary: refuse a model whose vocab.txt differs."""
+    if args.dataset != "squad" or args.init_from == "scratch":
+        return
+    import hashlib
+    from model import BERT_HUB_IDS, resolve_checkpoint
+    folder = resolve_checkpoint(args.init_from, BERT_HUB_IDS, extra_files=("vocab.txt",))
+    with open(os.path.join(folder, "vocab.txt"), "rb") as f:
+        if hashlib.sha1(f.read()).hexdigest() != meta.get("vocab_sha1"):
+            raise InputError(f"{args.data_dir} was prepared with another vocabulary than {args.init_from}'s; prepare "
+                             f"it again with --vocab {args.init_from} or use another --data_dir")
 
 
 def lr_at(step, args):
@@ -313,13 +400,15 @@ def train(args, explicit):
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    prepare_if_missing(args.dataset, args.data_dir)
+    prepare_if_missing(args.dataset, args.data_dir, **({"vocab": args.init_from} if args.dataset == "squad" else {}))
     with open(os.path.join(args.data_dir, "meta.json")) as f:
         meta = json.load(f)
+    check_vocab(args, meta)
     model = build_model(args, meta).to(device)
-    if meta["max_len"] - 1 > model.config.block_size:
+    if args.dataset == "emotion" and meta["max_len"] - 1 > model.config.block_size:
         raise InputError(f"rows of up to {meta['max_len'] - 1} tokens do not fit block_size {model.config.block_size}")
-    train_split, val_split = (Split(args.data_dir, s, meta, device, args.pad_multiple) for s in ("train", "validation"))
+    train_split, val_split = (SPLITS[args.dataset](args.data_dir, s, meta, device, args.pad_multiple)
+                              for s in ("train", "validation"))
     order_host = training_order(train_split.n, args.batch_size, args.max_steps, args.seed)
     order = order_host.to(device)
     order_host = order_host.numpy()
@@ -434,28 +523,39 @@ def train(args, explicit):
 
 
 def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wall, best_step, best_val):
-    """Test loss at the final step and at the best val step; summary.json, adapter, loss plot."""
-    test_split = Split(args.data_dir, "test", meta, device, args.pad_multiple)
+    """Test loss (and EM/F1 for SQuAD) at the final step and at the best val step; summary.json, adapter, plot."""
     with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
         final_val = [json.loads(l) for l in f][-1]["val_loss"]
-    final_test = evaluate(model, test_split, args.eval_batch_size, autocast)
-    if args.method in ("lora", "prb"):
+
+    def test_scores():
+        if args.dataset == "squad":  # the official SQuAD v1.1 metrics on the dev file, and the loss, in one pass
+            from eval import squad_scores
+            scores = squad_scores(model, args.data_dir, "test", meta, device, args.eval_batch_size, autocast)
+            return {"test_loss": scores.pop("loss")} | scores
+        test_split = SPLITS[args.dataset](args.data_dir, "test", meta, device, args.pad_multiple)
+        return {"test_loss": evaluate(model, test_split, args.eval_batch_size, autocast)}
+
+    final = {"step": args.max_steps, "val_loss": final_val} | test_scores()
+    if hasattr(model, "lora_settings"):
         save_adapter(model, os.path.join(args.out_dir, "adapter.safetensors"))
-    load_saved_state(model, torch.load(os.path.join(args.out_dir, "best.pt"), weights_only=True), "best.pt")
-    best_test = evaluate(model, test_split, args.eval_batch_size, autocast)
+    if best_step == args.max_steps:  # the best weights are the final ones
+        best = final | {"step": best_step}
+    else:
+        load_saved_state(model, torch.load(os.path.join(args.out_dir, "best.pt"), weights_only=True), "best.pt")
+        best = {"step": best_step, "val_loss": best_val} | test_scores()
     summary = {"method": args.method, "dataset": args.dataset, "data_dir": args.data_dir, "init_from": args.init_from,
-               "steps": args.max_steps,
-               "final": {"step": args.max_steps, "val_loss": final_val, "test_loss": final_test},
-               "best": {"step": best_step, "val_loss": best_val, "test_loss": best_test},
+               "steps": args.max_steps, "final": final, "best": best,
                "params": {"trainable": n_trainable, "total": n_total}, "wall_time_s": wall,
                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                "dtype": str(dtype).removeprefix("torch."),
-               "loss": "token-weighted mean cross-entropy over real target tokens"}
+               "loss": "token-weighted mean cross-entropy over real target tokens" if args.dataset != "squad"
+               else "mean of start and end cross-entropy over features"}
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot_losses(args.out_dir)
-    print(f"final (step {args.max_steps}): val {final_val:.4f}  test {final_test:.4f}   "
-          f"best val (step {best_step}): val {best_val:.4f}  test {best_test:.4f}   ({wall:.0f} s)")
+    qa = lambda r: f"  EM {r['em']:.2f}  F1 {r['f1']:.2f}" if "em" in r else ""
+    print(f"final (step {args.max_steps}): val {final_val:.4f}  test {final['test_loss']:.4f}{qa(final)}   "
+          f"best val (step {best_step}): val {best_val:.4f}  test {best['test_loss']:.4f}{qa(best)}   ({wall:.0f} s)")
     return summary
 
 

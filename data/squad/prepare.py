@@ -1,0 +1,162 @@
+"""Prepare SQuAD v1.1 for extractive question answering with a BERT WordPiece vocabulary.
+
+Each question becomes one or more *features*: `[CLS] question [SEP] context window [SEP]`, at most --max_len
+tokens. A context too long for one window is cut into sliding windows that share --stride tokens with the
+previous one (the `stride` of transformers' run_qa; windows advance by window - stride). A feature's label is
+the token span of the first gold answer when it lies wholly inside the window, else (0, 0): the [CLS] token.
+Questions are cut to --max_query tokens (BERT's run_squad default, 64).
+
+Splits: train = the train file's articles except the last 10%, validation = those held-out articles (loss during
+training, never the reported score), test = the official dev file (EM/F1 as reported in papers).
+Writes to --out_dir (default: this folder), per split:
+  {split}_input_ids.npy (N, max_len) int32, padded with [PAD]   {split}_token_type.npy (N, max_len) int8
+  {split}_lengths.npy (N,) int16     {split}_start.npy, {split}_end.npy (N,) int16 answer token positions
+  {split}_example.npy (N,) int32 example index of each feature
+  {split}_offsets.npy (N, max_len, 2) int32 character span of each context token in its context, -1 elsewhere
+  {split}_examples.json  [{id, question, context, answers}]   and meta.json (written last)
+
+    python data/squad/prepare.py --vocab bert-base-uncased                           # from the hub
+    python data/squad/prepare.py --source ../shared/data/squad --vocab ../shared/models/all-MiniLM-L6-v2
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+from model import BertTokenizer, InputError, resolve_checkpoint, BERT_HUB_IDS  # noqa: E402
+
+
+def flatten(articles):
+    """The official nested JSON -> the flat rows of the hub dataset: id, title, context, question, answers."""
+    return [{"id": q["id"], "title": a["title"], "context": p["context"], "question": q["question"],
+             "answers": {"text": [x["text"] for x in q["answers"]], "answer_start": [x["answer_start"] for x in q["answers"]]}}
+            for a in articles for p in a["paragraphs"] for q in p["qas"]]
+
+
+def load_rows(source):
+    """(train rows, dev rows) from the hub (`rajpurkar/squad`) or a folder with dev-v1.1.json and train-v1.1*.json."""
+    if source is None:
+        import datasets
+        squad = datasets.load_dataset("rajpurkar/squad")
+        return [dict(r) for r in squad["train"]], [dict(r) for r in squad["validation"]]
+    dev = os.path.join(source, "dev-v1.1.json")
+    train = sorted(glob.glob(os.path.join(source, "train-v1.1*.json")))
+    if not os.path.isfile(dev) or not train:
+        raise InputError(f"--source {source} must hold dev-v1.1.json and a train-v1.1*.json file")
+    load = lambda path: flatten(json.load(open(path, encoding="utf-8"))["data"])
+    return load(train[0]), load(dev)
+
+
+def split_articles(rows, held_out=0.1):
+    """Hold out the last ceil(10%) of the train articles (by first appearance) as the validation split."""
+    titles = list(dict.fromkeys(r["title"] for r in rows))
+    val_titles = set(titles[len(titles) - math.ceil(held_out * len(titles)):])
+    return [r for r in rows if r["title"] not in val_titles], [r for r in rows if r["title"] in val_titles]
+
+
+def token_span(offsets, start_char, end_char):
+    """First and last context token overlapping the answer characters [start_char, end_char)."""
+    first = next(i for i, (s, e) in enumerate(offsets) if e > start_char)
+    last = max(i for i, (s, e) in enumerate(offsets) if s < end_char)
+    return first, last
+
+
+def featurize(rows, tok, max_len, stride, max_query):
+    """Rows -> feature arrays (see the module docstring) and the examples list."""
+    cache, feats = {}, {k: [] for k in ("input_ids", "token_type", "start", "end", "example", "offsets")}
+    for ex, row in enumerate(rows):
+        q_ids = tok.encode(row["question"])[0][:max_query]
+        if row["context"] not in cache:
+            cache = {row["context"]: tok.encode(row["context"])}  # questions of one context come together
+        c_ids, c_offs = cache[row["context"]]
+        answer_start = row["answers"]["answer_start"][0]
+        a_first, a_last = token_span(c_offs, answer_start, answer_start + len(row["answers"]["text"][0]))
+        window, prefix = max_len - len(q_ids) - 3, len(q_ids) + 2  # room for [CLS] [SEP] [SEP]
+        if window <= stride:
+            raise InputError(f"--max_len {max_len} leaves a window of {window} <= --stride {stride} context tokens")
+        begin = 0
+        while True:
+            end = min(begin + window, len(c_ids))
+            inside = begin <= a_first and a_last < end
+            feats["input_ids"].append([tok.cls_id] + q_ids + [tok.sep_id] + c_ids[begin:end] + [tok.sep_id])
+            feats["token_type"].append([0] * prefix + [1] * (end - begin + 1))
+            feats["start"].append(a_first - begin + prefix if inside else 0)
+            feats["end"].append(a_last - begin + prefix if inside else 0)
+            feats["example"].append(ex)
+            feats["offsets"].append([(-1, -1)] * prefix + c_offs[begin:end] + [(-1, -1)])
+            if end == len(c_ids):
+                break
+            begin += window - stride
+    n = len(feats["input_ids"])
+    arrays = {"input_ids": np.zeros((n, max_len), np.int32), "token_type": np.zeros((n, max_len), np.int8),
+              "offsets": np.full((n, max_len, 2), -1, np.int32), "lengths": np.zeros(n, np.int16)}
+    for i in range(n):
+        length = len(feats["input_ids"][i])
+        arrays["lengths"][i] = length
+        arrays["input_ids"][i, :length] = feats["input_ids"][i]
+        arrays["token_type"][i, :length] = feats["token_type"][i]
+        arrays["offsets"][i, :length] = feats["offsets"][i]
+    arrays |= {k: np.asarray(feats[k], dtype=np.int16 if k != "example" else np.int32) for k in ("start", "end", "example")}
+    examples = [{"id": r["id"], "question": r["question"], "context": r["context"], "answers": r["answers"]["text"]}
+                for r in rows]
+    return arrays, examples
+
+
+def atomic_write(path, write):
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
+def prepare(source=None, out_dir=HERE, vocab="bert-base-uncased", max_len=384, stride=128, max_query=64, limit=0):
+    """limit > 0 keeps only the first `limit` questions of each split (for quick tests)."""
+    vocab_path = os.path.join(resolve_checkpoint(vocab, BERT_HUB_IDS, extra_files=("vocab.txt",)), "vocab.txt")
+    tok = BertTokenizer(vocab_path)
+    train_rows, dev_rows = load_rows(source)
+    train_rows, val_rows = split_articles(train_rows)
+    os.makedirs(out_dir, exist_ok=True)
+    counts = {}
+    for split, rows in (("train", train_rows), ("validation", val_rows), ("test", dev_rows)):
+        rows = rows[:limit] if limit else rows
+        arrays, examples = featurize(rows, tok, max_len, stride, max_query)
+        for name, array in arrays.items():
+            atomic_write(os.path.join(out_dir, f"{split}_{name}.npy"), lambda f: np.save(f, array))
+        atomic_write(os.path.join(out_dir, f"{split}_examples.json"), lambda f: f.write(json.dumps(examples).encode()))
+        counts[split] = {"examples": len(examples), "features": len(arrays["lengths"]),
+                         "answer_outside_window": int((arrays["start"] == 0).sum())}
+        print(f"{split:>10}: {len(examples):6d} questions -> {len(arrays['lengths']):6d} features")
+    with open(vocab_path, "rb") as f:
+        vocab_sha1 = hashlib.sha1(f.read()).hexdigest()
+    meta = {"dataset": "squad", "max_len": max_len, "stride": stride, "max_query": max_query, "counts": counts,
+            "vocab_size": len(tok.vocab), "vocab_sha1": vocab_sha1, "pad_id": tok.pad_id,
+            "source": source or "hub:rajpurkar/squad", "splits": "train/validation: train articles (last 10% held "
+            "out); test: the official dev file"}
+    atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    print(f"wrote {out_dir}")
+    return meta
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", help="folder with dev-v1.1.json and train-v1.1*.json (default: the hub)")
+    parser.add_argument("--vocab", default="bert-base-uncased",
+                        help="hub name or a model folder holding vocab.txt (default: %(default)s)")
+    parser.add_argument("--out_dir", default=HERE, help="where to write the arrays (default: %(default)s)")
+    parser.add_argument("--max_len", type=int, default=384)
+    parser.add_argument("--stride", type=int, default=128, help="tokens shared by consecutive windows")
+    parser.add_argument("--max_query", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=0, help="keep the first N questions per split (0: all)")
+    args = parser.parse_args()
+    try:
+        prepare(args.source, args.out_dir, args.vocab, args.max_len, args.stride, args.max_query, args.limit)
+    except (InputError, ConnectionError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
