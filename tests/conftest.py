@@ -46,3 +46,27 @@ def emotion_small_dir(emotion_dir, tmp_path_factory):
     meta["counts"].update(validation=256, test=256)
     json.dump(meta, open(os.path.join(out, "meta.json"), "w"))
     return out
+
+
+MINILM = os.path.join(SHARED, "models", "all-MiniLM-L6-v2")
+SQUAD = os.path.join(SHARED, "data", "squad")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real pretrained BERT in ../shared (all-MiniLM-L6-v2); the test is skipped where it is absent."""
+    if not os.path.isdir(MINILM):
+        pytest.skip("../shared/models/all-MiniLM-L6-v2 is not here")
+    return MINILM
+
+
+@pytest.fixture(scope="session")
+def squad_small_dir(minilm_dir, tmp_path_factory):
+    """The first 64 questions of each SQuAD split (train/validation from the train subset, test from the official
+    dev file), prepared with MiniLM's vocabulary and short windows (128 tokens, stride 32) so contexts split."""
+    from helpers import load_prepare_module
+    if not os.path.isdir(SQUAD):
+        pytest.skip("../shared/data/squad is not here")
+    out = str(tmp_path_factory.mktemp("squad_small"))
+    load_prepare_module("squad").prepare(SQUAD, out, vocab=minilm_dir, max_len=128, stride=32, limit=64)
+    return out

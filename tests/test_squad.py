@@ -1,0 +1,167 @@
+"""SQuAD: the official EM/F1 rules, windows and answer labels, span decoding, register tokens, an end-to-end run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from eval import best_spans, exact_match, f1_score, normalize_answer
+from helpers import ROOT
+from model import BERT, BertConfig, BertTokenizer
+from registers import QAHead, RegisterTokens
+from train import QASplit, main
+
+
+# ---------------------------------------------------------------- the official SQuAD v1.1 metrics, by hand
+def test_normalization_rules():
+    assert normalize_answer("The  Denver Broncos!") == "denver broncos"  # case, article, punctuation, spaces
+    assert normalize_answer("an apple, a pear") == "apple pear"
+    assert normalize_answer("theater") == "theater"  # articles only as whole words
+    assert normalize_answer("U.S.-led") == "usled"  # punctuation removed, not replaced by a space
+    assert normalize_answer("\tSanta\nClara ") == "santa clara"
+
+
+def test_exact_match_and_f1_by_hand():
+    assert exact_match("the Broncos", ["Denver Broncos", "Broncos"]) == 1.0  # max over gold answers
+    assert exact_match("Denver", ["Denver Broncos"]) == 0.0
+    # pred {denver, broncos, won}, gold {denver, broncos}: precision 2/3, recall 1, F1 = 0.8
+    assert f1_score("Denver Broncos won", ["Denver Broncos"]) == pytest.approx(0.8)
+    assert f1_score("Denver Broncos won", ["Carolina", "the Denver Broncos"]) == pytest.approx(0.8)
+    assert f1_score("Carolina Panthers", ["Denver Broncos"]) == 0.0
+    assert f1_score("a", ["the"]) == 0.0  # both normalize to nothing: no common token
+    # repeated tokens count with multiplicity: pred {x, x}, gold {x}: same 1, precision 1/2, recall 1
+    assert f1_score("x x", ["x"]) == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------- prepared features
+def test_windows_and_answer_labels(squad_small_dir, minilm_dir):
+    meta = json.load(open(os.path.join(squad_small_dir, "meta.json")))
+    tok = BertTokenizer(os.path.join(minilm_dir, "vocab.txt"))
+    load = lambda name: np.load(os.path.join(squad_small_dir, f"train_{name}.npy"))
+    ids, lengths, start, end, example, offsets = (load(n) for n in ("input_ids", "lengths", "start", "end", "example", "offsets"))
+    examples = json.load(open(os.path.join(squad_small_dir, "train_examples.json")))
+    assert len(examples) == 64 and len(lengths) > 64  # max_len 128 cuts most contexts into several windows
+    assert lengths.max() <= meta["max_len"] and (ids[:, 0] == tok.cls_id).all()
+    labelled = 0
+    for i in range(len(lengths)):
+        assert ids[i, lengths[i] - 1] == tok.sep_id and (ids[i, lengths[i]:] == tok.pad_id).all()
+        if start[i] == 0:
+            assert end[i] == 0  # answer not inside this window: the [CLS] position
+            continue
+        labelled += 1
+        context, answer = examples[example[i]]["context"], examples[example[i]]["answers"][0]
+        span = context[offsets[i, start[i], 0]:offsets[i, end[i], 1]]
+        assert normalize_answer(span) == normalize_answer(answer), (span, answer)
+    assert labelled >= 64  # every question has at least one window holding its answer
+    # consecutive windows of one question share `stride` context tokens
+    first = [i for i in range(len(example)) if example[i] == example[0]]
+    if len(first) > 1:
+        ctx0 = [tuple(o) for o in offsets[first[0]] if o[0] >= 0]
+        ctx1 = [tuple(o) for o in offsets[first[1]] if o[0] >= 0]
+        assert ctx0[-meta["stride"]:] == ctx1[:meta["stride"]]
+
+
+# ---------------------------------------------------------------- span decoding
+class FixedLogits(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x, ctx):
+        return self.logits[:, :, :x.size(1)]
+
+
+def test_best_span_decoding_respects_context_order_and_length(tmp_path):
+    T = 16
+    split = QASplit.__new__(QASplit)  # a one-feature split, built by hand
+    split.n, split.length, split.pad_multiple, split.row_len = 1, T, 16, np.array([T])
+    split.x, split.token_type = torch.ones(1, T, dtype=torch.long), torch.zeros(1, T, dtype=torch.long)
+    split.lengths, split.y = torch.tensor([T]), torch.tensor([[5, 6]])
+    logits = torch.zeros(1, 2, T)
+    logits[0, 0, 1] = 9.0  # best start, but position 1 is in the question: not allowed
+    logits[0, 1, 3] = 8.0  # best end before every allowed start: not allowed
+    logits[0, 0, 5], logits[0, 1, 6] = 5.0, 4.0  # the best valid span: 5..6
+    logits[0, 1, 14] = 4.5  # a higher end, but 14 - 5 >= max_answer_len
+    context = (torch.arange(T) >= 4)[None]
+    scores, starts, ends, _ = best_spans(FixedLogits(logits), split, 1, torch.no_grad(), context, max_answer_len=8)
+    assert (starts[0], ends[0]) == (5, 6) and scores[0] == pytest.approx(9.0)
+    _, starts, ends, _ = best_spans(FixedLogits(logits), split, 1, torch.no_grad(), context, max_answer_len=10)
+    assert (starts[0], ends[0]) == (5, 14)
+
+
+# ---------------------------------------------------------------- register tokens
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    return BERT(BertConfig(vocab_size=60, hidden_size=32, n_layer=2, n_head=4, intermediate_size=64, dropout=0.0,
+                           attention_dropout=0.0)).eval()
+
+
+def test_zero_registers_is_plain_bert():
+    plain, with_zero = tiny_bert(), tiny_bert()
+    with_zero.attach("embed", RegisterTokens(32, 0))
+    idx, ctx = torch.randint(0, 60, (2, 11)), {"attention_mask": torch.ones(2, 11, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(plain(idx, ctx), with_zero(idx, ctx))
+
+
+def test_registers_never_reach_the_qa_head():
+    model = tiny_bert()
+    model.attach("embed", RegisterTokens(32, 4))
+    head = model.attach("head", QAHead(32))
+    seen = {}
+    head.qa_outputs.register_forward_hook(lambda m, inp, out: seen.update(length=inp[0].size(1)))
+    idx = torch.randint(0, 60, (3, 11))
+    ctx = {"attention_mask": torch.ones(3, 11, dtype=torch.long)}
+    logits = model(idx, ctx)
+    assert logits.shape == (3, 2, 11) and seen["length"] == 11  # text positions only
+    assert "n_registers" not in ctx and ctx["attention_mask"].shape == (3, 11)  # the caller's ctx is untouched
+    # registers do take part in attention: the text outputs depend on them ...
+    logits.sum().backward()
+    assert model.sites["embed"].tokens.grad.abs().sum() > 0
+    # ... and padding stays padding: a padded copy gives the same logits on the real tokens
+    padded = torch.cat([idx, torch.zeros(3, 5, dtype=torch.long)], dim=1)
+    mask = (torch.arange(16) < 11).long().expand(3, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(padded, {"attention_mask": mask})[:, :, :11], model(idx, ctx), atol=1e-5)
+
+
+# ---------------------------------------------------------------- the CLI end to end
+@pytest.mark.slow
+def test_regbert_trains_and_reports_em_f1(squad_small_dir, minilm_dir, tmp_path):
+    out = str(tmp_path / "run")
+    summary = main(["--dataset", "squad", "--init_from", minilm_dir, "--data_dir", squad_small_dir, "--n_registers", "2",
+                    "--max_steps", "4", "--batch_size", "8", "--eval_interval", "2", "--warmup", "1",
+                    "--eval_batch_size", "32", "--out_dir", out, "--lora_rank", "4"])
+    assert summary["method"] == "regbert" and summary["final"]["step"] == 4
+    for key in ("em", "f1", "test_loss"):
+        assert 0 <= summary["final"][key] and summary["final"]["n"] == 64
+    # LoRA on the encoder, plus the trainable registers and head: far fewer than MiniLM's 22.6M
+    assert summary["params"]["trainable"] < 500_000
+    assert os.path.isfile(os.path.join(out, "adapter.safetensors"))
+    result = subprocess.run([sys.executable, "eval.py", out], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "EM" in result.stdout
+    assert f"{summary['final']['f1']:.2f}" in result.stdout  # eval.py rescoring gives the same F1
+
+
+def test_dataset_method_mismatch_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--method", "regbert", "--dataset", "emotion",
+                             "--out_dir", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --method regbert trains on --dataset squad, not emotion"
+
+
+def test_vocab_mismatch_is_refused(squad_small_dir, tmp_path):
+    other = tmp_path / "other-bert"
+    other.mkdir()
+    (other / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
+    for f in ("config.json", "model.safetensors"):
+        (other / f).write_text("{}")
+    result = subprocess.run([sys.executable, "train.py", "--dataset", "squad", "--init_from", str(other),
+                             "--data_dir", squad_small_dir, "--out_dir", str(tmp_path / "x")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "prepared with another vocabulary" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
