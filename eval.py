@@ -7,7 +7,13 @@
     python eval.py prb-table --seeds 3                   # the PRB paper's arms x seeds: table, plot, consistency
     python eval.py prb-table --seeds 3 --init_from scratch --n_layer 2 --n_head 2 --n_embd 64 --max_steps 500
 
-Results also go to <run>/eval-<which>.json; prb-table writes <out_dir>/prb-table.md, .json and loss-curves.png.
+    python eval.py out/squad-k4                         # a SQuAD run: EM/F1 on the official dev file
+    python eval.py regbert-sweep --ks 0,1,2,4,8,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
+    python eval.py attention out/regbert-sweep/k0-s0 out/regbert-sweep/k4-s0   # attention noise, IG, relevance
+
+Results also go to <run>/eval-<which>.json; prb-table writes <out_dir>/prb-table.md, .json and loss-curves.png;
+regbert-sweep writes <out_dir>/regbert-sweep.md, .json and em-f1-vs-k.png; attention writes <out_dir>/attention.md,
+.json, attention maps and token heatmaps (PNG).
 """
 
 import argparse
@@ -62,6 +68,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prb-table"]:
         return prb_table_main(argv[1:])
+    if argv[:1] == ["regbert-sweep"]:
+        return regbert_sweep_main(argv[1:])
+    if argv[:1] == ["attention"]:
+        return attention_main(argv[1:])
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by train.py (--out_dir)")
     p.add_argument("--which", choices=["final", "best"], default="final", help="final weights or best-val weights")
@@ -308,8 +318,23 @@ def emotion_consistency(model, meta, clf, samples, max_new_tokens, device, seed=
     return scores
 
 
-def prb_table_main(argv):
+def run_grid(out_dir, arms, seeds, train_flags):
+    """Train every arm (name -> train.py flags) for seeds 0..seeds-1 into <out_dir>/<arm>-s<seed>; finished runs
+    are reused, interrupted ones resumed. Returns {arm: [run folders]}."""
     import train
+    for arm, flags in arms.items():
+        for seed in range(seeds):
+            run_dir = os.path.join(out_dir, f"{arm}-s{seed}")
+            if os.path.isfile(os.path.join(run_dir, "summary.json")):
+                continue  # finished earlier: reuse
+            print(f"== {arm}, seed {seed}")
+            resume = ["--resume"] if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else []
+            if train.main([*(resume or [*train_flags, *flags, "--seed", str(seed)]), "--out_dir", run_dir]) is None:
+                sys.exit(1)  # interrupted: run the same command again to continue
+    return {arm: [os.path.join(out_dir, f"{arm}-s{seed}") for seed in range(seeds)] for arm in arms}
+
+
+def prb_table_main(argv):
     p = Parser(description="Run the PRB paper's arms over seeds (unknown flags go to train.py for every arm), "
                            "then write a markdown table, a loss-curve plot and emotion-consistency scores.")
     p.add_argument("--seeds", type=int, default=3)
@@ -323,16 +348,7 @@ def prb_table_main(argv):
     if unknown := [arm for arm in arms if arm not in PRB_ARMS]:
         sys.exit(f"error: unknown arm {unknown[0]!r}; arms are {', '.join(PRB_ARMS)}")
     try:
-        for arm in arms:
-            for seed in range(a.seeds):
-                run_dir = os.path.join(a.out_dir, f"{arm}-s{seed}")
-                if os.path.isfile(os.path.join(run_dir, "summary.json")):
-                    continue  # finished earlier: reuse
-                print(f"== {arm}, seed {seed}")
-                resume = ["--resume"] if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else []
-                flags = resume or [*train_flags, *PRB_ARMS[arm], "--seed", str(seed)]
-                if train.main([*flags, "--out_dir", run_dir]) is None:
-                    sys.exit(1)  # interrupted: run the same command again to continue
+        run_grid(a.out_dir, {arm: PRB_ARMS[arm] for arm in arms}, a.seeds, train_flags)
         write_prb_table(a, arms)
     except InputError as e:
         sys.exit(f"error: {e}")
@@ -396,6 +412,271 @@ def plot_curves(runs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------- register tokens: EM/F1 vs k
+def regbert_sweep_main(argv):
+    p = Parser(description="Train register-token BERT on SQuAD for every k over seeds (unknown flags go to "
+                           "train.py), then write a markdown table of dev EM/F1 and a plot of EM/F1 against k.")
+    p.add_argument("--ks", default="0,1,2,4,8,16", help="comma-separated register counts")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out_dir", default="out/regbert-sweep")
+    a, train_flags = p.parse_known_args(argv)
+    try:
+        ks = [int(k) for k in a.ks.split(",")]
+    except ValueError:
+        sys.exit(f"error: --ks must be comma-separated integers, got {a.ks!r}")
+    try:
+        runs = run_grid(a.out_dir, {f"k{k}": ["--dataset", "squad", "--n_registers", str(k)] for k in ks}, a.seeds,
+                        train_flags)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+    summaries = {k: [json.load(open(os.path.join(d, "summary.json"))) for d in runs[f"k{k}"]] for k in ks}
+    first = summaries[ks[0]][0]
+    lines = [f"Base `{first['init_from']}`, {first['steps']} steps, {a.seeds} seed(s) (mean ± sample std), device "
+             f"{first['device']}; EM/F1 (official SQuAD v1.1) on all {first['final']['n']} questions of the dev file, "
+             f"final weights.", "", "| k registers | trainable | EM | F1 | dev loss |", "|---:|---:|---:|---:|---:|"]
+    for k in ks:
+        col = lambda key: mean_spread([s["final"][key] for s in summaries[k]])
+        lines.append(f"| {k} | {summaries[k][0]['params']['trainable']:,} | {col('em')} | {col('f1')} | {col('test_loss')} |")
+    table = "\n".join(lines) + "\n"
+    os.makedirs(a.out_dir, exist_ok=True)
+    with open(os.path.join(a.out_dir, "regbert-sweep.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(a.out_dir, "regbert-sweep.json"), "w") as f:
+        json.dump({str(k): v for k, v in summaries.items()}, f, indent=1)
+    plot_metric_vs_k(summaries, os.path.join(a.out_dir, "em-f1-vs-k.png"))
+    print(table)
+
+
+def plot_metric_vs_k(summaries, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = list(summaries)
+    positions = range(len(ks))  # k is roughly geometric: equal spacing reads better than a linear axis
+    for key, marker in (("f1", "o"), ("em", "s")):
+        values = [[s["final"][key] for s in summaries[k]] for k in ks]
+        means = [sum(v) / len(v) for v in values]
+        ax.plot(positions, means, marker=marker, label=key.upper())
+        for x, v in zip(positions, values):
+            ax.scatter([x] * len(v), v, color="gray", s=8, alpha=0.6)
+    ax.set_xticks(list(positions), [str(k) for k in ks])
+    ax.set(xlabel="register tokens k", ylabel="dev score (%)", title="register-token BERT on SQuAD v1.1 (dots: seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------- register tokens: attention noise and attributions
+def attention_main(argv):
+    p = Parser(description="Attention analysis of SQuAD runs (e.g. k = 0 against k > 0): per-layer attention "
+                           "entropy, attention mass on [CLS]/[SEP]/punctuation/registers, token output norms "
+                           "(high-norm artifacts), attention maps, and for one question Integrated Gradients and "
+                           "the relevance of Chefer et al. 2021 as token heatmaps.")
+    p.add_argument("runs", nargs="+", help="SQuAD run folders written by train.py")
+    p.add_argument("--features", type=int, default=256, help="dev features the statistics average over")
+    p.add_argument("--example", type=int, default=0, help="dev feature index for the maps and heatmaps")
+    p.add_argument("--ig_steps", type=int, default=128, help="Integrated Gradients steps (trapezoid rule)")
+    p.add_argument("--out_dir", default="out/attention")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    try:
+        attention_report(a)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+def forward_with_attention(model, x, ctx):
+    """(QA logits (B, 2, T), [per-layer attention probs (B, heads, T', T')], last hidden states (B, T', H)); T' =
+    k registers + T text positions."""
+    seen, attentions = {}, []
+    hook = model.sites["head"].register_forward_pre_hook(lambda m, inputs: seen.update(hidden=inputs[0]))
+    try:
+        logits = model(x, ctx | {"attentions": attentions})
+    finally:
+        hook.remove()
+    return logits, attentions, seen["hidden"]
+
+
+def attention_statistics(model, split, tok, n_features, device):
+    """Averages over the first n_features features: attention entropy per layer (text queries, nats), share of
+    text queries' attention mass on [CLS] / [SEP] / punctuation / register keys, and text-token output norms."""
+    from model import BertTokenizer
+    k = model.sites["embed"].tokens.size(0) if "embed" in model.sites else 0
+    punct = torch.tensor([BertTokenizer.is_punctuation(t[0]) and len(t) == 1 for t in
+                          (tok.id_to_token[i] for i in range(len(tok.id_to_token)))], device=device)
+    entropy, mass, norms, n_queries = None, Counter(), [], 0
+    with torch.no_grad():
+        for b in range(0, n_features, 16):
+            rows_host = list(range(b, min(n_features, b + 16)))
+            rows = torch.tensor(rows_host, device=device)
+            x, _, ctx = split.batch(rows, split.padded_length(rows_host))
+            _, attentions, hidden = forward_with_attention(model, x, ctx)
+            real = ctx["attention_mask"].bool()  # (B, T) text tokens
+            kinds = {"[CLS]": x == tok.cls_id, "[SEP]": x == tok.sep_id, "punctuation": punct[x]}
+            per_layer = []
+            for probs in attentions:  # (B, heads, k + T, k + T); queries: text positions
+                text_q = probs[:, :, k:, :]
+                ent = -(text_q * text_q.clamp_min(1e-12).log()).sum(-1)  # (B, heads, T)
+                per_layer.append((ent.mean(1) * real).sum().item())
+                for name, is_kind in kinds.items():
+                    mass[name] += (text_q[..., k:] * is_kind[:, None, None, :]).sum(-1).mean(1).mul(real).sum().item()
+                mass["registers"] += text_q[..., :k].sum(-1).mean(1).mul(real).sum().item()
+            entropy = per_layer if entropy is None else [e + p for e, p in zip(entropy, per_layer)]
+            n_queries += real.sum().item()
+            norms.append(hidden[:, k:].norm(dim=-1)[real])
+    norms = torch.cat(norms)
+    median = norms.median().item()
+    n_layers = len(entropy)
+    return {"entropy_per_layer": [e / n_queries for e in entropy],
+            "entropy_mean": sum(entropy) / n_queries / n_layers,
+            "mass": {name: v / n_queries / n_layers for name, v in mass.items()},
+            "norm_median": median, "norm_max_over_median": norms.max().item() / median,
+            "high_norm_share": (norms > 2 * median).float().mean().item(), "features": n_features}
+
+
+def integrated_gradients(model, x, ctx, target, baseline_ids, steps=128):
+    """Integrated Gradients (Sundararajan et al. 2017, eq. 1) on the word embeddings of one feature x (1, T):
+    attr_i = (e_i - e'_i) . integral_0^1 d f(e' + a (e - e')) / d e_i da, by the trapezoid rule over `steps`
+    intervals. target(logits) -> f, a scalar per row. Returns (per-token attributions (T,), f(x) - f(baseline),
+    their sum): completeness says the last two agree."""
+    embed = model.word_embeddings
+    e, e0 = embed(x).detach(), embed(baseline_ids).detach()
+    alphas = torch.linspace(0, 1, steps + 1, device=x.device)
+    weights = torch.full_like(alphas, 1.0 / steps)
+    weights[0] = weights[-1] = 0.5 / steps
+    grads, values = torch.zeros_like(e[0]), []
+    for chunk in torch.split(torch.arange(steps + 1, device=x.device), 16):
+        path = (e0 + alphas[chunk, None, None] * (e - e0)).requires_grad_(True)  # (n, T, H)
+        n = len(chunk)
+        batch_ctx = {key: v.expand(n, *v.shape[1:]) for key, v in ctx.items()} | {"word_embeds": path}
+        f = target(model(x.expand(n, -1), batch_ctx))
+        grad, = torch.autograd.grad(f.sum(), path)
+        grads += (weights[chunk, None, None] * grad).sum(0)
+        values.append(f.detach())
+    values = torch.cat(values)
+    attributions = ((e - e0)[0] * grads).sum(-1)
+    return attributions.detach(), (values[-1] - values[0]).item(), attributions.sum().item()
+
+
+def chefer_relevance(model, x, ctx, target):
+    """Relevance of every input token for target(logits) (Chefer, Gur & Wolf 2021, "Generic Attention-model
+    Explainability", eqs. 5-6 for self-attention encoders): R = I; per layer, A_bar = mean over heads of
+    (grad_A f * A)^+ and R = R + A_bar R. Returns R (T', T') over registers + text; row t says how much each
+    token contributed to position t's output. (Their CVPR 2021 variant weighs A by its LRP relevance instead of A.)"""
+    logits, attentions, _ = forward_with_attention(model, x, ctx)
+    grads = torch.autograd.grad(target(logits).sum(), attentions)
+    R = torch.eye(attentions[0].size(-1), device=x.device)
+    for A, grad in zip(attentions, grads):
+        A_bar = (grad * A).clamp(min=0).mean(dim=1)[0]  # (T', T')
+        R = R + A_bar @ R
+    return R.detach()
+
+
+def attention_report(a):
+    from model import BertTokenizer
+    device, _, _ = resolve_system(argparse.Namespace(device=a.device, dtype="float32", compile=False))
+    os.makedirs(a.out_dir, exist_ok=True)
+    report, lines = {}, []
+    for run_dir in a.runs:
+        model, args, meta, _ = load_run(run_dir, "final", device)
+        if args.dataset != "squad":
+            raise InputError(f"{run_dir} is not a SQuAD run")
+        name = os.path.basename(os.path.normpath(run_dir))
+        tok = BertTokenizer.from_pretrained(args.init_from)
+        split = SPLITS["squad"](args.data_dir, "test", meta, device)
+        k = args.n_registers
+        stats = attention_statistics(model, split, tok, min(a.features, split.n), device)
+        # one feature: its maps, its predicted span, and attributions of start + end logit of that span
+        x, _, ctx = split.batch(torch.tensor([a.example], device=device), int(split.row_len[a.example]))
+        with torch.no_grad():
+            logits, attentions, _ = forward_with_attention(model, x, ctx)
+        offsets = __import__("numpy").load(os.path.join(args.data_dir, "test_offsets.npy"), mmap_mode="r")[a.example]
+        in_context = torch.from_numpy(offsets[:x.size(1), 0] >= 0).to(device)
+        start = logits[0, 0].masked_fill(~in_context, -float("inf")).argmax().item()
+        end = start + logits[0, 1, start:start + 30].masked_fill(~in_context[start:start + 30], -float("inf")).argmax().item()
+        target = lambda out: out[:, 0, start] + out[:, 1, end]
+        special = (x == tok.cls_id) | (x == tok.sep_id)
+        baseline = torch.where(special, x, torch.full_like(x, tok.pad_id))  # [PAD] words, special tokens kept
+        ig, delta, total = integrated_gradients(model, x, ctx, target, baseline, a.ig_steps)
+        relevance = chefer_relevance(model, x, ctx, target)
+        token_relevance = (relevance[k + start] + relevance[k + end])[k:]  # text tokens, for the predicted span
+        tokens = [tok.id_to_token[i] for i in x[0].tolist()]
+        stats |= {"example": a.example, "predicted_span": " ".join(tokens[start:end + 1]),
+                  "ig_completeness": {"f(x)-f(baseline)": delta, "sum of attributions": total,
+                                      "relative_error": abs(total - delta) / max(abs(delta), 1e-12)}}
+        report[name] = stats
+        plot_attention_maps(attentions, k, os.path.join(a.out_dir, f"{name}-attention.png"), name)
+        write_heatmap(tokens, {"Integrated Gradients": ig, "relevance (Chefer et al. 2021)": token_relevance},
+                      os.path.join(a.out_dir, f"{name}-heatmap.html"), f"{name}: predicted '{stats['predicted_span']}'")
+        print(f"{name}: IG completeness {total:.4f} vs f(x)-f(x') {delta:.4f} "
+              f"({100 * stats['ig_completeness']['relative_error']:.2f}% apart)")
+    lines += [f"Attention statistics over the first {a.features} dev features (text-token queries, averaged over "
+              "layers and heads); norms of the last hidden states of text tokens.", "",
+              "| run | entropy (nats) | mass on [CLS] | on [SEP] | on punctuation | on registers | norm median | "
+              "max / median | share > 2x median |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in report.items():
+        m = s["mass"]
+        lines.append(f"| {name} | {s['entropy_mean']:.3f} | {m['[CLS]']:.3f} | {m['[SEP]']:.3f} | {m['punctuation']:.3f} | "
+                     f"{m['registers']:.3f} | {s['norm_median']:.2f} | {s['norm_max_over_median']:.2f} | "
+                     f"{s['high_norm_share']:.4f} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(a.out_dir, "attention.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(a.out_dir, "attention.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(table)
+
+
+def plot_attention_maps(attentions, k, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    layers, heads = len(attentions), attentions[0].size(1)
+    fig, axes = plt.subplots(layers, heads, figsize=(1.2 * heads, 1.2 * layers), squeeze=False)
+    for i, probs in enumerate(attentions):
+        for h in range(heads):
+            ax = axes[i][h]
+            ax.imshow(probs[0, h].float().cpu().numpy(), cmap="viridis",  # square-root scale: faint mass shows
+                      norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1))
+            ax.set_xticks([]), ax.set_yticks([])
+            if k:  # registers: the first k rows / columns
+                ax.axvline(k - 0.5, color="red", lw=0.4), ax.axhline(k - 0.5, color="red", lw=0.4)
+            if h == 0:
+                ax.set_ylabel(f"layer {i}", fontsize=7)
+            if i == 0:
+                ax.set_title(f"head {h}", fontsize=7)
+    fig.suptitle(f"{title}: attention probabilities (rows: queries){' — red: register boundary' if k else ''}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_heatmap(tokens, scores, path, title):
+    """An HTML page with one line of tokens per attribution method, shaded by the score (red +, blue -)."""
+    import html
+    rows = []
+    for method, values in scores.items():
+        values = values.float().cpu()
+        scale = values.abs().max().item() or 1.0
+        spans = []
+        for token, v in zip(tokens, values.tolist()):
+            alpha = abs(v) / scale
+            color = f"rgba(220,40,40,{alpha:.2f})" if v >= 0 else f"rgba(40,80,220,{alpha:.2f})"
+            spans.append(f'<span title="{v:.4f}" style="background:{color};padding:1px">{html.escape(token)}</span>')
+        rows.append(f"<h3>{html.escape(method)}</h3><p style='line-height:1.9'>{' '.join(spans)}</p>")
+    with open(path, "w") as f:
+        f.write(f"<html><meta charset='utf-8'><body style='font-family:sans-serif;max-width:1100px'>"
+                f"<h2>{html.escape(title)}</h2>{''.join(rows)}</body></html>")
 
 
 if __name__ == "__main__":

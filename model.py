@@ -301,12 +301,18 @@ class BertLayer(nn.Module):
         B, T, H = t.shape
         return t.view(B, T, self.n_head, H // self.n_head).transpose(1, 2)
 
-    def forward(self, x, mask):
-        """x: (B, T, H); mask: (B, 1, 1, T) bool, True where a key may be attended to."""
+    def forward(self, x, mask, record=None):
+        """x: (B, T, H); mask: (B, 1, 1, T) bool, True where a key may be attended to. With a list `record`
+        (analysis, eval mode), attention is computed explicitly and its probabilities appended to it, so
+        gradients reach them."""
         B, T, H = x.shape
         q, k, v = (self.heads(f(x)) for f in (self.query, self.key, self.value))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        if record is not None:
+            record.append(self.attention_probs(x, mask))
+            y = record[-1] @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.attention_dropout if self.training else 0.0)
         x = self.attn_norm(x + self.dropout(self.attn_out(y.transpose(1, 2).reshape(B, T, H))))
         return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))  # BERT's exact (erf) GELU
 
@@ -339,7 +345,8 @@ class BERT(nn.Module):
         token_type = ctx.get("token_type_ids")
         token_type = torch.zeros_like(idx) if token_type is None else token_type
         pos = torch.arange(idx.size(1), device=idx.device)
-        e = self.word_embeddings(idx) + self.position_embeddings(pos) + self.token_type_embeddings(token_type)
+        words = ctx["word_embeds"] if "word_embeds" in ctx else self.word_embeddings(idx)  # attribution hook
+        e = words + self.position_embeddings(pos) + self.token_type_embeddings(token_type)
         return self.drop(self.embed_norm(e))
 
     @staticmethod
@@ -351,15 +358,17 @@ class BERT(nn.Module):
         return mask.bool()[:, None, None, :]
 
     def forward(self, idx, ctx=None):
-        """idx: (B, T) token ids; ctx: token_type_ids, attention_mask (both (B, T), optional), method state.
-        Returns the head site's output: the last hidden states (B, T, H) when nothing is attached there."""
+        """idx: (B, T) token ids; ctx: token_type_ids, attention_mask (both (B, T), optional), method state, and
+        for analysis: word_embeds (B, T, H) in place of the word-embedding lookup, attentions (a list that
+        collects each layer's attention probabilities). Returns the head site's output: the last hidden states
+        (B, T, H) when nothing is attached there."""
         ctx = dict(ctx or {})  # sites may rewrite entries (e.g. extend the mask): never the caller's dict
         if idx.size(1) > self.config.max_position_embeddings:
             raise ValueError(f"sequence of length {idx.size(1)} exceeds {self.config.max_position_embeddings} positions")
         h = self._at("embed", self.embed(idx, ctx), ctx)
         mask = self.key_mask(h, ctx)  # read after the embed site, which may have added positions
         for i, layer in enumerate(self.layers):
-            h = self._at(f"layer{i}", layer(h, mask), ctx)
+            h = self._at(f"layer{i}", layer(h, mask, ctx.get("attentions")), ctx)
         return self._at("head", h, ctx)
 
     @classmethod
@@ -398,19 +407,22 @@ BERT_RENAMES = [  # Hugging Face / original-BERT names -> ours (applied in order
     ("intermediate.dense.", "ffn_in."), ("output.dense.", "ffn_out."), ("output.LayerNorm.", "ffn_norm.")]
 
 
+def bert_name(key):
+    """A BERT checkpoint's tensor name -> ours; None for what a bare encoder does not use (pooler, pre-training
+    heads `cls.*`, the position_ids buffer). Handles an optional 'bert.' prefix and legacy LayerNorm gamma/beta."""
+    key = key.removeprefix("bert.")
+    if key.startswith(("pooler.", "cls.")) or key.endswith("position_ids"):
+        return None
+    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    for old, new in BERT_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
 def bert_state_from_hf(state, model):
-    """Map a BERT checkpoint onto ours: optional 'bert.' prefix, legacy LayerNorm gamma/beta, and the parts a bare
-    encoder does not use (pooler, pre-training heads `cls.*`, the position_ids buffer) dropped."""
+    """Map a BERT checkpoint's state dict onto ours (see bert_name), checking every name and shape."""
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("sites.")}
-    mapped = {}
-    for key, tensor in state.items():
-        key = key.removeprefix("bert.")
-        if key.startswith(("pooler.", "cls.")) or key.endswith("position_ids"):
-            continue
-        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        for old, new in BERT_RENAMES:
-            key = key.replace(old, new)
-        mapped[key] = tensor
+    mapped = {bert_name(k): v for k, v in state.items() if bert_name(k) is not None}
     check_keys(mapped, ours, "checkpoint")
     return {k: v.to(ours[k].dtype) for k, v in mapped.items()}
 

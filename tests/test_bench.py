@@ -34,3 +34,23 @@ def test_bench_cli_on_a_tiny_config(capsys, tmp_path):
     assert "speed-up of nanomem eager over transformers+peft eager:" in out
     assert "| nanomem PRB eager |" in out and "nanomem PRB eager step / LoRA step:" in out
     assert (tmp_path / "b.json").exists()
+
+
+def test_qa_reference_is_the_same_model():
+    pytest.importorskip("transformers")
+    from model import BERT, BertConfig
+    from registers import QAHead
+    torch.manual_seed(0)
+    ours = BERT(BertConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2, intermediate_size=32))
+    ours.attach("head", QAHead(16))
+    reference = bench.hf_qa_reference(ours, "cpu").eval()
+    idx = torch.randint(0, 50, (2, 12))
+    out = reference(input_ids=idx)
+    assert (ours.eval()(idx) - torch.stack([out.start_logits, out.end_logits], dim=1)).abs().max() <= 1e-5
+
+
+def test_bench_qa_cli(capsys):
+    bench.main(["qa", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
+                "--steps", "1", "--warmup", "1", "--n_registers", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "nanomem k=0 eager" in out and "nanomem k=2 eager" in out

@@ -145,6 +145,29 @@ def test_regbert_trains_and_reports_em_f1(squad_small_dir, minilm_dir, tmp_path)
     result = subprocess.run([sys.executable, "eval.py", out], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and "EM" in result.stdout
     assert f"{summary['final']['f1']:.2f}" in result.stdout  # eval.py rescoring gives the same F1
+    report = str(tmp_path / "attention")
+    result = subprocess.run([sys.executable, "eval.py", "attention", out, "--features", "8", "--ig_steps", "32",
+                             "--out_dir", report], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    stats = json.load(open(os.path.join(report, "attention.json")))["run"]
+    assert stats["ig_completeness"]["relative_error"] < 0.01
+    assert 0 < stats["mass"]["registers"] < 1 and len(stats["entropy_per_layer"]) == 6
+    assert os.path.isfile(os.path.join(report, "run-heatmap.html"))
+
+
+@pytest.mark.slow
+def test_regbert_sweep_writes_table_and_plot(squad_small_dir, tmp_path):
+    """k in {0, 1} on a scratch BERT (2 layers, 32 wide): the sweep runs every k, reuses finished runs."""
+    out = str(tmp_path / "sweep")
+    cmd = [sys.executable, "eval.py", "regbert-sweep", "--ks", "0,1", "--seeds", "1", "--out_dir", out,
+           "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--max_steps", "2",
+           "--batch_size", "4", "--eval_interval", "2", "--data_dir", squad_small_dir, "--eval_batch_size", "64"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = open(os.path.join(out, "regbert-sweep.md")).read()
+    assert "| 0 |" in table and "| 1 |" in table and os.path.isfile(os.path.join(out, "em-f1-vs-k.png"))
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and "== k0" not in again.stdout  # finished runs are reused
 
 
 def test_dataset_method_mismatch_is_one_line(tmp_path):
@@ -165,3 +188,38 @@ def test_vocab_mismatch_is_refused(squad_small_dir, tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "prepared with another vocabulary" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- attention analysis and attributions
+def qa_model(k):
+    model = tiny_bert()
+    if k:
+        model.attach("embed", RegisterTokens(32, k))
+    model.attach("head", QAHead(32))
+    return model.eval()
+
+
+def test_recorded_attention_is_the_attention_used():
+    from eval import forward_with_attention
+    model = qa_model(3)
+    idx, ctx = torch.randint(0, 60, (2, 9)), {"attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3])}
+    logits, attentions, hidden = forward_with_attention(model, idx, ctx)
+    assert torch.allclose(logits, model(idx, ctx), atol=1e-5)  # explicit softmax path == fused SDPA path
+    assert len(attentions) == 2 and attentions[0].shape == (2, 4, 12, 12) and hidden.shape == (2, 12, 32)
+    assert torch.allclose(attentions[1].sum(-1), torch.ones(2, 4, 12), atol=1e-5)
+    assert attentions[0][1, :, :, 9:].abs().max() == 0  # padding keys get no attention
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_integrated_gradients_completeness_and_relevance(k):
+    from eval import chefer_relevance, integrated_gradients
+    model = qa_model(k)
+    x = torch.randint(1, 60, (1, 10))
+    ctx = {"attention_mask": torch.ones(1, 10, dtype=torch.long), "token_type_ids": torch.zeros(1, 10, dtype=torch.long)}
+    target = lambda out: out[:, 0, 4] + out[:, 1, 6]
+    attributions, delta, total = integrated_gradients(model, x, ctx, target, torch.zeros_like(x), steps=64)
+    assert attributions.shape == (10,) and abs(delta) > 1e-3
+    assert abs(total - delta) <= 0.01 * abs(delta)  # completeness (Sundararajan et al. 2017, Prop. 1)
+    R = chefer_relevance(model, x, ctx, target)
+    assert R.shape == (10 + k, 10 + k)
+    assert (R - torch.eye(10 + k) >= -1e-6).all()  # R = I + non-negative updates
