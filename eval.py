@@ -565,15 +565,57 @@ def integrated_gradients(model, x, ctx, target, baseline_ids, steps=128):
     return attributions.detach(), (values[-1] - values[0]).item(), attributions.sum().item()
 
 
-def chefer_relevance(model, x, ctx, target):
-    """Relevance of every input token for target(logits) (Chefer, Gur & Wolf 2021, "Generic Attention-model
-    Explainability", eqs. 5-6 for self-attention encoders): R = I; per layer, A_bar = mean over heads of
-    (grad_A f * A)^+ and R = R + A_bar R. Returns R (T', T') over registers + text; row t says how much each
-    token contributed to position t's output. (Their CVPR 2021 variant weighs A by its LRP relevance instead of A.)"""
+class LeafList(list):
+    """Collects attention maps as leaf tensors: the forward then uses each map as a constant input, so one
+    backward pass gives d f / d A for every layer with every *other* attention map held fixed."""
+
+    def append(self, probs):
+        super().append(probs.detach().requires_grad_(True))
+
+
+def lrp_attention_relevance(model, x, ctx, target):
+    """LRP relevance of every attention map, R^(A) = A * d f / d A under the conservative LRP-0 rules for
+    transformers (Ali et al. 2022, "XAI for Transformers: Better Explanations through Conservative Propagation"):
+    attention maps, LayerNorm's standard deviation and GELU's gate x -> Phi(x) are held constant, so the
+    network is locally linear and relevance = gradient x input. Returns [R^(A) (1, heads, T', T')] per layer."""
+    saved, hooks = {}, []
+
+    def layer_norm_with_constant_std(module, inputs, output):
+        z = inputs[0] - inputs[0].mean(-1, keepdim=True)
+        std = (z.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()
+        return z / std.detach() * module.weight + module.bias
+
+    def gelu_with_constant_gate(module, inputs):  # ffn_out's input is gelu(z) = z * Phi(z)
+        z = saved.pop(module)
+        return (z * (0.5 * (1 + torch.erf(z / math.sqrt(2)))).detach(),)
+
+    for layer in model.layers:
+        hooks.append(layer.ffn_in.register_forward_hook(lambda m, i, out, key=layer.ffn_out: saved.__setitem__(key, out)))
+        hooks.append(layer.ffn_out.register_forward_pre_hook(gelu_with_constant_gate))
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            hooks.append(module.register_forward_hook(layer_norm_with_constant_std))
+    attentions = LeafList()
+    try:
+        f = target(model(x, ctx | {"attentions": attentions})).sum()
+        grads = torch.autograd.grad(f, list(attentions))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [(A * g).detach() for A, g in zip(attentions, grads)]
+
+
+def chefer_relevance(model, x, ctx, target, weighting="lrp"):
+    """Relevance of every input token for target(logits) (Chefer, Gur & Wolf, CVPR 2021, §3.3, eqs. 13-14):
+    per layer A_bar = mean over heads of (grad_A f * R^(A))^+, with R^(A) the LRP relevance of the attention map
+    (weighting="lrp"), or the map A itself (weighting="attention": their ICCV 2021 simplification); then
+    R = I and R = R + A_bar R, layer by layer. Returns R (T', T') over registers + text: row t holds how much
+    each token contributed to position t's output."""
     logits, attentions, _ = forward_with_attention(model, x, ctx)
     grads = torch.autograd.grad(target(logits).sum(), attentions)
+    weights = lrp_attention_relevance(model, x, ctx, target) if weighting == "lrp" else attentions
     R = torch.eye(attentions[0].size(-1), device=x.device)
-    for A, grad in zip(attentions, grads):
+    for A, grad in zip(weights, grads):
         A_bar = (grad * A).clamp(min=0).mean(dim=1)[0]  # (T', T')
         R = R + A_bar @ R
     return R.detach()
@@ -605,15 +647,16 @@ def attention_report(a):
         special = (x == tok.cls_id) | (x == tok.sep_id)
         baseline = torch.where(special, x, torch.full_like(x, tok.pad_id))  # [PAD] words, special tokens kept
         ig, delta, total = integrated_gradients(model, x, ctx, target, baseline, a.ig_steps)
-        relevance = chefer_relevance(model, x, ctx, target)
-        token_relevance = (relevance[k + start] + relevance[k + end])[k:]  # text tokens, for the predicted span
+        relevance = {w: chefer_relevance(model, x, ctx, target, w) for w in ("lrp", "attention")}
+        token_relevance = {w: (R[k + start] + R[k + end])[k:] for w, R in relevance.items()}  # rows of the span
         tokens = [tok.id_to_token[i] for i in x[0].tolist()]
         stats |= {"example": a.example, "predicted_span": " ".join(tokens[start:end + 1]),
                   "ig_completeness": {"f(x)-f(baseline)": delta, "sum of attributions": total,
                                       "relative_error": abs(total - delta) / max(abs(delta), 1e-12)}}
         report[name] = stats
         plot_attention_maps(attentions, k, os.path.join(a.out_dir, f"{name}-attention.png"), name)
-        write_heatmap(tokens, {"Integrated Gradients": ig, "relevance (Chefer et al. 2021)": token_relevance},
+        write_heatmap(tokens, {"Integrated Gradients": ig, "LRP relevance (Chefer et al. 2021)": token_relevance["lrp"],
+                               "gradient x attention relevance (Chefer et al., ICCV 2021)": token_relevance["attention"]},
                       os.path.join(a.out_dir, f"{name}-heatmap.html"), f"{name}: predicted '{stats['predicted_span']}'")
         print(f"{name}: IG completeness {total:.4f} vs f(x)-f(x') {delta:.4f} "
               f"({100 * stats['ig_completeness']['relative_error']:.2f}% apart)")

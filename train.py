@@ -475,7 +475,8 @@ def train(args, explicit):
                 if steps > 0:
                     record["train_loss"] = loss_sum / tokens
                     check_finite(record["train_loss"], "train loss")
-                    record["tokens_per_s"] = tokens / (time.time() - t_window)
+                    rate = tokens / (time.time() - t_window)  # target tokens; two targets per SQuAD feature
+                    record |= {"features_per_s": rate / 2} if args.dataset == "squad" else {"tokens_per_s": rate}
                 if step % args.eval_interval == 0 or step == args.max_steps:
                     record["val_loss"] = evaluate(model, val_split, args.eval_batch_size, autocast, args.eval_iters)
                     check_finite(record["val_loss"], "val loss")

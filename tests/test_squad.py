@@ -223,3 +223,20 @@ def test_integrated_gradients_completeness_and_relevance(k):
     R = chefer_relevance(model, x, ctx, target)
     assert R.shape == (10 + k, 10 + k)
     assert (R - torch.eye(10 + k) >= -1e-6).all()  # R = I + non-negative updates
+
+
+def test_lrp_relevance_of_attention_maps():
+    """One relevance map per layer and head, finite; leaf attention maps leave the forward unchanged; the LRP
+    hooks are gone afterwards."""
+    from eval import LeafList, lrp_attention_relevance
+    model = qa_model(2)
+    x = torch.randint(1, 60, (1, 10))
+    ctx = {"attention_mask": torch.ones(1, 10, dtype=torch.long)}
+    target = lambda out: out[:, 0, 4] + out[:, 1, 6]
+    relevances = lrp_attention_relevance(model, x, ctx, target)
+    assert len(relevances) == 2 and relevances[0].shape == (1, 4, 12, 12)
+    assert all(torch.isfinite(r).all() for r in relevances) and relevances[-1].abs().sum() > 0
+    with torch.no_grad():  # leaf attention maps give the same logits
+        assert torch.allclose(model(x, ctx | {"attentions": LeafList()}), model(x, ctx), atol=1e-5)
+    # hooks are removed afterwards: gradients of the plain model are back to normal
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model.sites["embed"])
