@@ -200,7 +200,7 @@ def qa_model(k):
 
 
 def test_recorded_attention_is_the_attention_used():
-    from eval import forward_with_attention
+    from attribution import forward_with_attention
     model = qa_model(3)
     idx, ctx = torch.randint(0, 60, (2, 9)), {"attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3])}
     logits, attentions, hidden = forward_with_attention(model, idx, ctx)
@@ -212,7 +212,7 @@ def test_recorded_attention_is_the_attention_used():
 
 @pytest.mark.parametrize("k", [0, 2])
 def test_integrated_gradients_completeness_and_relevance(k):
-    from eval import chefer_relevance, integrated_gradients
+    from attribution import chefer_relevance, integrated_gradients
     model = qa_model(k)
     x = torch.randint(1, 60, (1, 10))
     ctx = {"attention_mask": torch.ones(1, 10, dtype=torch.long), "token_type_ids": torch.zeros(1, 10, dtype=torch.long)}
@@ -228,7 +228,7 @@ def test_integrated_gradients_completeness_and_relevance(k):
 def test_lrp_relevance_of_attention_maps():
     """One relevance map per layer and head, finite; leaf attention maps leave the forward unchanged; the LRP
     hooks are gone afterwards."""
-    from eval import LeafList, lrp_attention_relevance
+    from attribution import LeafList, lrp_attention_relevance
     model = qa_model(2)
     x = torch.randint(1, 60, (1, 10))
     ctx = {"attention_mask": torch.ones(1, 10, dtype=torch.long)}

@@ -1,0 +1,270 @@
+"""Attention analysis and attributions for register-token BERT on SQuAD (the poster's second claim: registers
+make attention maps less noisy). `python eval.py attention RUN...` runs `attention_main`.
+
+Statistics over dev features: attention entropy, attention mass on [CLS] / [SEP] / punctuation / registers, and
+output norms (high-norm artifact tokens, Darcet et al. 2024). For one feature: every attention map, and token
+heatmaps of three attributions of the predicted span's start + end logit:
+  Integrated Gradients (Sundararajan et al. 2017) on the word embeddings, with the completeness check;
+  Chefer et al. (CVPR 2021) relevance rollout, attention maps weighted by their LRP relevance;
+  the same rollout weighted by the maps themselves (Chefer et al., ICCV 2021).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import torch
+
+from eval import load_run
+from model import BertTokenizer, InputError
+from train import SPLITS, Parser, resolve_system
+
+
+def attention_main(argv):
+    p = Parser(description="Attention analysis of SQuAD runs (e.g. k = 0 against k > 0): per-layer attention "
+                           "entropy, attention mass on [CLS]/[SEP]/punctuation/registers, token output norms "
+                           "(high-norm artifacts), attention maps, and for one question Integrated Gradients and "
+                           "the relevance of Chefer et al. 2021 as token heatmaps.")
+    p.add_argument("runs", nargs="+", help="SQuAD run folders written by train.py")
+    p.add_argument("--features", type=int, default=256, help="dev features the statistics average over")
+    p.add_argument("--example", type=int, default=0, help="dev feature index for the maps and heatmaps")
+    p.add_argument("--ig_steps", type=int, default=128, help="Integrated Gradients steps (trapezoid rule)")
+    p.add_argument("--out_dir", default="out/attention")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    try:
+        attention_report(a)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+def forward_with_attention(model, x, ctx):
+    """(QA logits (B, 2, T), [per-layer attention probs (B, heads, T', T')], last hidden states (B, T', H)); T' =
+    k registers + T text positions."""
+    seen, attentions = {}, []
+    hook = model.sites["head"].register_forward_pre_hook(lambda m, inputs: seen.update(hidden=inputs[0]))
+    try:
+        logits = model(x, ctx | {"attentions": attentions})
+    finally:
+        hook.remove()
+    return logits, attentions, seen["hidden"]
+
+
+def attention_statistics(model, split, tok, n_features, device):
+    """Averages over the first n_features features: attention entropy per layer (text queries, nats), share of
+    text queries' attention mass on [CLS] / [SEP] / punctuation / register keys, and text-token output norms."""
+    k = model.sites["embed"].tokens.size(0) if "embed" in model.sites else 0
+    punct = torch.tensor([BertTokenizer.is_punctuation(t[0]) and len(t) == 1 for t in
+                          (tok.id_to_token[i] for i in range(len(tok.id_to_token)))], device=device)
+    entropy, mass, norms, n_queries = None, Counter(), [], 0
+    with torch.no_grad():
+        for b in range(0, n_features, 16):
+            rows_host = list(range(b, min(n_features, b + 16)))
+            rows = torch.tensor(rows_host, device=device)
+            x, _, ctx = split.batch(rows, split.padded_length(rows_host))
+            _, attentions, hidden = forward_with_attention(model, x, ctx)
+            real = ctx["attention_mask"].bool()  # (B, T) text tokens
+            kinds = {"[CLS]": x == tok.cls_id, "[SEP]": x == tok.sep_id, "punctuation": punct[x]}
+            per_layer = []
+            for probs in attentions:  # (B, heads, k + T, k + T); queries: text positions
+                text_q = probs[:, :, k:, :]
+                ent = -(text_q * text_q.clamp_min(1e-12).log()).sum(-1)  # (B, heads, T)
+                per_layer.append((ent.mean(1) * real).sum().item())
+                for name, is_kind in kinds.items():
+                    mass[name] += (text_q[..., k:] * is_kind[:, None, None, :]).sum(-1).mean(1).mul(real).sum().item()
+                mass["registers"] += text_q[..., :k].sum(-1).mean(1).mul(real).sum().item()
+            entropy = per_layer if entropy is None else [e + p for e, p in zip(entropy, per_layer)]
+            n_queries += real.sum().item()
+            norms.append(hidden[:, k:].norm(dim=-1)[real])
+    norms = torch.cat(norms)
+    median = norms.median().item()
+    n_layers = len(entropy)
+    return {"entropy_per_layer": [e / n_queries for e in entropy],
+            "entropy_mean": sum(entropy) / n_queries / n_layers,
+            "mass": {name: v / n_queries / n_layers for name, v in mass.items()},
+            "norm_median": median, "norm_max_over_median": norms.max().item() / median,
+            "high_norm_share": (norms > 2 * median).float().mean().item(), "features": n_features}
+
+
+def integrated_gradients(model, x, ctx, target, baseline_ids, steps=128):
+    """Integrated Gradients (Sundararajan et al. 2017, eq. 1) on the word embeddings of one feature x (1, T):
+    attr_i = (e_i - e'_i) . integral_0^1 d f(e' + a (e - e')) / d e_i da, by the trapezoid rule over `steps`
+    intervals. target(logits) -> f, a scalar per row. Returns (per-token attributions (T,), f(x) - f(baseline),
+    their sum): completeness says the last two agree."""
+    embed = model.word_embeddings
+    e, e0 = embed(x).detach(), embed(baseline_ids).detach()
+    alphas = torch.linspace(0, 1, steps + 1, device=x.device)
+    weights = torch.full_like(alphas, 1.0 / steps)
+    weights[0] = weights[-1] = 0.5 / steps
+    grads, values = torch.zeros_like(e[0]), []
+    for chunk in torch.split(torch.arange(steps + 1, device=x.device), 16):
+        path = (e0 + alphas[chunk, None, None] * (e - e0)).requires_grad_(True)  # (n, T, H)
+        n = len(chunk)
+        batch_ctx = {key: v.expand(n, *v.shape[1:]) for key, v in ctx.items()} | {"word_embeds": path}
+        f = target(model(x.expand(n, -1), batch_ctx))
+        grad, = torch.autograd.grad(f.sum(), path)
+        grads += (weights[chunk, None, None] * grad).sum(0)
+        values.append(f.detach())
+    values = torch.cat(values)
+    attributions = ((e - e0)[0] * grads).sum(-1)
+    return attributions.detach(), (values[-1] - values[0]).item(), attributions.sum().item()
+
+
+class LeafList(list):
+    """Collects attention maps as leaf tensors: the forward then uses each map as a constant input, so one
+    backward pass gives d f / d A for every layer with every *other* attention map held fixed."""
+
+    def append(self, probs):
+        super().append(probs.detach().requires_grad_(True))
+
+
+def lrp_attention_relevance(model, x, ctx, target):
+    """LRP relevance of every attention map, R^(A) = A * d f / d A under the conservative LRP-0 rules for
+    transformers (Ali et al. 2022, "XAI for Transformers: Better Explanations through Conservative Propagation"):
+    attention maps, LayerNorm's standard deviation and GELU's gate x -> Phi(x) are held constant, so the
+    network is locally linear and relevance = gradient x input. Returns [R^(A) (1, heads, T', T')] per layer."""
+    saved, hooks = {}, []
+
+    def layer_norm_with_constant_std(module, inputs, output):
+        z = inputs[0] - inputs[0].mean(-1, keepdim=True)
+        std = (z.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()
+        return z / std.detach() * module.weight + module.bias
+
+    def gelu_with_constant_gate(module, inputs):  # ffn_out's input is gelu(z) = z * Phi(z)
+        z = saved.pop(module)
+        return (z * (0.5 * (1 + torch.erf(z / math.sqrt(2)))).detach(),)
+
+    for layer in model.layers:
+        hooks.append(layer.ffn_in.register_forward_hook(lambda m, i, out, key=layer.ffn_out: saved.__setitem__(key, out)))
+        hooks.append(layer.ffn_out.register_forward_pre_hook(gelu_with_constant_gate))
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            hooks.append(module.register_forward_hook(layer_norm_with_constant_std))
+    attentions = LeafList()
+    try:
+        f = target(model(x, ctx | {"attentions": attentions})).sum()
+        grads = torch.autograd.grad(f, list(attentions))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [(A * g).detach() for A, g in zip(attentions, grads)]
+
+
+def chefer_relevance(model, x, ctx, target, weighting="lrp"):
+    """Relevance of every input token for target(logits) (Chefer, Gur & Wolf, CVPR 2021, §3.3, eqs. 13-14):
+    per layer A_bar = mean over heads of (grad_A f * R^(A))^+, with R^(A) the LRP relevance of the attention map
+    (weighting="lrp"), or the map A itself (weighting="attention": their ICCV 2021 simplification); then
+    R = I and R = R + A_bar R, layer by layer. Returns R (T', T') over registers + text: row t holds how much
+    each token contributed to position t's output."""
+    logits, attentions, _ = forward_with_attention(model, x, ctx)
+    grads = torch.autograd.grad(target(logits).sum(), attentions)
+    weights = lrp_attention_relevance(model, x, ctx, target) if weighting == "lrp" else attentions
+    R = torch.eye(attentions[0].size(-1), device=x.device)
+    for A, grad in zip(weights, grads):
+        A_bar = (grad * A).clamp(min=0).mean(dim=1)[0]  # (T', T')
+        R = R + A_bar @ R
+    return R.detach()
+
+
+def attention_report(a):
+    device, _, _ = resolve_system(argparse.Namespace(device=a.device, dtype="float32", compile=False))
+    os.makedirs(a.out_dir, exist_ok=True)
+    report, lines = {}, []
+    for run_dir in a.runs:
+        model, args, meta, _ = load_run(run_dir, "final", device)
+        if args.dataset != "squad":
+            raise InputError(f"{run_dir} is not a SQuAD run")
+        name = os.path.basename(os.path.normpath(run_dir))
+        tok = BertTokenizer.from_pretrained(args.init_from)
+        split = SPLITS["squad"](args.data_dir, "test", meta, device)
+        k = args.n_registers
+        stats = attention_statistics(model, split, tok, min(a.features, split.n), device)
+        # one feature: its maps, its predicted span, and attributions of start + end logit of that span
+        x, _, ctx = split.batch(torch.tensor([a.example], device=device), int(split.row_len[a.example]))
+        with torch.no_grad():
+            logits, attentions, _ = forward_with_attention(model, x, ctx)
+        offsets = np.load(os.path.join(args.data_dir, "test_offsets.npy"), mmap_mode="r")[a.example]
+        in_context = torch.from_numpy(offsets[:x.size(1), 0] >= 0).to(device)
+        start = logits[0, 0].masked_fill(~in_context, -float("inf")).argmax().item()
+        end = start + logits[0, 1, start:start + 30].masked_fill(~in_context[start:start + 30], -float("inf")).argmax().item()
+        target = lambda out: out[:, 0, start] + out[:, 1, end]
+        special = (x == tok.cls_id) | (x == tok.sep_id)
+        baseline = torch.where(special, x, torch.full_like(x, tok.pad_id))  # [PAD] words, special tokens kept
+        ig, delta, total = integrated_gradients(model, x, ctx, target, baseline, a.ig_steps)
+        relevance = {w: chefer_relevance(model, x, ctx, target, w) for w in ("lrp", "attention")}
+        token_relevance = {w: (R[k + start] + R[k + end])[k:] for w, R in relevance.items()}  # rows of the span
+        tokens = [tok.id_to_token[i] for i in x[0].tolist()]
+        stats |= {"example": a.example, "predicted_span": " ".join(tokens[start:end + 1]),
+                  "ig_completeness": {"f(x)-f(baseline)": delta, "sum of attributions": total,
+                                      "relative_error": abs(total - delta) / max(abs(delta), 1e-12)}}
+        report[name] = stats
+        plot_attention_maps(attentions, k, os.path.join(a.out_dir, f"{name}-attention.png"), name)
+        write_heatmap(tokens, {"Integrated Gradients": ig, "LRP relevance (Chefer et al. 2021)": token_relevance["lrp"],
+                               "gradient x attention relevance (Chefer et al., ICCV 2021)": token_relevance["attention"]},
+                      os.path.join(a.out_dir, f"{name}-heatmap.html"), f"{name}: predicted '{stats['predicted_span']}'")
+        print(f"{name}: IG completeness {total:.4f} vs f(x)-f(x') {delta:.4f} "
+              f"({100 * stats['ig_completeness']['relative_error']:.2f}% apart)")
+    lines += [f"Attention statistics over the first {a.features} dev features (text-token queries, averaged over "
+              "layers and heads); norms of the last hidden states of text tokens.", "",
+              "| run | entropy (nats) | mass on [CLS] | on [SEP] | on punctuation | on registers | norm median | "
+              "max / median | share > 2x median |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in report.items():
+        m = s["mass"]
+        lines.append(f"| {name} | {s['entropy_mean']:.3f} | {m['[CLS]']:.3f} | {m['[SEP]']:.3f} | {m['punctuation']:.3f} | "
+                     f"{m['registers']:.3f} | {s['norm_median']:.2f} | {s['norm_max_over_median']:.2f} | "
+                     f"{s['high_norm_share']:.4f} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(a.out_dir, "attention.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(a.out_dir, "attention.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(table)
+
+
+def plot_attention_maps(attentions, k, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    layers, heads = len(attentions), attentions[0].size(1)
+    fig, axes = plt.subplots(layers, heads, figsize=(1.2 * heads, 1.2 * layers), squeeze=False)
+    for i, probs in enumerate(attentions):
+        for h in range(heads):
+            ax = axes[i][h]
+            ax.imshow(probs[0, h].float().cpu().numpy(), cmap="viridis",  # square-root scale: faint mass shows
+                      norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1))
+            ax.set_xticks([]), ax.set_yticks([])
+            if k:  # registers: the first k rows / columns
+                ax.axvline(k - 0.5, color="red", lw=0.4), ax.axhline(k - 0.5, color="red", lw=0.4)
+            if h == 0:
+                ax.set_ylabel(f"layer {i}", fontsize=7)
+            if i == 0:
+                ax.set_title(f"head {h}", fontsize=7)
+    fig.suptitle(f"{title}: attention probabilities (rows: queries){' — red: register boundary' if k else ''}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_heatmap(tokens, scores, path, title):
+    """An HTML page with one line of tokens per attribution method, shaded by the score (red +, blue -)."""
+    import html
+    rows = []
+    for method, values in scores.items():
+        values = values.float().cpu()
+        scale = values.abs().max().item() or 1.0
+        spans = []
+        for token, v in zip(tokens, values.tolist()):
+            alpha = abs(v) / scale
+            color = f"rgba(220,40,40,{alpha:.2f})" if v >= 0 else f"rgba(40,80,220,{alpha:.2f})"
+            spans.append(f'<span title="{v:.4f}" style="background:{color};padding:1px">{html.escape(token)}</span>')
+        rows.append(f"<h3>{html.escape(method)}</h3><p style='line-height:1.9'>{' '.join(spans)}</p>")
+    with open(path, "w") as f:
+        f.write(f"<html><meta charset='utf-8'><body style='font-family:sans-serif;max-width:1100px'>"
+                f"<h2>{html.escape(title)}</h2>{''.join(rows)}</body></html>")
