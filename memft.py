@@ -1,0 +1,139 @@
+"""MemFT and the parametric memory law ("How LoRA Remembers? A Parametric Memory Law for LLM Finetuning",
+arXiv 2605.30260; code: zjunlp/ParametricMemoryLaw). Token weightings for writing exact key -> value memories
+into a low-rank update, and the law that predicts how much loss a rank r removes at answer length l.
+
+Every function works on per-token losses L (B, T) of the *answer* tokens only (`mask` marks them), all
+vectorised, with no host synchronisation.
+
+    SFT        w_t = 1                                               uniform mean over answer tokens
+    MemFT-OT   w_t = 1[L_t > ln 2]                                   p_target < 0.5: where greedy decoding can fail
+    MemFT-SW   w_t = sigmoid(10 (L_t - ln 2)) * m_t                  m_t: 1 before the anchor a (first argmax
+               m_t = exp(-(t - a) / 20) for a <= t < a + W,             error), decaying inside the window W,
+               m_t = 0.01 beyond                                         a floor beyond it
+    loss = sum_t w_t L_t / sum_t w_t; with no weight (OT: every token already above p = 0.5), the SFT loss.
+
+Where the paper's text and its released code differ, this file follows the code and says so:
+  - The sliding window starts at 50 tokens and, when a row's anchor stays put for 3 consecutive steps, grows by
+    0.5 x 50 per step up to 4 x 50; any step where the anchor moves (or the row has no error) resets it. The
+    released code keeps this state per *batch slot*, not per entry; so does SlidingWindowState.
+  - A row without any argmax error gets multiplier 1 everywhere (only the sigmoid base weight).
+  - The SW fallback triggers when the total weight is below 1e-5 (OT: when it is exactly 0).
+"""
+
+import math
+
+import torch
+
+LN2 = math.log(2.0)  # L_t > ln 2  <=>  p_target < 0.5
+
+
+def weighted_mean(token_loss, weights, mask, fallback_below=0.0):
+    """sum(w L) / sum(w) over answer tokens; the plain SFT mean when sum(w) <= fallback_below (paper code)."""
+    weights = weights * mask
+    total = weights.sum()
+    sft = (token_loss * mask).sum() / mask.sum().clamp(min=1)
+    weighted = (token_loss * weights).sum() / total.clamp(min=1e-12)
+    return torch.where(total > fallback_below, weighted, sft)  # a select, not a branch: no host sync
+
+
+def sft_loss(token_loss, mask):
+    return weighted_mean(token_loss, torch.ones_like(token_loss), mask)
+
+
+def ot_weights(token_loss, threshold=LN2):
+    """MemFT-OT (paper §4.1): train only the tokens greedy decoding could still get wrong (p_target < 0.5)."""
+    return (token_loss.detach() > threshold).float()
+
+
+def ot_loss(token_loss, mask, threshold=LN2):
+    return weighted_mean(token_loss, ot_weights(token_loss, threshold), mask)
+
+
+def first_error(logits, targets, mask):
+    """(anchor (B,), has_error (B,)): the first answer position whose teacher-forced argmax is wrong."""
+    wrong = (logits.argmax(-1) != targets) & mask.bool()
+    return wrong.float().argmax(dim=1), wrong.any(dim=1)
+
+
+class SlidingWindowState:
+    """Per-batch-slot window growth of MemFT-SW, as released: patience counts steps with an unchanged anchor;
+    from `patience` steps on, the window factor grows by `growth` per step up to `max_factor`."""
+
+    def __init__(self, batch_size, device, patience=3, growth=0.5, max_factor=4.0):
+        self.patience_needed, self.growth, self.max_factor = patience, growth, max_factor
+        self.patience = torch.zeros(batch_size, device=device)
+        self.factor = torch.ones(batch_size, device=device)
+        self.last_anchor = torch.full((batch_size,), -1, device=device)
+
+    def update(self, anchor, has_error):
+        stuck = (anchor == self.last_anchor) & has_error
+        self.patience = torch.where(stuck, self.patience + 1, torch.zeros_like(self.patience))
+        self.factor = torch.where(self.patience >= self.patience_needed,
+                                  (self.factor + self.growth).clamp(max=self.max_factor), torch.ones_like(self.factor))
+        self.last_anchor = torch.where(has_error, anchor, torch.full_like(anchor, -1))
+        return self.factor
+
+
+def sw_multiplier(anchor, has_error, factor, T, window=50, tau=20.0, floor=0.01):
+    """m_t: 1 before the anchor, exp(-(t - a) / tau) inside the window [a, a + W), floor beyond; 1 everywhere
+    for rows without an error. W = window * factor (factor from SlidingWindowState)."""
+    t = torch.arange(T, device=anchor.device)[None, :]
+    offset = (t - anchor[:, None]).float()
+    inside = offset < (window * factor)[:, None]
+    m = torch.where(inside, torch.exp(-offset.clamp(min=0) / tau), torch.full_like(offset, floor))
+    return torch.where(has_error[:, None], m, torch.ones_like(m))
+
+
+def sw_loss(token_loss, logits, targets, mask, state, threshold=LN2, scale=10.0, window=50, tau=20.0, floor=0.01):
+    """MemFT-SW as released: sigmoid(scale (L - threshold)) base weights times the sliding-window multiplier."""
+    anchor, has_error = first_error(logits, targets, mask)
+    factor = state.update(anchor, has_error)
+    base = torch.sigmoid(scale * (token_loss.detach() - threshold))
+    weights = base * sw_multiplier(anchor, has_error, factor, token_loss.size(1), window, tau, floor)
+    return weighted_mean(token_loss, weights, mask, fallback_below=1e-5)
+
+
+def curriculum_size(epoch, n_entries, batch_size, ratios=(0.2, 0.4, 0.6, 0.8, 1.0), boundaries=(20, 40, 60, 80, 200)):
+    """The PhoneBook curriculum (paper code): train on the first ratio x n entries of one fixed shuffled order,
+    the ratio stepping up at the epoch boundaries; rounded down to whole batches, at least one batch."""
+    ratio = next((r for r, b in zip(ratios, boundaries) if epoch < b), ratios[-1])
+    whole = (n_entries // batch_size) * batch_size
+    return min(whole, max(batch_size, int(n_entries * ratio) // batch_size * batch_size))
+
+
+# ------------------------------------------------------------------------------------------ the memory law
+def memory_law(params, rank, length):
+    """Delta L(r, l) = C r^alpha l^(-beta) + b  (paper §3, eq. 2); params = (log C, alpha, beta, b)."""
+    log_c, alpha, beta, b = params
+    return torch.exp(log_c + alpha * torch.log(rank) - beta * torch.log(length)) + b
+
+
+def fit_memory_law(rank, length, delta_loss, steps=3000, lr=0.05, seed=0):
+    """Nonlinear least squares for (C, alpha, beta, b): Adam on log-space C from a log-linear initial guess,
+    then L-BFGS. Returns {C, alpha, beta, b, r2, mape}."""
+    rank, length, y = (torch.as_tensor(v, dtype=torch.float64) for v in (rank, length, delta_loss))
+    # initial guess: least squares of log(y - b0) on [1, log r, -log l] with b0 just below min(y)
+    b0 = y.min() - 0.05 * (y.max() - y.min()) - 1e-6
+    X = torch.stack([torch.ones_like(y), rank.log(), -length.log()], dim=1)
+    coef = torch.linalg.lstsq(X, (y - b0).log()[:, None]).solution[:, 0]
+    params = torch.tensor([coef[0], coef[1], coef[2], b0], dtype=torch.float64, requires_grad=True)
+    loss_fn = lambda: ((memory_law(params, rank, length) - y) ** 2).mean()
+    optimizer = torch.optim.Adam([params], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+    lbfgs = torch.optim.LBFGS([params], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+    lbfgs.step(closure)
+    with torch.no_grad():
+        pred = memory_law(params, rank, length)
+        r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+        mape = ((y - pred).abs() / y.abs().clamp(min=1e-12)).mean() * 100
+    log_c, alpha, beta, b = params.detach().tolist()
+    return {"C": math.exp(log_c), "alpha": alpha, "beta": beta, "b": b, "r2": r2.item(), "mape": mape.item()}

@@ -1,0 +1,86 @@
+"""MemFT token weightings and the memory-law fit, on hand-made numbers."""
+
+import math
+
+import pytest
+import torch
+
+from memft import (LN2, SlidingWindowState, curriculum_size, fit_memory_law, first_error, memory_law, ot_loss,
+                   ot_weights, sft_loss, sw_loss, sw_multiplier)
+
+
+def test_ot_weights_and_loss_by_hand():
+    L = torch.tensor([[0.1, 0.8, 2.0, 0.69, 0.70]])  # ln 2 = 0.6931...: 0.69 is below, 0.70 above
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])  # the last token is not an answer token
+    assert ot_weights(L).tolist() == [[0.0, 1.0, 1.0, 0.0, 1.0]]
+    assert ot_loss(L, mask).item() == pytest.approx((0.8 + 2.0) / 2)  # masked token excluded
+    assert sft_loss(L, mask).item() == pytest.approx((0.1 + 0.8 + 2.0 + 0.69) / 4)
+
+
+def test_ot_falls_back_to_sft_when_every_token_is_above_half():
+    L = torch.tensor([[0.1, 0.2], [0.3, 0.05]], requires_grad=True)
+    mask = torch.ones(2, 2)
+    loss = ot_loss(L, mask)
+    assert loss.item() == pytest.approx(0.65 / 4)  # the paper code's fallback: the plain SFT loss
+    loss.backward()
+    assert torch.allclose(L.grad, torch.full((2, 2), 0.25))
+
+
+def test_first_error_anchor():
+    targets = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    logits = torch.nn.functional.one_hot(torch.tensor([[1, 2, 0, 0], [1, 2, 3, 4]]), 5).float()
+    anchor, has_error = first_error(logits, targets, torch.ones(2, 4))
+    assert anchor.tolist()[0] == 2 and has_error.tolist() == [True, False]
+
+
+def test_sw_multiplier_shape():
+    m = sw_multiplier(torch.tensor([3, 0]), torch.tensor([True, False]), torch.ones(2), T=12, window=5, tau=2.0, floor=0.01)
+    expected = [1, 1, 1] + [math.exp(-k / 2) for k in range(5)] + [0.01] * 4  # before / inside / beyond the window
+    assert m[0].tolist() == pytest.approx(expected)
+    assert m[1].tolist() == [1.0] * 12  # no error: no multiplier
+
+
+def test_sw_window_grows_after_three_stuck_steps_and_resets():
+    state = SlidingWindowState(batch_size=1, device="cpu")
+    anchor, err = torch.tensor([7]), torch.tensor([True])
+    factors = [state.update(anchor, err).item() for _ in range(6)]
+    # step 1 sets the anchor; steps 2, 3, 4 see it unchanged (patience 1, 2, 3): growth starts at patience 3
+    assert factors == [1.0, 1.0, 1.0, 1.5, 2.0, 2.5]
+    factors += [state.update(anchor, err).item() for _ in range(4)]
+    assert factors[-1] == 4.0  # capped at 4 x the base window
+    assert state.update(torch.tensor([9]), err).item() == 1.0  # the anchor moved: back to the base window
+    m = sw_multiplier(torch.tensor([0]), err, torch.tensor([2.0]), T=120, window=50)
+    assert m[0, 99] == pytest.approx(math.exp(-99 / 20)) and m[0, 100] == pytest.approx(0.01)  # W = 2 x 50
+
+
+def test_sw_loss_weights_and_fallback():
+    targets = torch.tensor([[1, 2, 3, 4]])
+    logits = torch.nn.functional.one_hot(torch.tensor([[1, 0, 3, 4]]), 5).float()  # first error at position 1
+    L = torch.tensor([[0.1, 2.0, 1.0, 0.3]])
+    mask = torch.ones(1, 4)
+    state = SlidingWindowState(1, "cpu")
+    base = torch.sigmoid(10 * (L - LN2))
+    m = torch.tensor([[1.0, 1.0, math.exp(-1 / 20), math.exp(-2 / 20)]])
+    expected = (L * base * m).sum() / (base * m).sum()
+    assert sw_loss(L, logits, targets, mask, state).item() == pytest.approx(expected.item(), rel=1e-6)
+    tiny = torch.full((1, 4), -50.0)  # sigmoid(10 (L - ln 2)) underflows: total weight < 1e-5 -> SFT mean
+    assert sw_loss(tiny, logits, targets, mask, SlidingWindowState(1, "cpu")).item() == pytest.approx(-50.0)
+
+
+def test_curriculum_prefix_sizes():
+    sizes = [curriculum_size(e, n_entries=1000, batch_size=16) for e in (0, 19, 20, 45, 79, 80, 500)]
+    assert sizes == [192, 192, 400, 592, 800, 992, 992]  # 20/40/60/80/100% rounded down to whole batches
+
+
+def test_law_fit_recovers_known_parameters():
+    torch.manual_seed(0)
+    truth = {"C": 3.0, "alpha": 0.6, "beta": 0.4, "b": 0.2}
+    ranks = torch.tensor([1, 2, 4, 8, 16, 32], dtype=torch.float64).repeat_interleave(5)
+    lengths = torch.tensor([64, 128, 256, 512, 1024], dtype=torch.float64).repeat(6)
+    clean = memory_law(torch.tensor([math.log(truth["C"]), truth["alpha"], truth["beta"], truth["b"]],
+                                    dtype=torch.float64), ranks, lengths)
+    noisy = clean * (1 + 0.01 * torch.randn_like(clean))  # 1% multiplicative noise
+    fit = fit_memory_law(ranks, lengths, noisy)
+    assert fit["r2"] > 0.99 and fit["mape"] < 2.0
+    assert fit["alpha"] == pytest.approx(0.6, abs=0.05) and fit["beta"] == pytest.approx(0.4, abs=0.05)
+    assert fit["C"] == pytest.approx(3.0, rel=0.25) and fit["b"] == pytest.approx(0.2, abs=0.1)
