@@ -84,3 +84,22 @@ def test_law_fit_recovers_known_parameters():
     assert fit["r2"] > 0.99 and fit["mape"] < 2.0
     assert fit["alpha"] == pytest.approx(0.6, abs=0.05) and fit["beta"] == pytest.approx(0.4, abs=0.05)
     assert fit["C"] == pytest.approx(3.0, rel=0.25) and fit["b"] == pytest.approx(0.2, abs=0.1)
+
+
+def test_phonebook_is_deterministic_unique_and_sized_in_answer_tokens(tmp_path):
+    import json
+    import tiktoken
+    from helpers import load_prepare_module
+    prepare = load_prepare_module("phonebook").prepare
+    small, _ = prepare(500, str(tmp_path / "a"), seed=3)
+    large, meta = prepare(2000, str(tmp_path / "b"), seed=3)
+    rows_small = [json.loads(l) for l in open(small)]
+    rows_large = [json.loads(l) for l in open(large)]
+    assert rows_large[:len(rows_small)] == rows_small  # same seed: a smaller set is a prefix of a larger one
+    assert len({r["query"] for r in rows_large}) == len(rows_large)  # unique keys
+    enc = tiktoken.get_encoding("gpt2")
+    counts = [len(enc.encode_ordinary(" " + r["target"])) for r in rows_large]
+    assert counts == [r["answer_tokens"] for r in rows_large]
+    assert sum(counts) == meta["answer_tokens"] and 2000 <= sum(counts) < 2000 + max(counts)
+    assert all(len(r["target"]) == 10 and r["target"].isdigit() and r["query"].endswith(":") for r in rows_large)
+    assert prepare(500, str(tmp_path / "c"), seed=4)[0] and open(tmp_path / "c" / "PB500.jsonl").read() != open(small).read()
