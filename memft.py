@@ -23,6 +23,7 @@ Where the paper's text and its released code differ, this file follows the code 
 import math
 
 import torch
+import torch.nn as nn
 
 LN2 = math.log(2.0)  # L_t > ln 2  <=>  p_target < 0.5
 
@@ -99,6 +100,34 @@ def curriculum_size(epoch, n_entries, batch_size, ratios=(0.2, 0.4, 0.6, 0.8, 1.
     ratio = next((r for r, b in zip(ratios, boundaries) if epoch < b), ratios[-1])
     whole = (n_entries // batch_size) * batch_size
     return min(whole, max(batch_size, int(n_entries * ratio) // batch_size * batch_size))
+
+
+# ------------------------------------------------------------------------------------------ the adapter
+class MLPOutputAdapter(nn.Module):
+    """The paper's memory: one low-rank adapter on one layer's MLP output (paper §3.1),
+    mlp_out = MLP(x) + dropout(x A B), with x the MLP's input, A (C x r) Kaiming-initialised, B (r x C) zero, so
+    the model is unchanged at step 0. Wraps the block's MLP module."""
+
+    def __init__(self, mlp, n_embd, rank, dropout=0.0):
+        super().__init__()
+        self.mlp = mlp
+        self.A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, n_embd), a=math.sqrt(5)).t().contiguous())
+        self.B = nn.Parameter(torch.zeros(rank, n_embd))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.mlp(x) + self.dropout(x @ self.A @ self.B)
+
+
+def attach_mlp_adapter(model, layer, rank, dropout=0.0):
+    """Freeze every weight of a GPT and wrap block `layer`'s MLP in an MLPOutputAdapter; returns the adapter."""
+    if not 0 <= layer < model.config.n_layer:
+        raise ValueError(f"layer {layer} does not exist; the model has layers 0..{model.config.n_layer - 1}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    block = model.h[layer]
+    block.mlp = MLPOutputAdapter(block.mlp, model.config.n_embd, rank, dropout)
+    return block.mlp
 
 
 # ------------------------------------------------------------------------------------------ the memory law

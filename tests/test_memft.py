@@ -103,3 +103,20 @@ def test_phonebook_is_deterministic_unique_and_sized_in_answer_tokens(tmp_path):
     assert sum(counts) == meta["answer_tokens"] and 2000 <= sum(counts) < 2000 + max(counts)
     assert all(len(r["target"]) == 10 and r["target"].isdigit() and r["query"].endswith(":") for r in rows_large)
     assert prepare(500, str(tmp_path / "c"), seed=4)[0] and open(tmp_path / "c" / "PB500.jsonl").read() != open(small).read()
+
+
+def test_mlp_output_adapter_starts_as_identity_and_trains_only_itself():
+    from memft import attach_mlp_adapter
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    before = model(idx).detach()
+    adapter = attach_mlp_adapter(model, layer=1, rank=4)
+    assert torch.equal(model(idx), before)  # B = 0: no change at step 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"h.1.mlp.A", "h.1.mlp.B"} and adapter.A.shape == (16, 4)
+    model(idx).sum().backward()
+    assert adapter.B.grad.abs().sum() > 0 and adapter.A.grad.abs().sum() == 0  # B = 0 blocks A's gradient at first
+    with pytest.raises(ValueError, match="layers 0..2"):
+        attach_mlp_adapter(model, layer=3, rank=4)
