@@ -130,6 +130,52 @@ def attach_mlp_adapter(model, layer, rank, dropout=0.0):
     return block.mlp
 
 
+# ------------------------------------------------------------------------------------------ recall metrics
+@torch.no_grad()
+def recall_metrics(model, queries, answers):
+    """Per entry, on the answer tokens only (queries/answers: lists of token-id lists):
+    teacher-forced p_target and argmax correctness per position, token accuracy, mean loss; free-run greedy exact
+    match and first failure position (-1: none); earliest stubborn position (p_target < 0.5; -1: none).
+    Entries with equal (query, answer) lengths run as one batch."""
+    model.eval()
+    device = next(model.parameters()).device
+    results = [None] * len(queries)
+    groups = {}
+    for i, (q, a) in enumerate(zip(queries, answers)):
+        groups.setdefault((len(q), len(a)), []).append(i)
+    for (nq, na), rows in groups.items():
+        seq = torch.tensor([queries[i] + answers[i] for i in rows], device=device)
+        target = seq[:, nq:]
+        logits = model(seq[:, :-1]).float()[:, nq - 1:]  # the positions that predict the answer tokens
+        p_target = logits.softmax(-1).gather(-1, target[..., None])[..., 0]
+        correct = logits.argmax(-1) == target
+        generated = model.generate(seq[:, :nq], na, temperature=0)[:, nq:]
+        free_ok = generated == target
+        for j, i in enumerate(rows):
+            first = lambda flags: int(flags.float().argmax()) if flags.any() else -1
+            results[i] = {"p_target": p_target[j].tolist(), "token_accuracy": correct[j].float().mean().item(),
+                          "loss": -p_target[j].log().mean().item(), "exact_match": bool(free_ok[j].all()),
+                          "first_failure": first(~free_ok[j]), "first_tf_error": first(~correct[j]),
+                          "first_stubborn": first(p_target[j] < 0.5)}
+    return results
+
+
+def spearman(x, y):
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(v):
+        v = torch.as_tensor(v, dtype=torch.float64)
+        order = v.argsort()
+        r = torch.empty_like(v)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in v.unique():  # ties share their mean rank
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return ((rx * ry).sum() / (rx.norm() * ry.norm()).clamp(min=1e-12)).item()
+
+
 # ------------------------------------------------------------------------------------------ the memory law
 def memory_law(params, rank, length):
     """Delta L(r, l) = C r^alpha l^(-beta) + b  (paper §3, eq. 2); params = (log C, alpha, beta, b)."""

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from model import GPT
 from memft import (LN2, SlidingWindowState, curriculum_size, fit_memory_law, first_error, memory_law, ot_loss,
                    ot_weights, sft_loss, sw_loss, sw_multiplier)
 
@@ -120,3 +121,62 @@ def test_mlp_output_adapter_starts_as_identity_and_trains_only_itself():
     assert adapter.B.grad.abs().sum() > 0 and adapter.A.grad.abs().sum() == 0  # B = 0 blocks A's gradient at first
     with pytest.raises(ValueError, match="layers 0..2"):
         attach_mlp_adapter(model, layer=3, rank=4)
+
+
+def test_recall_metrics_relations_on_a_random_model():
+    """Greedy exact match <=> teacher-forced argmax accuracy 1, and the first free-run failure is the first
+    teacher-forced error (a greedy decoder reproduces teacher forcing until its first mistake)."""
+    from memft import recall_metrics
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=7, n_layer=1, n_head=1, n_embd=8))
+    queries = [torch.randint(0, 7, (n,)).tolist() for n in (3, 3, 5, 4) * 10]
+    answers = []
+    for q in queries:  # half the answers are the model's own greedy continuation: exact match by construction
+        if len(answers) % 2 == 0:
+            answers.append(model.generate(torch.tensor([q]), 6, temperature=0)[0, len(q):].tolist())
+        else:
+            answers.append(torch.randint(0, 7, (6,)).tolist())
+    results = recall_metrics(model, queries, answers)
+    assert sum(r["exact_match"] for r in results) >= 20 and sum(not r["exact_match"] for r in results) > 0
+    for r in results:
+        assert r["exact_match"] == (r["token_accuracy"] == 1.0)
+        assert r["first_failure"] == r["first_tf_error"]
+
+
+class ScriptedModel(torch.nn.Module):
+    """A 'model' whose next-token distribution is scripted per position: p = 0.99 on the answer token everywhere
+    but at answer position 9, where it gives the answer token 0.45 and another token 0.55."""
+    config = type("Config", (), {"block_size": 64})
+
+    def __init__(self, answer, query_len, vocab=12):
+        super().__init__()
+        self.answer, self.query_len, self.vocab = answer, query_len, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # recall_metrics asks for a parameter's device
+
+    def forward(self, idx, ctx=None):
+        probs = torch.full((*idx.shape, self.vocab), 1e-9)
+        for t in range(idx.size(1)):
+            k = t + 1 - self.query_len  # the answer position predicted at t
+            if 0 <= k < len(self.answer):
+                other = (self.answer[k] + 1) % self.vocab
+                probs[:, t, self.answer[k]], probs[:, t, other] = (0.45, 0.55) if k == 9 else (0.99, 0.01)
+        return probs.log()
+
+    generate = GPT.generate
+
+
+def test_low_mean_loss_with_a_failed_exact_match():
+    from memft import recall_metrics
+    answer, query = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [7, 7]
+    r = recall_metrics(ScriptedModel(answer, len(query)), [query], [answer])[0]
+    assert r["loss"] < 0.1  # -(9 ln 0.99 + ln 0.45) / 10 = 0.089: looks memorised
+    assert not r["exact_match"] and r["first_failure"] == 9 == r["first_stubborn"]
+    assert r["token_accuracy"] == pytest.approx(0.9)
+
+
+def test_spearman_by_hand():
+    from memft import spearman
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # 1 - 6 * 2 / (3 * 8)
