@@ -180,3 +180,22 @@ def test_spearman_by_hand():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # 1 - 6 * 2 / (3 * 8)
+
+
+def test_longctx_noise_levels(tmp_path):
+    import json
+    import os
+    from conftest import SQUAD
+    from helpers import load_prepare_module
+    source = os.path.join(SQUAD, "dev-v1.1.json")
+    if not os.path.isfile(source):
+        pytest.skip("../shared/data/squad is not here")
+    prepare = load_prepare_module("longctx").prepare
+    rows = {p: json.loads(open(prepare(400, p, source, str(tmp_path))).read()) for p in (0, 25, 100)}
+    clean = rows[0]["target_ids"]
+    assert len(clean) == 400 and rows[0]["query"] == "Document 0:"
+    for p in (25, 100):
+        changed = sum(a != b for a, b in zip(clean, rows[p]["target_ids"]))
+        assert p * 4 * 0.9 <= changed <= p * 4  # a random token may coincide with the original one
+    with pytest.raises(ValueError, match="percentage"):
+        prepare(400, 101, source, str(tmp_path))

@@ -1,0 +1,72 @@
+"""Long-context memorisation stress set (MemFT paper §3, "long context"): real text, a fraction of whose tokens
+is replaced by uniformly random GPT-2 tokens, to be recalled from a short key.
+
+The text is the SQuAD contexts (in file order, joined by blank lines), cut to --answer_tokens GPT-2 tokens; then
+--noise percent of the positions (a seeded random subset) get random token ids. 0% is plain prose, 100% is pure
+noise. Targets are stored as token ids: text with random tokens does not round-trip through the tokenizer.
+
+Writes --out_dir/long{answer_tokens}_noise{noise}.jsonl: one line {"query": "Document 0:", "query_ids": [...],
+"target_ids": [...], "answer_tokens": n}, and a .meta.json beside it.
+
+    python data/longctx/prepare.py --source ../shared/data/squad/dev-v1.1.json --answer_tokens 1024 --noise 0 20 100
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_text(source):
+    """The SQuAD contexts of a local v1.1 JSON file, or of the hub's validation split."""
+    if source is None:
+        import datasets
+        contexts = dict.fromkeys(datasets.load_dataset("rajpurkar/squad", split="validation")["context"])
+    else:
+        with open(source, encoding="utf-8") as f:
+            contexts = dict.fromkeys(p["context"] for a in json.load(f)["data"] for p in a["paragraphs"])
+    return "\n\n".join(contexts)
+
+
+def prepare(answer_tokens, noise, source=None, out_dir=HERE, seed=0):
+    import tiktoken
+    if not 0 <= noise <= 100:
+        raise ValueError(f"--noise is a percentage in 0..100, got {noise}")
+    enc = tiktoken.get_encoding("gpt2")
+    ids = enc.encode_ordinary(load_text(source))[:answer_tokens]
+    if len(ids) < answer_tokens:
+        raise ValueError(f"the source has only {len(ids)} tokens, fewer than --answer_tokens {answer_tokens}")
+    rng = random.Random(seed * 1000 + noise)
+    for position in rng.sample(range(answer_tokens), round(answer_tokens * noise / 100)):
+        ids[position] = rng.randrange(enc.eot_token)  # any token but <|endoftext|>
+    query = "Document 0:"
+    row = {"query": query, "query_ids": enc.encode_ordinary(query), "target_ids": ids, "answer_tokens": answer_tokens}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"long{answer_tokens}_noise{noise}.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
+    with open(path.removesuffix(".jsonl") + ".meta.json", "w") as f:
+        json.dump({"dataset": "longctx", "answer_tokens": answer_tokens, "noise_percent": noise, "seed": seed,
+                   "source": source or "hub:rajpurkar/squad"}, f, indent=1)
+    print(f"{os.path.basename(path)}: {answer_tokens} answer tokens, {noise}% random")
+    return path
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", help="a SQuAD v1.1 JSON file (default: the hub's validation split)")
+    parser.add_argument("--answer_tokens", type=int, nargs="+", required=True)
+    parser.add_argument("--noise", type=int, nargs="+", default=[0], help="percent of tokens made random")
+    parser.add_argument("--out_dir", default=HERE)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    try:
+        for n in args.answer_tokens:
+            for p in args.noise:
+                prepare(n, p, args.source, args.out_dir, args.seed)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
