@@ -21,7 +21,7 @@ import torch
 
 from eval import load_run
 from model import BertTokenizer, InputError
-from train import SPLITS, Parser, resolve_system
+from train import SPLITS, Parser, pyplot, resolve_system
 
 
 def attention_main(argv):
@@ -226,11 +226,8 @@ def attention_report(a):
 
 
 def plot_attention_maps(attentions, k, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     layers, heads = len(attentions), attentions[0].size(1)
     fig, axes = plt.subplots(layers, heads, figsize=(1.2 * heads, 1.2 * layers), squeeze=False)
@@ -238,7 +235,7 @@ def plot_attention_maps(attentions, k, path, title):
         for h in range(heads):
             ax = axes[i][h]
             ax.imshow(probs[0, h].float().cpu().numpy(), cmap="viridis",  # square-root scale: faint mass shows
-                      norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1))
+                      norm=plt.matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1))
             ax.set_xticks([]), ax.set_yticks([])
             if k:  # registers: the first k rows / columns
                 ax.axvline(k - 0.5, color="red", lw=0.4), ax.axhline(k - 0.5, color="red", lw=0.4)

@@ -29,7 +29,7 @@ from contextlib import nullcontext
 import torch
 
 from model import InputError
-from train import SPLITS, Parser, build_model, evaluate, load_checkpoint, load_saved_state, resolve_system
+from train import SPLITS, Parser, build_model, pyplot, evaluate, load_checkpoint, load_saved_state, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
 
@@ -396,11 +396,8 @@ def write_prb_table(a, arms):
 
 
 def plot_curves(runs, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for color, (arm, dirs) in zip(plt.cm.tab10.colors, runs.items()):
@@ -451,11 +448,8 @@ def regbert_sweep_main(argv):
 
 
 def plot_metric_vs_k(summaries, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = list(summaries)

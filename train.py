@@ -560,12 +560,20 @@ def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wal
     return summary
 
 
-def plot_losses(out_dir):
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is not installed (plots are optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_losses(out_dir):
+    plt = pyplot()
+    if plt is None:
         return
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(l) for l in f]
