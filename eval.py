@@ -11,9 +11,13 @@
     python eval.py regbert-sweep --ks 0,1,2,4,8,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
     python eval.py attention out/regbert-sweep/k0-s0 out/regbert-sweep/k4-s0   # attention noise, IG, relevance
 
+    python eval.py memory-law --methods sft,memft-ot,memft-sw --ranks 1,2,4,8 --lengths 250,500,1000   # train + fit
+    python eval.py memory-law out/memory-law                   # rows, law fit and plots of finished runs only
+
 Results also go to <run>/eval-<which>.json; prb-table writes <out_dir>/prb-table.md, .json and loss-curves.png;
 regbert-sweep writes <out_dir>/regbert-sweep.md, .json and em-f1-vs-k.png; attention writes <out_dir>/attention.md,
-.json, attention maps and token heatmaps (PNG).
+.json, attention maps and token heatmaps (PNG); memory-law writes <out_dir>/memory-law.md, .json, .csv and
+law-fit.png, loss-heatmap.png, accuracy-heatmap.png, stubborn-grid.png.
 """
 
 import argparse
@@ -29,7 +33,7 @@ from contextlib import nullcontext
 import torch
 
 from model import InputError
-from train import SPLITS, Parser, build_model, pyplot, evaluate, load_checkpoint, load_saved_state, resolve_system
+from train import RECALL, SPLITS, Parser, recall_split, build_model, pyplot, evaluate, load_checkpoint, load_saved_state, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
 
@@ -41,8 +45,11 @@ def load_run(run_dir, which, device):
         raise InputError(f"{run_dir} is not a run folder (no ckpt.pt); pass the --out_dir of a train.py run")
     ckpt = load_checkpoint(ckpt_path)
     args = argparse.Namespace(**ckpt["args"])
-    with open(os.path.join(args.data_dir, "meta.json")) as f:
-        meta = json.load(f)
+    if args.dataset in RECALL:  # memorisation runs read their entries, not a prepared split
+        meta = {"vocab_size": 50257}
+    else:
+        with open(os.path.join(args.data_dir, "meta.json")) as f:
+            meta = json.load(f)
     model = build_model(args, meta)
     if which == "best":
         state_path = os.path.join(run_dir, "best.pt")
@@ -70,6 +77,8 @@ def main(argv=None):
         return prb_table_main(argv[1:])
     if argv[:1] == ["regbert-sweep"]:
         return regbert_sweep_main(argv[1:])
+    if argv[:1] == ["memory-law"]:
+        return memory_law_main(argv[1:])
     if argv[:1] == ["attention"]:
         from attribution import attention_main
         return attention_main(argv[1:])
@@ -102,6 +111,16 @@ def run(a):
         model, args, meta, step = load_run(run_dir, a.which, device)
         result = {"run": run_dir, "which": a.which, "ckpt_step": step,
                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        if args.dataset in RECALL:  # memorisation: recall of the stored entries (memft.py)
+            from memft import recall_metrics, recall_summary
+            split = recall_split(args, device)
+            with autocast:
+                scores = recall_summary(recall_metrics(model, split.queries, split.answers))
+            result |= {"test_loss": scores.pop("loss")} | scores
+            print(f"{run_dir}: exact match {scores['exact_match']:.3f}, token accuracy {scores['token_accuracy']:.3f} "
+                  f"over {scores['entries']} entries")
+            rows.append(result)
+            continue
         if not a.no_loss and args.dataset != "squad":
             for split in ("validation", "test"):
                 data = SPLITS[args.dataset](args.data_dir, split, meta, device, args.pad_multiple)
@@ -465,6 +484,201 @@ def plot_metric_vs_k(summaries, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------- MemFT: the memory law
+PAPER_LAW = "R^2 > 0.98 over models and benchmarks; Spearman rho(earliest stubborn, first failure) = 0.908"
+
+
+def memory_law_main(argv):
+    p = Parser(description="One row per memorisation run (train.py --dataset phonebook|longctx), the memory law "
+                           "Delta L = C r^alpha l^-beta + b fitted per method, and plots. With --ranks and --lengths "
+                           "it first trains every (method, rank, length) into --out_dir (unknown flags go to "
+                           "train.py; finished runs are reused, interrupted ones resumed).")
+    p.add_argument("runs", nargs="*", help="run folders, or folders holding them (default: --out_dir)")
+    p.add_argument("--methods", default="sft", help="comma-separated: sft, memft-ot, memft-sw")
+    p.add_argument("--ranks", default="", help="comma-separated ranks to train (none: only read the runs)")
+    p.add_argument("--lengths", default="", help="comma-separated dataset sizes in answer tokens to train")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--out_dir", default="out/memory-law")
+    ours, train_flags = split_flags(argv, {"--methods", "--ranks", "--lengths", "--seeds", "--out_dir"})
+    a = p.parse_args(ours)
+    try:
+        ranks, lengths = ([int(v) for v in x.split(",") if v] for x in (a.ranks, a.lengths))
+    except ValueError:
+        sys.exit("error: --ranks and --lengths are comma-separated integers")
+    if bool(ranks) != bool(lengths):
+        sys.exit("error: give both --ranks and --lengths to train a sweep, or neither to read finished runs")
+    try:
+        if ranks:
+            arms = {f"{m}-r{r}-l{l}": ["--method", m, "--rank", str(r), "--length", str(l)]
+                    for m in a.methods.split(",") for r in ranks for l in lengths}
+            if "--dataset" not in train_flags:
+                train_flags = ["--dataset", "phonebook", *train_flags]
+            run_grid(a.out_dir, arms, a.seeds, train_flags)
+        rows = [memory_row(d) for d in memory_runs(a.runs or [a.out_dir])]
+        if not rows:
+            raise InputError(f"no finished memorisation runs (summary.json with a rank) in {', '.join(a.runs or [a.out_dir])}")
+        write_memory_law(rows, a.out_dir)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+def split_flags(argv, known):
+    """(our words, train.py's flags): a bare word right after a flag is its value, any other bare word is ours (a
+    run folder). So `RUNS... --rank 4` and `--init_from scratch RUNS...` both split right; put run folders
+    first when a train.py flag takes no value."""
+    ours, theirs, owner = [], [], None
+    for word in argv:
+        if word.startswith("-"):
+            target = ours if word.split("=")[0] in known | {"-h", "--help"} else theirs
+            target.append(word)
+            owner = None if "=" in word else target
+        else:
+            (owner if owner is not None else ours).append(word)
+            owner = None
+    return ours, theirs
+
+
+def memory_runs(paths):
+    """Run folders among `paths` and their subfolders (one level), finished and memorisation runs only."""
+    found = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise InputError(f"{path} is not a folder")
+        candidates = [path] + sorted(os.path.join(path, d) for d in os.listdir(path))
+        found += [d for d in candidates if os.path.isfile(os.path.join(d, "summary.json"))
+                  and "rank" in json.load(open(os.path.join(d, "summary.json")))]
+    return found
+
+
+def memory_row(run_dir):
+    s = json.load(open(os.path.join(run_dir, "summary.json")))
+    final = s["final"]
+    with open(os.path.join(run_dir, "recall.jsonl")) as f:
+        recall = [json.loads(l) for l in f]
+    return {"run": run_dir, "method": s["method"], "dataset": s["dataset"], "rank": s["rank"], "length": s["length"],
+            "L_init": s["L_init"], "L_final": final["test_loss"], "delta_loss": s["L_init"] - final["test_loss"],
+            "exact_match": final["exact_match"], "token_accuracy": final["token_accuracy"],
+            "failed": final["failed_entries"], "rho": final["rho_stubborn_failure"], "recall": recall}
+
+
+def write_memory_law(rows, out_dir):
+    """memory-law.md / .json / .csv (one row per run, the law per method, rho pooled per method) and four plots."""
+    from memft import fit_memory_law, memory_law, spearman
+    order = ["sft", "memft-ot", "memft-sw"]
+    methods = sorted({r["method"] for r in rows}, key=lambda m: order.index(m) if m in order else len(order))
+    fits, pooled_rho = {}, {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        if len({(r["rank"], r["length"]) for r in mine}) >= 5:  # four parameters: at least five distinct points
+            fits[m] = fit_memory_law([r["rank"] for r in mine], [r["length"] for r in mine], [r["delta_loss"] for r in mine])
+            for r in mine:
+                r["predicted"] = memory_law(torch.tensor([math.log(fits[m]["C"]), fits[m]["alpha"], fits[m]["beta"],
+                                                          fits[m]["b"]], dtype=torch.float64),
+                                            torch.tensor(float(r["rank"])), torch.tensor(float(r["length"]))).item()
+        failed = [e for r in mine for e in r["recall"] if e["first_failure"] >= 0]
+        x, y = [e["first_stubborn"] for e in failed], [e["first_failure"] for e in failed]
+        pooled_rho[m] = {"rho": spearman(x, y) if len(set(x)) > 1 and len(set(y)) > 1 else None, "entries": len(failed)}
+    rows.sort(key=lambda r: (methods.index(r["method"]), r["length"], r["rank"]))
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    lines = ["| method | length | rank | L_init | L_final | ΔL | law ΔL | exact match | token acc | failed | ρ |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {r['length']} | {r['rank']} | {r['L_init']:.3f} | {r['L_final']:.3f} | "
+              f"{r['delta_loss']:.3f} | {fmt(r.get('predicted'), '.3f')} | {100 * r['exact_match']:.1f}% | "
+              f"{100 * r['token_accuracy']:.1f}% | {r['failed']} | {fmt(r['rho'], '.3f')} |" for r in rows]
+    lines += ["", "| method | C | α | β | b | R² | MAPE | ρ (pooled failures) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in methods:
+        f = fits.get(m)
+        law = (f"{f['C']:.4g} | {f['alpha']:.3f} | {f['beta']:.3f} | {f['b']:.3f} | {f['r2']:.3f} | {f['mape']:.1f}%"
+               if f else "- | - | - | - | - | -")
+        lines.append(f"| {m} | {law} | {fmt(pooled_rho[m]['rho'], '.3f')} ({pooled_rho[m]['entries']} entries) |")
+    ems = exact_match_by_rank(rows, methods)
+    table = "\n".join(lines + ["", ems, "", f"Paper: {PAPER_LAW}."]) + "\n"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "memory-law.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "memory-law.json"), "w") as f:
+        json.dump({"rows": [{k: v for k, v in r.items() if k != "recall"} for r in rows], "fits": fits,
+                   "rho_pooled": pooled_rho}, f, indent=1)
+    with open(os.path.join(out_dir, "memory-law.csv"), "w") as f:
+        keys = ["method", "dataset", "length", "rank", "L_init", "L_final", "delta_loss", "predicted", "exact_match",
+                "token_accuracy", "failed", "rho", "run"]
+        f.write(",".join(keys) + "\n")
+        f.writelines(",".join("" if r.get(k) is None else str(r[k]) for k in keys) + "\n" for r in rows)
+    plot_memory_law(rows, methods, out_dir)
+    print(table)
+
+
+def exact_match_by_rank(rows, methods):
+    """Exact match (%) with one row per (length, rank) and one column per method: the SFT vs MemFT table."""
+    cells = {(r["length"], r["rank"], r["method"]): r["exact_match"] for r in rows}
+    keys = sorted({(r["length"], r["rank"]) for r in rows})
+    lines = ["| length | rank | " + " | ".join(f"{m} EM" for m in methods) + " |", "|---:|---:|" + "---:|" * len(methods)]
+    for length, rank in keys:
+        lines.append(f"| {length} | {rank} | " + " | ".join(
+            f"{100 * cells[(length, rank, m)]:.1f}%" if (length, rank, m) in cells else "-" for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def plot_memory_law(rows, methods, out_dir):
+    """law-fit.png (predicted vs measured ΔL), loss- and accuracy-heatmap.png (length x rank, one panel per
+    method), stubborn-grid.png (p_target of every answer token, length x rank, sub-threshold tokens in red)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fitted = [r for r in rows if "predicted" in r]
+    if fitted:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for color, m in zip(plt.cm.tab10.colors, methods):
+            pts = [(r["delta_loss"], r["predicted"]) for r in fitted if r["method"] == m]
+            if pts:
+                ax.scatter(*zip(*pts), color=color, label=m)
+        lo, hi = min(min(r["delta_loss"], r["predicted"]) for r in fitted), max(max(r["delta_loss"], r["predicted"]) for r in fitted)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set(xlabel="measured ΔL = L_init - L_final", ylabel="law C r^α l^-β + b", title="memory law fit")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "law-fit.png"), dpi=120)
+        plt.close(fig)
+    lengths, ranks = sorted({r["length"] for r in rows}), sorted({r["rank"] for r in rows})
+    for key, name, title in (("L_final", "loss-heatmap.png", "final loss"), ("token_accuracy", "accuracy-heatmap.png",
+                                                                             "token accuracy")):
+        fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.2), squeeze=False)
+        for ax, m in zip(axes[0], methods):
+            grid = torch.full((len(lengths), len(ranks)), float("nan"))
+            for r in rows:
+                if r["method"] == m:
+                    grid[lengths.index(r["length"]), ranks.index(r["rank"])] = r[key]
+            image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
+            for i in range(len(lengths)):
+                for j in range(len(ranks)):
+                    if not math.isnan(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=7)
+            ax.set_xticks(range(len(ranks)), ranks)
+            ax.set_yticks(range(len(lengths)), lengths)
+            ax.set(xlabel="rank", ylabel="length (answer tokens)", title=f"{m}: {title}")
+            fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=120)
+        plt.close(fig)
+    first = [r for r in rows if r["method"] == methods[0]]
+    fig, axes = plt.subplots(len(lengths), len(ranks), figsize=(2.4 * len(ranks), 1.6 * len(lengths)), squeeze=False,
+                             sharey=True)
+    for r in first:
+        ax = axes[lengths.index(r["length"])][ranks.index(r["rank"])]
+        p = [v for e in r["recall"] for v in e["p_target"]]  # every answer token, entries in file order
+        low = [(i, v) for i, v in enumerate(p) if v < 0.5]
+        ax.plot(p, lw=0.5, color="tab:blue")
+        if low:
+            ax.scatter(*zip(*low), s=2, color="tab:red")
+        ax.axhline(0.5, color="gray", lw=0.5)
+        ax.set_title(f"l={r['length']} r={r['rank']}: {len(low)} < 0.5", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"{methods[0]}: p_target per answer token (red: stubborn, p < 0.5)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "stubborn-grid.png"), dpi=120)
     plt.close(fig)
 
 

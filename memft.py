@@ -22,8 +22,10 @@ Where the paper's text and its released code differ, this file follows the code 
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 LN2 = math.log(2.0)  # L_t > ln 2  <=>  p_target < 0.5
 
@@ -102,6 +104,98 @@ def curriculum_size(epoch, n_entries, batch_size, ratios=(0.2, 0.4, 0.6, 0.8, 1.
     return min(whole, max(batch_size, int(n_entries * ratio) // batch_size * batch_size))
 
 
+# ------------------------------------------------------------------------------------------ the task
+def load_entries(path):
+    """(queries, answers) as GPT-2 token-id lists from a prepared PhoneBook or long-context .jsonl file.
+    PhoneBook: query "Name:", answer " " + number; long context: the stored token ids."""
+    import json
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    queries, answers = [], []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            queries.append(row.get("query_ids") or enc.encode_ordinary(row["query"]))
+            answers.append(row.get("target_ids") or enc.encode_ordinary(" " + row["target"]))
+    return queries, answers
+
+
+class RecallSplit:
+    """Every entry of a memorisation set as padded device tensors, the interface of train.py's Split:
+    x = query + answer without its last token, y = the next token on answer positions and -1 elsewhere, so
+    every loss and accuracy counts answer tokens only. Rows are padded to a multiple of `pad_multiple`."""
+
+    def __init__(self, queries, answers, device, pad_multiple=16, pad_id=50256):
+        self.queries, self.answers = queries, answers
+        self.n, self.pad_multiple = len(queries), pad_multiple
+        self.row_len = np.array([len(q) + len(a) - 1 for q, a in zip(queries, answers)])
+        self.length = int(self.row_len.max())
+        x = np.full((self.n, self.length), pad_id, dtype=np.int64)
+        y = np.full((self.n, self.length), -1, dtype=np.int64)
+        for i, (q, a) in enumerate(zip(queries, answers)):
+            row = q + a
+            x[i, :len(row) - 1] = row[:-1]
+            y[i, len(q) - 1:len(row) - 1] = a  # position t predicts token t + 1: the answer starts at len(q) - 1
+        self.x, self.y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+
+    def padded_length(self, rows_host):
+        longest = int(self.row_len[rows_host].max())
+        return min(self.length, -(-longest // self.pad_multiple) * self.pad_multiple)
+
+    def batch(self, rows, length):
+        return self.x[rows, :length], self.y[rows, :length], {}
+
+
+def recall_order(n, batch_size, epochs, seed, curriculum=None):
+    """(steps, batch_size) entry ids for `epochs` passes. Without a curriculum: a fresh seeded permutation per
+    epoch, the last partial batch dropped. With one ((ratios, boundaries), paper code): one fixed shuffled order;
+    epoch e trains on its first curriculum_size(e) entries in that order (no reshuffle, as released)."""
+    if n < batch_size:
+        raise ValueError(f"{n} entries cannot fill one batch of {batch_size}; lower --batch_size")
+    fixed = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    epochs_ = []
+    for e in range(epochs):
+        if curriculum is None:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e + 1))
+            epochs_.append(order[:n // batch_size * batch_size])
+        else:
+            epochs_.append(fixed[:curriculum_size(e, n, batch_size, *curriculum)])
+    return torch.cat(epochs_).view(-1, batch_size)
+
+
+def token_losses(logits, targets):
+    """Per-token cross-entropy (B, T), 0 where the target is -1, and the answer mask (B, T)."""
+    loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-1, reduction="none")
+    return loss, (targets != -1).float()
+
+
+class Objective:
+    """The training loss of one method, as a function of (logits, targets) with targets -1 off the answer:
+    sft, memft-ot or memft-sw (which keeps its per-slot window state across steps)."""
+
+    def __init__(self, method, batch_size, device, threshold=LN2, scale=10.0, window=50, tau=20.0, floor=0.01,
+                 patience=3, growth=0.5, max_factor=4.0):
+        self.method, self.threshold = method, threshold
+        self.sw = dict(scale=scale, window=window, tau=tau, floor=floor)
+        self.state = SlidingWindowState(batch_size, device, patience, growth, max_factor) if method == "memft-sw" else None
+
+    def __call__(self, logits, targets):
+        loss, mask = token_losses(logits, targets)
+        if self.method == "sft":
+            return sft_loss(loss, mask)
+        if self.method == "memft-ot":
+            return ot_loss(loss, mask, self.threshold)
+        return sw_loss(loss, logits, targets.clamp(min=0), mask, self.state, self.threshold, **self.sw)
+
+    def state_dict(self):  # the sliding-window state, so that a resumed run continues exactly
+        s = self.state
+        return {} if s is None else {"patience": s.patience.cpu(), "factor": s.factor.cpu(), "last_anchor": s.last_anchor.cpu()}
+
+    def load_state_dict(self, saved):
+        for name, value in saved.items():
+            setattr(self.state, name, value.to(getattr(self.state, name).device))
+
+
 # ------------------------------------------------------------------------------------------ the adapter
 class MLPOutputAdapter(nn.Module):
     """The paper's memory: one low-rank adapter on one layer's MLP output (paper §3.1),
@@ -158,6 +252,20 @@ def recall_metrics(model, queries, answers):
                           "first_failure": first(~free_ok[j]), "first_tf_error": first(~correct[j]),
                           "first_stubborn": first(p_target[j] < 0.5)}
     return results
+
+
+def recall_summary(per_entry):
+    """Totals over entries: exact-match rate, token accuracy and loss (token-weighted, answer tokens only), and
+    Spearman's rho between the earliest stubborn position and the first free-run failure over the entries that
+    fail (paper §4: 0.908; None where either side is constant, e.g. fewer than 2 failures)."""
+    tokens = sum(len(r["p_target"]) for r in per_entry)
+    failed = [r for r in per_entry if r["first_failure"] >= 0]
+    stubborn, failure = [r["first_stubborn"] for r in failed], [r["first_failure"] for r in failed]
+    rho = spearman(stubborn, failure) if len(set(stubborn)) > 1 and len(set(failure)) > 1 else None  # else undefined
+    return {"entries": len(per_entry), "exact_match": sum(r["exact_match"] for r in per_entry) / len(per_entry),
+            "token_accuracy": sum(r["token_accuracy"] * len(r["p_target"]) for r in per_entry) / tokens,
+            "loss": sum(r["loss"] * len(r["p_target"]) for r in per_entry) / tokens,
+            "failed_entries": len(failed), "rho_stubborn_failure": rho}
 
 
 def spearman(x, y):

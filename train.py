@@ -3,11 +3,17 @@
     python train.py --method lora --dataset emotion                 # the PRB paper's LoRA r=32 baseline
     python train.py --method full --init_from scratch --n_layer 2 --n_head 2 --n_embd 64 --max_steps 300
     python train.py --method regbert --dataset squad --init_from bert-base-uncased --n_registers 4   # BERT QA
+    python train.py --method memft-ot --dataset phonebook --length 1000 --rank 4    # exact recall in one adapter
 
 SQuAD (--dataset squad, --method regbert): BERT with k register tokens and a start/end head; the loss is the
 mean of the start and end cross-entropies (the same sum / count below, with two targets per feature), and the
 run ends with EM/F1 on the official dev file (the `test` split). Its own defaults (BERT fine-tuning, Devlin et
 al. 2019) apply unless given: see DATASET_DEFAULTS.
+
+PhoneBook / long context (--dataset phonebook|longctx, --method sft|memft-ot|memft-sw): memorise every entry of
+data/<dataset>/PB<length>.jsonl (or long<length>_noise<p>.jsonl) in one low-rank adapter (memft.py); the run is
+--epochs passes long, val = the same entries (memorisation has no held-out set), losses count answer tokens only,
+and the run ends with the recall metrics (recall.jsonl, one line per entry) and L_init - L_final for the law.
 
 Loss (the one definition used for train, val and test): token-weighted mean cross-entropy over every real
 target token. Each example is `[LABEL] text<|endoftext|>`; the model predicts every token from its prefix, label
@@ -17,7 +23,8 @@ last --log_interval steps for `train_loss`, over a whole split for val/test.
 
 Writes to --out_dir: metrics.jsonl (one line per log step), ckpt.pt (latest; trainable tensors only when the
 base is a published checkpoint), best.pt (trainable tensors at the best val loss), summary.json, loss.png,
-and adapter.safetensors for LoRA runs. Ctrl-C saves ckpt.pt; --resume continues exactly where it stopped.
+adapter.safetensors for LoRA runs, and config.json + model.safetensors for --method full on GPT-2 (so the run
+folder is itself a base for --init_from). Ctrl-C saves ckpt.pt; --resume continues exactly where it stopped.
 """
 
 import argparse
@@ -35,14 +42,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lora import GPT2_BLOCK_MATRICES, apply_lora, save_adapter
+from memft import LN2, Objective, RecallSplit, attach_mlp_adapter, load_entries, recall_order
 from model import BERT, GPT, BertConfig, GPTConfig, InputError
 from registers import POOLS, QAHead, RegisterBank, RegisterTokens
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DATASETS = ["emotion", "squad"]
+DATASETS = ["emotion", "squad", "phonebook", "longctx"]
+RECALL = ("phonebook", "longctx")  # memorisation sets: train on every entry, score recall of the same entries
+MEMORY_DEFAULTS = {"method": "sft", "lr": 1e-2, "batch_size": 10, "warmup": 0, "decay": "linear", "dropout": 0.0,
+                   "eval_interval": 200, "log_interval": 20, "rank": 4}  # the paper code's PhoneBook setup
 DATASET_DEFAULTS = {  # flags whose default depends on the dataset (explicit flags always win)
     "squad": {"method": "regbert", "init_from": "bert-base-uncased", "lr": 5e-5, "batch_size": 32, "max_steps": 700,
               "warmup": 70, "weight_decay": 0.01, "eval_interval": 100, "log_interval": 10, "pad_multiple": 64},
+    "phonebook": MEMORY_DEFAULTS, "longctx": MEMORY_DEFAULTS | {"batch_size": 1},
 }
 BERT_MATRICES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
@@ -54,14 +66,50 @@ def prepare_if_missing(dataset, data_dir, **options):
         return
     cmd = f"python data/{dataset}/prepare.py --source DIR --out_dir {data_dir}"
     print(f"{data_dir} is not prepared; preparing it now (downloading {dataset})")
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", dataset, "prepare.py"))
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
     try:
-        prepare.prepare(None, data_dir, **options)
+        prepare_module(dataset).prepare(None, data_dir, **options)
     except Exception as e:  # offline: say how to prepare from local files
         raise InputError(f"{data_dir} is not prepared and downloading failed ({type(e).__name__}); run: {cmd}") from None
+
+
+def prepare_module(dataset):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", dataset, "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recall_split(args, device):
+    """The memorisation set of --length answer tokens: data_dir/PB<length>.jsonl (made on first use; it needs
+    only the tokenizer) or data_dir/long<length>_noise<p>.jsonl (prepared from SQuAD text beforehand)."""
+    if args.dataset == "phonebook":
+        path = os.path.join(args.data_dir, f"PB{args.length}.jsonl")
+        if not os.path.isfile(path):
+            prepare_module("phonebook").prepare(args.length, args.data_dir)
+    else:
+        path = os.path.join(args.data_dir, f"long{args.length}_noise{args.noise}.jsonl")
+        if not os.path.isfile(path):
+            raise InputError(f"{path} is not prepared; run: python data/longctx/prepare.py --source SQUAD_JSON "
+                             f"--answer_tokens {args.length} --noise {args.noise} --out_dir {args.data_dir}")
+    try:
+        return RecallSplit(*load_entries(path), device, args.pad_multiple)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"cannot read {path} ({type(e).__name__}: {e}); prepare it again") from None
+
+
+def curriculum(args):
+    """(ratios, epoch boundaries) of the PhoneBook curriculum, or None when it is off."""
+    if args.curriculum == "off" or (args.curriculum == "auto" and args.method != "memft-sw"):
+        return None
+    try:
+        ratios = tuple(float(r) for r in args.curriculum_ratios.split(","))
+        boundaries = tuple(int(b) for b in args.curriculum_epochs.split(","))
+    except ValueError:
+        raise InputError("--curriculum_ratios and --curriculum_epochs are comma-separated numbers") from None
+    if len(ratios) != len(boundaries) or not all(0 < r <= 1 for r in ratios):
+        raise InputError("--curriculum_ratios (each in (0, 1]) and --curriculum_epochs need the same count")
+    return ratios, boundaries
 
 
 class Split:
@@ -195,8 +243,21 @@ def setup_regbert(model, args, n_labels):
     model.attach("head", QAHead(model.config.hidden_size))
 
 
-METHODS = {"full": setup_full, "lora": setup_lora, "prb": setup_prb, "regbert": setup_regbert}  # fn(model, args, n_labels)
-METHOD_DATASETS = {"full": "emotion", "lora": "emotion", "prb": "emotion", "regbert": "squad"}
+def setup_memory(model, args, n_labels):
+    """MemFT paper §3.1: the memory is one low-rank adapter on the MLP output of --layer (default: the middle
+    layer); --adapter lora puts our LoRA on every block instead. The method only changes the loss (memft.Objective)."""
+    if args.adapter == "lora":
+        return setup_lora(model, args, n_labels)
+    layer = model.config.n_layer // 2 if args.layer < 0 else args.layer
+    if layer >= model.config.n_layer:
+        raise InputError(f"--layer {layer} does not exist; the model has layers 0..{model.config.n_layer - 1}")
+    attach_mlp_adapter(model, layer, args.rank, args.lora_dropout)
+
+
+METHODS = {"full": setup_full, "lora": setup_lora, "prb": setup_prb, "regbert": setup_regbert,
+           "sft": setup_memory, "memft-ot": setup_memory, "memft-sw": setup_memory}  # fn(model, args, n_labels)
+METHOD_DATASETS = {"full": ("emotion",), "lora": ("emotion",), "prb": ("emotion",), "regbert": ("squad",),
+                   "sft": RECALL, "memft-ot": RECALL, "memft-sw": RECALL}
 
 
 def build_model(args, meta):
@@ -299,11 +360,31 @@ def build_parser(suppress=False):
     g = p.add_argument_group("register-token BERT (--method regbert, --dataset squad)")
     g.add_argument("--n_registers", type=int, default=d(0), help="register tokens k (0: plain BERT)")
     g.add_argument("--lora_rank", type=int, default=d(0), help="LoRA rank on the encoder matrices (0: full fine-tuning)")
+    g = p.add_argument_group("memorisation (--method sft|memft-ot|memft-sw, --dataset phonebook|longctx; memft.py)")
+    g.add_argument("--length", type=int, default=d(1000), help="dataset size in answer tokens (GPT-2 BPE)")
+    g.add_argument("--noise", type=int, default=d(0), help="longctx: percent of the text made random tokens")
+    g.add_argument("--epochs", type=int, default=d(200), help="passes over the entries (sets the number of steps)")
+    g.add_argument("--adapter", choices=["mlp", "lora"], default=d("mlp"),
+                   help="mlp: the paper's adapter on one layer's MLP output, rank --rank; lora: LoRA on every block")
+    g.add_argument("--layer", type=int, default=d(-1), help="the adapter's layer (-1: n_layer // 2)")
+    g.add_argument("--curriculum", choices=["auto", "on", "off"], default=d("auto"),
+                   help="PhoneBook prefix curriculum (auto: on for memft-sw, as in the paper's scripts)")
+    g.add_argument("--curriculum_ratios", default=d("0.2,0.4,0.6,0.8,1.0"), help="fractions of the entries trained")
+    g.add_argument("--curriculum_epochs", default=d("20,40,60,80,200"), help="epoch at which each ratio ends")
+    g.add_argument("--memft_threshold", type=float, default=d(0.5), help="p_target below which a token is hard")
+    g.add_argument("--sw_scale", type=float, default=d(10.0), help="sigmoid sharpness of the SW base weight")
+    g.add_argument("--sw_window", type=int, default=d(50), help="SW window W in tokens")
+    g.add_argument("--sw_tau", type=float, default=d(20.0), help="SW decay length inside the window")
+    g.add_argument("--sw_floor", type=float, default=d(0.01), help="SW multiplier beyond the window")
+    g.add_argument("--sw_patience", type=int, default=d(3), help="steps with the same anchor before W grows")
+    g.add_argument("--sw_growth", type=float, default=d(0.5), help="W growth per stuck step, in units of W")
+    g.add_argument("--sw_max_factor", type=float, default=d(4.0), help="W cap, in units of W")
     g = p.add_argument_group("optimization (defaults: the PRB paper §3.1)")
     g.add_argument("--batch_size", type=int, default=d(8))
     g.add_argument("--max_steps", type=int, default=d(16000))
     g.add_argument("--lr", type=float, default=d(1e-3), help="peak learning rate of the cosine schedule")
     g.add_argument("--min_lr", type=float, default=d(0.0))
+    g.add_argument("--decay", choices=["cosine", "linear"], default=d("cosine"), help="after warm-up, down to --min_lr")
     g.add_argument("--warmup", type=int, default=d(200), help="linear warm-up steps")
     g.add_argument("--weight_decay", type=float, default=d(0.0), help="AdamW decay on matrices")
     g.add_argument("--grad_clip", type=float, default=d(1.0), help="max global grad norm (0: off)")
@@ -333,13 +414,17 @@ def parse_args(argv):
     for name, value in DATASET_DEFAULTS.get(args.dataset, {}).items():
         if name not in explicit:
             setattr(args, name, value)
-    if METHOD_DATASETS[args.method] != args.dataset:
-        raise InputError(f"--method {args.method} trains on --dataset {METHOD_DATASETS[args.method]}, not {args.dataset}")
+    if args.dataset not in METHOD_DATASETS[args.method]:
+        raise InputError(f"--method {args.method} trains on --dataset {' or '.join(METHOD_DATASETS[args.method])}, "
+                         f"not {args.dataset}")
+    if not 0 < args.memft_threshold < 1 or not 0 <= args.noise <= 100:
+        raise InputError("--memft_threshold is a probability in (0, 1) and --noise a percentage in 0..100")
     if args.n_registers < 0 or args.lora_rank < 0:
         raise InputError("--n_registers and --lora_rank must be >= 0")
     args.data_dir = args.data_dir or os.path.join(ROOT, "data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", f"{args.method}-{args.dataset}")
-    for name in ("batch_size", "max_steps", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size", "rank"):
+    for name in ("batch_size", "max_steps", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size", "rank",
+                 "length", "epochs"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
     return args, explicit
@@ -368,10 +453,12 @@ def check_vocab(args, meta):
 
 
 def lr_at(step, args):
-    """Linear warm-up to --lr, then cosine decay to --min_lr at --max_steps."""
+    """Linear warm-up to --lr, then cosine (or linear) decay to --min_lr at --max_steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.max_steps - args.warmup)
+    if args.decay == "linear":
+        return args.lr + progress * (args.min_lr - args.lr)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
@@ -400,16 +487,24 @@ def train(args, explicit):
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    prepare_if_missing(args.dataset, args.data_dir, **({"vocab": args.init_from} if args.dataset == "squad" else {}))
-    with open(os.path.join(args.data_dir, "meta.json")) as f:
-        meta = json.load(f)
-    check_vocab(args, meta)
+    if args.dataset in RECALL:  # memorisation: one set of entries is trained on and scored
+        train_split = val_split = recall_split(args, device)
+        if train_split.n < args.batch_size:
+            raise InputError(f"{train_split.n} entries cannot fill one batch of {args.batch_size}; lower --batch_size")
+        meta = {"vocab_size": 50257, "max_len": train_split.length + 1, "entries": train_split.n}
+        order_host = recall_order(train_split.n, args.batch_size, args.epochs, args.seed, curriculum(args))
+        args.max_steps = len(order_host)
+    else:
+        prepare_if_missing(args.dataset, args.data_dir, **({"vocab": args.init_from} if args.dataset == "squad" else {}))
+        with open(os.path.join(args.data_dir, "meta.json")) as f:
+            meta = json.load(f)
+        check_vocab(args, meta)
+        train_split, val_split = (SPLITS[args.dataset](args.data_dir, s, meta, device, args.pad_multiple)
+                                  for s in ("train", "validation"))
+        order_host = training_order(train_split.n, args.batch_size, args.max_steps, args.seed)
     model = build_model(args, meta).to(device)
-    if args.dataset == "emotion" and meta["max_len"] - 1 > model.config.block_size:
+    if args.dataset != "squad" and meta["max_len"] - 1 > model.config.block_size:
         raise InputError(f"rows of up to {meta['max_len'] - 1} tokens do not fit block_size {model.config.block_size}")
-    train_split, val_split = (SPLITS[args.dataset](args.data_dir, s, meta, device, args.pad_multiple)
-                              for s in ("train", "validation"))
-    order_host = training_order(train_split.n, args.batch_size, args.max_steps, args.seed)
     order = order_host.to(device)
     order_host = order_host.numpy()
 
@@ -419,6 +514,9 @@ def train(args, explicit):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device_type == "cuda")
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    objective = Objective(args.method, args.batch_size, device, -math.log(args.memft_threshold), args.sw_scale,
+                          args.sw_window, args.sw_tau, args.sw_floor, args.sw_patience, args.sw_growth,
+                          args.sw_max_factor) if args.dataset in RECALL else None
     # running sums over the current log window, on the device: reading them is the only host sync
     running = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, target tokens, steps
     step, best_val, best_step, elapsed = 0, float("inf"), -1, 0.0
@@ -426,6 +524,8 @@ def train(args, explicit):
         load_saved_state(model, ckpt["model"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+        if objective is not None:
+            objective.load_state_dict(ckpt["objective"])
         torch.set_rng_state(ckpt["rng_cpu"])
         if device_type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"])
@@ -445,6 +545,7 @@ def train(args, explicit):
     def checkpoint():
         atomic_torch_save({"step": step, "model": saved_state(model, args), "optimizer": optimizer.state_dict(),
                            "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                           "objective": objective.state_dict() if objective is not None else {},
                            "rng_cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
                            "running": running.cpu(), "best_val": best_val, "best_step": best_step,
                            "elapsed": elapsed + time.time() - t0, "args": vars(args)}, ckpt_path)
@@ -505,8 +606,10 @@ def train(args, explicit):
                 group["lr"] = lr
             x, y, ctx = train_split.batch(order[step], train_split.padded_length(order_host[step]))
             with autocast:
-                loss_sum, tokens = lm_loss_sum(step_model(x, ctx), y)
-            scaler.scale(loss_sum / tokens).backward()
+                logits = step_model(x, ctx)
+                loss_sum, tokens = lm_loss_sum(logits, y)  # logged: the plain mean CE, whatever the method trains
+                loss = loss_sum / tokens if objective is None else objective(logits, y)
+            scaler.scale(loss).backward()
             if args.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -528,7 +631,17 @@ def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wal
     with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
         final_val = [json.loads(l) for l in f][-1]["val_loss"]
 
-    def test_scores():
+    def test_scores(write=False):
+        if args.dataset in RECALL:  # recall of the memorised entries themselves (memft.py)
+            from memft import recall_metrics, recall_summary
+            split = recall_split(args, device)
+            with autocast:
+                per_entry = recall_metrics(model, split.queries, split.answers)
+            if write:
+                with open(os.path.join(args.out_dir, "recall.jsonl"), "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in per_entry)
+            scores = recall_summary(per_entry)
+            return {"test_loss": scores.pop("loss")} | scores
         if args.dataset == "squad":  # the official SQuAD v1.1 metrics on the dev file, and the loss, in one pass
             from eval import squad_scores
             scores = squad_scores(model, args.data_dir, "test", meta, device, args.eval_batch_size, autocast)
@@ -536,9 +649,11 @@ def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wal
         test_split = SPLITS[args.dataset](args.data_dir, "test", meta, device, args.pad_multiple)
         return {"test_loss": evaluate(model, test_split, args.eval_batch_size, autocast)}
 
-    final = {"step": args.max_steps, "val_loss": final_val} | test_scores()
+    final = {"step": args.max_steps, "val_loss": final_val} | test_scores(write=True)
     if hasattr(model, "lora_settings"):
         save_adapter(model, os.path.join(args.out_dir, "adapter.safetensors"))
+    if args.method == "full" and isinstance(model, GPT) and not model.sites:
+        model.save_pretrained(args.out_dir)  # the final weights, loadable with --init_from <out_dir>
     if best_step == args.max_steps:  # the best weights are the final ones
         best = final | {"step": best_step}
     else:
@@ -547,6 +662,7 @@ def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wal
     summary = {"method": args.method, "dataset": args.dataset, "data_dir": args.data_dir, "init_from": args.init_from,
                "steps": args.max_steps, "final": final, "best": best,
                "params": {"trainable": n_trainable, "total": n_total}, "wall_time_s": wall,
+               **(memory_fields(args, model) if args.dataset in RECALL else {}),
                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                "dtype": str(dtype).removeprefix("torch."),
                "loss": "token-weighted mean cross-entropy over real target tokens" if args.dataset != "squad"
@@ -554,10 +670,22 @@ def finish(args, model, meta, autocast, device, dtype, n_trainable, n_total, wal
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot_losses(args.out_dir)
-    qa = lambda r: f"  EM {r['em']:.2f}  F1 {r['f1']:.2f}" if "em" in r else ""
+    qa = lambda r: (f"  EM {r['em']:.2f}  F1 {r['f1']:.2f}" if "em" in r else
+                    f"  exact match {r['exact_match']:.3f}  token acc {r['token_accuracy']:.3f}" if "exact_match" in r else "")
     print(f"final (step {args.max_steps}): val {final_val:.4f}  test {final['test_loss']:.4f}{qa(final)}   "
           f"best val (step {best_step}): val {best_val:.4f}  test {best['test_loss']:.4f}{qa(best)}   ({wall:.0f} s)")
     return summary
+
+
+def memory_fields(args, model):
+    """What the memory law needs of a run: rank, length, where the adapter sits, and L_init (the loss over the
+    entries at step 0, before any update) from metrics.jsonl."""
+    with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    layer = model.config.n_layer // 2 if args.layer < 0 else args.layer
+    return {"rank": args.rank, "length": args.length, "noise": args.noise if args.dataset == "longctx" else None,
+            "adapter": f"mlp@layer{layer}" if args.adapter == "mlp" else "lora", "epochs": args.epochs,
+            "L_init": first["val_loss"] if first["step"] == 0 else None}
 
 
 def pyplot():

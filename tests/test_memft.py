@@ -199,3 +199,66 @@ def test_longctx_noise_levels(tmp_path):
         assert p * 4 * 0.9 <= changed <= p * 4  # a random token may coincide with the original one
     with pytest.raises(ValueError, match="percentage"):
         prepare(400, 101, source, str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ the training task
+def test_recall_split_scores_answer_tokens_only():
+    from memft import RecallSplit
+    queries, answers = [[5, 6], [7, 8, 9]], [[1, 2, 3], [4]]
+    split = RecallSplit(queries, answers, "cpu", pad_multiple=4, pad_id=0)
+    assert split.row_len.tolist() == [4, 3] and split.length == 4
+    assert split.x.tolist() == [[5, 6, 1, 2], [7, 8, 9, 0]]
+    assert split.y.tolist() == [[-1, 1, 2, 3], [-1, -1, 4, -1]]  # position t predicts token t + 1; queries unscored
+    x, y, ctx = split.batch(torch.tensor([1]), split.padded_length([1]))
+    assert x.shape == (1, 4) and ctx == {}
+
+
+def test_recall_order_epochs_and_curriculum():
+    from memft import recall_order
+    plain = recall_order(n=23, batch_size=5, epochs=3, seed=0)
+    assert plain.shape == (12, 5)  # 4 whole batches per epoch, the partial one dropped
+    for e in range(3):
+        epoch = plain[4 * e:4 * (e + 1)].flatten().tolist()
+        assert len(set(epoch)) == 20 and set(epoch) <= set(range(23))
+    assert not torch.equal(plain[:4], plain[4:8])  # reshuffled every epoch
+    assert torch.equal(plain, recall_order(23, 5, 3, seed=0))  # a pure function: resume sees the same batches
+    staged = recall_order(n=50, batch_size=5, epochs=6, seed=0, curriculum=((0.2, 0.6, 1.0), (2, 4, 6)))
+    sizes = [10, 10, 30, 30, 50, 50]  # entries per epoch
+    assert staged.shape == (sum(sizes) // 5, 5)
+    flat = staged.flatten().tolist()
+    assert flat[:10] == flat[10:20] == flat[20:30][:10]  # one fixed order; each stage trains a longer prefix of it
+    assert flat[20:50] == flat[50:80] and flat[80:130] == flat[130:180] and sorted(flat[80:130]) == list(range(50))
+
+
+def test_objective_matches_the_loss_functions_and_keeps_its_state():
+    from memft import Objective, token_losses
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    targets = torch.tensor([[-1, -1, 3, 4, 5, -1], [-1, 1, 2, 3, 4, 5]])
+    loss, mask = token_losses(logits, targets)
+    assert mask.sum() == 8 and loss[0, 0] == 0
+    real = torch.nn.functional.cross_entropy(logits[targets != -1], targets[targets != -1])
+    assert Objective("sft", 2, "cpu")(logits, targets).item() == pytest.approx(real.item(), rel=1e-6)
+    assert Objective("memft-ot", 2, "cpu")(logits, targets).item() == pytest.approx(ot_loss(loss, mask).item(), rel=1e-6)
+    sw = Objective("memft-sw", 2, "cpu", window=2)
+    for _ in range(5):
+        sw(logits, targets)  # the same anchors five times: the window has grown
+    fresh = Objective("memft-sw", 2, "cpu", window=2)
+    fresh.load_state_dict(sw.state_dict())
+    assert sw.state.factor.tolist() == fresh.state.factor.tolist() == [2.0, 2.0]
+    assert sw(logits, targets).item() == fresh(logits, targets).item()
+
+
+def test_recall_summary_pools_failures_for_rho():
+    from memft import recall_summary
+    entry = lambda p, em, fail, stub: {"p_target": p, "token_accuracy": sum(v > 0.5 for v in p) / len(p),
+                                       "loss": -sum(math.log(v) for v in p) / len(p), "exact_match": em,
+                                       "first_failure": fail, "first_tf_error": fail, "first_stubborn": stub}
+    rows = [entry([0.9, 0.9], True, -1, -1), entry([0.9, 0.4, 0.2], False, 1, 1),
+            entry([0.3, 0.9, 0.9, 0.1], False, 0, 0), entry([0.9, 0.45, 0.2, 0.9], False, 2, 1)]
+    s = recall_summary(rows)
+    assert s["entries"] == 4 and s["exact_match"] == 0.25 and s["failed_entries"] == 3
+    assert s["token_accuracy"] == pytest.approx(7 / 13)
+    # stubborn (1, 0, 1) -> ranks (1.5, 0, 1.5); failure (1, 0, 2) -> (1, 0, 2): rho = 1.5 / sqrt(1.5 * 2)
+    assert s["rho_stubborn_failure"] == pytest.approx(math.sqrt(3) / 2)
+    assert recall_summary(rows[:2])["rho_stubborn_failure"] is None  # one failure: undefined

@@ -158,3 +158,21 @@ def test_causality_check_catches_a_leak():
     model.attach("head", FullMean())
     with pytest.raises(AssertionError, match="earlier positions"):
         assert_causal(model, torch.randint(0, 50, (2, 12)), 50)
+
+
+def test_save_pretrained_round_trips_and_transformers_reads_it(tiny_ckpt, tmp_path):
+    """A model trained here becomes a base for --init_from: our save_pretrained writes the Hugging Face layout
+    that both from_pretrained and transformers read back to the same logits."""
+    transformers = pytest.importorskip("transformers")
+    model = GPT.from_pretrained(tiny_ckpt[0]).eval()
+    with torch.no_grad():  # move every weight away from the file it came from
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(str(tmp_path / "saved"))
+    assert not [n for n in os.listdir(tmp_path / "saved") if n.endswith(".tmp")]
+    idx = torch.randint(0, 101, (2, 10))
+    again = GPT.from_pretrained(str(tmp_path / "saved")).eval()
+    assert torch.equal(again(idx), model(idx))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "saved")).eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max().item() < 1e-5
