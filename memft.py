@@ -18,6 +18,13 @@ Where the paper's text and its released code differ, this file follows the code 
     released code keeps this state per *batch slot*, not per entry; so does SlidingWindowState.
   - A row without any argmax error gets multiplier 1 everywhere (only the sigmoid base weight).
   - The SW fallback triggers when the total weight is below 1e-5 (OT: when it is exactly 0).
+  - The released PhoneBook script runs "memft_sw" as memft_method=memft_curriculum: the OT weights with *no*
+    update when every token is above threshold, plus the curriculum; the sliding-window weighting above is the
+    trainer's `sliding` method. We follow the paper text (SW = sliding window + curriculum); --method memft-ot
+    --curriculum on is the nearest run to that script.
+  - The paper code's optimiser: AdamW, lr 1e-2, linear decay to 0 without warm-up, grad-norm clip 1.0, batch 10
+    (Llama SFT), 200 epochs, adapter dropout 0.1: train.py's PhoneBook defaults. MLPOutputAdapter applies no
+    alpha / r scale (x A B as written in §3.1).
 """
 
 import math

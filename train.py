@@ -47,7 +47,7 @@ from model import BERT, GPT, BertConfig, GPTConfig, InputError
 from registers import POOLS, QAHead, RegisterBank, RegisterTokens
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DATASETS = ["emotion", "squad", "phonebook", "longctx"]
+DATASETS = ["emotion", "squadtext", "squad", "phonebook", "longctx"]
 RECALL = ("phonebook", "longctx")  # memorisation sets: train on every entry, score recall of the same entries
 MEMORY_DEFAULTS = {"method": "sft", "lr": 1e-2, "batch_size": 10, "warmup": 0, "decay": "linear", "dropout": 0.0,
                    "eval_interval": 200, "log_interval": 20, "rank": 4}  # the paper code's PhoneBook setup
@@ -170,7 +170,7 @@ class QASplit(Split):
                                                               "attention_mask": mask}
 
 
-SPLITS = {"emotion": Split, "squad": QASplit}
+SPLITS = {"emotion": Split, "squadtext": Split, "squad": QASplit}
 
 
 def training_order(n, batch_size, max_steps, seed):
@@ -256,7 +256,7 @@ def setup_memory(model, args, n_labels):
 
 METHODS = {"full": setup_full, "lora": setup_lora, "prb": setup_prb, "regbert": setup_regbert,
            "sft": setup_memory, "memft-ot": setup_memory, "memft-sw": setup_memory}  # fn(model, args, n_labels)
-METHOD_DATASETS = {"full": ("emotion",), "lora": ("emotion",), "prb": ("emotion",), "regbert": ("squad",),
+METHOD_DATASETS = {"full": ("emotion", "squadtext"), "lora": ("emotion",), "prb": ("emotion",), "regbert": ("squad",),
                    "sft": RECALL, "memft-ot": RECALL, "memft-sw": RECALL}
 
 

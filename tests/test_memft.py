@@ -1,6 +1,7 @@
 """MemFT token weightings and the memory-law fit, on hand-made numbers."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -262,3 +263,104 @@ def test_recall_summary_pools_failures_for_rho():
     # stubborn (1, 0, 1) -> ranks (1.5, 0, 1.5); failure (1, 0, 2) -> (1, 0, 2): rho = 1.5 / sqrt(1.5 * 2)
     assert s["rho_stubborn_failure"] == pytest.approx(math.sqrt(3) / 2)
     assert recall_summary(rows[:2])["rho_stubborn_failure"] is None  # one failure: undefined
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def small_base(path):
+    """A random GPT-2-shaped base saved the way a --method full run saves itself (GPT.save_pretrained)."""
+    from model import GPTConfig
+    torch.manual_seed(0)
+    GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).save_pretrained(path)
+    return path
+
+
+def cli(*args):
+    import subprocess
+    import sys
+    from helpers import ROOT
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_memorisation_flags_are_checked(tmp_path):
+    bad = cli("train.py", "--method", "memft-ot", "--dataset", "emotion", "--out_dir", str(tmp_path / "a"))
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "error: --method memft-ot trains on --dataset phonebook or longctx, not emotion"]
+    missing = cli("train.py", "--method", "sft", "--dataset", "longctx", "--length", "64", "--data_dir", str(tmp_path),
+                  "--out_dir", str(tmp_path / "b"))
+    assert missing.returncode != 0 and "python data/longctx/prepare.py" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_memft_sw_trains_reports_recall_and_resumes_exactly(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from helpers import ROOT
+    base = small_base(str(tmp_path / "base"))
+    flags = ["train.py", "--method", "memft-sw", "--dataset", "phonebook", "--length", "200", "--init_from", base,
+             "--rank", "4", "--epochs", "40", "--batch_size", "4", "--lr", "3e-2", "--curriculum_epochs", "4,8,12,16,40",
+             "--eval_interval", "40", "--log_interval", "10", "--data_dir", str(tmp_path / "pb")]
+    done = cli(*flags, "--out_dir", str(tmp_path / "full"))
+    assert done.returncode == 0, done.stderr
+    summary = json.load(open(tmp_path / "full" / "summary.json"))
+    entries = [json.loads(l) for l in open(tmp_path / "full" / "recall.jsonl")]
+    assert len(entries) == summary["final"]["entries"] == 44 and summary["rank"] == 4 and summary["length"] == 200
+    assert summary["final"]["test_loss"] < summary["L_init"] - 0.1  # the adapter stored something (a random base caps it)
+    assert summary["adapter"] == "mlp@layer1" and summary["params"]["trainable"] == 2 * 32 * 4
+    out = str(tmp_path / "interrupted")
+    proc = subprocess.Popen([sys.executable, *flags, "--out_dir", out], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 6):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "interrupted at step" in stdout, stderr
+    resumed = cli("train.py", "--out_dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "elapsed_s")}
+                          for l in open(path)]
+    assert strip(metrics) == strip(tmp_path / "full" / "metrics.jsonl")  # the window state was saved and restored
+    assert open(os.path.join(out, "recall.jsonl")).read() == open(tmp_path / "full" / "recall.jsonl").read()
+
+
+@pytest.mark.slow
+def test_memory_law_sweep_fits_and_plots(tmp_path):
+    import csv
+    base = small_base(str(tmp_path / "base"))
+    out = str(tmp_path / "law")
+    sweep = cli("eval.py", "memory-law", "--ranks", "1,4", "--lengths", "40,80,160", "--out_dir", out, "--init_from",
+                base, "--epochs", "6", "--batch_size", "4", "--data_dir", str(tmp_path / "pb"))
+    assert sweep.returncode == 0, sweep.stderr
+    rows = list(csv.DictReader(open(os.path.join(out, "memory-law.csv"))))
+    assert sorted((int(r["rank"]), int(r["length"])) for r in rows) == [(1, 40), (1, 80), (1, 160), (4, 40), (4, 80), (4, 160)]
+    for r in rows:
+        assert float(r["delta_loss"]) == pytest.approx(float(r["L_init"]) - float(r["L_final"]))
+        assert r["predicted"] != ""  # six points: the four-parameter law was fitted
+    table = open(os.path.join(out, "memory-law.md")).read()
+    assert "| sft |" in table and "R²" in table and "sft EM" in table
+    pytest.importorskip("matplotlib")
+    for name in ("law-fit.png", "loss-heatmap.png", "accuracy-heatmap.png", "stubborn-grid.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000
+    again = cli("eval.py", "memory-law", out)  # read-only: the same rows from the finished runs
+    assert again.returncode == 0 and again.stdout.count("| sft |") == 7  # 6 rows + the fit
+
+
+def test_mlp_adapter_and_all_layer_lora_are_causal():
+    from helpers import assert_causal
+    from lora import apply_lora
+    from memft import attach_mlp_adapter
+    from model import GPTConfig
+    for attach in (lambda m: attach_mlp_adapter(m, layer=1, rank=3), lambda m: apply_lora(m, 3, 6.0)):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+        attach(model)
+        with torch.no_grad():  # B = 0 at start would make any adapter trivially causal
+            for name, p in model.named_parameters():
+                if name.endswith(("mlp.B", "lora_B")):
+                    p.normal_(0, 0.5)
+        assert_causal(model.eval(), torch.randint(0, 40, (2, 12)), 40)
