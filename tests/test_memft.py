@@ -107,6 +107,27 @@ def test_phonebook_is_deterministic_unique_and_sized_in_answer_tokens(tmp_path):
     assert prepare(500, str(tmp_path / "c"), seed=4)[0] and open(tmp_path / "c" / "PB500.jsonl").read() != open(small).read()
 
 
+def test_directory_pages_keep_phonebook_names_out_and_repeat_lines_in_context():
+    import tiktoken
+    from helpers import load_prepare_module
+    squadtext, phonebook = load_prepare_module("squadtext"), load_prepare_module("phonebook")
+    enc = tiktoken.get_encoding("gpt2")
+    rows = squadtext.directory_rows(enc, 300, seed=1, row_tokens=128)
+    assert all(len(r) <= 128 and r[-1] == enc.eot_token and enc.eot_token not in r[:-1] for r in rows)
+    pages = [enc.decode(r[:-1]).splitlines() for r in rows]
+    names = [line.split(":")[0] for page in pages for line in page]
+    stream = phonebook.entries(0)
+    reserved = {next(stream)[0] for _ in range(squadtext.PHONEBOOK_RESERVED)}
+    assert len(set(names)) == 300 and not set(names) & reserved  # no memorisation key is in the base's text
+    for page in pages:  # every line is new or repeats an earlier line of its own page, number and all
+        firsts = list(dict.fromkeys(page))
+        assert page[:len(firsts)] == firsts and set(page[len(firsts):]) <= set(firsts)
+        assert all(len(line.split(": ")[1]) == 10 for line in page)
+    assert sum(len(p) > len(set(p)) for p in pages) >= len(pages) - 1  # pages do repeat (the last may be short)
+    pooled = [enc.decode(r[:-1]).splitlines() for r in squadtext.directory_rows(enc, 300, 1, 128, pool=20)]
+    assert len({line for page in pooled for line in page}) <= 20  # a fixed directory, listed again and again
+
+
 def test_mlp_output_adapter_starts_as_identity_and_trains_only_itself():
     from memft import attach_mlp_adapter
     from model import GPT, GPTConfig

@@ -7,7 +7,16 @@ Every distinct paragraph of the SQuAD v1.1 files is cut into rows of at most --r
 arrays as data/emotion/prepare.py ({split}_tokens.npy, _offsets.npy, _labels.npy; one label, "text", with no
 prompt tag) and meta.json last.
 
+--directory N adds N phone-directory lines ("Name: 0123456789", one per line, whole lines per row) to train only,
+so a small base learns what GPT-2 learned from the web: that numbers follow "Name:", what every digit token looks
+like, and (with --directory_pool E, a fixed directory of E entries listed again and again) that a name selects a
+number. Without them, digit tokens rare in SQuAD keep near-random tied embeddings and no adapter can make the model
+emit them. The lines come from data/phonebook's generator with another seed; every name among the first 10,000
+entries of the PhoneBook seed (0) is skipped, and the numbers are independent random draws, so the base knows
+nothing about any memorisation entry.
+
     python data/squadtext/prepare.py --source ../shared/data/squad
+    python data/squadtext/prepare.py --source ../shared/data/squad --directory 30000 --directory_pool 1000
 """
 
 import argparse
@@ -18,6 +27,7 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PHONEBOOK_SEED, PHONEBOOK_RESERVED = 0, 10_000  # names the memorisation sets may use are kept out of the base
 
 
 def paragraphs(source):
@@ -35,7 +45,40 @@ def paragraphs(source):
     return list(contexts)
 
 
-def prepare(source=None, out_dir=HERE, row_tokens=128):
+def directory_rows(enc, n_lines, seed, row_tokens, pool=0):
+    """Rows ("pages") of whole "Name: number\n" lines, at most row_tokens tokens with the closing <|endoftext|>.
+    A page lists entries for its first ~60% and then repeats some of them in shuffled order (a name looked up in
+    context, as GPT-2 has seen on the web). With pool > 0 the entries come from one fixed directory of `pool`
+    entries, so the base also memorises name -> number pairs and learns a hidden state keyed by the name: a base
+    that never has to use a name to predict a number leaves an adapter nothing to store a number under."""
+    import importlib.util
+    import random
+    spec = importlib.util.spec_from_file_location("phonebook", os.path.join(HERE, "..", "phonebook", "prepare.py"))
+    phonebook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phonebook)
+    reserved_stream = phonebook.entries(PHONEBOOK_SEED)
+    reserved = {next(reserved_stream)[0] for _ in range(PHONEBOOK_RESERVED)}
+    fresh = ((n, d) for n, d in phonebook.entries(seed) if n not in reserved)
+    rng, rows, lines, budget = random.Random(seed), [], 0, row_tokens - 1
+    if pool:  # a fixed directory of `pool` entries, listed again and again: the base memorises it
+        book = [next(fresh) for _ in range(pool)]
+        fresh = (rng.choice(book) for _ in iter(int, 1))
+    while lines < n_lines:
+        row, page = [], []
+        while lines < n_lines and len(row) < 0.6 * budget:  # new entries: lines are ~11 tokens, so this fits
+            name, number = next(fresh)
+            page.append(enc.encode_ordinary(f"{name}: {number}\n"))
+            row += page[-1]
+            lines += 1
+        for line in rng.sample(page, len(page)):  # then repeats, as many as fit
+            if len(row) + len(line) > budget:
+                break
+            row += line
+        rows.append(row + [enc.eot_token])
+    return rows
+
+
+def prepare(source=None, out_dir=HERE, row_tokens=128, directory=0, directory_seed=1, directory_pool=0):
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     texts = paragraphs(source)
@@ -49,6 +92,8 @@ def prepare(source=None, out_dir=HERE, row_tokens=128):
             ids = enc.encode_ordinary(text)
             step = row_tokens - 1
             rows += [ids[i:i + step] + [enc.eot_token] for i in range(0, len(ids), step)]
+        if split == "train" and directory:
+            rows += directory_rows(enc, directory, directory_seed, row_tokens, directory_pool)
         offsets = np.cumsum([0] + [len(r) for r in rows])
         for name, array in (("tokens", np.concatenate(rows).astype(np.uint16)), ("offsets", offsets.astype(np.int64)),
                             ("labels", np.zeros(len(rows), dtype=np.int64))):
@@ -59,7 +104,8 @@ def prepare(source=None, out_dir=HERE, row_tokens=128):
         print(f"{split:>10}: {len(rows):6d} rows, {offsets[-1]:8d} tokens")
     meta = {"dataset": "squadtext", "labels": ["text"], "counts": counts, "max_len": row_tokens, "prompt_tokens": [0],
             "eot_token": enc.eot_token, "vocab_size": enc.n_vocab, "format": "text<|endoftext|>",
-            "source": source or "hub:rajpurkar/squad"}
+            "source": source or "hub:rajpurkar/squad", "directory_lines": directory, "directory_seed": directory_seed,
+            "directory_pool": directory_pool}
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
@@ -71,8 +117,17 @@ if __name__ == "__main__":
     parser.add_argument("--source", help="a folder of SQuAD v1.1 .json files (default: the hub's train split)")
     parser.add_argument("--out_dir", default=HERE)
     parser.add_argument("--row_tokens", type=int, default=128)
+    parser.add_argument("--directory", type=int, default=0, metavar="N", help="phone-directory lines added to train")
+    parser.add_argument("--directory_seed", type=int, default=1, help="their seed (not the PhoneBook seed, 0)")
+    parser.add_argument("--directory_pool", type=int, default=0, metavar="E",
+                        help="draw the lines from a fixed directory of E entries, which the base then memorises "
+                             "(0: every line a new entry)")
     args = parser.parse_args()
     try:
-        prepare(args.source, args.out_dir, args.row_tokens)
+        if min(args.directory, args.directory_pool) < 0 or args.directory_seed == PHONEBOOK_SEED or (
+                args.directory and args.row_tokens < 64):
+            raise ValueError("--directory and --directory_pool must be >= 0, with --row_tokens >= 64 and a "
+                             "--directory_seed other than the PhoneBook seed (0)")
+        prepare(args.source, args.out_dir, args.row_tokens, args.directory, args.directory_seed, args.directory_pool)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
