@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lora import GPT2_BLOCK_MATRICES, apply_lora, save_adapter
-from memft import LN2, Objective, RecallSplit, attach_mlp_adapter, load_entries, recall_order
+from memft import Objective, RecallSplit, attach_mlp_adapter, load_entries, recall_order
 from model import BERT, GPT, BertConfig, GPTConfig, InputError
 from registers import POOLS, QAHead, RegisterBank, RegisterTokens
 

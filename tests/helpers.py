@@ -2,6 +2,10 @@
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -13,6 +17,20 @@ def load_prepare_module(dataset):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def interrupt_run(args, out_dir, metric_lines):
+    """Start `python args...`, press Ctrl-C once out_dir/metrics.jsonl has `metric_lines` lines, and return the
+    stdout after checking the run stopped cleanly (exit 0, "interrupted at step" printed)."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= metric_lines):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "interrupted at step" in stdout, stderr
+    return stdout
 
 
 def assert_causal(forward, idx, vocab_size, positions=None, atol=1e-5, **ctx_kwargs):

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from train import Split, evaluate, lm_loss_sum, training_order
 

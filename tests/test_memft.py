@@ -315,11 +315,7 @@ def test_memorisation_flags_are_checked(tmp_path):
 @pytest.mark.slow
 def test_memft_sw_trains_reports_recall_and_resumes_exactly(tmp_path):
     import json
-    import signal
-    import subprocess
-    import sys
-    import time
-    from helpers import ROOT
+    from helpers import interrupt_run
     base = small_base(str(tmp_path / "base"))
     flags = ["train.py", "--method", "memft-sw", "--dataset", "phonebook", "--length", "200", "--init_from", base,
              "--rank", "4", "--epochs", "40", "--batch_size", "4", "--lr", "3e-2", "--curriculum_epochs", "4,8,12,16,40",
@@ -332,15 +328,8 @@ def test_memft_sw_trains_reports_recall_and_resumes_exactly(tmp_path):
     assert summary["final"]["test_loss"] < summary["L_init"] - 0.1  # the adapter stored something (a random base caps it)
     assert summary["adapter"] == "mlp@layer1" and summary["params"]["trainable"] == 2 * 32 * 4
     out = str(tmp_path / "interrupted")
-    proc = subprocess.Popen([sys.executable, *flags, "--out_dir", out], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    interrupt_run([*flags, "--out_dir", out], out, 6)
     metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 6):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "interrupted at step" in stdout, stderr
     resumed = cli("train.py", "--out_dir", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     strip = lambda path: [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "elapsed_s")}

@@ -1,6 +1,5 @@
 """GPT-2: parity with transformers, generation, checkpoint loading and its errors, the extension point."""
 
-import json
 import os
 import subprocess
 import sys

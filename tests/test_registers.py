@@ -9,7 +9,7 @@ import torch
 
 from helpers import ROOT, assert_causal
 from model import GPT, GPTConfig
-from registers import RegisterBank, prefix_mean
+from registers import prefix_mean
 from train import METHODS, build_parser
 
 LABELS = 6

@@ -3,15 +3,13 @@ Ctrl-C, LoRA on a Hugging Face-format checkpoint, and one clear line for every b
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from helpers import ROOT, save_tiny_hf_gpt2
+from helpers import ROOT, interrupt_run, save_tiny_hf_gpt2
 
 TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
         "--batch_size", "4", "--lr", "3e-3", "--warmup", "20", "--eval_iters", "2", "--eval_batch_size", "32",
@@ -54,15 +52,7 @@ def test_tiny_model_learns_and_writes_its_outputs(finished_run):
 @pytest.mark.slow
 def test_resume_after_ctrl_c_is_exact(finished_run, emotion_small_dir, tmp_path):
     out = str(tmp_path / "interrupted")
-    proc = subprocess.Popen([sys.executable, "train.py", *TINY, *STEPS, "--data_dir", emotion_small_dir, "--out_dir", out],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 4):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "interrupted at step" in stdout, stderr
+    stdout = interrupt_run(["train.py", *TINY, *STEPS, "--data_dir", emotion_small_dir, "--out_dir", out], out, 4)
     stopped_at = int(stdout.split("interrupted at step ")[1].split(";")[0])
     assert 30 <= stopped_at < 200
     done = cli(["train.py", "--out_dir", out, "--resume"])
