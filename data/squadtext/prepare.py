@@ -52,6 +52,7 @@ def directory_rows(enc, n_lines, seed, row_tokens, pool=0):
     entries, so the base also memorises name -> number pairs and learns a hidden state keyed by the name: a base
     that never has to use a name to predict a number leaves an adapter nothing to store a number under."""
     import importlib.util
+    import itertools
     import random
     spec = importlib.util.spec_from_file_location("phonebook", os.path.join(HERE, "..", "phonebook", "prepare.py"))
     phonebook = importlib.util.module_from_spec(spec)
@@ -62,7 +63,7 @@ def directory_rows(enc, n_lines, seed, row_tokens, pool=0):
     rng, rows, lines, budget = random.Random(seed), [], 0, row_tokens - 1
     if pool:  # a fixed directory of `pool` entries, listed again and again: the base memorises it
         book = [next(fresh) for _ in range(pool)]
-        fresh = (rng.choice(book) for _ in iter(int, 1))
+        fresh = (rng.choice(book) for _ in itertools.count())
     while lines < n_lines:
         row, page = [], []
         while lines < n_lines and len(row) < 0.6 * budget:  # new entries: lines are ~11 tokens, so this fits
