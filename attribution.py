@@ -1,5 +1,8 @@
 """Attention analysis and attributions for register-token BERT on SQuAD (the poster's second claim: registers
-make attention maps less noisy). `python eval.py attention RUN...` runs `attention_main`.
+make attention maps less noisy).
+
+    python attribution.py out/regbert-sweep/k0-s0 out/regbert-sweep/k4-s0   # attention noise, IG, LRP heatmaps
+
 
 Statistics over dev features: attention entropy, attention mass on [CLS] / [SEP] / punctuation / registers, and
 output norms (high-norm artifact tokens, Darcet et al. 2024). For one feature: every attention map, and token
@@ -9,7 +12,6 @@ heatmaps of three attributions of the predicted span's start + end logit:
   the same rollout weighted by the maps themselves (Chefer et al., ICCV 2021).
 """
 
-import argparse
 import json
 import math
 import os
@@ -19,12 +21,12 @@ from collections import Counter
 import numpy as np
 import torch
 
-from eval import load_run
 from model import BertTokenizer, InputError
-from train import SPLITS, Parser, pyplot, resolve_system
+from runs import Parser, load_run, pyplot, resolve_system
+from squad import ExtractiveQA, QASplit
 
 
-def attention_main(argv):
+def main(argv=None):
     p = Parser(description="Attention analysis of SQuAD runs (e.g. k = 0 against k > 0): per-layer attention "
                            "entropy, attention mass on [CLS]/[SEP]/punctuation/registers, token output norms "
                            "(high-norm artifacts), attention maps, and for one question Integrated Gradients and "
@@ -35,7 +37,7 @@ def attention_main(argv):
     p.add_argument("--ig_steps", type=int, default=128, help="Integrated Gradients steps (trapezoid rule)")
     p.add_argument("--out_dir", default="out/attention")
     p.add_argument("--device", default="auto")
-    a = p.parse_args(argv)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         attention_report(a)
     except InputError as e:
@@ -171,17 +173,17 @@ def chefer_relevance(model, x, ctx, target, weighting="lrp"):
 
 
 def attention_report(a):
-    device, _, _ = resolve_system(argparse.Namespace(device=a.device, dtype="float32", compile=False))
+    device, _, _ = resolve_system(a.device, "float32", compile=False)
     os.makedirs(a.out_dir, exist_ok=True)
     report, lines = {}, []
     for run_dir in a.runs:
-        model, args, meta, _ = load_run(run_dir, "final", device)
-        if args.dataset != "squad":
+        model, args, task, _ = load_run(run_dir, "final", device)
+        if not isinstance(task, ExtractiveQA):
             raise InputError(f"{run_dir} is not a SQuAD run")
         name = os.path.basename(os.path.normpath(run_dir))
         tok = BertTokenizer.from_pretrained(args.init_from)
-        split = SPLITS["squad"](args.data_dir, "test", meta, device)
-        k = args.n_registers
+        split = QASplit(args.data_dir, "test", task.meta, device)
+        k = args.register_tokens
         stats = attention_statistics(model, split, tok, min(a.features, split.n), device)
         # one feature: its maps, its predicted span, and attributions of start + end logit of that span
         x, _, ctx = split.batch(torch.tensor([a.example], device=device), int(split.row_len[a.example]))
@@ -265,3 +267,7 @@ def write_heatmap(tokens, scores, path, title):
     with open(path, "w") as f:
         f.write(f"<html><meta charset='utf-8'><body style='font-family:sans-serif;max-width:1100px'>"
                 f"<h2>{html.escape(title)}</h2>{''.join(rows)}</body></html>")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,15 +24,17 @@ import json
 import statistics
 import time
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from lora import apply_lora
+from method import freeze
 from model import GPT, GPT2_HUB_IDS, GPTConfig, InputError, resolve_checkpoint
 from registers import POOLS, RegisterBank
-from train import Parser, resolve_system
+from runs import Parser, autocast_for, rename_flags, resolve_system
+
+RENAMED = {"rank": "lora_rank", "alpha": "lora_alpha", "n_registers": "register_tokens"}  # old flag -> today's
 
 
 def lora_flops(config, batch, seq_len, rank):
@@ -99,6 +101,10 @@ def time_training(forward, model, batches, steps, warmup, device, autocast):
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        argv = rename_flags(argv, RENAMED, "in bench.py")
+    except InputError as e:
+        raise SystemExit(f"error: {e}")
     if argv[:1] == ["qa"]:
         return qa_main(argv[1:])
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,8 +114,8 @@ def main(argv=None):
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--alpha", type=float, default=64.0)
+    p.add_argument("--lora_rank", type=int, default=32)
+    p.add_argument("--lora_alpha", type=float, default=64.0)
     p.add_argument("--dropout", type=float, default=0.1, help="model and LoRA dropout, as in training")
     p.add_argument("--steps", type=int, default=50, help="timed steps per arm")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per arm (compilation happens here)")
@@ -129,8 +135,8 @@ def main(argv=None):
 
 
 def run(a):
-    device, dtype, compile_ = resolve_system(a)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
+    device, dtype, compile_ = resolve_system(a.device, a.dtype, a.compile)
+    autocast = autocast_for(device, dtype)
     torch.manual_seed(0)
     if a.init_from == "scratch":
         ours = GPT(GPTConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout))
@@ -138,8 +144,8 @@ def run(a):
         resolve_checkpoint(a.init_from, GPT2_HUB_IDS)  # a clear error before any work
         ours = GPT.from_pretrained(a.init_from, dropout=a.dropout)
     config = ours.config
-    reference = None if a.no_reference else hf_reference(config, ours, a.rank, a.alpha, a.dropout, device)
-    ours = apply_lora(ours, a.rank, a.alpha, a.dropout).to(device).train()
+    reference = None if a.no_reference else hf_reference(config, ours, a.lora_rank, a.lora_alpha, a.dropout, device)
+    ours = apply_lora(freeze(ours), a.lora_rank, a.lora_alpha, a.dropout).to(device).train()
     with_prb = copy.deepcopy(ours)  # the same LoRA model plus a register bank before the head (PRB paper §2)
     with_prb.attach("head", RegisterBank(config.n_embd, pool=a.prb_pool).to(device))
     prb_ctx = {"label": torch.zeros(a.batch_size, dtype=torch.long, device=device),
@@ -160,10 +166,10 @@ def run(a):
         arms.append(("transformers+peft eager", reference, hf_forward(reference)))
         if compile_:
             arms.append(("transformers+peft compiled", reference, hf_forward(torch.compile(reference))))
-    flops = lora_flops(config, a.batch_size, a.seq_len, a.rank)
+    flops = lora_flops(config, a.batch_size, a.seq_len, a.lora_rank)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.startswith('cuda') else 'cpu'}), "
           f"{str(dtype).removeprefix('torch.')}; L={config.n_layer} C={config.n_embd} V={config.vocab_size}, "
-          f"LoRA r={a.rank}, batch {a.batch_size} x {a.seq_len} tokens; {flops / 1e9:.1f} GFLOP/step")
+          f"LoRA r={a.lora_rank}, batch {a.batch_size} x {a.seq_len} tokens; {flops / 1e9:.1f} GFLOP/step")
     results = []
     for name, model, forward in arms:
         seconds, peak = time_training(forward, model, batches, a.steps, a.warmup, device, autocast)
@@ -192,7 +198,7 @@ def run(a):
 
 # ------------------------------------------------------------------------------------------- BERT QA throughput
 def qa_main(argv):
-    p = Parser(description="BERT extractive-QA fine-tuning steps/s: ours (k = 0 and --n_registers) against "
+    p = Parser(description="BERT extractive-QA fine-tuning steps/s: ours (k = 0 and --register_tokens) against "
                            "transformers.BertForQuestionAnswering with the same weights and batches.")
     p.add_argument("--init_from", default="scratch", help="scratch (BERT-base shapes below) | a BERT folder | hub name")
     p.add_argument("--n_layer", type=int, default=12)
@@ -200,7 +206,7 @@ def qa_main(argv):
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=384)
-    p.add_argument("--n_registers", type=int, default=4)
+    p.add_argument("--register_tokens", type=int, default=4, help="register tokens k of the second arm")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="auto")
@@ -218,8 +224,8 @@ def qa_main(argv):
 def qa_run(a):
     from model import BERT, BertConfig
     from registers import QAHead, RegisterTokens
-    device, dtype, compile_ = resolve_system(a)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
+    device, dtype, compile_ = resolve_system(a.device, a.dtype, a.compile)
+    autocast = autocast_for(device, dtype)
     torch.manual_seed(0)
     if a.init_from == "scratch":
         base = BERT(BertConfig(hidden_size=a.n_embd, n_layer=a.n_layer, n_head=a.n_head, intermediate_size=4 * a.n_embd))
@@ -228,14 +234,14 @@ def qa_run(a):
     plain = copy.deepcopy(base)
     plain.attach("head", QAHead(base.config.hidden_size))
     registers = copy.deepcopy(base)
-    registers.attach("embed", RegisterTokens(base.config.hidden_size, a.n_registers))
+    registers.attach("embed", RegisterTokens(base.config.hidden_size, a.register_tokens))
     registers.attach("head", copy.deepcopy(plain.sites["head"]))
     B, T, V = a.batch_size, a.seq_len, base.config.vocab_size
     ctx = {"token_type_ids": torch.zeros(B, T, dtype=torch.long, device=device),
            "attention_mask": torch.ones(B, T, dtype=torch.long, device=device)}
     batches = [(torch.randint(0, V, (B, T), device=device), torch.randint(0, T, (B, 2), device=device)) for _ in range(4)]
     arms = []
-    for name, model in (("nanomem k=0", plain), (f"nanomem k={a.n_registers}", registers)):
+    for name, model in (("nanomem k=0", plain), (f"nanomem k={a.register_tokens}", registers)):
         model.to(device).train()
         arms.append((f"{name} eager", model, lambda x, m=model: m(x, ctx)))
         if compile_:

@@ -3,16 +3,19 @@
     y = W0 x + (alpha / r) * B A dropout(x),   A: (r, in), B: (out, r)
 
 B starts at zero, so training starts exactly from W0. A is Kaiming-uniform(a=sqrt(5)), the default of
-nn.Linear and of peft (which the papers' seed code used). Only A and B train; everything else is frozen.
+nn.Linear and of peft (which the papers' seed code used). W0 is frozen; the LoRA method (`--method lora`, at the
+end) freezes the rest of the model explicitly before wrapping, so only A and B train.
 """
 
 import json
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from method import Method, freeze, replace_modules
 from model import InputError, check_keys, read_safetensors
 
 GPT2_BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # all four: the PRB paper's setting
@@ -56,22 +59,12 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model, rank, alpha, dropout=0.0, targets=GPT2_BLOCK_MATRICES):
-    """Wrap every nn.Linear whose name ends with one of `targets` in a LoRALinear and freeze all base weights.
-
-    Modules attached at the model's sites (method modules) are neither frozen nor wrapped. Returns the model.
-    """
-    for name, p in model.named_parameters():
-        if not name.startswith("sites."):
-            p.requires_grad_(False)
-    chosen = [name for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not name.startswith("sites.")
-              and any(name == t or name.endswith("." + t) for t in targets)]
-    if not chosen:
+    """Wrap every nn.Linear whose name ends with one of `targets` in a LoRALinear (its W0 frozen); returns the
+    model. Nothing else is frozen here: a method calls method.freeze(model) first when only LoRA should train.
+    Modules attached at the model's sites (method modules) are never wrapped."""
+    is_target = lambda name, m: isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    if not replace_modules(model, is_target, lambda linear: LoRALinear(linear, rank, alpha, dropout)):
         raise InputError(f"LoRA targets {', '.join(targets)} match no Linear layer of this model")
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
     model.lora_settings = {"rank": rank, "alpha": alpha, "targets": list(targets)}
     return model
 
@@ -98,3 +91,34 @@ def load_adapter(model, path):
     check_keys(state, lora_state_dict(model), f"adapter {path}")
     model.load_state_dict(state, strict=False)
     return model
+
+
+# ------------------------------------------------------------------------------------------ the method
+def add_lora_flags(parser):
+    g = parser.add_argument_group("LoRA (--method lora, prb; regbert with --lora_rank > 0; memft --adapter lora)")
+    g.add_argument("--lora_rank", type=int, default=32, help="rank r (regbert: 0 = full fine-tuning, its default)")
+    g.add_argument("--lora_alpha", type=float, default=64.0, help="scale alpha: the update is (alpha / r) B A")
+    g.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the input of the low-rank path")
+    g.add_argument("--lora_targets", default=",".join(GPT2_BLOCK_MATRICES), help="comma-separated Linear names")
+
+
+class LoRA(Method):
+    """--method lora: the frozen model with LoRA on --lora_targets (the PRB paper's baseline, §3.1)."""
+    datasets = ("emotion",)
+    add_flags = staticmethod(add_lora_flags)
+    aliases = {"rank": "lora_rank", "alpha": "lora_alpha"}
+
+    def __init__(self, args, device="cpu"):
+        super().__init__(args, device)
+        if args.lora_rank <= 0:
+            raise InputError(f"--lora_rank must be positive for --method {args.method}, got {args.lora_rank}")
+
+    def setup(self, model, meta):
+        a = self.args
+        apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout, targets=a.lora_targets.split(","))
+
+    def export(self, model, out_dir):
+        save_adapter(model, os.path.join(out_dir, "adapter.safetensors"))
+
+
+METHODS = {"lora": LoRA}

@@ -23,16 +23,24 @@ Where the paper's text and its released code differ, this file follows the code 
     trainer's `sliding` method. We follow the paper text (SW = sliding window + curriculum); --method memft-ot
     --curriculum on is the nearest run to that script.
   - The paper code's optimiser: AdamW, lr 1e-2, linear decay to 0 without warm-up, grad-norm clip 1.0, batch 10
-    (Llama SFT), 200 epochs, adapter dropout 0.1: train.py's PhoneBook defaults. MLPOutputAdapter applies no
-    alpha / r scale (x A B as written in §3.1).
+    (Llama SFT), 200 epochs, adapter dropout 0.1: the recall task's defaults (recall.py). MLPOutputAdapter
+    applies no alpha / r scale (x A B as written in §3.1).
+
+The task these methods train on (the entries, their training order and the paper's prefix curriculum, the recall
+metrics) is recall.py's. The methods here: `--method sft | memft-ot | memft-sw` (class MemFT, at the end).
 """
 
+import json
 import math
+import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lora import apply_lora, save_adapter
+from method import Method, freeze, replace_modules
+from model import InputError
 
 LN2 = math.log(2.0)  # L_t > ln 2  <=>  p_target < 0.5
 
@@ -103,73 +111,6 @@ def sw_loss(token_loss, logits, targets, mask, state, threshold=LN2, scale=10.0,
     return weighted_mean(token_loss, weights, mask, fallback_below=1e-5)
 
 
-def curriculum_size(epoch, n_entries, batch_size, ratios=(0.2, 0.4, 0.6, 0.8, 1.0), boundaries=(20, 40, 60, 80, 200)):
-    """The PhoneBook curriculum (paper code): train on the first ratio x n entries of one fixed shuffled order,
-    the ratio stepping up at the epoch boundaries; rounded down to whole batches, at least one batch."""
-    ratio = next((r for r, b in zip(ratios, boundaries) if epoch < b), ratios[-1])
-    whole = (n_entries // batch_size) * batch_size
-    return min(whole, max(batch_size, int(n_entries * ratio) // batch_size * batch_size))
-
-
-# ------------------------------------------------------------------------------------------ the task
-def load_entries(path):
-    """(queries, answers) as GPT-2 token-id lists from a prepared PhoneBook or long-context .jsonl file.
-    PhoneBook: query "Name:", answer " " + number; long context: the stored token ids."""
-    import json
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    queries, answers = [], []
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            queries.append(row.get("query_ids") or enc.encode_ordinary(row["query"]))
-            answers.append(row.get("target_ids") or enc.encode_ordinary(" " + row["target"]))
-    return queries, answers
-
-
-class RecallSplit:
-    """Every entry of a memorisation set as padded device tensors, the interface of train.py's Split:
-    x = query + answer without its last token, y = the next token on answer positions and -1 elsewhere, so
-    every loss and accuracy counts answer tokens only. Rows are padded to a multiple of `pad_multiple`."""
-
-    def __init__(self, queries, answers, device, pad_multiple=16, pad_id=50256):
-        self.queries, self.answers = queries, answers
-        self.n, self.pad_multiple = len(queries), pad_multiple
-        self.row_len = np.array([len(q) + len(a) - 1 for q, a in zip(queries, answers)])
-        self.length = int(self.row_len.max())
-        x = np.full((self.n, self.length), pad_id, dtype=np.int64)
-        y = np.full((self.n, self.length), -1, dtype=np.int64)
-        for i, (q, a) in enumerate(zip(queries, answers)):
-            row = q + a
-            x[i, :len(row) - 1] = row[:-1]
-            y[i, len(q) - 1:len(row) - 1] = a  # position t predicts token t + 1: the answer starts at len(q) - 1
-        self.x, self.y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-
-    def padded_length(self, rows_host):
-        longest = int(self.row_len[rows_host].max())
-        return min(self.length, -(-longest // self.pad_multiple) * self.pad_multiple)
-
-    def batch(self, rows, length):
-        return self.x[rows, :length], self.y[rows, :length], {}
-
-
-def recall_order(n, batch_size, epochs, seed, curriculum=None):
-    """(steps, batch_size) entry ids for `epochs` passes. Without a curriculum: a fresh seeded permutation per
-    epoch, the last partial batch dropped. With one ((ratios, boundaries), paper code): one fixed shuffled order;
-    epoch e trains on its first curriculum_size(e) entries in that order (no reshuffle, as released)."""
-    if n < batch_size:
-        raise ValueError(f"{n} entries cannot fill one batch of {batch_size}; lower --batch_size")
-    fixed = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    epochs_ = []
-    for e in range(epochs):
-        if curriculum is None:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e + 1))
-            epochs_.append(order[:n // batch_size * batch_size])
-        else:
-            epochs_.append(fixed[:curriculum_size(e, n, batch_size, *curriculum)])
-    return torch.cat(epochs_).view(-1, batch_size)
-
-
 def token_losses(logits, targets):
     """Per-token cross-entropy (B, T), 0 where the target is -1, and the answer mask (B, T)."""
     loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-1, reduction="none")
@@ -221,74 +162,13 @@ class MLPOutputAdapter(nn.Module):
 
 
 def attach_mlp_adapter(model, layer, rank, dropout=0.0):
-    """Freeze every weight of a GPT and wrap block `layer`'s MLP in an MLPOutputAdapter; returns the adapter."""
+    """Wrap block `layer`'s MLP of a GPT in an MLPOutputAdapter; returns the adapter. Freezes nothing: the method
+    freezes the model first (method.freeze), so that only the adapter trains."""
     if not 0 <= layer < model.config.n_layer:
         raise ValueError(f"layer {layer} does not exist; the model has layers 0..{model.config.n_layer - 1}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    block = model.h[layer]
-    block.mlp = MLPOutputAdapter(block.mlp, model.config.n_embd, rank, dropout)
-    return block.mlp
-
-
-# ------------------------------------------------------------------------------------------ recall metrics
-@torch.no_grad()
-def recall_metrics(model, queries, answers):
-    """Per entry, on the answer tokens only (queries/answers: lists of token-id lists):
-    teacher-forced p_target and argmax correctness per position, token accuracy, mean loss; free-run greedy exact
-    match and first failure position (-1: none); earliest stubborn position (p_target < 0.5; -1: none).
-    Entries with equal (query, answer) lengths run as one batch."""
-    model.eval()
-    device = next(model.parameters()).device
-    results = [None] * len(queries)
-    groups = {}
-    for i, (q, a) in enumerate(zip(queries, answers)):
-        groups.setdefault((len(q), len(a)), []).append(i)
-    for (nq, na), rows in groups.items():
-        seq = torch.tensor([queries[i] + answers[i] for i in rows], device=device)
-        target = seq[:, nq:]
-        logits = model(seq[:, :-1]).float()[:, nq - 1:]  # the positions that predict the answer tokens
-        p_target = logits.softmax(-1).gather(-1, target[..., None])[..., 0]
-        correct = logits.argmax(-1) == target
-        generated = model.generate(seq[:, :nq], na, temperature=0)[:, nq:]
-        free_ok = generated == target
-        for j, i in enumerate(rows):
-            first = lambda flags: int(flags.float().argmax()) if flags.any() else -1
-            results[i] = {"p_target": p_target[j].tolist(), "token_accuracy": correct[j].float().mean().item(),
-                          "loss": -p_target[j].log().mean().item(), "exact_match": bool(free_ok[j].all()),
-                          "first_failure": first(~free_ok[j]), "first_tf_error": first(~correct[j]),
-                          "first_stubborn": first(p_target[j] < 0.5)}
-    return results
-
-
-def recall_summary(per_entry):
-    """Totals over entries: exact-match rate, token accuracy and loss (token-weighted, answer tokens only), and
-    Spearman's rho between the earliest stubborn position and the first free-run failure over the entries that
-    fail (paper §4: 0.908; None where either side is constant, e.g. fewer than 2 failures)."""
-    tokens = sum(len(r["p_target"]) for r in per_entry)
-    failed = [r for r in per_entry if r["first_failure"] >= 0]
-    stubborn, failure = [r["first_stubborn"] for r in failed], [r["first_failure"] for r in failed]
-    rho = spearman(stubborn, failure) if len(set(stubborn)) > 1 and len(set(failure)) > 1 else None  # else undefined
-    return {"entries": len(per_entry), "exact_match": sum(r["exact_match"] for r in per_entry) / len(per_entry),
-            "token_accuracy": sum(r["token_accuracy"] * len(r["p_target"]) for r in per_entry) / tokens,
-            "loss": sum(r["loss"] * len(r["p_target"]) for r in per_entry) / tokens,
-            "failed_entries": len(failed), "rho_stubborn_failure": rho}
-
-
-def spearman(x, y):
-    """Spearman's rank correlation (average ranks for ties)."""
-    def ranks(v):
-        v = torch.as_tensor(v, dtype=torch.float64)
-        order = v.argsort()
-        r = torch.empty_like(v)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for value in v.unique():  # ties share their mean rank
-            tied = v == value
-            r[tied] = r[tied].mean()
-        return r
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return ((rx * ry).sum() / (rx.norm() * ry.norm()).clamp(min=1e-12)).item()
+    replace_modules(model, lambda name, m: name == f"h.{layer}.mlp",
+                    lambda mlp: MLPOutputAdapter(mlp, model.config.n_embd, rank, dropout))
+    return model.h[layer].mlp
 
 
 # ------------------------------------------------------------------------------------------ the memory law
@@ -327,3 +207,85 @@ def fit_memory_law(rank, length, delta_loss, steps=3000, lr=0.05, seed=0):
         mape = ((y - pred).abs() / y.abs().clamp(min=1e-12)).mean() * 100
     log_c, alpha, beta, b = params.detach().tolist()
     return {"C": math.exp(log_c), "alpha": alpha, "beta": beta, "b": b, "r2": r2.item(), "mape": mape.item()}
+
+
+# ------------------------------------------------------------------------------------------ the methods
+def add_memft_flags(parser):
+    g = parser.add_argument_group("MemFT (--method sft | memft-ot | memft-sw, --dataset phonebook | longctx)")
+    g.add_argument("--memory_rank", type=int, default=4, help="rank r of the memory (the adapter, or LoRA)")
+    g.add_argument("--adapter", choices=["mlp", "lora"], default="mlp",
+                   help="mlp: the paper's adapter on one layer's MLP output; lora: LoRA on every block "
+                        "(--lora_alpha, --lora_targets), both of rank --memory_rank and dropout --lora_dropout")
+    g.add_argument("--layer", type=int, default=-1, help="the adapter's layer (-1: n_layer // 2)")
+    g.add_argument("--memft_threshold", type=float, default=0.5, help="p_target below which a token is hard")
+    g.add_argument("--sw_scale", type=float, default=10.0, help="sigmoid sharpness of the SW base weight")
+    g.add_argument("--sw_window", type=int, default=50, help="SW window W in tokens")
+    g.add_argument("--sw_tau", type=float, default=20.0, help="SW decay length inside the window")
+    g.add_argument("--sw_floor", type=float, default=0.01, help="SW multiplier beyond the window")
+    g.add_argument("--sw_patience", type=int, default=3, help="steps with the same anchor before W grows")
+    g.add_argument("--sw_growth", type=float, default=0.5, help="W growth per stuck step, in units of W")
+    g.add_argument("--sw_max_factor", type=float, default=4.0, help="W cap, in units of W")
+
+
+class MemFT(Method):
+    """The memory (paper §3.1) is one low-rank adapter on the MLP output of --layer (default: the middle layer),
+    or LoRA on every block with --adapter lora; everything else is frozen. The method sets the training loss:
+    sft, memft-ot or memft-sw (Objective above), whose sliding-window state is saved for exact resume."""
+    datasets = ("phonebook", "longctx")
+    add_flags = staticmethod(add_memft_flags)
+    aliases = {"rank": "memory_rank", "alpha": "lora_alpha"}
+
+    def __init__(self, args, device="cpu"):
+        super().__init__(args, device)
+        if not 0 < args.memft_threshold < 1:
+            raise InputError("--memft_threshold is a probability in (0, 1)")
+        if args.memory_rank <= 0:
+            raise InputError(f"--memory_rank must be positive, got {args.memory_rank}")
+        a = args
+        self.loss = Objective(a.method, a.batch_size, device, -math.log(a.memft_threshold), a.sw_scale, a.sw_window,
+                              a.sw_tau, a.sw_floor, a.sw_patience, a.sw_growth, a.sw_max_factor)
+
+    def layer(self, model):
+        return model.config.n_layer // 2 if self.args.layer < 0 else self.args.layer
+
+    def setup(self, model, meta):
+        a = self.args
+        freeze(model)
+        if a.adapter == "lora":
+            apply_lora(model, a.memory_rank, a.lora_alpha, a.lora_dropout, targets=a.lora_targets.split(","))
+            return
+        if self.layer(model) >= model.config.n_layer:
+            raise InputError(f"--layer {self.layer(model)} does not exist; the model has layers "
+                             f"0..{model.config.n_layer - 1}")
+        attach_mlp_adapter(model, self.layer(model), a.memory_rank, a.lora_dropout)
+
+    def objective(self, logits, targets, mean_loss):
+        return self.loss(logits, targets)
+
+    def state_dict(self):
+        return self.loss.state_dict()
+
+    def load_state_dict(self, state):
+        self.loss.load_state_dict(state)
+
+    def summary(self, model):
+        """What the memory law needs of a run: rank, length, where the adapter sits, and L_init (the loss over
+        the entries at step 0, before any update) from metrics.jsonl."""
+        a = self.args
+        with open(os.path.join(a.out_dir, "metrics.jsonl")) as f:
+            first = json.loads(f.readline())
+        return {"rank": a.memory_rank, "length": a.length, "noise": a.noise if a.dataset == "longctx" else None,
+                "adapter": f"mlp@layer{self.layer(model)}" if a.adapter == "mlp" else "lora", "epochs": a.epochs,
+                "L_init": first["val_loss"] if first["step"] == 0 else None}
+
+    def export(self, model, out_dir):
+        if self.args.adapter == "lora":
+            save_adapter(model, os.path.join(out_dir, "adapter.safetensors"))
+
+
+class MemFTSlidingWindow(MemFT):
+    """memft-sw trains with the paper's prefix curriculum unless --curriculum off (as in the paper's scripts)."""
+    defaults = {"curriculum": "on"}
+
+
+METHODS = {"sft": MemFT, "memft-ot": MemFT, "memft-sw": MemFTSlidingWindow}

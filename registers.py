@@ -22,9 +22,15 @@ pool(H) is the one choice that matters for honesty (--prb_pool):
 Every pooled quantity is computed per position, so generation uses the registers exactly as training did.
 """
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lora import LoRA, apply_lora, save_adapter
+from method import Method, freeze
+from model import InputError
 
 POOLS = ("causal", "full", "prompt")
 
@@ -119,3 +125,68 @@ class QAHead(nn.Module):
     def forward(self, h, ctx):
         text = h[:, ctx.get("n_registers", 0):]  # drop the k register positions
         return self.qa_outputs(text).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------ the methods
+def add_prb_flags(parser):
+    g = parser.add_argument_group("Parametric Register Banks (--method prb; the LoRA flags apply too)")
+    g.add_argument("--prb_pool", choices=POOLS, default="causal",
+                   help="causal: prefix mean (default); full: whole-sequence mean as published (leaks future "
+                        "tokens); prompt: prefix mean over the [EMOTION] tag")
+    g.add_argument("--prb_label_bias", choices=["off", "on"], default="off",
+                   help="bias the registers with an embedding of the gold label, as published (default: off)")
+    g.add_argument("--prb_registers", type=int, default=6, help="registers n in the bank")
+    g.add_argument("--prb_dim", type=int, default=64, help="register width d")
+    g.add_argument("--prb_alpha", type=float, default=0.1, help="initial injection scale alpha")
+
+
+class PRB(LoRA):
+    """--method prb (PRB paper §2-3): LoRA on the four block matrices plus a register bank before the LM head."""
+    add_flags = staticmethod(add_prb_flags)
+
+    def setup(self, model, meta):
+        super().setup(model, meta)  # freeze, then LoRA
+        a, n_labels = self.args, len(meta.get("labels", []))
+        bank = model.attach("head", RegisterBank(model.config.n_embd, a.prb_registers, a.prb_dim, a.prb_alpha,
+                                                 a.prb_pool, n_labels if a.prb_label_bias == "on" else 0))
+        lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+        parts = bank.parameter_breakdown()
+        print(f"PRB parameters: LoRA {lora:,} + registers {sum(parts.values()):,} "
+              f"({', '.join(f'{k} {v:,}' for k, v in parts.items())}) = {lora + sum(parts.values()):,}")
+
+
+BERT_MATRICES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+
+
+def add_regbert_flags(parser):
+    g = parser.add_argument_group("register-token BERT (--method regbert, --dataset squad)")
+    g.add_argument("--register_tokens", type=int, default=0, help="register tokens k (0: plain BERT)")
+
+
+class RegisterBERT(Method):
+    """--method regbert (seed poster): k register tokens at the embed site (none for k = 0: plain BERT) and a
+    start/end head at the head site; full fine-tuning, or LoRA on the encoder matrices with --lora_rank > 0."""
+    datasets = ("squad",)
+    defaults = {"lora_rank": 0}
+    add_flags = staticmethod(add_regbert_flags)
+    aliases = {"n_registers": "register_tokens", "alpha": "lora_alpha"}
+
+    def __init__(self, args, device="cpu"):
+        super().__init__(args, device)
+        if args.register_tokens < 0 or args.lora_rank < 0:
+            raise InputError("--register_tokens and --lora_rank must be >= 0")
+
+    def setup(self, model, meta):
+        a = self.args
+        if a.lora_rank:
+            apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout, targets=BERT_MATRICES)
+        if a.register_tokens:
+            model.attach("embed", RegisterTokens(model.config.hidden_size, a.register_tokens))
+        model.attach("head", QAHead(model.config.hidden_size))
+
+    def export(self, model, out_dir):
+        if self.args.lora_rank:
+            save_adapter(model, os.path.join(out_dir, "adapter.safetensors"))
+
+
+METHODS = {"prb": PRB, "regbert": RegisterBERT}

@@ -5,6 +5,7 @@ import torch
 
 import bench
 from lora import apply_lora
+from method import freeze
 from model import GPT, GPTConfig
 
 
@@ -20,7 +21,7 @@ def test_reference_arm_computes_the_same_function():
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16))
     reference = bench.hf_reference(ours.config, ours, rank=4, alpha=8, dropout=0.0, device="cpu").eval()
-    ours = apply_lora(ours, 4, 8).eval()
+    ours = apply_lora(freeze(ours), 4, 8).eval()
     idx = torch.randint(0, 97, (2, 32))
     assert (ours(idx) - reference(input_ids=idx).logits).abs().max() <= 1e-5  # B = 0 in both: the base models
 
@@ -28,7 +29,7 @@ def test_reference_arm_computes_the_same_function():
 def test_bench_cli_on_a_tiny_config(capsys, tmp_path):
     pytest.importorskip("peft")
     bench.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-                "--steps", "2", "--warmup", "1", "--rank", "4", "--json", str(tmp_path / "b.json")])
+                "--steps", "2", "--warmup", "1", "--lora_rank", "4", "--json", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
     assert "| nanomem eager |" in out and "| transformers+peft eager |" in out
     assert "speed-up of nanomem eager over transformers+peft eager:" in out
@@ -51,6 +52,6 @@ def test_qa_reference_is_the_same_model():
 
 def test_bench_qa_cli(capsys):
     bench.main(["qa", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-                "--steps", "1", "--warmup", "1", "--n_registers", "2", "--device", "cpu"])
+                "--steps", "1", "--warmup", "1", "--register_tokens", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "nanomem k=0 eager" in out and "nanomem k=2 eager" in out

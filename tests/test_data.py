@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from train import Split, evaluate, lm_loss_sum, training_order
+from tasks import Split, evaluate, lm_loss_sum, training_order
 
 
 def test_emotion_prepared_exactly(emotion_dir):

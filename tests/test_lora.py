@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from helpers import assert_causal, save_tiny_hf_gpt2
 from lora import LoRALinear, apply_lora, load_adapter, save_adapter
+from method import freeze
 from model import GPT, GPTConfig, InputError
 
 
@@ -26,11 +27,19 @@ def test_zero_b_is_the_base_model_and_only_lora_trains():
     model = tiny_gpt()
     idx = torch.randint(0, 60, (2, 10))
     before = model(idx)
-    apply_lora(model, rank=4, alpha=8)
+    apply_lora(freeze(model), rank=4, alpha=8)
     assert torch.equal(model(idx), before)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
     assert len(trainable) == 2 * 4 * 2  # 4 matrices x 2 layers x (A, B)
+
+
+def test_apply_lora_freezes_only_the_wrapped_weights():
+    """Freezing is explicit: apply_lora freezes each W0 it wraps and nothing else (methods call freeze first)."""
+    model = apply_lora(tiny_gpt(), rank=4, alpha=8)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "h.0.ln_1.weight" in trainable and "wte.weight" in trainable
+    assert not any(n.endswith(".base.weight") for n in trainable)
 
 
 def test_merge_matches_unmerged_forward():
@@ -54,7 +63,7 @@ def test_merge_matches_unmerged_forward():
 @pytest.mark.parametrize("rank, expected", [(32, 4_718_592), (37, 5_455_872)])
 def test_gpt2_small_parameter_counts(rank, expected):
     with torch.device("meta"):  # GPT-2 small's shapes, no memory
-        model = apply_lora(GPT(GPTConfig()), rank=rank, alpha=2 * rank)
+        model = apply_lora(freeze(GPT(GPTConfig())), rank=rank, alpha=2 * rank)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected == rank * 147_456
 
 
@@ -66,7 +75,7 @@ def test_targets_that_match_nothing_are_an_error():
 def test_parity_with_peft(tmp_path):
     peft = pytest.importorskip("peft")
     hf = save_tiny_hf_gpt2(tmp_path, vocab_size=80, n_layer=2, n_head=2, n_embd=16, n_positions=20)
-    ours = apply_lora(GPT.from_pretrained(str(tmp_path)).eval(), rank=4, alpha=8)
+    ours = apply_lora(freeze(GPT.from_pretrained(str(tmp_path)).eval()), rank=4, alpha=8)
     randomize_b(ours)
     ref = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
                                                   target_modules=["c_attn", "c_proj", "c_fc"])).eval()

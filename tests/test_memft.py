@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from model import GPT
-from memft import (LN2, SlidingWindowState, curriculum_size, fit_memory_law, first_error, memory_law, ot_loss,
-                   ot_weights, sft_loss, sw_loss, sw_multiplier)
+from memft import (LN2, SlidingWindowState, fit_memory_law, first_error, memory_law, ot_loss, ot_weights, sft_loss,
+                   sw_loss, sw_multiplier)
+from recall import curriculum_size
 
 
 def test_ot_weights_and_loss_by_hand():
@@ -130,12 +131,13 @@ def test_directory_pages_keep_phonebook_names_out_and_repeat_lines_in_context():
 
 def test_mlp_output_adapter_starts_as_identity_and_trains_only_itself():
     from memft import attach_mlp_adapter
+    from method import freeze
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16)).eval()
     idx = torch.randint(0, 50, (2, 16))
     before = model(idx).detach()
-    adapter = attach_mlp_adapter(model, layer=1, rank=4)
+    adapter = attach_mlp_adapter(freeze(model), layer=1, rank=4)
     assert torch.equal(model(idx), before)  # B = 0: no change at step 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"h.1.mlp.A", "h.1.mlp.B"} and adapter.A.shape == (16, 4)
@@ -148,7 +150,7 @@ def test_mlp_output_adapter_starts_as_identity_and_trains_only_itself():
 def test_recall_metrics_relations_on_a_random_model():
     """Greedy exact match <=> teacher-forced argmax accuracy 1, and the first free-run failure is the first
     teacher-forced error (a greedy decoder reproduces teacher forcing until its first mistake)."""
-    from memft import recall_metrics
+    from recall import recall_metrics
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=7, n_layer=1, n_head=1, n_embd=8))
@@ -189,7 +191,7 @@ class ScriptedModel(torch.nn.Module):
 
 
 def test_low_mean_loss_with_a_failed_exact_match():
-    from memft import recall_metrics
+    from recall import recall_metrics
     answer, query = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [7, 7]
     r = recall_metrics(ScriptedModel(answer, len(query)), [query], [answer])[0]
     assert r["loss"] < 0.1  # -(9 ln 0.99 + ln 0.45) / 10 = 0.089: looks memorised
@@ -198,7 +200,7 @@ def test_low_mean_loss_with_a_failed_exact_match():
 
 
 def test_spearman_by_hand():
-    from memft import spearman
+    from recall import spearman
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # 1 - 6 * 2 / (3 * 8)
@@ -225,7 +227,7 @@ def test_longctx_noise_levels(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the training task
 def test_recall_split_scores_answer_tokens_only():
-    from memft import RecallSplit
+    from recall import RecallSplit
     queries, answers = [[5, 6], [7, 8, 9]], [[1, 2, 3], [4]]
     split = RecallSplit(queries, answers, "cpu", pad_multiple=4, pad_id=0)
     assert split.row_len.tolist() == [4, 3] and split.length == 4
@@ -236,7 +238,7 @@ def test_recall_split_scores_answer_tokens_only():
 
 
 def test_recall_order_epochs_and_curriculum():
-    from memft import recall_order
+    from recall import recall_order
     plain = recall_order(n=23, batch_size=5, epochs=3, seed=0)
     assert plain.shape == (12, 5)  # 4 whole batches per epoch, the partial one dropped
     for e in range(3):
@@ -272,7 +274,7 @@ def test_objective_matches_the_loss_functions_and_keeps_its_state():
 
 
 def test_recall_summary_pools_failures_for_rho():
-    from memft import recall_summary
+    from recall import recall_summary
     entry = lambda p, em, fail, stub: {"p_target": p, "token_accuracy": sum(v > 0.5 for v in p) / len(p),
                                        "loss": -sum(math.log(v) for v in p) / len(p), "exact_match": em,
                                        "first_failure": fail, "first_tf_error": fail, "first_stubborn": stub}
@@ -318,7 +320,7 @@ def test_memft_sw_trains_reports_recall_and_resumes_exactly(tmp_path):
     from helpers import interrupt_run
     base = small_base(str(tmp_path / "base"))
     flags = ["train.py", "--method", "memft-sw", "--dataset", "phonebook", "--length", "200", "--init_from", base,
-             "--rank", "4", "--epochs", "40", "--batch_size", "4", "--lr", "3e-2", "--curriculum_epochs", "4,8,12,16,40",
+             "--memory_rank", "4", "--epochs", "40", "--batch_size", "4", "--lr", "3e-2", "--curriculum_epochs", "4,8,12,16,40",
              "--eval_interval", "40", "--log_interval", "10", "--data_dir", str(tmp_path / "pb")]
     done = cli(*flags, "--out_dir", str(tmp_path / "full"))
     assert done.returncode == 0, done.stderr
@@ -343,7 +345,7 @@ def test_memory_law_sweep_fits_and_plots(tmp_path):
     import csv
     base = small_base(str(tmp_path / "base"))
     out = str(tmp_path / "law")
-    sweep = cli("eval.py", "memory-law", "--ranks", "1,4", "--lengths", "40,80,160", "--out_dir", out, "--init_from",
+    sweep = cli("sweeps.py", "memory-law", "--ranks", "1,4", "--lengths", "40,80,160", "--out_dir", out, "--init_from",
                 base, "--epochs", "6", "--batch_size", "4", "--data_dir", str(tmp_path / "pb"))
     assert sweep.returncode == 0, sweep.stderr
     rows = list(csv.DictReader(open(os.path.join(out, "memory-law.csv"))))
@@ -356,7 +358,7 @@ def test_memory_law_sweep_fits_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     for name in ("law-fit.png", "loss-heatmap.png", "accuracy-heatmap.png", "stubborn-grid.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000
-    again = cli("eval.py", "memory-law", out)  # read-only: the same rows from the finished runs
+    again = cli("sweeps.py", "memory-law", out)  # read-only: the same rows from the finished runs
     assert again.returncode == 0 and again.stdout.count("| sft |") == 7  # 6 rows + the fit
 
 
@@ -364,8 +366,9 @@ def test_mlp_adapter_and_all_layer_lora_are_causal():
     from helpers import assert_causal
     from lora import apply_lora
     from memft import attach_mlp_adapter
+    from method import freeze
     from model import GPTConfig
-    for attach in (lambda m: attach_mlp_adapter(m, layer=1, rank=3), lambda m: apply_lora(m, 3, 6.0)):
+    for attach in (lambda m: attach_mlp_adapter(freeze(m), layer=1, rank=3), lambda m: apply_lora(freeze(m), 3, 6.0)):
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
         attach(model)

@@ -6,16 +6,16 @@ import os
 
 import pytest
 
-import eval as nanomem_eval
+import sweeps
 
 TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
         "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "1", "--warmup", "2"]
 
 
 def test_mean_spread():
-    assert nanomem_eval.mean_spread([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
-    assert nanomem_eval.mean_spread([100, 300]) == "200 ± 141"
-    assert nanomem_eval.mean_spread([1.0, None]) == "-"
+    assert sweeps.mean_spread([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
+    assert sweeps.mean_spread([100, 300]) == "200 ± 141"
+    assert sweeps.mean_spread([1.0, None]) == "-"
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_prb_table_runs_every_arm_and_seed(emotion_small_dir, tmp_path, capsys):
     out = str(tmp_path / "table")
     argv = ["prb-table", "--seeds", "2", "--arms", "lora-r32,prb-full-label", "--samples", "3", "--max_new_tokens",
             "4", "--out_dir", out, "--threshold", "11", *TINY, "--data_dir", emotion_small_dir]
-    nanomem_eval.main(argv)
+    sweeps.main(argv)
     table = open(os.path.join(out, "prb-table.md")).read()
     rows = [l for l in table.splitlines() if l.startswith("| lora-r32") or l.startswith("| prb-full-label")]
     assert len(rows) == 2 and "3.357 / 3.384" in rows[0] and "2.974 / 2.991" in rows[1]
@@ -36,6 +36,6 @@ def test_prb_table_runs_every_arm_and_seed(emotion_small_dir, tmp_path, capsys):
     lora = result["summaries"]["lora-r32"][0]
     assert lora["params"]["trainable"] == 32 * 16 * 32  # r * 16 C (all four block matrices) * 1 layer
     capsys.readouterr()
-    nanomem_eval.main(argv)  # everything finished: no training, the same table
+    sweeps.main(argv)  # everything finished: no training, the same table
     assert "== lora-r32" not in capsys.readouterr().out
     assert open(os.path.join(out, "prb-table.md")).read() == table

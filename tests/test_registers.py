@@ -10,9 +10,10 @@ import torch
 from helpers import ROOT, assert_causal
 from model import GPT, GPTConfig
 from registers import prefix_mean
-from train import METHODS, build_parser
+from runs import METHODS
+from train import build_parser
 
-LABELS = 6
+META = {"labels": ["sadness", "joy", "love", "anger", "fear", "surprise"]}
 
 
 def prb_args(**overrides):
@@ -23,12 +24,12 @@ def prb_args(**overrides):
 def test_paper_parameter_count(capsys):
     with torch.device("meta"):
         model = GPT(GPTConfig())
-        METHODS["prb"](model, prb_args(prb_label_bias="on"), LABELS)
+        METHODS["prb"](prb_args(prb_label_bias="on")).setup(model, META)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4_718_592 + 375_175 == 5_093_767
     assert "registers 375,175" in capsys.readouterr().out
     with torch.device("meta"):
         model = GPT(GPTConfig())
-        METHODS["prb"](model, prb_args(), LABELS)  # no label embeddings E (6 x 64) without the label bias
+        METHODS["prb"](prb_args()).setup(model, META)  # no label embeddings E (6 x 64) without the label bias
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5_093_767 - 384
 
 
@@ -45,7 +46,7 @@ def test_prefix_mean_matches_a_loop():
 def tiny_prb(pool, label_bias, seed=0):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
-    METHODS["prb"](model, prb_args(rank=4, prb_pool=pool, prb_label_bias=label_bias, prb_dim=8), LABELS)
+    METHODS["prb"](prb_args(lora_rank=4, prb_pool=pool, prb_label_bias=label_bias, prb_dim=8)).setup(model, META)
     with torch.no_grad():  # move LoRA B off zero and the bank's write-back up, so every path carries signal
         for name, p in model.named_parameters():
             if ".lora_B" in name or name.startswith("sites.head.write"):
@@ -93,7 +94,7 @@ def test_generation_uses_the_registers_as_training_does(pool, consistent):
 
 def test_prb_trains_from_the_cli(emotion_small_dir, tmp_path):
     run = subprocess.run([sys.executable, "train.py", "--method", "prb", "--init_from", "scratch", "--n_layer", "1",
-                          "--n_head", "2", "--n_embd", "32", "--block_size", "128", "--rank", "4", "--prb_dim", "8",
+                          "--n_head", "2", "--n_embd", "32", "--block_size", "128", "--lora_rank", "4", "--prb_dim", "8",
                           "--prb_label_bias", "on", "--max_steps", "6", "--eval_interval", "3", "--eval_iters", "1",
                           "--data_dir", emotion_small_dir, "--out_dir", str(tmp_path / "prb")],
                          cwd=ROOT, capture_output=True, text=True)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from eval import best_spans, exact_match, f1_score, normalize_answer
 from helpers import ROOT
 from model import BERT, BertConfig, BertTokenizer
 from registers import QAHead, RegisterTokens
-from train import QASplit, main
+from squad import QASplit, best_spans, exact_match, f1_score, normalize_answer
+from train import main
 
 
 # ---------------------------------------------------------------- the official SQuAD v1.1 metrics, by hand
@@ -133,7 +133,7 @@ def test_registers_never_reach_the_qa_head():
 @pytest.mark.slow
 def test_regbert_trains_and_reports_em_f1(squad_small_dir, minilm_dir, tmp_path):
     out = str(tmp_path / "run")
-    summary = main(["--dataset", "squad", "--init_from", minilm_dir, "--data_dir", squad_small_dir, "--n_registers", "2",
+    summary = main(["--dataset", "squad", "--init_from", minilm_dir, "--data_dir", squad_small_dir, "--register_tokens", "2",
                     "--max_steps", "4", "--batch_size", "8", "--eval_interval", "2", "--warmup", "1",
                     "--eval_batch_size", "32", "--out_dir", out, "--lora_rank", "4"])
     assert summary["method"] == "regbert" and summary["final"]["step"] == 4
@@ -146,7 +146,7 @@ def test_regbert_trains_and_reports_em_f1(squad_small_dir, minilm_dir, tmp_path)
     assert result.returncode == 0 and "EM" in result.stdout
     assert f"{summary['final']['f1']:.2f}" in result.stdout  # eval.py rescoring gives the same F1
     report = str(tmp_path / "attention")
-    result = subprocess.run([sys.executable, "eval.py", "attention", out, "--features", "8", "--ig_steps", "32",
+    result = subprocess.run([sys.executable, "attribution.py", out, "--features", "8", "--ig_steps", "32",
                              "--out_dir", report], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     stats = json.load(open(os.path.join(report, "attention.json")))["run"]
@@ -159,7 +159,7 @@ def test_regbert_trains_and_reports_em_f1(squad_small_dir, minilm_dir, tmp_path)
 def test_regbert_sweep_writes_table_and_plot(squad_small_dir, tmp_path):
     """k in {0, 1} on a scratch BERT (2 layers, 32 wide): the sweep runs every k, reuses finished runs."""
     out = str(tmp_path / "sweep")
-    cmd = [sys.executable, "eval.py", "regbert-sweep", "--ks", "0,1", "--seeds", "1", "--out_dir", out,
+    cmd = [sys.executable, "sweeps.py", "regbert-sweep", "--ks", "0,1", "--seeds", "1", "--out_dir", out,
            "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--max_steps", "2",
            "--batch_size", "4", "--eval_interval", "2", "--data_dir", squad_small_dir, "--eval_batch_size", "64"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -77,7 +77,7 @@ def test_lora_on_a_hugging_face_checkpoint(emotion_small_dir, tmp_path):
     """--init_from PATH + LoRA: the checkpoint keeps only the adapter, and eval.py rebuilds the model from it."""
     save_tiny_hf_gpt2(tmp_path / "base", n_layer=1, n_head=2, n_embd=32, n_positions=128)
     out = str(tmp_path / "lora")
-    run = cli(["train.py", "--method", "lora", "--rank", "4", "--init_from", str(tmp_path / "base"), "--max_steps", "20",
+    run = cli(["train.py", "--method", "lora", "--lora_rank", "4", "--init_from", str(tmp_path / "base"), "--max_steps", "20",
                "--eval_interval", "10", "--eval_iters", "1", "--data_dir", emotion_small_dir, "--out_dir", out])
     assert run.returncode == 0, run.stderr
     assert "2,048 trainable" in run.stdout  # 4 * (32+96 + 32+32 + 32+128 + 128+32) = 2,048

@@ -1,0 +1,100 @@
+"""What a method is: the one interface through which train.py runs every fine-tuning method.
+
+A method is a class with a name in the method table (runs.py: METHODS). train.py makes one instance per run,
+`method = METHODS[args.method](args, device)`, and calls it at fixed points; every hook below does nothing by
+default, so a method overrides only what it needs:
+
+    setup(model, meta)         change the model, explicitly: freeze(model), then attach modules at residual-stream
+                               sites (model.attach) or wrap modules (replace_modules); new modules train
+    objective(logits, y, mean) the training loss; default: the task's mean loss `mean`        (MemFT's weighting)
+    aux_loss(model)            a tensor added to the objective, or None                       (router balance)
+    after_backward(model)      gradients are unscaled; clipping and the optimizer step follow (K-FAC preconditioning)
+    after_step(model)          right after the optimizer step                                  (reprojection)
+    state_dict / load_state_dict   the method's own training state, saved in ckpt.pt          (exact resume)
+    summary(model)             extra fields for summary.json
+    export(model, out_dir)     files a finished run leaves behind                              (adapter.safetensors)
+
+Class attributes say where and how it runs:
+
+    datasets   the datasets it trains on (each belongs to a task: runs.py: TASKS)
+    defaults   flag defaults of this method; explicit flags win
+    add_flags  fn(parser): the method's CLI flag group (methods of one module may share one)
+    aliases    old flag spellings -> today's flag, for this method (train.py prints a deprecation note)
+
+Weight-level methods use `replace_modules` (LoRA, MemFT's MLP adapter): it is the one way to swap a module of
+the model for a wrapper, and it never touches modules attached at sites.
+"""
+
+import torch.nn as nn
+
+from model import GPT
+
+
+def freeze(model):
+    """Stop every parameter of `model` from training; returns the model. Methods call this first, then add the
+    modules that train (attach, replace_modules), so what trains is explicit and independent of order."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def replace_modules(model, match, wrap):
+    """Replace every submodule for which match(name, module) is true by wrap(module), in place; returns the names.
+    Modules attached at sites ("sites.*") are never matched, so a method never wraps another method's module."""
+    chosen = [name for name, m in model.named_modules() if name and not name.startswith("sites.") and match(name, m)]
+    for name in chosen:  # collected first: wrapping while iterating would visit the wrappers
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, wrap(getattr(parent, child)))
+    return chosen
+
+
+def trainable_count(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class Method:
+    datasets = ()
+    defaults = {}
+    add_flags = None
+    aliases = {}
+
+    def __init__(self, args, device="cpu"):
+        self.args, self.device = args, device
+
+    def setup(self, model, meta):
+        """Change the model; meta: the task's data description (vocab_size, labels, ...)."""
+
+    def objective(self, logits, targets, mean_loss):
+        return mean_loss
+
+    def aux_loss(self, model):
+        return None
+
+    def after_backward(self, model):
+        pass
+
+    def after_step(self, model):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def summary(self, model):
+        return {}
+
+    def export(self, model, out_dir):
+        pass
+
+
+class FullFineTuning(Method):
+    """Every weight trains; nothing is attached or frozen. A GPT trained this way saves itself in the Hugging Face
+    layout (config.json + model.safetensors), so its run folder is a base for --init_from."""
+    datasets = ("emotion", "squadtext")
+
+    def export(self, model, out_dir):
+        if isinstance(model, GPT) and not model.sites:
+            model.save_pretrained(out_dir)

@@ -1,0 +1,381 @@
+"""The experiments: grids of train.py runs over arms x seeds, read back into a table, a JSON file and a plot.
+
+    python sweeps.py prb-table --seeds 3                    # the PRB paper's arms: table, curves, consistency
+    python sweeps.py regbert-sweep --ks 0,1,2,4,8,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
+    python sweeps.py memory-law --methods sft,memft-ot,memft-sw --ranks 1,2,4,8 --lengths 250,500,1000
+    python sweeps.py memory-law out/memory-law              # rows, law fit and plots of finished runs only
+
+Flags a sweep does not know go to train.py for every run. Each run lives in <out_dir>/<arm>-s<seed>; finished
+runs are reused and interrupted ones resumed, so running the same command again continues a sweep. Outputs:
+prb-table.md/.json + loss-curves.png; regbert-sweep.md/.json + em-f1-vs-k.png; memory-law.md/.json/.csv +
+law-fit.png, loss-heatmap.png, accuracy-heatmap.png, stubborn-grid.png.
+"""
+
+import json
+import math
+import os
+import sys
+
+import torch
+
+import train
+from memft import fit_memory_law, memory_law
+from model import InputError
+from recall import spearman
+from runs import Parser, load_run, pyplot, resolve_system
+from tasks import emotion_consistency, train_classifier
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"prb-table": prb_table, "regbert-sweep": regbert_sweep, "memory-law": memory_law_sweep}
+    if not argv or argv[0] not in commands:
+        sys.exit(f"error: name a sweep: {', '.join(commands)} (python sweeps.py SWEEP --help)")
+    try:
+        return commands[argv[0]](argv[1:])
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+# ------------------------------------------------------------------------------------- the grid and its report
+def run_grid(out_dir, arms, seeds, train_flags):
+    """Train every arm (name -> train.py flags) for seeds 0..seeds-1 into <out_dir>/<arm>-s<seed>; finished runs
+    are reused, interrupted ones resumed. Returns {arm: [run folders]}."""
+    for arm, flags in arms.items():
+        for seed in range(seeds):
+            run_dir = os.path.join(out_dir, f"{arm}-s{seed}")
+            if os.path.isfile(os.path.join(run_dir, "summary.json")):
+                continue  # finished earlier: reuse
+            print(f"== {arm}, seed {seed}")
+            resume = ["--resume"] if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else []
+            if train.main([*(resume or [*train_flags, *flags, "--seed", str(seed)]), "--out_dir", run_dir]) is None:
+                sys.exit(1)  # interrupted: run the same command again to continue
+    return {arm: [os.path.join(out_dir, f"{arm}-s{seed}") for seed in range(seeds)] for arm in arms}
+
+
+def summaries(runs):
+    return {arm: [json.load(open(os.path.join(d, "summary.json"))) for d in dirs] for arm, dirs in runs.items()}
+
+
+def markdown(header, rows, left=1):
+    """A markdown table: `left` left-aligned columns, the rest right-aligned (numbers)."""
+    return [f"| {' | '.join(header)} |", "|" + "---|" * left + "---:|" * (len(header) - left),
+            *(f"| {' | '.join(str(c) for c in row)} |" for row in rows)]
+
+
+def write_report(out_dir, name, lines, data):
+    """<out_dir>/<name>.md (the table, also printed) and <name>.json (everything behind it)."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    print(table)
+
+
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mean_spread(values):
+    """'mean ± sample std' over seeds ('-' when any seed lacks the value)."""
+    if not values or any(v is None for v in values):
+        return "-"
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}" if isinstance(values[0], float) else f"{mean:.0f} ± {std:.0f}"
+
+
+def int_list(text, flag):
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------------- the PRB paper's table
+PRB_ARMS = {  # arm -> train.py flags; everything else identical across arms
+    "lora-r32": ["--method", "lora", "--lora_rank", "32"],
+    "lora-r37": ["--method", "lora", "--lora_rank", "37"],  # parameter-matched control
+    "prb-causal": ["--method", "prb", "--prb_pool", "causal"],  # ours: no future tokens, no gold label
+    "prb-causal-label": ["--method", "prb", "--prb_pool", "causal", "--prb_label_bias", "on"],
+    "prb-full": ["--method", "prb", "--prb_pool", "full"],  # the published pooling (leaks the future)
+    "prb-full-label": ["--method", "prb", "--prb_pool", "full", "--prb_label_bias", "on"],  # as published
+}
+PRB_PAPER = {"lora-r32": (3.357, 3.384), "lora-r37": (3.378, 3.401), "prb-full-label": (2.974, 2.991)}  # val, test
+
+
+def prb_table(argv):
+    p = Parser(description="Run the PRB paper's arms over seeds (unknown flags go to train.py for every arm), "
+                           "then write a markdown table, a loss-curve plot and emotion-consistency scores.")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", default=",".join(PRB_ARMS), help="comma-separated subset of " + ", ".join(PRB_ARMS))
+    p.add_argument("--out_dir", default="out/prb-table")
+    p.add_argument("--threshold", type=float, default=3.0, help="report the first step with val loss below this")
+    p.add_argument("--samples", type=int, default=32, help="continuations per emotion for the consistency score")
+    p.add_argument("--max_new_tokens", type=int, default=30)
+    a, train_flags = p.parse_known_args(argv)
+    arms = a.arms.split(",")
+    if unknown := [arm for arm in arms if arm not in PRB_ARMS]:
+        raise InputError(f"unknown arm {unknown[0]!r}; arms are {', '.join(PRB_ARMS)}")
+    runs = run_grid(a.out_dir, {arm: PRB_ARMS[arm] for arm in arms}, a.seeds, train_flags)
+    done = summaries(runs)
+    device, _, _ = resolve_system(dtype="float32", compile=False)
+    first = done[arms[0]][0]
+    with open(os.path.join(first["data_dir"], "meta.json")) as f:
+        meta = json.load(f)
+    clf, clf_accuracy = train_classifier(first["data_dir"], meta)
+    consistency = {arm: [emotion_consistency(load_run(d, "final", device)[0], meta, clf, a.samples, a.max_new_tokens,
+                                             device, seed) for seed, d in enumerate(dirs)] for arm, dirs in runs.items()}
+
+    def first_below(run_dir):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            steps = [r["step"] for r in map(json.loads, f) if r["val_loss"] is not None and r["val_loss"] < a.threshold]
+        return steps[0] if steps else None
+    col = lambda arm, f: mean_spread([f(s) for s in done[arm]])
+    rows = []
+    for arm in arms:
+        firsts = [first_below(d) for d in runs[arm]]
+        rows.append([arm, f"{done[arm][0]['params']['trainable']:,}", col(arm, lambda s: s["final"]["val_loss"]),
+                     col(arm, lambda s: s["final"]["test_loss"]), col(arm, lambda s: s["best"]["val_loss"]),
+                     col(arm, lambda s: s["best"]["test_loss"]),
+                     mean_spread(firsts) if None not in firsts else f"{len(firsts) - firsts.count(None)}/{len(firsts)} seeds",
+                     mean_spread([c["mean"] for c in consistency[arm]]),
+                     "{:.3f} / {:.3f}".format(*PRB_PAPER[arm]) if arm in PRB_PAPER else "-"])
+    lines = [f"Base: `{first['init_from']}`, {first['steps']} steps, {a.seeds} seeds (mean ± sample std), "
+             f"device {first['device']}. Loss: {first['loss']}. Consistency: share of {a.samples} sampled "
+             f"continuations per emotion that a bag-of-tokens classifier (test accuracy {clf_accuracy:.3f}) "
+             f"assigns to the prompted emotion (chance 1/6).", "",
+             *markdown(["arm", "trainable", "val (final)", "test (final)", "val (best)", "test (best)",
+                        f"first step val < {a.threshold}", "consistency", "paper val / test"], rows)]
+    write_report(a.out_dir, "prb-table", lines,
+                 {"summaries": done, "consistency": consistency, "classifier_test_accuracy": clf_accuracy})
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for color, (arm, dirs) in zip(plt.cm.tab10.colors, runs.items()):
+            for seed, d in enumerate(dirs):
+                with open(os.path.join(d, "metrics.jsonl")) as f:
+                    pts = [(r["step"], r["val_loss"]) for r in map(json.loads, f) if r["val_loss"] is not None]
+                ax.plot(*zip(*pts), color=color, alpha=0.8, label=arm if seed == 0 else None)
+        ax.set(xlabel="step", ylabel="val loss (token-weighted CE)", title="PRB paper arms, every seed")
+        ax.legend()
+        save_figure(plt, fig, os.path.join(a.out_dir, "loss-curves.png"))
+
+
+# ------------------------------------------------------------------------------------- register tokens: EM/F1 vs k
+def regbert_sweep(argv):
+    p = Parser(description="Train register-token BERT on SQuAD for every k over seeds (unknown flags go to "
+                           "train.py), then write a markdown table of dev EM/F1 and a plot of EM/F1 against k.")
+    p.add_argument("--ks", default="0,1,2,4,8,16", help="comma-separated register counts")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out_dir", default="out/regbert-sweep")
+    a, train_flags = p.parse_known_args(argv)
+    ks = int_list(a.ks, "--ks")
+    runs = run_grid(a.out_dir, {f"k{k}": ["--dataset", "squad", "--register_tokens", str(k)] for k in ks}, a.seeds,
+                    train_flags)
+    done = {k: runs_done for k, runs_done in zip(ks, summaries(runs).values())}
+    first = done[ks[0]][0]
+    col = lambda k, key: mean_spread([s["final"][key] for s in done[k]])
+    lines = [f"Base `{first['init_from']}`, {first['steps']} steps, {a.seeds} seed(s) (mean ± sample std), device "
+             f"{first['device']}; EM/F1 (official SQuAD v1.1) on all {first['final']['n']} questions of the dev file, "
+             f"final weights.", "",
+             *markdown(["k registers", "trainable", "EM", "F1", "dev loss"],
+                       [[k, f"{done[k][0]['params']['trainable']:,}", col(k, "em"), col(k, "f1"), col(k, "test_loss")]
+                        for k in ks], left=0)]
+    write_report(a.out_dir, "regbert-sweep", lines, {str(k): v for k, v in done.items()})
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        positions = range(len(ks))  # k is roughly geometric: equal spacing reads better than a linear axis
+        for key, marker in (("f1", "o"), ("em", "s")):
+            values = [[s["final"][key] for s in done[k]] for k in ks]
+            ax.plot(positions, [sum(v) / len(v) for v in values], marker=marker, label=key.upper())
+            for x, v in zip(positions, values):
+                ax.scatter([x] * len(v), v, color="gray", s=8, alpha=0.6)
+        ax.set_xticks(list(positions), [str(k) for k in ks])
+        ax.set(xlabel="register tokens k", ylabel="dev score (%)", title="register-token BERT on SQuAD v1.1 (dots: seeds)")
+        ax.legend()
+        save_figure(plt, fig, os.path.join(a.out_dir, "em-f1-vs-k.png"))
+
+
+# ------------------------------------------------------------------------------------- MemFT: the memory law
+PAPER_LAW = "R^2 > 0.98 over models and benchmarks; Spearman rho(earliest stubborn, first failure) = 0.908"
+
+
+def memory_law_sweep(argv):
+    p = Parser(description="One row per memorisation run (train.py --dataset phonebook|longctx), the memory law "
+                           "Delta L = C r^alpha l^-beta + b fitted per method, and plots. With --ranks and --lengths "
+                           "it first trains every (method, rank, length) into --out_dir (unknown flags go to "
+                           "train.py; finished runs are reused, interrupted ones resumed).")
+    p.add_argument("runs", nargs="*", help="run folders, or folders holding them (default: --out_dir)")
+    p.add_argument("--methods", default="sft", help="comma-separated: sft, memft-ot, memft-sw")
+    p.add_argument("--ranks", default="", help="comma-separated ranks to train (none: only read the runs)")
+    p.add_argument("--lengths", default="", help="comma-separated dataset sizes in answer tokens to train")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--out_dir", default="out/memory-law")
+    ours, train_flags = split_flags(argv, {"--methods", "--ranks", "--lengths", "--seeds", "--out_dir"})
+    a = p.parse_args(ours)
+    ranks, lengths = int_list(a.ranks, "--ranks"), int_list(a.lengths, "--lengths")
+    if bool(ranks) != bool(lengths):
+        raise InputError("give both --ranks and --lengths to train a sweep, or neither to read finished runs")
+    if ranks:
+        arms = {f"{m}-r{r}-l{l}": ["--method", m, "--memory_rank", str(r), "--length", str(l)]
+                for m in a.methods.split(",") for r in ranks for l in lengths}
+        if "--dataset" not in train_flags:
+            train_flags = ["--dataset", "phonebook", *train_flags]
+        run_grid(a.out_dir, arms, a.seeds, train_flags)
+    rows = [memory_row(d) for d in memory_runs(a.runs or [a.out_dir])]
+    if not rows:
+        raise InputError(f"no finished memorisation runs (summary.json with a rank) in {', '.join(a.runs or [a.out_dir])}")
+    write_memory_law(rows, a.out_dir)
+
+
+def split_flags(argv, known):
+    """(our words, train.py's flags): a bare word right after a flag is its value, any other bare word is ours (a
+    run folder). So `RUNS... --memory_rank 4` and `--init_from scratch RUNS...` both split right; put run folders
+    first when a train.py flag takes no value."""
+    ours, theirs, owner = [], [], None
+    for word in argv:
+        if word.startswith("-"):
+            target = ours if word.split("=")[0] in known | {"-h", "--help"} else theirs
+            target.append(word)
+            owner = None if "=" in word else target
+        else:
+            (owner if owner is not None else ours).append(word)
+            owner = None
+    return ours, theirs
+
+
+def memory_runs(paths):
+    """Run folders among `paths` and their subfolders (one level), finished and memorisation runs only."""
+    found = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise InputError(f"{path} is not a folder")
+        candidates = [path] + sorted(os.path.join(path, d) for d in os.listdir(path))
+        found += [d for d in candidates if os.path.isfile(os.path.join(d, "summary.json"))
+                  and "rank" in json.load(open(os.path.join(d, "summary.json")))]
+    return found
+
+
+def memory_row(run_dir):
+    s = json.load(open(os.path.join(run_dir, "summary.json")))
+    final = s["final"]
+    with open(os.path.join(run_dir, "recall.jsonl")) as f:
+        recall = [json.loads(l) for l in f]
+    return {"run": run_dir, "method": s["method"], "dataset": s["dataset"], "rank": s["rank"], "length": s["length"],
+            "L_init": s["L_init"], "L_final": final["test_loss"], "delta_loss": s["L_init"] - final["test_loss"],
+            "exact_match": final["exact_match"], "token_accuracy": final["token_accuracy"],
+            "failed": final["failed_entries"], "rho": final["rho_stubborn_failure"], "recall": recall}
+
+
+def write_memory_law(rows, out_dir):
+    """memory-law.md / .json / .csv (one row per run, the law per method, rho pooled per method) and four plots."""
+    order = ["sft", "memft-ot", "memft-sw"]
+    methods = sorted({r["method"] for r in rows}, key=lambda m: order.index(m) if m in order else len(order))
+    fits, pooled_rho = {}, {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        if len({(r["rank"], r["length"]) for r in mine}) >= 5:  # four parameters: at least five distinct points
+            fits[m] = fit_memory_law([r["rank"] for r in mine], [r["length"] for r in mine], [r["delta_loss"] for r in mine])
+            for r in mine:
+                r["predicted"] = memory_law(torch.tensor([math.log(fits[m]["C"]), fits[m]["alpha"], fits[m]["beta"],
+                                                          fits[m]["b"]], dtype=torch.float64),
+                                            torch.tensor(float(r["rank"])), torch.tensor(float(r["length"]))).item()
+        failed = [e for r in mine for e in r["recall"] if e["first_failure"] >= 0]
+        x, y = [e["first_stubborn"] for e in failed], [e["first_failure"] for e in failed]
+        pooled_rho[m] = {"rho": spearman(x, y) if len(set(x)) > 1 and len(set(y)) > 1 else None, "entries": len(failed)}
+    rows.sort(key=lambda r: (methods.index(r["method"]), r["length"], r["rank"]))
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    lines = markdown(["method", "length", "rank", "L_init", "L_final", "ΔL", "law ΔL", "exact match", "token acc",
+                      "failed", "ρ"],
+                     [[r["method"], r["length"], r["rank"], f"{r['L_init']:.3f}", f"{r['L_final']:.3f}",
+                       f"{r['delta_loss']:.3f}", fmt(r.get("predicted"), ".3f"), f"{100 * r['exact_match']:.1f}%",
+                       f"{100 * r['token_accuracy']:.1f}%", r["failed"], fmt(r["rho"], ".3f")] for r in rows])
+    law_rows = []
+    for m in methods:
+        f = fits.get(m)
+        fitted = ([f"{f['C']:.4g}", f"{f['alpha']:.3f}", f"{f['beta']:.3f}", f"{f['b']:.3f}", f"{f['r2']:.3f}",
+                   f"{f['mape']:.1f}%"] if f else ["-"] * 6)
+        law_rows.append([m, *fitted, f"{fmt(pooled_rho[m]['rho'], '.3f')} ({pooled_rho[m]['entries']} entries)"])
+    lines += ["", *markdown(["method", "C", "α", "β", "b", "R²", "MAPE", "ρ (pooled failures)"], law_rows)]
+    lines += ["", *exact_match_by_rank(rows, methods), "", f"Paper: {PAPER_LAW}."]
+    write_report(out_dir, "memory-law", lines, {"rows": [{k: v for k, v in r.items() if k != "recall"} for r in rows],
+                                                "fits": fits, "rho_pooled": pooled_rho})
+    with open(os.path.join(out_dir, "memory-law.csv"), "w") as f:
+        keys = ["method", "dataset", "length", "rank", "L_init", "L_final", "delta_loss", "predicted", "exact_match",
+                "token_accuracy", "failed", "rho", "run"]
+        f.write(",".join(keys) + "\n")
+        f.writelines(",".join("" if r.get(k) is None else str(r[k]) for k in keys) + "\n" for r in rows)
+    plot_memory_law(rows, methods, out_dir)
+
+
+def exact_match_by_rank(rows, methods):
+    """Exact match (%) with one row per (length, rank) and one column per method: the SFT vs MemFT table."""
+    cells = {(r["length"], r["rank"], r["method"]): r["exact_match"] for r in rows}
+    keys = sorted({(r["length"], r["rank"]) for r in rows})
+    return markdown(["length", "rank", *(f"{m} EM" for m in methods)],
+                    [[length, rank, *(f"{100 * cells[(length, rank, m)]:.1f}%" if (length, rank, m) in cells else "-"
+                                      for m in methods)] for length, rank in keys], left=0)
+
+
+def plot_memory_law(rows, methods, out_dir):
+    """law-fit.png (predicted vs measured ΔL), loss- and accuracy-heatmap.png (length x rank, one panel per
+    method), stubborn-grid.png (p_target of every answer token, length x rank, sub-threshold tokens in red)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fitted = [r for r in rows if "predicted" in r]
+    if fitted:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for color, m in zip(plt.cm.tab10.colors, methods):
+            pts = [(r["delta_loss"], r["predicted"]) for r in fitted if r["method"] == m]
+            if pts:
+                ax.scatter(*zip(*pts), color=color, label=m)
+        lo, hi = min(min(r["delta_loss"], r["predicted"]) for r in fitted), max(max(r["delta_loss"], r["predicted"]) for r in fitted)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set(xlabel="measured ΔL = L_init - L_final", ylabel="law C r^α l^-β + b", title="memory law fit")
+        ax.legend()
+        save_figure(plt, fig, os.path.join(out_dir, "law-fit.png"))
+    lengths, ranks = sorted({r["length"] for r in rows}), sorted({r["rank"] for r in rows})
+    for key, name, title in (("L_final", "loss-heatmap.png", "final loss"), ("token_accuracy", "accuracy-heatmap.png",
+                                                                             "token accuracy")):
+        fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.2), squeeze=False)
+        for ax, m in zip(axes[0], methods):
+            grid = torch.full((len(lengths), len(ranks)), float("nan"))
+            for r in rows:
+                if r["method"] == m:
+                    grid[lengths.index(r["length"]), ranks.index(r["rank"])] = r[key]
+            image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
+            for i in range(len(lengths)):
+                for j in range(len(ranks)):
+                    if not math.isnan(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=7)
+            ax.set_xticks(range(len(ranks)), ranks)
+            ax.set_yticks(range(len(lengths)), lengths)
+            ax.set(xlabel="rank", ylabel="length (answer tokens)", title=f"{m}: {title}")
+            fig.colorbar(image, ax=ax)
+        save_figure(plt, fig, os.path.join(out_dir, name))
+    first = [r for r in rows if r["method"] == methods[0]]
+    fig, axes = plt.subplots(len(lengths), len(ranks), figsize=(2.4 * len(ranks), 1.6 * len(lengths)), squeeze=False,
+                             sharey=True)
+    for r in first:
+        ax = axes[lengths.index(r["length"])][ranks.index(r["rank"])]
+        p = [v for e in r["recall"] for v in e["p_target"]]  # every answer token, entries in file order
+        low = [(i, v) for i, v in enumerate(p) if v < 0.5]
+        ax.plot(p, lw=0.5, color="tab:blue")
+        if low:
+            ax.scatter(*zip(*low), s=2, color="tab:red")
+        ax.axhline(0.5, color="gray", lw=0.5)
+        ax.set_title(f"l={r['length']} r={r['rank']}: {len(low)} < 0.5", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"{methods[0]}: p_target per answer token (red: stubborn, p < 0.5)", fontsize=9)
+    save_figure(plt, fig, os.path.join(out_dir, "stubborn-grid.png"))
+
+
+if __name__ == "__main__":
+    main()

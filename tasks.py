@@ -1,0 +1,280 @@
+"""What a task is, and the first one: language modelling (`--dataset emotion | squadtext`).
+
+A task owns everything about its data: preparing and loading it, the order of training batches, the loss that
+train.py logs, the scores of a finished run and its flag defaults. train.py and eval.py never look at a dataset's
+name; they call the task of the run (runs.py: TASKS maps each dataset to its task):
+
+    task = TASKS[args.dataset](args, device, training=True)
+    train_split, val_split = task.splits()           # objects with .n, .row_len, .padded_length(rows), .batch(...)
+    order = task.training_order(train_split)         # (steps, batch_size) row ids, a pure function of the flags
+    loss_sum, count = task.loss_sum(logits, targets) # the logged loss is loss_sum / count
+    task.test_scores(model, autocast, batch_size, out_dir)   # {"test_loss": ..., and the task's metrics}
+
+The other tasks: extractive QA on SQuAD (squad.py) and exact recall of memorised entries (recall.py).
+
+Language modelling. Each example is `[LABEL] text<|endoftext|>` (emotion) or a paragraph (squadtext); the model
+predicts every token from its prefix, label tokens and the closing <|endoftext|> included; padding is masked out.
+The loss, used for train, val and test alike, is the token-weighted mean cross-entropy over every real target
+token: sum(CE over real target tokens) / (number of real target tokens), over a batch for a training step, over the
+last --log_interval steps for `train_loss`, over a whole split for val/test.
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import InputError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def prepare_module(dataset):
+    """data/<dataset>/prepare.py as a module (it is a script in a folder, not a package)."""
+    spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", dataset, "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prepare_if_missing(dataset, data_dir, **options):
+    """Run data/<dataset>/prepare.py on first use, so the main command works on a fresh machine."""
+    if os.path.isfile(os.path.join(data_dir, "meta.json")):
+        return
+    cmd = f"python data/{dataset}/prepare.py --source DIR --out_dir {data_dir}"
+    print(f"{data_dir} is not prepared; preparing it now (downloading {dataset})")
+    try:
+        prepare_module(dataset).prepare(None, data_dir, **options)
+    except Exception as e:  # offline: say how to prepare from local files
+        raise InputError(f"{data_dir} is not prepared and downloading failed ({type(e).__name__}); run: {cmd}") from None
+
+
+def read_meta(data_dir, dataset):
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {data_dir}/meta.json ({type(e).__name__}); prepare the data with "
+                         f"python data/{dataset}/prepare.py --out_dir {data_dir}") from None
+
+
+class Split:
+    """One split as padded device tensors: x[i] = row i without its last token, y[i] = row i without its first
+    (-1 where padding). A batch is cut to the length of its longest row rounded up to a multiple of
+    `pad_multiple`, so there are only a few distinct, static shapes (one compiled graph each) and little
+    compute goes into padding."""
+
+    def __init__(self, data_dir, split, meta, device, pad_multiple=16):
+        try:
+            tokens = np.load(os.path.join(data_dir, f"{split}_tokens.npy"))
+            offsets = np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
+            labels = np.load(os.path.join(data_dir, f"{split}_labels.npy"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read the prepared {split} split in {data_dir} ({e}); prepare it again") from None
+        length, pad_id = meta["max_len"] - 1, meta["eot_token"]  # inputs drop the last token of the longest row
+        self.n, self.length, self.pad_multiple = len(offsets) - 1, length, pad_multiple
+        self.row_len = np.diff(offsets) - 1  # targets per row, known on the host: no device sync to size a batch
+        x = np.full((self.n, length), pad_id, dtype=np.int64)
+        y = np.full((self.n, length), -1, dtype=np.int64)
+        for i in range(self.n):
+            row = tokens[offsets[i]:offsets[i + 1]].astype(np.int64)
+            x[i, :len(row) - 1], y[i, :len(row) - 1] = row[:-1], row[1:]
+        self.x, self.y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.prompt_len = torch.tensor(meta["prompt_tokens"], device=device)[self.labels]  # tokens of each row's `[LABEL]`
+
+    def padded_length(self, rows_host):
+        longest = int(self.row_len[rows_host].max())
+        return min(self.length, -(-longest // self.pad_multiple) * self.pad_multiple)
+
+    def batch(self, rows, length):
+        """rows: row ids (device tensor); length: from padded_length of the same rows."""
+        return self.x[rows, :length], self.y[rows, :length], {"label": self.labels[rows], "prompt_len": self.prompt_len[rows]}
+
+
+def training_order(n, batch_size, max_steps, seed):
+    """(max_steps, batch_size) row ids: a fresh seeded permutation each epoch. A pure function of its arguments,
+    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    epochs = math.ceil(max_steps * batch_size / n)
+    order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e)) for e in range(epochs)])
+    return order[: max_steps * batch_size].view(max_steps, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+def lm_loss_sum(logits, targets):
+    """(sum of CE over real target tokens, number of real target tokens); targets of -1 are padding."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+    return total, (targets != -1).sum()
+
+
+@torch.no_grad()
+def evaluate(model, split, batch_size, autocast, max_batches=0, loss_sum=lm_loss_sum):
+    """Mean loss (sum / count of `loss_sum`) over the split, or over a fixed random subset of
+    max_batches * batch_size rows. Rows go shortest first, so batches need little padding; the last batch is
+    filled with repeated rows whose targets count nothing."""
+    model.eval()
+    device = split.x.device
+    rows_used = np.arange(split.n)
+    if 0 < max_batches * batch_size < split.n:  # the same subset at every evaluation
+        rows_used = np.random.default_rng(0).permutation(split.n)[:max_batches * batch_size]
+    by_length = rows_used[np.argsort(split.row_len[rows_used], kind="stable")]
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    for b in range(math.ceil(len(by_length) / batch_size)):
+        rows = by_length[b * batch_size:(b + 1) * batch_size]
+        real = len(rows)
+        rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - real)])
+        x, y, ctx = split.batch(torch.from_numpy(rows).to(device), split.padded_length(rows))
+        y[real:] = -1  # filler rows
+        with autocast:
+            s, c = loss_sum(model(x, ctx), y)
+        total, count = total + s, count + c
+    model.train()
+    return (total / count).item()
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+class Task:
+    datasets = ()        # the --dataset names this task trains on
+    defaults = {}        # flag defaults for those datasets (explicit flags win)
+    add_flags = None     # fn(parser): the task's CLI flag group, if it has flags
+    architecture = "gpt"  # the model the task trains: "gpt" or "bert"
+    generates = False    # eval.py samples text from it (language modelling)
+    loss_description = "token-weighted mean cross-entropy over real target tokens"
+
+    def __init__(self, args, device, training=False):
+        """training: prepare missing data and check it against the model before a run starts."""
+        self.args, self.device = args, device
+
+    @classmethod
+    def defaults_for(cls, dataset):
+        return cls.defaults
+
+    def splits(self):
+        """(train split, validation split)."""
+        raise NotImplementedError
+
+    def training_order(self, train_split):
+        a = self.args
+        return training_order(train_split.n, a.batch_size, a.max_steps, a.seed)
+
+    def loss_sum(self, logits, targets):
+        return lm_loss_sum(logits, targets)
+
+    def evaluate(self, model, split, autocast, batch_size, max_batches=0):
+        return evaluate(model, split, batch_size, autocast, max_batches, self.loss_sum)
+
+    def throughput(self, targets_per_s):
+        return {"tokens_per_s": targets_per_s}
+
+    def check_model(self, model):
+        if self.meta["max_len"] - 1 > model.config.block_size:
+            raise InputError(f"rows of up to {self.meta['max_len'] - 1} tokens do not fit block_size {model.config.block_size}")
+
+    def test_scores(self, model, autocast, batch_size, out_dir=None):
+        """{"test_loss": ..., and the task's own metrics} of the model; out_dir: write per-example files there."""
+        raise NotImplementedError
+
+    def evaluation(self, model, autocast, batch_size):
+        """What eval.py reports of a finished run."""
+        return self.test_scores(model, autocast, batch_size)
+
+    def headline(self, scores):
+        """The task's metrics as a short line fragment ("" when the loss is all there is)."""
+        return ""
+
+
+class LanguageModeling(Task):
+    """--dataset emotion | squadtext: prepared token arrays (data/<dataset>/prepare.py), val/test loss."""
+    datasets = ("emotion", "squadtext")
+    generates = True
+
+    def __init__(self, args, device, training=False):
+        super().__init__(args, device, training)
+        if training:
+            prepare_if_missing(args.dataset, args.data_dir)
+        self.meta = read_meta(args.data_dir, args.dataset)
+
+    def split(self, name):
+        return Split(self.args.data_dir, name, self.meta, self.device, self.args.pad_multiple)
+
+    def splits(self):
+        return self.split("train"), self.split("validation")
+
+    def test_scores(self, model, autocast, batch_size, out_dir=None):
+        return {"test_loss": self.evaluate(model, self.split("test"), autocast, batch_size)}
+
+    def evaluation(self, model, autocast, batch_size):
+        return {f"{name}_loss": self.evaluate(model, self.split(name), autocast, batch_size) for name in ("validation", "test")}
+
+
+# ---------------------------------------------------------------------------------------------------- emotion consistency
+# A metric of generations from `[EMOTION]` prompts (the PRB table, sweeps.py): does a continuation read as the
+# prompted emotion, according to a classifier trained on the emotion train split?
+class EmotionClassifier(nn.Module):
+    """Bag-of-tokens logistic regression on GPT-2 BPE ids: p(label | text) = softmax(mean_t W[token_t] + b)."""
+
+    def __init__(self, vocab_size, n_labels):
+        super().__init__()
+        self.weights = nn.EmbeddingBag(vocab_size, n_labels, mode="mean")
+        self.bias = nn.Parameter(torch.zeros(n_labels))
+
+    def forward(self, tokens, offsets):
+        return self.weights(tokens, offsets) + self.bias
+
+
+def text_only(split_dir, split, meta):
+    """(tokens, offsets, labels) of each row's text: the `[LABEL]` prefix and closing <|endoftext|> removed."""
+    tokens, offsets, labels = (np.load(os.path.join(split_dir, f"{split}_{k}.npy")) for k in ("tokens", "offsets", "labels"))
+    rows = [tokens[offsets[i] + meta["prompt_tokens"][labels[i]]:offsets[i + 1] - 1] for i in range(len(labels))]
+    return rows, torch.from_numpy(labels)
+
+
+def pack(rows):
+    lengths = torch.tensor([max(len(r), 1) for r in rows])
+    flat = torch.cat([torch.as_tensor(r if len(r) else [0], dtype=torch.long) for r in rows])
+    return flat, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+
+
+def train_classifier(data_dir, meta, epochs=5, seed=0):
+    """Fit on the train split's texts; returns (classifier, test accuracy)."""
+    torch.manual_seed(seed)
+    rows, labels = text_only(data_dir, "train", meta)
+    clf = EmotionClassifier(meta["vocab_size"], len(meta["labels"]))
+    opt = torch.optim.Adam(clf.parameters(), lr=0.5)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(rows)).split(256):
+            loss = F.cross_entropy(clf(*pack([rows[i] for i in batch])), labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    test_rows, test_labels = text_only(data_dir, "test", meta)
+    with torch.no_grad():
+        accuracy = (clf(*pack(test_rows)).argmax(-1) == test_labels).float().mean().item()
+    return clf, accuracy
+
+
+@torch.no_grad()
+def emotion_consistency(model, meta, clf, samples, max_new_tokens, device, seed=0):
+    """Fraction of sampled continuations of `[LABEL]` that the classifier assigns to LABEL, per label and mean."""
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    generator = torch.Generator(device).manual_seed(seed)
+    scores = {}
+    for label, name in enumerate(meta["labels"]):
+        prompt = enc.encode_ordinary(f"[{name.upper()}]")
+        idx = torch.tensor([prompt] * samples, device=device)
+        ctx = {"label": torch.full((samples,), label, device=device),
+               "prompt_len": torch.full((samples,), len(prompt), device=device)}
+        out = model.generate(idx, max_new_tokens, temperature=0.8, top_k=50, ctx=ctx, generator=generator)
+        rows = []
+        for seq in out[:, len(prompt):].tolist():
+            rows.append(seq[:seq.index(enc.eot_token)] if enc.eot_token in seq else seq)
+        scores[name] = (clf(*pack(rows)).argmax(-1) == label).float().mean().item()
+    scores["mean"] = sum(scores.values()) / len(meta["labels"])
+    return scores
