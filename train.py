@@ -90,6 +90,12 @@ def parse_explicit(parser, argv):
     return parser.parse_args(argv), {k for k, v in vars(given).items() if v is not unset}
 
 
+def set_unless_explicit(args, explicit, defaults):
+    for name, value in defaults.items():
+        if name not in explicit:
+            setattr(args, name, value)
+
+
 def parse_args(argv):
     """Flags in order of precedence: explicit > the method's defaults > the task's defaults > the parser's."""
     parser = build_parser()
@@ -102,12 +108,8 @@ def parse_args(argv):
         args, explicit = parse_explicit(parser, argv)
     for old in old_flags:
         delattr(args, f"renamed_{old}")
-    for name, value in TASKS[args.dataset].defaults_for(args.dataset).items():
-        if name not in explicit:
-            setattr(args, name, value)
-    for name, value in METHODS[args.method].defaults.items():
-        if name not in explicit:
-            setattr(args, name, value)
+    set_unless_explicit(args, explicit, TASKS[args.dataset].defaults_for(args.dataset))  # may choose the method
+    set_unless_explicit(args, explicit, METHODS[args.method].defaults)
     if args.dataset not in METHODS[args.method].datasets:
         raise InputError(f"--method {args.method} trains on --dataset {' or '.join(METHODS[args.method].datasets)}, "
                          f"not {args.dataset}")
@@ -161,6 +163,7 @@ class Run:
         self.scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=dtype == torch.float16)
         self.running = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, target tokens, steps
         self.step, self.best_val, self.best_step, self.elapsed, self.t0 = 0, float("inf"), -1, 0.0, time.time()
+        self.t_window, self.logged_step = self.t0, -1  # start of the current log window; the last step logged
         self.path = os.path.join(args.out_dir, "ckpt.pt")
 
     def wall(self):
@@ -187,6 +190,33 @@ class Run:
 
     def save(self):
         atomic_torch_save(self.state_dict(), self.path)
+
+    def log(self, task, val_split):
+        """Append one line to metrics.jsonl: the train loss over the window since the last line, and every
+        --eval_interval steps the val loss (best.pt and ckpt.pt follow it). Returns the line (None if logged)."""
+        a, step = self.args, self.step
+        if step == self.logged_step:
+            return None
+        record = {"step": step, "train_loss": None, "val_loss": None, "lr": lr_at(step, a)}
+        loss_sum, tokens, steps = self.running.tolist()
+        if steps > 0:
+            record["train_loss"] = loss_sum / tokens
+            self.check_finite(record["train_loss"], "train loss")
+            record |= task.throughput(tokens / (time.time() - self.t_window))
+        if step % a.eval_interval == 0 or step == a.max_steps:
+            record["val_loss"] = task.evaluate(self.model, val_split, self.autocast, a.eval_batch_size, a.eval_iters)
+            self.check_finite(record["val_loss"], "val loss")
+            if record["val_loss"] < self.best_val:
+                self.best_val, self.best_step = record["val_loss"], step
+                atomic_torch_save(saved_state(self.model, a), os.path.join(a.out_dir, "best.pt"))
+        record["elapsed_s"] = self.wall()
+        with open(os.path.join(a.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.running.zero_()
+        self.t_window = time.time()
+        if record["val_loss"] is not None:
+            self.save()
+        return record
 
     def check_finite(self, value, what):
         if not math.isfinite(value):
@@ -229,47 +259,21 @@ def train(args, explicit):
     print(f"{args.method} on {args.dataset}: {run.n_trainable:,} trainable of {run.n_total:,} parameters; "
           f"device {device}, {str(dtype).removeprefix('torch.')}, compile {compile_}")
 
-    stop = {"asked": False}
-
-    def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, exit; second: exit now
-        stop["asked"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
     step_model = torch.compile(model, dynamic=False) if compile_ else model  # one static graph per batch shape
     model.train()
-    run.t0 = t_window = time.time()
+    run.t0 = run.t_window = time.time()
+    run.logged_step = run.step if ckpt is not None else -1  # a checkpoint's own step was logged before it was saved
     bar = tqdm(total=args.max_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=None)
-    logged_step = run.step if ckpt is not None else -1  # a checkpoint's own step was logged before it was saved
-    try:
+    with CtrlC() as ctrl_c:
         while True:
             step = run.step
-            # log and evaluate
-            if (step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.max_steps) \
-                    and step != logged_step:
-                record = {"step": step, "train_loss": None, "val_loss": None, "lr": lr_at(step, args)}
-                loss_sum, tokens, steps = run.running.tolist()
-                if steps > 0:
-                    record["train_loss"] = loss_sum / tokens
-                    run.check_finite(record["train_loss"], "train loss")
-                    record |= task.throughput(tokens / (time.time() - t_window))
-                if step % args.eval_interval == 0 or step == args.max_steps:
-                    record["val_loss"] = task.evaluate(model, val_split, run.autocast, args.eval_batch_size, args.eval_iters)
-                    run.check_finite(record["val_loss"], "val loss")
-                    if record["val_loss"] < run.best_val:
-                        run.best_val, run.best_step = record["val_loss"], step
-                        atomic_torch_save(saved_state(model, args), os.path.join(args.out_dir, "best.pt"))
-                record["elapsed_s"] = run.wall()
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.endswith("loss") and v is not None})
-                run.running.zero_()
-                t_window = time.time()
-                if record["val_loss"] is not None:
-                    run.save()
+            # log and evaluate (and checkpoint after every evaluation)
+            if step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.max_steps:
+                if record := run.log(task, val_split):
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.endswith("loss") and v is not None})
             if step == args.max_steps:
                 break
-            if stop["asked"]:
+            if ctrl_c.pressed:
                 run.check_finite(run.running[0].item(), "train loss")
                 run.save()
                 bar.close()
@@ -301,10 +305,24 @@ def train(args, explicit):
                                         torch.ones((), device=device, dtype=torch.float64)])
             run.step += 1
             bar.update(1)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     return finish(run, task)
+
+
+class CtrlC:
+    """While active, the first Ctrl-C only sets `pressed` (the loop finishes its step, saves and exits); a second
+    one interrupts at once."""
+
+    def __enter__(self):
+        self.pressed, self.previous = False, signal.signal(signal.SIGINT, self.press)
+        return self
+
+    def press(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 def finish(run, task):

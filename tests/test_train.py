@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import ROOT, interrupt_run, save_tiny_hf_gpt2
+from model import InputError
 
 TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
         "--batch_size", "4", "--lr", "3e-3", "--warmup", "20", "--eval_iters", "2", "--eval_batch_size", "32",
@@ -141,3 +142,40 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(emotion
     one_line_error(result, "training diverged", "lower --lr")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 0  # the checkpoint written before the divergence, untouched
+
+
+def test_renamed_flags_still_work_with_one_note(capsys):
+    """One meaning per flag: --rank, --alpha and --n_registers became --lora_rank / --memory_rank, --lora_alpha and
+    --register_tokens; the old spellings map to the method's own flag and print one deprecation line."""
+    from train import parse_args
+    args, explicit = parse_args(["--method", "lora", "--rank", "4", "--alpha=8"])
+    assert (args.lora_rank, args.lora_alpha) == (4, 8.0) and {"lora_rank", "lora_alpha"} <= explicit
+    assert not any(k.startswith("renamed_") or k in ("rank", "alpha") for k in vars(args))
+    assert capsys.readouterr().err.splitlines() == ["note: --rank is deprecated; it is --lora_rank for --method lora",
+                                                    "note: --alpha is deprecated; it is --lora_alpha for --method lora"]
+    args, _ = parse_args(["--method", "memft-ot", "--dataset", "phonebook", "--rank", "16"])
+    assert args.memory_rank == 16 and args.lora_rank == 32
+    args, _ = parse_args(["--dataset", "squad", "--n_registers", "2"])  # squad's default method: regbert
+    assert args.method == "regbert" and args.register_tokens == 2 and args.lora_rank == 0  # regbert's default
+    with pytest.raises(InputError, match="--rank has no meaning for --method regbert"):
+        parse_args(["--dataset", "squad", "--rank", "2"])
+
+
+def test_defaults_come_in_layers():
+    from train import parse_args
+    args, _ = parse_args(["--method", "memft-sw", "--dataset", "phonebook"])
+    assert args.curriculum == "on" and args.lr == 1e-2 and args.batch_size == 10  # the method's, then the task's
+    args, _ = parse_args(["--method", "memft-ot", "--dataset", "phonebook", "--lr", "3e-3"])
+    assert args.curriculum == "off" and args.lr == 3e-3  # explicit flags win
+    args, _ = parse_args(["--dataset", "longctx", "--method", "sft"])
+    assert args.batch_size == 1
+
+
+def test_runs_saved_under_the_old_flag_names_load():
+    from runs import upgrade_args
+    old = {"method": "prb", "rank": 8, "alpha": 16.0, "lora_dropout": 0.1}
+    assert upgrade_args(old) == {"method": "prb", "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.1}
+    memory = upgrade_args({"method": "memft-sw", "rank": 4, "curriculum": "auto"})
+    assert memory == {"method": "memft-sw", "memory_rank": 4, "curriculum": "on"}
+    assert upgrade_args({"method": "sft", "rank": 4, "curriculum": "auto"})["curriculum"] == "off"
+    assert upgrade_args({"method": "regbert", "n_registers": 2, "lora_rank": 0})["register_tokens"] == 2
