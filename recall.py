@@ -227,4 +227,5 @@ class ExactRecall(Task):
         return {"test_loss": scores.pop("loss")} | scores
 
     def headline(self, scores):
-        return f"exact match {scores['exact_match']:.3f}  token acc {scores['token_accuracy']:.3f}"
+        return (f"exact match {scores['exact_match']:.3f}  token acc {scores['token_accuracy']:.3f} over "
+                f"{scores['entries']} entries")

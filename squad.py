@@ -192,4 +192,4 @@ class ExtractiveQA(Task):
         return {"test_loss": scores.pop("loss")} | scores
 
     def headline(self, scores):
-        return f"EM {scores['em']:.2f}  F1 {scores['f1']:.2f}"
+        return f"EM {scores['em']:.2f}  F1 {scores['f1']:.2f} on {scores['n']} dev questions"
