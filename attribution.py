@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model import BertTokenizer, InputError
-from runs import Parser, load_run, pyplot, resolve_system
+from runs import Parser, fail, load_run, pyplot, resolve_system
 from squad import ExtractiveQA, QASplit
 
 
@@ -41,7 +41,7 @@ def main(argv=None):
     try:
         attention_report(a)
     except InputError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 def forward_with_attention(model, x, ctx):

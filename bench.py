@@ -32,7 +32,7 @@ from lora import apply_lora
 from method import freeze
 from model import GPT, GPT2_HUB_IDS, GPTConfig, InputError, resolve_checkpoint
 from registers import POOLS, RegisterBank
-from runs import Parser, autocast_for, rename_flags, resolve_system
+from runs import Parser, autocast_for, check_range, fail, rename_flags, resolve_system
 
 RENAMED = {"rank": "lora_rank", "alpha": "lora_alpha", "n_registers": "register_tokens"}  # old flag -> today's
 
@@ -104,7 +104,7 @@ def main(argv=None):
     try:
         argv = rename_flags(argv, RENAMED, "in bench.py")
     except InputError as e:
-        raise SystemExit(f"error: {e}")
+        fail(e)
     if argv[:1] == ["qa"]:
         return qa_main(argv[1:])
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,10 +131,25 @@ def main(argv=None):
     try:
         run(a)
     except InputError as e:
-        raise SystemExit(f"error: {e}")
+        fail(e)
+
+
+def check_shapes(a):
+    """The flags both benches share, checked before any work."""
+    check_range(a, ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "steps"), lambda v: v > 0, "positive")
+    check_range(a, ("warmup",), lambda v: v >= 0, ">= 0")
+    if a.n_embd % a.n_head:
+        raise InputError(f"--n_embd {a.n_embd} must be divisible by --n_head {a.n_head}")
+
+
+def check_positions(a, positions):
+    if a.seq_len > positions:
+        raise InputError(f"--seq_len {a.seq_len} exceeds the model's {positions} positions")
 
 
 def run(a):
+    check_shapes(a)
+    check_range(a, ("lora_rank",), lambda v: v > 0, "positive")
     device, dtype, compile_ = resolve_system(a.device, a.dtype, a.compile)
     autocast = autocast_for(device, dtype)
     torch.manual_seed(0)
@@ -144,6 +159,7 @@ def run(a):
         resolve_checkpoint(a.init_from, GPT2_HUB_IDS)  # a clear error before any work
         ours = GPT.from_pretrained(a.init_from, dropout=a.dropout)
     config = ours.config
+    check_positions(a, config.block_size)
     reference = None if a.no_reference else hf_reference(config, ours, a.lora_rank, a.lora_alpha, a.dropout, device)
     ours = apply_lora(freeze(ours), a.lora_rank, a.lora_alpha, a.dropout).to(device).train()
     with_prb = copy.deepcopy(ours)  # the same LoRA model plus a register bank before the head (PRB paper §2)
@@ -218,12 +234,14 @@ def qa_main(argv):
     try:
         qa_run(a)
     except InputError as e:
-        raise SystemExit(f"error: {e}")
+        fail(e)
 
 
 def qa_run(a):
     from model import BERT, BertConfig
     from registers import QAHead, RegisterTokens
+    check_shapes(a)
+    check_range(a, ("register_tokens",), lambda v: v >= 0, ">= 0")
     device, dtype, compile_ = resolve_system(a.device, a.dtype, a.compile)
     autocast = autocast_for(device, dtype)
     torch.manual_seed(0)
@@ -231,6 +249,7 @@ def qa_run(a):
         base = BERT(BertConfig(hidden_size=a.n_embd, n_layer=a.n_layer, n_head=a.n_head, intermediate_size=4 * a.n_embd))
     else:
         base = BERT.from_pretrained(a.init_from)
+    check_positions(a, base.config.max_position_embeddings)
     plain = copy.deepcopy(base)
     plain.attach("head", QAHead(base.config.hidden_size))
     registers = copy.deepcopy(base)

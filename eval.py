@@ -17,13 +17,14 @@ attribution.py; `eval.py prb-table ...` and the others still work and say where 
 
 import argparse
 import json
+import math
 import os
 import sys
 
 import torch
 
 from model import InputError
-from runs import Parser, autocast_for, load_run, resolve_system
+from runs import Parser, autocast_for, check_range, fail, load_run, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
 MOVED = {"prb-table": "sweeps.py", "regbert-sweep": "sweeps.py", "memory-law": "sweeps.py", "attention": "attribution.py"}
@@ -65,9 +66,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     a = p.parse_args(argv)
     try:
+        check_range(a, ("eval_batch_size", "num_samples", "top_k"), lambda v: v > 0, "positive")
+        check_range(a, ("max_new_tokens",), lambda v: v >= 0, ">= 0")
+        check_range(a, ("temperature",), lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: greedy)")
+        check_range(a, ("top_p",), lambda v: v is None or 0 < v <= 1, "in (0, 1]")
+        if "" in (a.prompt or []):
+            raise InputError("--prompt must not be empty; give the text to continue")
         run(a)
     except InputError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 def run(a):

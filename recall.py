@@ -158,6 +158,9 @@ def add_recall_flags(parser):
     g.add_argument("--curriculum_epochs", default="20,40,60,80,200", help="epoch at which each ratio ends")
 
 
+MAX_LENGTH = 1_000_000  # answer tokens; a bound so that a typo in --length fails at once instead of running for hours
+
+
 class ExactRecall(Task):
     datasets = ("phonebook", "longctx")
     add_flags = staticmethod(add_recall_flags)
@@ -170,8 +173,9 @@ class ExactRecall(Task):
 
     def __init__(self, args, device, training=False):
         super().__init__(args, device, training)
-        if args.length <= 0 or args.epochs <= 0 or not 0 <= args.noise <= 100:
-            raise InputError("--length and --epochs must be positive and --noise a percentage in 0..100")
+        if not (0 < args.length <= MAX_LENGTH and args.epochs > 0 and 0 <= args.noise <= 100):
+            raise InputError(f"--length must be in 1..{MAX_LENGTH:,} answer tokens, --epochs positive and --noise a "
+                             f"percentage in 0..100 (got {args.length}, {args.epochs}, {args.noise})")
         self.split = self.entries()
         self.meta = {"vocab_size": 50257, "max_len": self.split.length + 1, "entries": self.split.n}
 
@@ -182,7 +186,10 @@ class ExactRecall(Task):
         if a.dataset == "phonebook":
             path = os.path.join(a.data_dir, f"PB{a.length}.jsonl")
             if not os.path.isfile(path):
-                prepare_module("phonebook").prepare(a.length, a.data_dir)
+                try:
+                    prepare_module("phonebook").prepare(a.length, a.data_dir)
+                except ValueError as e:  # more entries than the name generator can make unique
+                    raise InputError(f"cannot make PhoneBook {a.length}: {e}") from None
         else:
             path = os.path.join(a.data_dir, f"long{a.length}_noise{a.noise}.jsonl")
             if not os.path.isfile(path):

@@ -144,6 +144,11 @@ class PRB(LoRA):
     """--method prb (PRB paper §2-3): LoRA on the four block matrices plus a register bank before the LM head."""
     add_flags = staticmethod(add_prb_flags)
 
+    def __init__(self, args, device="cpu"):
+        super().__init__(args, device)
+        if args.prb_registers <= 0 or args.prb_dim <= 0:
+            raise InputError(f"--prb_registers and --prb_dim must be positive, got {args.prb_registers} and {args.prb_dim}")
+
     def setup(self, model, meta):
         super().setup(model, meta)  # freeze, then LoRA
         a, n_labels = self.args, len(meta.get("labels", []))

@@ -7,6 +7,7 @@ metrics.jsonl, summary.json and what the method exports. `load_run` rebuilds the
 
 import argparse
 import os
+import re
 import sys
 from contextlib import nullcontext
 
@@ -120,9 +121,18 @@ def load_run(run_dir, which, device):
 
 
 # ---------------------------------------------------------------------------------------------------- system, CLI
+def check_range(args, names, ok, must):
+    """One clear line for the first flag among `names` whose value fails ok(value) (NaN fails every comparison)."""
+    for name in names:
+        if not ok(getattr(args, name)):
+            raise InputError(f"--{name} must be {must}, got {getattr(args, name)}")
+
+
 def resolve_system(device="auto", dtype="auto", compile=None):
     """(device, torch dtype, compile): auto = CUDA with bf16 autocast and torch.compile where there is a GPU,
     else CPU, float32, eager."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but this machine has no CUDA GPU; use --device cpu")
@@ -149,9 +159,15 @@ def rename_flags(argv, renames, where):
     return out
 
 
+def fail(message):
+    """Bad input: one line on stderr and exit status 2 (InputError's contract), never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, instead of usage + message
-        sys.exit(f"error: {message} (see python {os.path.basename(sys.argv[0])} --help)")
+        fail(f"{message} (see python {os.path.basename(sys.argv[0])} --help)")
 
 
 def pyplot():

@@ -22,7 +22,7 @@ import train
 from memft import fit_memory_law, memory_law
 from model import InputError
 from recall import spearman
-from runs import Parser, load_run, pyplot, resolve_system
+from runs import Parser, fail, load_run, pyplot, resolve_system
 from tasks import emotion_consistency, train_classifier
 
 
@@ -30,11 +30,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     commands = {"prb-table": prb_table, "regbert-sweep": regbert_sweep, "memory-law": memory_law_sweep}
     if not argv or argv[0] not in commands:
-        sys.exit(f"error: name a sweep: {', '.join(commands)} (python sweeps.py SWEEP --help)")
+        fail(f"name a sweep: {', '.join(commands)} (python sweeps.py SWEEP --help)")
     try:
         return commands[argv[0]](argv[1:])
     except InputError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 # ------------------------------------------------------------------------------------- the grid and its report
@@ -48,8 +48,8 @@ def run_grid(out_dir, arms, seeds, train_flags):
                 continue  # finished earlier: reuse
             print(f"== {arm}, seed {seed}")
             resume = ["--resume"] if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else []
-            if train.main([*(resume or [*train_flags, *flags, "--seed", str(seed)]), "--out_dir", run_dir]) is None:
-                sys.exit(1)  # interrupted: run the same command again to continue
+            train.main([*(resume or [*train_flags, *flags, "--seed", str(seed)]), "--out_dir", run_dir])  # an
+            # interruption exits (nonzero) here, with the checkpoint saved: the same command continues the sweep
     return {arm: [os.path.join(out_dir, f"{arm}-s{seed}") for seed in range(seeds)] for arm in arms}
 
 

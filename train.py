@@ -27,7 +27,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from runs import (METHODS, TASKS, Parser, atomic_torch_save, autocast_for, build_model, load_checkpoint,
+from runs import (METHODS, TASKS, Parser, atomic_torch_save, autocast_for, build_model, check_range, fail, load_checkpoint,
                   load_saved_state, pyplot, rename_flags, resolve_system, saved_state, upgrade_args)
 from model import InputError
 
@@ -115,9 +115,12 @@ def parse_args(argv):
                          f"not {args.dataset}")
     args.data_dir = args.data_dir or os.path.join(ROOT, "data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", f"{args.method}-{args.dataset}")
-    for name in ("batch_size", "max_steps", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size"):
-        if getattr(args, name) <= 0:
-            raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
+    check_range(args, ("batch_size", "max_steps", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size",
+                       "n_layer", "n_head", "n_embd", "block_size"), lambda v: v > 0, "positive")
+    check_range(args, ("lr",), lambda v: 0 < v < math.inf, "a positive finite number")
+    check_range(args, ("warmup", "eval_iters", "min_lr", "weight_decay", "grad_clip"), lambda v: 0 <= v < math.inf,
+                "a finite number >= 0")
+    check_range(args, ("dropout", "lora_dropout"), lambda v: 0 <= v < 1, "a probability in [0, 1)")
     return args, explicit
 
 
@@ -164,6 +167,7 @@ class Run:
         self.running = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, target tokens, steps
         self.step, self.best_val, self.best_step, self.elapsed, self.t0 = 0, float("inf"), -1, 0.0, time.time()
         self.t_window, self.logged_step = self.t0, -1  # start of the current log window; the last step logged
+        self.saved_step = None  # the step of the checkpoint on disk
         self.path = os.path.join(args.out_dir, "ckpt.pt")
 
     def wall(self):
@@ -187,9 +191,11 @@ class Run:
             torch.cuda.set_rng_state(ckpt["rng_cuda"])
         self.running = ckpt["running"].to(self.device)
         self.step, self.best_val, self.best_step, self.elapsed = ckpt["step"], ckpt["best_val"], ckpt["best_step"], ckpt["elapsed"]
+        self.saved_step = self.step
 
     def save(self):
         atomic_torch_save(self.state_dict(), self.path)
+        self.saved_step = self.step
 
     def log(self, task, val_split):
         """Append one line to metrics.jsonl: the train loss over the window since the last line, and every
@@ -220,22 +226,48 @@ class Run:
 
     def check_finite(self, value, what):
         if not math.isfinite(value):
-            raise InputError(f"{what} is {value} at step {self.step}: training diverged (last good checkpoint kept); "
+            kept = (f"the checkpoint of step {self.saved_step} is kept" if self.saved_step is not None else
+                    "no checkpoint was written")
+            raise InputError(f"{what} is {value} at step {self.step}: training diverged ({kept}); "
                              "lower --lr, raise --warmup or use --dtype float32")
 
 
 # ---------------------------------------------------------------------------------------------------- train
+KEEPS = ("ckpt.pt", "best.pt", "summary.json", "model.safetensors", "adapter.safetensors", "config.json")
+
+
+def check_new_run_folder(args):
+    """A new run never overwrites anything of value: refuse an --out_dir that is a file, is the --init_from folder,
+    or holds a checkpoint, weights or a summary. A run that died before its first checkpoint (only its
+    metrics.jsonl is there) is started again, with a note."""
+    out, metrics = args.out_dir, os.path.join(args.out_dir, "metrics.jsonl")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out_dir {out} is a file, not a folder; choose another --out_dir")
+    if os.path.isdir(out) and os.path.isdir(args.init_from) and os.path.samefile(out, args.init_from):
+        raise InputError(f"--out_dir {out} is the --init_from folder, whose weights the run would overwrite; "
+                         "choose another --out_dir")
+    if found := [name for name in KEEPS if os.path.exists(os.path.join(out, name))]:
+        raise InputError(f"{out} already holds a run or a model ({', '.join(found)}); pass --resume to continue a "
+                         "run, or choose another --out_dir")
+    if os.path.isfile(metrics):
+        print(f"note: {out} holds a run that stopped before its first checkpoint; starting it again", file=sys.stderr)
+        os.remove(metrics)
+
+
 def train(args, explicit):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     ckpt = None
     if args.resume:
         if not os.path.isfile(ckpt_path):
+            if os.path.isfile(metrics_path):
+                raise InputError(f"{args.out_dir} stopped before its first checkpoint, so there is nothing to resume; "
+                                 "run the same command without --resume to start it again")
             raise InputError(f"nothing to resume: {ckpt_path} does not exist")
         ckpt = load_checkpoint(ckpt_path)
         args = resume_args(args, explicit, ckpt)
-    elif os.path.exists(ckpt_path) or os.path.exists(metrics_path):
-        raise InputError(f"{args.out_dir} already holds a run; pass --resume to continue it or choose another --out_dir")
+    else:
+        check_new_run_folder(args)
     device, dtype, compile_ = resolve_system(args.device, args.dtype, args.compile)
 
     # the task's data and batch order, the method, the model
@@ -264,7 +296,7 @@ def train(args, explicit):
     run.t0 = run.t_window = time.time()
     run.logged_step = run.step if ckpt is not None else -1  # a checkpoint's own step was logged before it was saved
     bar = tqdm(total=args.max_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=None)
-    with CtrlC() as ctrl_c:
+    with Interrupts() as interrupts:
         while True:
             step = run.step
             # log and evaluate (and checkpoint after every evaluation)
@@ -273,13 +305,13 @@ def train(args, explicit):
                     bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.endswith("loss") and v is not None})
             if step == args.max_steps:
                 break
-            if ctrl_c.pressed:
+            if interrupts.signal is not None:
                 run.check_finite(run.running[0].item(), "train loss")
                 run.save()
                 bar.close()
                 print(f"interrupted at step {step}; saved {ckpt_path}. Continue with: "
                       f"python train.py --out_dir {args.out_dir} --resume")
-                return None
+                raise Interrupted(interrupts.signal)
             # forward: the task's loss is logged; the method's objective (default: that same mean) is trained
             for group in run.optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
@@ -309,20 +341,26 @@ def train(args, explicit):
     return finish(run, task)
 
 
-class CtrlC:
-    """While active, the first Ctrl-C only sets `pressed` (the loop finishes its step, saves and exits); a second
-    one interrupts at once."""
+class Interrupts:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM (what job schedulers send) only records itself: the loop
+    finishes its step, saves ckpt.pt and exits. A second signal of the same kind acts at once."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.pressed, self.previous = False, signal.signal(signal.SIGINT, self.press)
+        self.signal, self.previous = None, {s: signal.signal(s, self.record) for s in self.SIGNALS}
         return self
 
-    def press(self, signum, frame):
-        self.pressed = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    def record(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after saving ckpt.pt; main() exits with 128 + the signal's number."""
 
 
 def finish(run, task):
@@ -373,11 +411,15 @@ def plot_losses(out_dir):
 
 
 def main(argv=None):
+    """Train; returns the summary. Bad input exits 2 with one line; an interrupted run exits 130 (Ctrl-C) or 143
+    (SIGTERM) after saving, so `train.py ... && eval.py ...` stops there."""
     try:
         args, explicit = parse_args(argv)
         return train(args, explicit)
     except InputError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
+    except Interrupted as e:
+        sys.exit(128 + e.args[0])
 
 
 if __name__ == "__main__":

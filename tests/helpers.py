@@ -19,17 +19,18 @@ def load_prepare_module(dataset):
     return module
 
 
-def interrupt_run(args, out_dir, metric_lines):
-    """Start `python args...`, press Ctrl-C once out_dir/metrics.jsonl has `metric_lines` lines, and return the
-    stdout after checking the run stopped cleanly (exit 0, "interrupted at step" printed)."""
+def interrupt_run(args, out_dir, metric_lines, sig=signal.SIGINT):
+    """Start `python args...`, send `sig` (Ctrl-C's SIGINT, or a scheduler's SIGTERM) once out_dir/metrics.jsonl
+    has `metric_lines` lines, and return the stdout after checking the run stopped cleanly: exit 128 + the signal's
+    number (so a shell chain stops there), "interrupted at step" and the resume command printed."""
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(out_dir, "metrics.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= metric_lines):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "interrupted at step" in stdout, stderr
+    assert proc.returncode == 128 + sig and "interrupted at step" in stdout and "--resume" in stdout, stderr
     return stdout
 
 

@@ -50,7 +50,9 @@ def test_the_readme_method_trains_and_resumes_exactly(emotion_small_dir, tmp_pat
     assert whole["params"]["trainable"] == 32  # only the bias trains ...
     assert abs(whole["head_bias_norm"] - 0.1 * 32 ** 0.5) > 1e-3  # ... and it moved from its --head_bias_init
     monkeypatch.setitem(runs.METHODS, "head-bias", StopsAfterTwoSteps)
-    assert train.main([*flags, "--out_dir", str(tmp_path / "parts")]) is None  # interrupted
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*flags, "--out_dir", str(tmp_path / "parts")])
+    assert stopped.value.code == 130  # interrupted: 128 + SIGINT, like a Ctrl-C
     assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 2
     monkeypatch.setitem(runs.METHODS, "head-bias", LearnedHeadBias)
     resumed = train.main(["--out_dir", str(tmp_path / "parts"), "--resume"])

@@ -3,6 +3,7 @@ Ctrl-C, LoRA on a Hugging Face-format checkpoint, and one clear line for every b
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -51,9 +52,10 @@ def test_tiny_model_learns_and_writes_its_outputs(finished_run):
 
 
 @pytest.mark.slow
-def test_resume_after_ctrl_c_is_exact(finished_run, emotion_small_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_ctrl_c_or_sigterm_is_exact(sig, finished_run, emotion_small_dir, tmp_path):
     out = str(tmp_path / "interrupted")
-    stdout = interrupt_run(["train.py", *TINY, *STEPS, "--data_dir", emotion_small_dir, "--out_dir", out], out, 4)
+    stdout = interrupt_run(["train.py", *TINY, *STEPS, "--data_dir", emotion_small_dir, "--out_dir", out], out, 4, sig)
     stopped_at = int(stdout.split("interrupted at step ")[1].split(";")[0])
     assert 30 <= stopped_at < 200
     done = cli(["train.py", "--out_dir", out, "--resume"])
@@ -90,7 +92,7 @@ def test_lora_on_a_hugging_face_checkpoint(emotion_small_dir, tmp_path):
 
 
 def one_line_error(result, *fragments):
-    assert result.returncode != 0
+    assert result.returncode == 2  # InputError's exit status, for every CLI
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
@@ -179,3 +181,32 @@ def test_runs_saved_under_the_old_flag_names_load():
     assert memory == {"method": "memft-sw", "memory_rank": 4, "curriculum": "on"}
     assert upgrade_args({"method": "sft", "rank": 4, "curriculum": "auto"})["curriculum"] == "off"
     assert upgrade_args({"method": "regbert", "n_registers": 2, "lora_rank": 0})["register_tokens"] == 2
+
+
+def test_a_new_run_never_overwrites_a_model_or_a_run(emotion_small_dir, tmp_path):
+    """--out_dir pointing at the --init_from folder, at a folder holding weights or a summary, or at a file: one
+    line, exit 2, nothing changed."""
+    save_tiny_hf_gpt2(tmp_path / "base", n_layer=1, n_head=2, n_embd=32)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()}
+    common = ["train.py", "--method", "full", "--max_steps", "2", "--data_dir", emotion_small_dir]
+    one_line_error(cli([*common, "--init_from", str(tmp_path / "base"), "--out_dir", str(tmp_path / "base")]),
+                   "is the --init_from folder")
+    one_line_error(cli([*common, *TINY, "--out_dir", str(tmp_path / "base")]), "already holds a run or a model",
+                   "model.safetensors")
+    (tmp_path / "a-file").write_text("keep me")
+    one_line_error(cli([*common, *TINY, "--out_dir", str(tmp_path / "a-file")]), "is a file")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()} == before
+    assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_again(emotion_small_dir, tmp_path):
+    out = tmp_path / "died"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")  # what a kill -9 during the step-0 evaluation leaves
+    one_line_error(cli(["train.py", "--out_dir", str(out), "--resume"]), "stopped before its first checkpoint",
+                   "without --resume")
+    again = cli(["train.py", *TINY, "--max_steps", "2", "--eval_interval", "2", "--data_dir", emotion_small_dir,
+                 "--out_dir", str(out)])
+    assert again.returncode == 0, again.stderr
+    assert "stopped before its first checkpoint; starting it again" in again.stderr
+    assert [r["step"] for r in records(out)] == [0, 2] and (out / "ckpt.pt").is_file()

@@ -85,4 +85,5 @@ if __name__ == "__main__":
     try:
         prepare(args.source, args.out_dir)
     except (FileNotFoundError, ConnectionError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -69,4 +69,5 @@ if __name__ == "__main__":
             for p in args.noise:
                 prepare(n, p, args.source, args.out_dir, args.seed)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

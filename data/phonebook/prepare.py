@@ -77,4 +77,5 @@ if __name__ == "__main__":
                 raise ValueError(f"--answer_tokens must be positive, got {size}")
             prepare(size, args.out_dir, args.seed)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

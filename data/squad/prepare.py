@@ -159,4 +159,5 @@ if __name__ == "__main__":
     try:
         prepare(args.source, args.out_dir, args.vocab, args.max_len, args.stride, args.max_query, args.limit)
     except (InputError, ConnectionError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

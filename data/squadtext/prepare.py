@@ -131,4 +131,5 @@ if __name__ == "__main__":
                              "--directory_seed other than the PhoneBook seed (0)")
         prepare(args.source, args.out_dir, args.row_tokens, args.directory, args.directory_seed, args.directory_pool)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
