@@ -6,6 +6,7 @@ metrics.jsonl, summary.json and what the method exports. `load_run` rebuilds the
 """
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -69,6 +70,8 @@ def saved_state(model, args):
 
 
 def load_saved_state(model, state, what):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{what} does not hold model tensors; it is corrupt or not ours")
     expected = model.state_dict()
     if len(state) < len(expected):  # trainable tensors only
         expected = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -81,11 +84,45 @@ def atomic_torch_save(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path):
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "scaler", "rng_cpu", "running", "best_val", "best_step", "elapsed", "args")
+
+
+def load_checkpoint(path, keys=()):
+    """torch.load without unpickling code (weights_only); `keys`: what a train.py ckpt.pt must hold."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not ours") from None
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{path} does not hold a dict of tensors; it is corrupt or not ours")
+    missing = [k for k in keys if k not in ckpt]
+    if missing or (keys and not isinstance(ckpt["args"], dict)):
+        raise InputError(f"{path} is not a train.py checkpoint (it lacks {', '.join(missing) or 'its flags'}); "
+                         "pass the --out_dir of a train.py run")
+    if keys and (ckpt["args"].get("method") not in METHODS or ckpt["args"].get("dataset") not in TASKS):
+        raise InputError(f"{path} was written for --method {ckpt['args'].get('method')} --dataset "
+                         f"{ckpt['args'].get('dataset')}, which this version does not have")
+    return ckpt
+
+
+def read_metrics(path, upto_step):
+    """The lines of a run's metrics.jsonl up to `upto_step`, for resuming. The last line may have been cut short by
+    a crash while it was written (it is after the checkpoint, so it is dropped); any other damage is an error."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} is missing, so the run cannot continue exactly; start a new run in another --out_dir")
+    lines, keep = open(path).read().splitlines(), []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (ValueError, TypeError, KeyError):
+            if i == len(lines) - 1:
+                break
+            raise InputError(f"{path} line {i + 1} is not a metrics record; restore the file or start a new run "
+                             "in another --out_dir") from None
+        if step <= upto_step:
+            keep.append(line + "\n")
+    return keep
 
 
 def upgrade_args(saved):
@@ -106,7 +143,7 @@ def load_run(run_dir, which, device):
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         raise InputError(f"{run_dir} is not a run folder (no ckpt.pt); pass the --out_dir of a train.py run")
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
     args = argparse.Namespace(**upgrade_args(ckpt["args"]))
     task = TASKS[args.dataset](args, device)
     model = build_model(args, task, METHODS[args.method](args, device))

@@ -27,8 +27,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from runs import (METHODS, TASKS, Parser, atomic_torch_save, autocast_for, build_model, check_range, fail, load_checkpoint,
-                  load_saved_state, pyplot, rename_flags, resolve_system, saved_state, upgrade_args)
+from runs import (CHECKPOINT_KEYS, METHODS, TASKS, Parser, atomic_torch_save, autocast_for, build_model, check_range,
+                  fail, load_checkpoint, load_saved_state, pyplot, read_metrics, rename_flags, resolve_system,
+                  saved_state, upgrade_args)
 from model import InputError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -264,7 +265,7 @@ def train(args, explicit):
                 raise InputError(f"{args.out_dir} stopped before its first checkpoint, so there is nothing to resume; "
                                  "run the same command without --resume to start it again")
             raise InputError(f"nothing to resume: {ckpt_path} does not exist")
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
         args = resume_args(args, explicit, ckpt)
     else:
         check_new_run_folder(args)
@@ -284,7 +285,7 @@ def train(args, explicit):
     else:
         torch.manual_seed(args.seed + 1)  # dropout stream, independent of how the model was built
     os.makedirs(args.out_dir, exist_ok=True)
-    keep = [] if ckpt is None else [l for l in open(metrics_path) if json.loads(l)["step"] <= run.step]
+    keep = [] if ckpt is None else read_metrics(metrics_path, run.step)
     with open(metrics_path + ".tmp", "w") as f:  # drop what was logged after the checkpoint we resume from
         f.writelines(keep)
     os.replace(metrics_path + ".tmp", metrics_path)

@@ -4,8 +4,10 @@ in-process (their main(argv)), so the table costs no interpreter start-ups."""
 
 import hashlib
 import os
+import shutil
 
 import pytest
+import torch
 
 from helpers import save_tiny_hf_gpt2
 
@@ -83,6 +85,11 @@ CASES = [
     ("train", ["--out_dir", "DEAD", "--resume"], "stopped before its first checkpoint"),
     ("train", ["--out_dir", "BROKEN", "--resume"], "cannot read checkpoint"),
     ("train", ["--method", "full", *SCRATCH, "--data_dir", "NEW", "--out_dir", "NEW2"], "is not prepared"),
+    ("train", ["--out_dir", "OTHERKIND", "--resume"], "is not a train.py checkpoint"),
+    ("train", ["--out_dir", "NOMETRICS", "--resume"], "metrics.jsonl is missing"),
+    ("train", ["--out_dir", "BADMETRICS", "--resume"], "line 1 is not a metrics record"),
+    ("train", ["--out_dir", "RUN", "--resume", "--n_layer", "3"], "was trained with --n_layer 1, not 3"),
+    ("train", [*SCRATCH, "--method", "full", "--data_dir", "DATA", "--out_dir", "RUN"], "already holds a run"),
     # eval.py
     ("eval", ["RUN", "--top_k", "0"], "--top_k must be positive"),
     ("eval", ["RUN", "--eval_batch_size", "0"], "--eval_batch_size must be positive"),
@@ -96,6 +103,9 @@ CASES = [
     ("eval", ["RUN", "--which", "worst"], "invalid choice: 'worst'"),
     ("eval", ["RUN", "--device", "banana"], "--device must be auto, cpu, cuda or cuda:N"),
     ("eval", ["NEW"], "not a run folder"),
+    ("eval", ["OTHERKIND"], "is not a train.py checkpoint"),
+    ("eval", ["BROKEN"], "cannot read checkpoint"),
+    ("eval", ["NOBEST", "--which", "best"], "does not hold a dict of tensors"),
     ("eval", ["BASE"], "not a run folder"),
     # bench.py
     ("bench", ["--steps", "0"], "--steps must be positive"),
@@ -131,10 +141,24 @@ def places(emotion_small_dir, tmp_path_factory):
     (root / "broken").mkdir()
     (root / "broken" / "ckpt.pt").write_bytes(b"not a checkpoint")
     (root / "pb").mkdir()
+    (root / "otherkind").mkdir()
+    torch.save({"weights": torch.zeros(2)}, root / "otherkind" / "ckpt.pt")
+    import train
+    run = root / "run"
+    train.main([*SCRATCH, "--method", "full", "--max_steps", "2", "--eval_interval", "1", "--eval_iters", "1",
+                "--data_dir", emotion_small_dir, "--out_dir", str(run)])
+    for name in ("nometrics", "badmetrics", "nobest"):
+        shutil.copytree(run, root / name)
+    os.remove(root / "nometrics" / "metrics.jsonl")
+    lines = (root / "badmetrics" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (root / "badmetrics" / "metrics.jsonl").write_text("{not json\n" + "".join(lines[1:]))
+    torch.save(["not", "tensors"], root / "nobest" / "best.pt")
     return {"DATA": emotion_small_dir, "BASE": str(root / "base"), "FILE": str(root / "a-file"),
             "FILEDIR": str(root / "filedir"), "DEAD": str(root / "dead"), "BROKEN": str(root / "broken"),
-            "PB": str(root / "pb"), "RUN": str(root / "base"), "MISSING": str(root / "missing"),
-            "NEW": str(root / "new"), "NEW2": str(root / "new2"), "root": root}
+            "PB": str(root / "pb"), "MISSING": str(root / "missing"),
+            "NEW": str(root / "new"), "NEW2": str(root / "new2"), "OTHERKIND": str(root / "otherkind"),
+            "RUN": str(run), "NOMETRICS": str(root / "nometrics"), "BADMETRICS": str(root / "badmetrics"),
+            "NOBEST": str(root / "nobest"), "root": root}
 
 
 def snapshot(*folders):
@@ -153,7 +177,8 @@ def test_bad_input_gets_one_clear_line(entry, argv, fragment, places, capsys, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     main = importlib.import_module(entry).main
     argv = [places.get(word, word) for word in argv]
-    watched = [places["DATA"], places["BASE"], places["FILE"], places["DEAD"], places["BROKEN"]]
+    watched = [places[name] for name in ("DATA", "BASE", "FILE", "DEAD", "BROKEN", "OTHERKIND", "RUN", "NOMETRICS",
+                                         "BADMETRICS", "NOBEST")]
     before = snapshot(*watched)
     with pytest.raises(SystemExit) as stopped:
         main(argv)
@@ -163,3 +188,14 @@ def test_bad_input_gets_one_clear_line(entry, argv, fragment, places, capsys, mo
     assert len(errors) == 1 and errors[0].startswith("error: ") and fragment in errors[0], err
     assert snapshot(*watched) == before
     assert not os.path.exists(places["NEW"] + "/ckpt.pt") and not os.path.exists(places["NEW2"])
+
+
+def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(places, tmp_path):
+    """Power lost while a line was appended: --resume drops the partial last line and carries on."""
+    import train
+    run = tmp_path / "run"
+    shutil.copytree(places["RUN"], run)
+    complete = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(complete + '{"step": 3, "train_lo')
+    summary = train.main(["--out_dir", str(run), "--resume"])
+    assert (run / "metrics.jsonl").read_text() == complete and summary["final"]["step"] == 2
