@@ -21,7 +21,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from model import BertTokenizer, InputError
+from model import InputError
+from wordpiece import BertTokenizer
 from runs import Parser, fail, load_run, pyplot, resolve_system
 from squad import ExtractiveQA, QASplit
 

@@ -1,7 +1,7 @@
 """GPT-2 and BERT, written out by hand, loadable from the published checkpoints.
 
 Read top to bottom: GPT-2 (config -> attention -> MLP -> block -> GPT with forward, generate, from_pretrained),
-its checkpoint helpers, then BERT (config -> encoder layer -> BERT) and its WordPiece tokenizer.
+its checkpoint helpers, then BERT (config -> encoder layer -> BERT). BERT's tokenizer is in wordpiece.py.
 
 The extension point
 -------------------
@@ -31,7 +31,6 @@ This file imports no method module.
 import json
 import math
 import os
-import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -181,19 +180,19 @@ class GPT(nn.Module):
         """GPT-2 from a hub name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or 'openai-community/...')
         or a local directory holding config.json + model.safetensors. overrides: e.g. dropout=0.1."""
         folder = resolve_checkpoint(name_or_path, GPT2_HUB_IDS)
-        try:
-            with open(os.path.join(folder, "config.json")) as f:
-                hf = json.load(f)
-            config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                               n_head=hf["n_head"], n_embd=hf["n_embd"],
-                               layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), **overrides)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{folder}/config.json is not valid JSON ({e})") from None
-        except KeyError as e:
-            raise InputError(f"{folder}/config.json lacks {e}; is this a GPT-2 checkpoint?") from None
-        model = cls(config)
+        hf = read_config(folder, "GPT-2", dict.fromkeys(("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")),
+                         {"layer_norm_epsilon": 1e-5}, GPT2_AS_IMPLEMENTED)
+        if hf["n_embd"] % hf["n_head"]:
+            raise InputError(f"{folder}/config.json: n_embd {hf['n_embd']} is not divisible by n_head {hf['n_head']}")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf["layer_norm_epsilon"],
+                           **overrides)
         state = read_safetensors(os.path.join(folder, "model.safetensors"))
-        model.load_state_dict(gpt2_state_from_hf(state, model), strict=True)
+        check_layer_count(state, r"(?:transformer\.)?h\.(\d+)\.", config.n_layer, folder)
+        with torch.device("meta"):  # names and shapes checked against the config before anything is allocated
+            state = gpt2_state_from_hf(state, cls(config))
+        model = cls(config)
+        model.load_state_dict(state, strict=True)
         return model
 
     def save_pretrained(self, folder):
@@ -228,8 +227,9 @@ def gpt2_state_from_hf(state, model):
         key = key.removeprefix("transformer.")
         if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
             continue
-        mapped[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
+        mapped[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2 else tensor  # else: check_keys says
     check_keys(mapped, ours, "checkpoint")
+    check_float(mapped, "checkpoint")
     mapped = {k: v.to(ours[k].dtype) for k, v in mapped.items()}
     return mapped | {"lm_head.weight": mapped["wte.weight"]}
 
@@ -272,10 +272,62 @@ def read_safetensors(path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"cannot read {path}: {str(e).splitlines()[0]} (truncated or corrupt download? "
-                         "delete it and fetch it again)") from None
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} (truncated "
+                         "or corrupt download? delete it and fetch it again)") from None
+    return state
+
+
+def check_float(state, what):
+    """The weights a model uses must be real floating point, so that nothing is cast into a float parameter
+    without a word: an int, bool, fp8 or complex tensor is refused."""
+    if bad := [f"{k} is {v.dtype}" for k, v in state.items() if v.dtype not in FLOAT_DTYPES]:
+        raise InputError(f"{what} holds weights that are not floating point ({', '.join(bad[:3])}); it is not a "
+                         "checkpoint of this model")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+GPT2_AS_IMPLEMENTED = {  # config keys that would change the model if they held another value (None: absent)
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"), "tie_word_embeddings": (True,), "n_inner": (None,),
+    "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,)}
+
+
+def read_config(folder, kind, sizes, floats, as_implemented):
+    """config.json checked before it builds anything: each of `sizes` (name -> default, None: required) a positive
+    integer below 2**20 (a bool is not a size), each of `floats` (name -> default) a positive finite number, each
+    key of `as_implemented` absent or one of the values this file implements. Returns the dict, defaults filled in."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path} ({type(e).__name__}: {e}); is this a {kind} checkpoint?") from None
+    if not isinstance(hf, dict):
+        raise InputError(f"{path} is not a JSON object; is this a {kind} checkpoint?")
+    for key in sizes:
+        if key not in hf and sizes[key] is None:
+            raise InputError(f"{path} lacks {key!r}; is this a {kind} checkpoint?")
+        hf[key] = hf.get(key, sizes[key])
+        if type(hf[key]) is not int or not 0 < hf[key] < 2 ** 20:
+            raise InputError(f"{path}: {key} must be a positive integer, got {hf[key]!r}")
+    for key, default in floats.items():
+        hf[key] = hf.get(key, default)
+        if type(hf[key]) not in (int, float) or not 0 < hf[key] < math.inf:
+            raise InputError(f"{path}: {key} must be a positive number, got {hf[key]!r}")
+    for key, allowed in as_implemented.items():
+        if key in hf and hf[key] not in allowed:
+            raise InputError(f"{path}: {key} = {hf[key]!r} is not what this {kind} implements "
+                             f"({' or '.join(map(repr, allowed))}); loading it would give another model")
+    return hf
+
+
+def check_layer_count(state, pattern, n_layer, folder):
+    """A config that claims more (or fewer) layers than the file holds is refused before any layer is built."""
+    import re
+    found = {m.group(1) for k in state if (m := re.match(pattern, k))}
+    if len(found) != n_layer:
+        raise InputError(f"{folder}: config.json says {n_layer} layers, model.safetensors holds {len(found)}")
 
 
 # ======================================================================================================== BERT
@@ -394,30 +446,33 @@ class BERT(nn.Module):
         """BERT from a hub name (see BERT_HUB_IDS) or a folder with config.json + model.safetensors + vocab.txt.
         Any float dtype on disk (e.g. fp16) loads into fp32 parameters. overrides: e.g. dropout=0.0."""
         folder = resolve_checkpoint(name_or_path, BERT_HUB_IDS, extra_files=("vocab.txt",))
-        try:
-            with open(os.path.join(folder, "config.json")) as f:
-                hf = json.load(f)
-            if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-                raise InputError(f"{folder}: only BERTs with gelu and absolute positions are supported")
-            config = BertConfig(**{"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
-                                   "n_layer": hf["num_hidden_layers"], "n_head": hf["num_attention_heads"],
-                                   "intermediate_size": hf["intermediate_size"],
-                                   "max_position_embeddings": hf["max_position_embeddings"],
-                                   "type_vocab_size": hf.get("type_vocab_size", 2),
-                                   "layer_norm_eps": hf.get("layer_norm_eps", 1e-12),
-                                   "dropout": hf.get("hidden_dropout_prob", 0.1),
-                                   "attention_dropout": hf.get("attention_probs_dropout_prob", 0.1)} | overrides)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{folder}/config.json is not valid JSON ({e})") from None
-        except KeyError as e:
-            raise InputError(f"{folder}/config.json lacks {e}; is this a BERT checkpoint?") from None
+        sizes = dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size", "max_position_embeddings")) | {"type_vocab_size": 2}
+        hf = read_config(folder, "BERT", sizes, {"layer_norm_eps": 1e-12}, BERT_AS_IMPLEMENTED)
+        dropouts = {k: hf.get(k, 0.1) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
+        if not all(type(p) in (int, float) and 0 <= p < 1 for p in dropouts.values()) or hf["hidden_size"] % hf["num_attention_heads"]:
+            raise InputError(f"{folder}/config.json: dropouts must be in [0, 1) and hidden_size divisible by "
+                             f"num_attention_heads")
+        config = BertConfig(**{"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
+                               "n_layer": hf["num_hidden_layers"], "n_head": hf["num_attention_heads"],
+                               "intermediate_size": hf["intermediate_size"],
+                               "max_position_embeddings": hf["max_position_embeddings"],
+                               "type_vocab_size": hf["type_vocab_size"], "layer_norm_eps": hf["layer_norm_eps"],
+                               "dropout": dropouts["hidden_dropout_prob"],
+                               "attention_dropout": dropouts["attention_probs_dropout_prob"]} | overrides)
+        state = read_safetensors(os.path.join(folder, "model.safetensors"))
+        check_layer_count(state, r"(?:bert\.)?encoder\.layer\.(\d+)\.", config.n_layer, folder)
+        with torch.device("meta"):  # names and shapes checked against the config before anything is allocated
+            state = bert_state_from_hf(state, cls(config))
         model = cls(config)
-        model.load_state_dict(bert_state_from_hf(read_safetensors(os.path.join(folder, "model.safetensors")), model))
+        model.load_state_dict(state)
         return model
 
 
 BERT_HUB_IDS = {"bert-base-uncased": "google-bert/bert-base-uncased", "bert-large-uncased": "google-bert/bert-large-uncased",
                 "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+BERT_AS_IMPLEMENTED = {"hidden_act": ("gelu",), "position_embedding_type": ("absolute",), "is_decoder": (False,),
+                       "add_cross_attention": (False,)}
 BERT_RENAMES = [  # Hugging Face / original-BERT names -> ours (applied in order, as substring replacements)
     ("embeddings.LayerNorm.", "embed_norm."), ("embeddings.word_", "word_"), ("embeddings.position_", "position_"),
     ("embeddings.token_type_", "token_type_"), ("encoder.layer.", "layers."),
@@ -442,92 +497,5 @@ def bert_state_from_hf(state, model):
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("sites.")}
     mapped = {bert_name(k): v for k, v in state.items() if bert_name(k) is not None}
     check_keys(mapped, ours, "checkpoint")
+    check_float(mapped, "checkpoint")
     return {k: v.to(ours[k].dtype) for k, v in mapped.items()}
-
-
-class BertTokenizer:
-    """BERT's uncased WordPiece tokenizer from vocab.txt, returning ids and character offsets into the input.
-
-    Normalize (drop control chars, whitespace -> ' ', space out CJK chars, strip accents, lower-case, one char at a
-    time, keeping each output char's source position), split on whitespace and punctuation, then greedy
-    longest-match-first WordPiece with '##' continuations; a word with no complete split (or > 100 chars) is [UNK].
-    Follows the reference `tokenizers` BertNormalizer / BertPreTokenizer / WordPiece step for step."""
-
-    WHITESPACE = set("\t\n\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000") | {chr(c) for c in range(0x2000, 0x200B)}
-    CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-           (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
-
-    def __init__(self, vocab_path, lowercase=True):
-        try:
-            with open(vocab_path, encoding="utf-8") as f:
-                self.vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-        except OSError as e:
-            raise InputError(f"cannot read {vocab_path} ({e.strerror})") from None
-        for special in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
-            if special not in self.vocab:
-                raise InputError(f"{vocab_path} has no {special}; is it a BERT vocab.txt?")
-        self.lowercase = lowercase
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id = (self.vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
-        self.id_to_token = {i: t for t, i in self.vocab.items()}
-
-    @classmethod
-    def from_pretrained(cls, name_or_path):
-        return cls(os.path.join(resolve_checkpoint(name_or_path, BERT_HUB_IDS, extra_files=("vocab.txt",)), "vocab.txt"))
-
-    def normalize(self, text):
-        """-> list of (char, index of the input char it came from)."""
-        out = []
-        for i, c in enumerate(text):
-            if c in "\x00\ufffd" or (unicodedata.category(c).startswith("C") and c not in "\t\n\r"):
-                continue
-            c = " " if c in self.WHITESPACE else c
-            if any(lo <= ord(c) <= hi for lo, hi in self.CJK):
-                out += [(" ", i), (c, i), (" ", i)]
-                continue
-            if self.lowercase:  # strip accents (NFD, drop combining marks), then lower-case: the reference order
-                for d in unicodedata.normalize("NFD", c):
-                    if unicodedata.category(d) != "Mn":
-                        out += [(l, i) for l in d.lower()]
-            else:
-                out.append((c, i))
-        return out
-
-    @staticmethod
-    def is_punctuation(c):
-        o = ord(c)
-        return 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126 or unicodedata.category(c).startswith("P")
-
-    def words(self, text):
-        """-> list of (word, sources): sources[j] is the index in `text` of the word's j-th character."""
-        words, current = [], []
-        for c, i in self.normalize(text) + [(" ", len(text))]:
-            if c in self.WHITESPACE or self.is_punctuation(c):
-                if current:
-                    words.append(current)
-                if c not in self.WHITESPACE:  # a punctuation char is a word of its own
-                    words.append([(c, i)])
-                current = []
-            else:
-                current.append((c, i))
-        return [("".join(c for c, _ in w), [i for _, i in w]) for w in words]
-
-    def encode(self, text):
-        """-> (ids, offsets): WordPiece ids and (start, end) character spans in `text`, no special tokens."""
-        ids, offsets = [], []
-        for word, sources in self.words(text):
-            pieces, begin = [], 0
-            while begin < len(word) and len(word) <= 100:
-                for stop in range(len(word), begin, -1):  # longest match first
-                    piece = word[begin:stop] if begin == 0 else "##" + word[begin:stop]
-                    if piece in self.vocab:
-                        pieces.append((self.vocab[piece], begin, stop))
-                        break
-                else:
-                    break
-                begin = stop
-            if begin < len(word) or not pieces:  # no complete split: the whole word is [UNK]
-                pieces = [(self.unk_id, 0, len(word))]
-            for piece_id, b, e in pieces:
-                ids.append(piece_id)
-                offsets.append((sources[b], sources[e - 1] + 1))
-        return ids, offsets

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import SQUAD
-from model import BERT, BertConfig, BertTokenizer, InputError, bert_state_from_hf
+from model import BERT, BertConfig, InputError, bert_state_from_hf
+from wordpiece import BertTokenizer
 
 
 def encode_pair(tok, question, context):

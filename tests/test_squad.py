@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import ROOT
-from model import BERT, BertConfig, BertTokenizer
+from model import BERT, BertConfig
+from wordpiece import BertTokenizer
 from registers import QAHead, RegisterTokens
 from squad import QASplit, best_spans, exact_match, f1_score, normalize_answer
 from train import main

@@ -32,7 +32,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-from model import BertTokenizer, InputError, resolve_checkpoint, BERT_HUB_IDS  # noqa: E402
+from model import InputError, resolve_checkpoint, BERT_HUB_IDS  # noqa: E402
+from wordpiece import BertTokenizer  # noqa: E402
 
 
 def flatten(articles):
