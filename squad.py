@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from model import BERT_HUB_IDS, InputError, resolve_checkpoint
-from tasks import Split, Task, prepare_if_missing, read_meta
+from tasks import Split, Task, check_rows, prepare_if_missing, read_meta
 
 
 class QASplit(Split):
@@ -35,6 +35,12 @@ class QASplit(Split):
             answers = np.stack([load("start"), load("end")], axis=1)
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read the prepared {split} split in {data_dir} ({e}); prepare it again") from None
+        if not len(ids) == len(types) == len(lengths) == len(answers) or ids.ndim != 2 or \
+                (lengths.size and not (0 < lengths.min() and lengths.max() <= ids.shape[1])) or \
+                (answers.size and not (0 <= answers.min() and (answers.max(axis=1) < lengths).all())):
+            raise InputError(f"the prepared {split} split in {data_dir} is damaged (its arrays do not fit each other); "
+                             "prepare it again")
+        check_rows(data_dir, split, meta, len(lengths), ids)
         self.n, self.length, self.pad_multiple = len(lengths), meta["max_len"], pad_multiple
         self.row_len = lengths.astype(np.int64)
         self.x = torch.from_numpy(ids.astype(np.int64)).to(device)
@@ -172,6 +178,7 @@ class ExtractiveQA(Task):
                                  f"it again with --vocab {a.init_from} or use another --data_dir")
 
     def splits(self):
+        QASplit(self.args.data_dir, "test", self.meta, "cpu")  # checked now, not found damaged after all of training
         return tuple(QASplit(self.args.data_dir, s, self.meta, self.device, self.args.pad_multiple)
                      for s in ("train", "validation"))
 

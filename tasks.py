@@ -55,13 +55,31 @@ def prepare_if_missing(dataset, data_dir, **options):
         raise InputError(f"{data_dir} is not prepared and downloading failed ({type(e).__name__}); run: {cmd}") from None
 
 
-def read_meta(data_dir, dataset):
+def read_meta(data_dir, dataset, required=("vocab_size", "max_len", "counts")):
+    """meta.json of a prepared folder, with the keys the task reads."""
+    again = f"prepare the data with python data/{dataset}/prepare.py --out_dir {data_dir}"
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
-            return json.load(f)
+            meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {data_dir}/meta.json ({type(e).__name__}); prepare the data with "
-                         f"python data/{dataset}/prepare.py --out_dir {data_dir}") from None
+        raise InputError(f"cannot read {data_dir}/meta.json ({type(e).__name__}); {again}") from None
+    if not isinstance(meta, dict) or (missing := [k for k in required if k not in meta]):
+        raise InputError(f"{data_dir}/meta.json is incomplete (no {', '.join(missing) if isinstance(meta, dict) else 'object'}); {again}")
+    return meta
+
+
+def check_rows(data_dir, split, meta, n_rows, token_ids, labels=None, n_labels=0):
+    """A prepared split against meta.json and the vocabulary, before any training: a truncated array, a token id
+    outside the vocabulary or a label out of range would otherwise train on the wrong data, or crash mid-run."""
+    damaged = lambda what: InputError(f"the prepared {split} split in {data_dir} is damaged ({what}); prepare it again")
+    expected = meta["counts"].get(split)
+    expected = expected.get("features") if isinstance(expected, dict) else expected  # SQuAD counts features
+    if expected != n_rows:
+        raise damaged(f"{n_rows} rows, meta.json says {expected}")
+    if token_ids.size and not 0 <= int(token_ids.min()) <= int(token_ids.max()) < meta["vocab_size"]:
+        raise damaged(f"token ids outside 0..{meta['vocab_size'] - 1}")
+    if labels is not None and (len(labels) != n_rows or (labels.size and not 0 <= labels.min() <= labels.max() < n_labels)):
+        raise damaged(f"labels do not fit the {n_labels} labels of meta.json")
 
 
 class Split:
@@ -77,6 +95,11 @@ class Split:
             labels = np.load(os.path.join(data_dir, f"{split}_labels.npy"))
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read the prepared {split} split in {data_dir} ({e}); prepare it again") from None
+        if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(tokens) or \
+                (np.diff(offsets) < 2).any() or np.diff(offsets).max() > meta["max_len"]:
+            raise InputError(f"the prepared {split} split in {data_dir} is damaged (its offsets do not fit its "
+                             "tokens); prepare it again")
+        check_rows(data_dir, split, meta, len(offsets) - 1, tokens, labels, len(meta["prompt_tokens"]))
         length, pad_id = meta["max_len"] - 1, meta["eot_token"]  # inputs drop the last token of the longest row
         self.n, self.length, self.pad_multiple = len(offsets) - 1, length, pad_multiple
         self.row_len = np.diff(offsets) - 1  # targets per row, known on the host: no device sync to size a batch
@@ -198,16 +221,18 @@ class LanguageModeling(Task):
         super().__init__(args, device, training)
         if training:
             prepare_if_missing(args.dataset, args.data_dir)
-        self.meta = read_meta(args.data_dir, args.dataset)
+        self.meta = read_meta(args.data_dir, args.dataset, ("vocab_size", "max_len", "counts", "eot_token", "prompt_tokens"))
+        self.test = None
 
     def split(self, name):
         return Split(self.args.data_dir, name, self.meta, self.device, self.args.pad_multiple)
 
     def splits(self):
+        self.test = self.split("test")  # checked now, not found missing or damaged after all of training
         return self.split("train"), self.split("validation")
 
     def test_scores(self, model, autocast, batch_size, out_dir=None):
-        return {"test_loss": self.evaluate(model, self.split("test"), autocast, batch_size)}
+        return {"test_loss": self.evaluate(model, self.test or self.split("test"), autocast, batch_size)}
 
     def evaluation(self, model, autocast, batch_size):
         return {f"{name}_loss": self.evaluate(model, self.split(name), autocast, batch_size) for name in ("validation", "test")}

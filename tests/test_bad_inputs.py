@@ -3,9 +3,11 @@ is wrong and what to do, with no traceback, and leaves every watched file as it 
 in-process (their main(argv)), so the table costs no interpreter start-ups."""
 
 import hashlib
+import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +88,11 @@ CASES = [
     ("train", ["--out_dir", "BROKEN", "--resume"], "cannot read checkpoint"),
     ("train", ["--method", "full", *SCRATCH, "--data_dir", "NEW", "--out_dir", "NEW2"], "is not prepared"),
     ("train", ["--out_dir", "OTHERKIND", "--resume"], "is not a train.py checkpoint"),
+    # train.py: prepared data that does not match its meta.json or the vocabulary
+    *[("train", ["--method", "full", *SCRATCH, "--data_dir", damage, "--out_dir", "NEW"], fragment) for damage, fragment in (
+        ("TRUNCATED", "train split in"), ("BIGID", "token ids outside 0..50256"), ("BADLABEL", "labels do not fit"),
+        ("BADMETA", "cannot read"), ("HALFMETA", "meta.json is incomplete (no prompt_tokens)"),
+        ("NOTEST", "cannot read the prepared test split"))],
     ("train", ["--out_dir", "NOMETRICS", "--resume"], "metrics.jsonl is missing"),
     ("train", ["--out_dir", "BADMETRICS", "--resume"], "line 1 is not a metrics record"),
     ("train", ["--out_dir", "RUN", "--resume", "--n_layer", "3"], "was trained with --n_layer 1, not 3"),
@@ -141,6 +148,20 @@ def places(emotion_small_dir, tmp_path_factory):
     (root / "broken").mkdir()
     (root / "broken" / "ckpt.pt").write_bytes(b"not a checkpoint")
     (root / "pb").mkdir()
+    for name in ("truncated", "bigid", "badlabel", "badmeta", "halfmeta", "notest"):
+        shutil.copytree(emotion_small_dir, root / name)
+    np.save(root / "truncated" / "train_offsets.npy", np.load(root / "truncated" / "train_offsets.npy")[:100])
+    tokens = np.load(root / "bigid" / "train_tokens.npy")
+    tokens[5] = 60000
+    np.save(root / "bigid" / "train_tokens.npy", tokens)
+    labels = np.load(root / "badlabel" / "validation_labels.npy")
+    labels[3] = 9
+    np.save(root / "badlabel" / "validation_labels.npy", labels)
+    (root / "badmeta" / "meta.json").write_text('{"counts": ')
+    meta = json.loads((root / "halfmeta" / "meta.json").read_text())
+    del meta["prompt_tokens"]
+    (root / "halfmeta" / "meta.json").write_text(json.dumps(meta))
+    os.remove(root / "notest" / "test_tokens.npy")
     (root / "otherkind").mkdir()
     torch.save({"weights": torch.zeros(2)}, root / "otherkind" / "ckpt.pt")
     import train
@@ -158,7 +179,8 @@ def places(emotion_small_dir, tmp_path_factory):
             "PB": str(root / "pb"), "MISSING": str(root / "missing"),
             "NEW": str(root / "new"), "NEW2": str(root / "new2"), "OTHERKIND": str(root / "otherkind"),
             "RUN": str(run), "NOMETRICS": str(root / "nometrics"), "BADMETRICS": str(root / "badmetrics"),
-            "NOBEST": str(root / "nobest"), "root": root}
+            "NOBEST": str(root / "nobest"), "root": root,
+            **{name.upper(): str(root / name) for name in ("truncated", "bigid", "badlabel", "badmeta", "halfmeta", "notest")}}
 
 
 def snapshot(*folders):
@@ -178,7 +200,7 @@ def test_bad_input_gets_one_clear_line(entry, argv, fragment, places, capsys, mo
     main = importlib.import_module(entry).main
     argv = [places.get(word, word) for word in argv]
     watched = [places[name] for name in ("DATA", "BASE", "FILE", "DEAD", "BROKEN", "OTHERKIND", "RUN", "NOMETRICS",
-                                         "BADMETRICS", "NOBEST")]
+                                         "BADMETRICS", "NOBEST", "TRUNCATED", "BIGID", "NOTEST")]
     before = snapshot(*watched)
     with pytest.raises(SystemExit) as stopped:
         main(argv)
