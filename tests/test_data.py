@@ -81,3 +81,27 @@ def test_evaluate_covers_every_row_once(emotion_dir):
             total, count = total + s, count + c
     from contextlib import nullcontext
     assert evaluate(model, split, 64, nullcontext()) == pytest.approx((total / count).item(), rel=1e-5)
+
+
+def test_a_re_prepare_killed_midway_leaves_an_unprepared_folder_not_a_mix(emotion_dir, tmp_path, monkeypatch):
+    """meta.json is written last and removed first: arrays of two preparations never pass as one folder."""
+    import shutil
+    from helpers import load_prepare_module
+    from model import InputError
+    from tasks import read_meta
+    out = tmp_path / "emotion"
+    shutil.copytree(emotion_dir, out)
+    module = load_prepare_module("emotion")
+    calls = []
+
+    def dies_after_the_first_array(path, array):  # the process is killed after writing one new array
+        calls.append(path)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        np.save(path, array)
+    monkeypatch.setattr(module, "atomic_save", dies_after_the_first_array)
+    monkeypatch.setattr(module, "load_rows", lambda source: {s: {"text": ["a b"], "label": [0]} for s in module.SPLITS})
+    with pytest.raises(KeyboardInterrupt):
+        module.prepare(None, str(out))
+    with pytest.raises(InputError, match="cannot read"):
+        read_meta(str(out), "emotion")

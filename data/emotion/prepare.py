@@ -49,6 +49,8 @@ def prepare(source=None, out_dir=HERE):
     enc = tiktoken.get_encoding("gpt2")
     rows = load_rows(source)
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, "meta.json")):  # meta.json, written last, marks a complete
+        os.remove(os.path.join(out_dir, "meta.json"))  # folder: a re-prepare killed midway leaves none
     tags = [enc.encode_ordinary(f"[{name.upper()}]") for name in LABELS]  # the `[EMOTION]` prefix of each label
     counts, max_len = {}, 0
     for split in SPLITS:

@@ -125,6 +125,8 @@ def prepare(source=None, out_dir=HERE, vocab="bert-base-uncased", max_len=384, s
     train_rows, dev_rows = load_rows(source)
     train_rows, val_rows = split_articles(train_rows)
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, "meta.json")):  # meta.json, written last, marks a complete
+        os.remove(os.path.join(out_dir, "meta.json"))  # folder: a re-prepare killed midway leaves none
     counts = {}
     for split, rows in (("train", train_rows), ("validation", val_rows), ("test", dev_rows)):
         rows = rows[:limit] if limit else rows

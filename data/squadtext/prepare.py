@@ -86,6 +86,8 @@ def prepare(source=None, out_dir=HERE, row_tokens=128, directory=0, directory_se
     cut = [int(len(texts) * 0.9), int(len(texts) * 0.95)]
     splits = {"train": texts[:cut[0]], "validation": texts[cut[0]:cut[1]], "test": texts[cut[1]:]}
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, "meta.json")):  # meta.json, written last, marks a complete
+        os.remove(os.path.join(out_dir, "meta.json"))  # folder: a re-prepare killed midway leaves none
     counts = {}
     for split, chunk in splits.items():
         rows = []
