@@ -234,14 +234,15 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-KEEPS = ("ckpt.pt", "best.pt", "summary.json", "model.safetensors", "adapter.safetensors", "config.json")
+KEEPS = ("ckpt.pt", "summary.json", "model.safetensors", "adapter.safetensors", "config.json")
+DEAD_START = ("metrics.jsonl", "best.pt", "ckpt.pt.tmp", "best.pt.tmp", "metrics.jsonl.tmp")  # before any ckpt.pt
 
 
 def check_new_run_folder(args):
     """A new run never overwrites anything of value: refuse an --out_dir that is a file, is the --init_from folder,
-    or holds a checkpoint, weights or a summary. A run that died before its first checkpoint (only its
-    metrics.jsonl is there) is started again, with a note."""
-    out, metrics = args.out_dir, os.path.join(args.out_dir, "metrics.jsonl")
+    or holds a checkpoint, weights or a summary. A run that died before its first checkpoint (its metrics.jsonl,
+    a step-0 best.pt, half-written files) is started again, with a note."""
+    out = args.out_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out_dir {out} is a file, not a folder; choose another --out_dir")
     if os.path.isdir(out) and os.path.isdir(args.init_from) and os.path.samefile(out, args.init_from):
@@ -250,9 +251,10 @@ def check_new_run_folder(args):
     if found := [name for name in KEEPS if os.path.exists(os.path.join(out, name))]:
         raise InputError(f"{out} already holds a run or a model ({', '.join(found)}); pass --resume to continue a "
                          "run, or choose another --out_dir")
-    if os.path.isfile(metrics):
+    if dead := [name for name in DEAD_START if os.path.isfile(os.path.join(out, name))]:
         print(f"note: {out} holds a run that stopped before its first checkpoint; starting it again", file=sys.stderr)
-        os.remove(metrics)
+        for name in dead:
+            os.remove(os.path.join(out, name))
 
 
 def train(args, explicit):
@@ -261,7 +263,7 @@ def train(args, explicit):
     ckpt = None
     if args.resume:
         if not os.path.isfile(ckpt_path):
-            if os.path.isfile(metrics_path):
+            if any(os.path.isfile(os.path.join(args.out_dir, name)) for name in DEAD_START):
                 raise InputError(f"{args.out_dir} stopped before its first checkpoint, so there is nothing to resume; "
                                  "run the same command without --resume to start it again")
             raise InputError(f"nothing to resume: {ckpt_path} does not exist")

@@ -210,3 +210,34 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again(emotion_small_
     assert again.returncode == 0, again.stderr
     assert "stopped before its first checkpoint; starting it again" in again.stderr
     assert [r["step"] for r in records(out)] == [0, 2] and (out / "ckpt.pt").is_file()
+
+
+def kill_when(args, ready, timeout=120):
+    """Start `python args...` and kill -9 it as soon as ready() is true (or when it ends by itself)."""
+    import signal as signals
+    import time
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signals.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["before the first checkpoint", "during the first checkpoint",
+                                    "after the first checkpoint"])
+def test_kill_9_then_rerun_or_resume_ends_bit_identical(moment, finished_run, emotion_small_dir, tmp_path):
+    """kill -9 at three moments around the first checkpoint; then --resume where a ckpt.pt survived, else the same
+    command again: the run ends exactly as the uninterrupted one."""
+    out = tmp_path / "killed"
+    flags = ["train.py", *TINY, *STEPS, "--data_dir", emotion_small_dir, "--out_dir", str(out)]
+    ready = {"before the first checkpoint": lambda: (out / "metrics.jsonl").exists(),
+             "during the first checkpoint": lambda: (out / "best.pt").exists() or (out / "ckpt.pt.tmp").exists(),
+             "after the first checkpoint": lambda: (out / "metrics.jsonl").exists()
+             and (out / "metrics.jsonl").read_text().count("\n") >= 3}
+    kill_when(flags, ready[moment])
+    again = cli(["train.py", "--out_dir", str(out), "--resume"] if (out / "ckpt.pt").exists() else flags)
+    assert again.returncode == 0, again.stderr
+    assert records(out) == records(finished_run)
+    assert json.load(open(out / "summary.json"))["final"] == json.load(open(os.path.join(finished_run, "summary.json")))["final"]
