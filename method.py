@@ -25,8 +25,6 @@ Weight-level methods use `replace_modules` (LoRA, MemFT's MLP adapter): it is th
 the model for a wrapper, and it never touches modules attached at sites.
 """
 
-import torch.nn as nn
-
 from model import GPT
 
 
@@ -47,10 +45,6 @@ def replace_modules(model, match, wrap):
         parent = model.get_submodule(parent_name)
         setattr(parent, child, wrap(getattr(parent, child)))
     return chosen
-
-
-def trainable_count(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class Method:

@@ -19,6 +19,7 @@ token: sum(CE over real target tokens) / (number of real target tokens), over a 
 last --log_interval steps for `train_loss`, over a whole split for val/test.
 """
 
+import abc
 import importlib.util
 import json
 import math
@@ -162,7 +163,7 @@ def evaluate(model, split, batch_size, autocast, max_batches=0, loss_sum=lm_loss
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
-class Task:
+class Task(abc.ABC):
     datasets = ()        # the --dataset names this task trains on
     defaults = {}        # flag defaults for those datasets (explicit flags win)
     add_flags = None     # fn(parser): the task's CLI flag group, if it has flags
@@ -178,9 +179,9 @@ class Task:
     def defaults_for(cls, dataset):
         return cls.defaults
 
+    @abc.abstractmethod
     def splits(self):
         """(train split, validation split)."""
-        raise NotImplementedError
 
     def training_order(self, train_split):
         a = self.args
@@ -199,9 +200,9 @@ class Task:
         if self.meta["max_len"] - 1 > model.config.block_size:
             raise InputError(f"rows of up to {self.meta['max_len'] - 1} tokens do not fit block_size {model.config.block_size}")
 
+    @abc.abstractmethod
     def test_scores(self, model, autocast, batch_size, out_dir=None):
         """{"test_loss": ..., and the task's own metrics} of the model; out_dir: write per-example files there."""
-        raise NotImplementedError
 
     def evaluation(self, model, autocast, batch_size):
         """What eval.py reports of a finished run."""
