@@ -21,9 +21,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from model import InputError
+from cli import InputError, Parser, fail
 from wordpiece import BertTokenizer
-from runs import Parser, fail, load_run, pyplot, resolve_system
+from runs import load_run, pyplot, resolve_system
 from squad import ExtractiveQA, QASplit
 
 

@@ -28,11 +28,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from cli import InputError, Parser, fail
 from lora import apply_lora
 from method import freeze
-from model import GPT, GPT2_HUB_IDS, GPTConfig, InputError, resolve_checkpoint
+from model import GPT, GPT2_HUB_IDS, GPTConfig, resolve_checkpoint
 from registers import POOLS, RegisterBank
-from runs import Parser, autocast_for, check_range, fail, rename_flags, resolve_system
+from runs import autocast_for, check_range, rename_flags, resolve_system
 
 RENAMED = {"rank": "lora_rank", "alpha": "lora_alpha", "n_registers": "register_tokens"}  # old flag -> today's
 

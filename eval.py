@@ -23,8 +23,8 @@ import sys
 
 import torch
 
-from model import InputError
-from runs import Parser, autocast_for, check_range, fail, load_run, resolve_system
+from cli import InputError, Parser, fail, gpt2_bpe
+from runs import autocast_for, check_range, load_run, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
 MOVED = {"prb-table": "sweeps.py", "regbert-sweep": "sweeps.py", "memory-law": "sweeps.py", "attention": "attribution.py"}
@@ -108,8 +108,7 @@ def run(a):
 
 def samples(model, meta, a, autocast, device):
     """--num_samples continuations of every prompt; a `[LABEL]` prompt also tells the method its label."""
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_bpe()
     generator = torch.Generator(device).manual_seed(a.seed)
     out = []
     for prompt in a.prompt or DEFAULT_PROMPTS:

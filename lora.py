@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import InputError
 from method import Method, freeze, replace_modules
-from model import InputError, check_keys, read_safetensors
+from model import check_keys, read_safetensors
 
 GPT2_BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # all four: the PRB paper's setting
 

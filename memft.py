@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import InputError
 from lora import apply_lora, save_adapter
 from method import Method, freeze, replace_modules
-from model import InputError
 
 LN2 = math.log(2.0)  # L_t > ln 2  <=>  p_target < 0.5
 

@@ -37,9 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class InputError(Exception):
-    """Bad input from the user (a flag, a path, a file, a checkpoint). The CLIs print it on one line, exit 2."""
+from cli import HubUnreachable, InputError, reach_hub
 
 
 @dataclass
@@ -259,11 +257,17 @@ def resolve_checkpoint(name_or_path, hub_ids, extra_files=()):
     if repo_id is None:
         raise InputError(f"{name_or_path!r} is neither a folder nor a known model ({', '.join(hub_ids)})")
     from huggingface_hub import hf_hub_download  # installed with `datasets`
+    try:  # already in the hub cache: no network at all
+        return os.path.dirname([hf_hub_download(repo_id, f, local_files_only=True) for f in files][0])
+    except Exception:
+        pass
     try:
+        reach_hub()  # offline: one line now, not 30 s of retry warnings
         paths = [hf_hub_download(repo_id, f) for f in files]
     except Exception as e:  # offline, hub down, ...: one clear line
-        raise InputError(f"could not download {repo_id} ({type(e).__name__}); with no internet, pass a local "
-                         f"folder holding {', '.join(files)}") from None
+        reason = str(e) if isinstance(e, HubUnreachable) else type(e).__name__
+        raise InputError(f"could not download {repo_id} ({reason}); with no internet, pass a local folder holding "
+                         f"{', '.join(files)}") from None
     return os.path.dirname(paths[0])
 
 

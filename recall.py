@@ -14,8 +14,8 @@ import os
 import numpy as np
 import torch
 
-from model import InputError
-from tasks import Task, prepare_module
+from cli import BadFile, InputError, gpt2_bpe, prepare_module, read_jsonl
+from tasks import Task
 
 
 def curriculum_size(epoch, n_entries, batch_size, ratios=(0.2, 0.4, 0.6, 0.8, 1.0), boundaries=(20, 40, 60, 80, 200)):
@@ -31,14 +31,20 @@ def curriculum_size(epoch, n_entries, batch_size, ratios=(0.2, 0.4, 0.6, 0.8, 1.
 def load_entries(path):
     """(queries, answers) as GPT-2 token-id lists from a prepared PhoneBook or long-context .jsonl file.
     PhoneBook: query "Name:", answer " " + number; long context: the stored token ids."""
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_bpe()
+    token_ids = lambda ids: isinstance(ids, list) and ids and all(type(t) is int and 0 <= t < enc.n_vocab for t in ids)
     queries, answers = [], []
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
+    for i, row in enumerate(read_jsonl(path, ())):
+        try:
             queries.append(row.get("query_ids") or enc.encode_ordinary(row["query"]))
             answers.append(row.get("target_ids") or enc.encode_ordinary(" " + row["target"]))
+        except (KeyError, TypeError):
+            queries.append(None)
+        if not (token_ids(queries[-1]) and token_ids(answers[-1])):
+            raise BadFile(f"{path} entry {i + 1} needs a query and a target: non-empty text (query, target) or "
+                          f"lists of GPT-2 token ids in 0..{enc.n_vocab - 1} (query_ids, target_ids)")
+    if not queries:
+        raise BadFile(f"{path} holds no entries")
     return queries, answers
 
 
@@ -188,7 +194,7 @@ class ExactRecall(Task):
             if not os.path.isfile(path):
                 try:
                     prepare_module("phonebook").prepare(a.length, a.data_dir)
-                except ValueError as e:  # more entries than the name generator can make unique
+                except (ValueError, OSError) as e:  # more entries than the generator can make unique; no folder
                     raise InputError(f"cannot make PhoneBook {a.length}: {e}") from None
         else:
             path = os.path.join(a.data_dir, f"long{a.length}_noise{a.noise}.jsonl")
@@ -197,8 +203,8 @@ class ExactRecall(Task):
                                  f"--answer_tokens {a.length} --noise {a.noise} --out_dir {a.data_dir}")
         try:
             return RecallSplit(*load_entries(path), self.device, a.pad_multiple)
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"cannot read {path} ({type(e).__name__}: {e}); prepare it again") from None
+        except BadFile as e:
+            raise InputError(f"{e}; prepare it again") from None
 
     def curriculum(self):
         """(ratios, epoch boundaries) of the prefix curriculum, or None when it is off."""

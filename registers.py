@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import InputError
 from lora import LoRA, apply_lora, save_adapter
 from method import Method, freeze
-from model import InputError
 
 POOLS = ("causal", "full", "prompt")
 

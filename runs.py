@@ -1,5 +1,5 @@
 """The tables of methods and tasks, and what every entry script needs to build or rebuild a run: its model, its
-checkpoint files, the system settings, and the one-line-error argument parser.
+checkpoint files and the system settings (cli.py has the one-line-error argument parser).
 
 A run folder (train.py --out_dir) holds ckpt.pt (the run's flags, its tensors, optimizer and RNG state), best.pt,
 metrics.jsonl, summary.json and what the method exports. `load_run` rebuilds the model of a run from ckpt.pt alone.
@@ -17,8 +17,9 @@ import torch
 import lora
 import memft
 import registers
+from cli import InputError
 from method import FullFineTuning
-from model import BERT, GPT, BertConfig, GPTConfig, InputError, check_keys
+from model import BERT, GPT, BertConfig, GPTConfig, check_keys
 from recall import ExactRecall
 from squad import ExtractiveQA
 from tasks import LanguageModeling
@@ -194,17 +195,6 @@ def rename_flags(argv, renames, where):
             word = f"--{renames[flag[2:]]}{eq}{value}"
         out.append(word)
     return out
-
-
-def fail(message):
-    """Bad input: one line on stderr and exit status 2 (InputError's contract), never a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, instead of usage + message
-        fail(f"{message} (see python {os.path.basename(sys.argv[0])} --help)")
 
 
 def pyplot():

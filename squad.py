@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import BERT_HUB_IDS, InputError, resolve_checkpoint
+from cli import InputError
+from model import BERT_HUB_IDS, resolve_checkpoint
 from tasks import Split, Task, check_rows, prepare_if_missing, read_meta
 
 

@@ -18,11 +18,11 @@ import sys
 
 import torch
 
+from cli import InputError, Parser, fail
 import train
 from memft import fit_memory_law, memory_law
-from model import InputError
 from recall import spearman
-from runs import Parser, fail, load_run, pyplot, resolve_system
+from runs import load_run, pyplot, resolve_system
 from tasks import emotion_consistency, train_classifier
 
 

@@ -20,7 +20,6 @@ last --log_interval steps for `train_loss`, over a whole split for val/test.
 """
 
 import abc
-import importlib.util
 import json
 import math
 import os
@@ -30,20 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import InputError
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from cli import InputError, gpt2_bpe, prepare_module
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def prepare_module(dataset):
-    """data/<dataset>/prepare.py as a module (it is a script in a folder, not a package)."""
-    spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", dataset, "prepare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def prepare_if_missing(dataset, data_dir, **options):
     """Run data/<dataset>/prepare.py on first use, so the main command works on a fresh machine."""
     if os.path.isfile(os.path.join(data_dir, "meta.json")):
@@ -53,7 +42,8 @@ def prepare_if_missing(dataset, data_dir, **options):
     try:
         prepare_module(dataset).prepare(None, data_dir, **options)
     except Exception as e:  # offline: say how to prepare from local files
-        raise InputError(f"{data_dir} is not prepared and downloading failed ({type(e).__name__}); run: {cmd}") from None
+        reason = str(e) if isinstance(e, ConnectionError) else type(e).__name__
+        raise InputError(f"{data_dir} is not prepared and downloading failed ({reason}); run: {cmd}") from None
 
 
 def read_meta(data_dir, dataset, required=("vocab_size", "max_len", "counts")):
@@ -288,8 +278,7 @@ def train_classifier(data_dir, meta, epochs=5, seed=0):
 @torch.no_grad()
 def emotion_consistency(model, meta, clf, samples, max_new_tokens, device, seed=0):
     """Fraction of sampled continuations of `[LABEL]` that the classifier assigns to LABEL, per label and mean."""
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_bpe()
     generator = torch.Generator(device).manual_seed(seed)
     scores = {}
     for label, name in enumerate(meta["labels"]):

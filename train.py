@@ -27,10 +27,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from runs import (CHECKPOINT_KEYS, METHODS, TASKS, Parser, atomic_torch_save, autocast_for, build_model, check_range,
-                  fail, load_checkpoint, load_saved_state, pyplot, read_metrics, rename_flags, resolve_system,
+from cli import InputError, Parser, fail
+from runs import (CHECKPOINT_KEYS, METHODS, TASKS, atomic_torch_save, autocast_for, build_model, check_range,
+                  load_checkpoint, load_saved_state, pyplot, read_metrics, rename_flags, resolve_system,
                   saved_state, upgrade_args)
-from model import InputError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -5,7 +5,8 @@ against the reference `tokenizers` implementation on all of SQuAD dev (tests/tes
 import os
 import unicodedata
 
-from model import BERT_HUB_IDS, InputError, resolve_checkpoint
+from cli import InputError
+from model import BERT_HUB_IDS, resolve_checkpoint
 
 
 class BertTokenizer:

@@ -1,6 +1,5 @@
 """Helpers shared by the tests (and by every method's causality test)."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -11,12 +10,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def load_prepare_module(dataset):
-    spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", os.path.join(ROOT, "data", dataset, "prepare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from cli import prepare_module as load_prepare_module  # noqa: E402,F401  (tests import it from here)
 
 
 def interrupt_run(args, out_dir, metric_lines, sig=signal.SIGINT):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import SQUAD
-from model import BERT, BertConfig, InputError, bert_state_from_hf
+from cli import InputError
+from model import BERT, BertConfig, bert_state_from_hf
 from wordpiece import BertTokenizer
 
 

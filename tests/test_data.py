@@ -83,25 +83,41 @@ def test_evaluate_covers_every_row_once(emotion_dir):
     assert evaluate(model, split, 64, nullcontext()) == pytest.approx((total / count).item(), rel=1e-5)
 
 
-def test_a_re_prepare_killed_midway_leaves_an_unprepared_folder_not_a_mix(emotion_dir, tmp_path, monkeypatch):
-    """meta.json is written last and removed first: arrays of two preparations never pass as one folder."""
+@pytest.mark.parametrize("moment", ["writing", "moving in"])
+def test_a_re_prepare_killed_midway_never_leaves_a_mix(emotion_dir, tmp_path, monkeypatch, moment):
+    """Preparation writes into a temporary folder and moves the files in at the end, meta.json last: killed while
+    writing, the old folder is untouched and the temporary one is gone; killed while the files move in, the folder
+    has no meta.json and is refused as not prepared. Arrays of two preparations never pass as one folder."""
+    import hashlib
     import shutil
     from helpers import load_prepare_module
-    from model import InputError
+    from cli import InputError
     from tasks import read_meta
     out = tmp_path / "emotion"
     shutil.copytree(emotion_dir, out)
+    before = {f: hashlib.sha1((out / f).read_bytes()).hexdigest() for f in os.listdir(out)}
     module = load_prepare_module("emotion")
+    monkeypatch.setattr(module, "load_rows", lambda source: {s: {"text": ["a b"], "label": [0]} for s in module.SPLITS})
     calls = []
 
-    def dies_after_the_first_array(path, array):  # the process is killed after writing one new array
-        calls.append(path)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        np.save(path, array)
-    monkeypatch.setattr(module, "atomic_save", dies_after_the_first_array)
-    monkeypatch.setattr(module, "load_rows", lambda source: {s: {"text": ["a b"], "label": [0]} for s in module.SPLITS})
+    def killed_on_the_second_call(real):
+        def call(*args):
+            calls.append(args)
+            if len(calls) > 1:
+                raise KeyboardInterrupt
+            return real(*args)
+        return call
+    if moment == "writing":
+        monkeypatch.setattr(module.np, "save", killed_on_the_second_call(np.save))
+    else:
+        monkeypatch.setattr(os, "replace", killed_on_the_second_call(os.replace))
     with pytest.raises(KeyboardInterrupt):
         module.prepare(None, str(out))
-    with pytest.raises(InputError, match="cannot read"):
-        read_meta(str(out), "emotion")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["emotion"]  # the temporary folder was removed
+    if moment == "writing":
+        assert {f: hashlib.sha1((out / f).read_bytes()).hexdigest() for f in os.listdir(out)} == before
+        assert read_meta(str(out), "emotion")["counts"]["train"] == 16000
+    else:
+        with pytest.raises(InputError, match="cannot read"):
+            read_meta(str(out), "emotion")

@@ -13,7 +13,8 @@ import struct
 import pytest
 import torch
 
-from model import GPT, GPTConfig, InputError
+from cli import InputError
+from model import GPT, GPTConfig
 
 VALUES = [None, "12", 0, -1, 1.5, True, False, 10 ** 12, 1e12, [], {}, "relu", "gelu_new", float("nan")]
 KEYS = ["n_positions", "vocab_size", "n_layer", "n_head", "n_embd", "layer_norm_epsilon", "activation_function",

@@ -7,7 +7,8 @@ import torch.nn as nn
 from helpers import assert_causal, save_tiny_hf_gpt2
 from lora import LoRALinear, apply_lora, load_adapter, save_adapter
 from method import freeze
-from model import GPT, GPTConfig, InputError
+from cli import InputError
+from model import GPT, GPTConfig
 
 
 def tiny_gpt(seed=0, **kw):

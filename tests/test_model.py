@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from helpers import ROOT, assert_causal, save_tiny_hf_gpt2
-from model import GPT, GPTConfig, InputError
+from cli import InputError
+from model import GPT, GPTConfig
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):

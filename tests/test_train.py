@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import ROOT, interrupt_run, save_tiny_hf_gpt2
-from model import InputError
+from cli import InputError
 
 TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
         "--batch_size", "4", "--lr", "3e-3", "--warmup", "20", "--eval_iters", "2", "--eval_batch_size", "32",

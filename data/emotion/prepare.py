@@ -16,41 +16,53 @@ import sys
 
 import numpy as np
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from cli import BadFile, Parser, errors_in_one_line, gpt2_bpe, load_hub_dataset, read_jsonl, staged_folder  # noqa: E402
+
 LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # the dataset's label ids 0..5
 SPLITS = ["train", "validation", "test"]
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_rows(source):
-    """{split: datasets.Dataset with text, label}, from the hub or a folder of jsonl files, via `datasets`."""
-    import datasets
-    datasets.disable_progress_bars()
+    """{split: {"text": [...], "label": [...]}} from the hub or a folder of {train,validation,test}.jsonl."""
     if source is None:
-        return datasets.load_dataset("dair-ai/emotion", "split")
-    files = {s: os.path.join(source, f"{s}.jsonl") for s in SPLITS}
-    missing = [f for f in files.values() if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]} not found; --source must hold train.jsonl, validation.jsonl, test.jsonl")
-    return datasets.load_dataset("json", data_files=files)
+        hub = load_hub_dataset("dair-ai/emotion", "split")
+        rows = {s: {"text": hub[s]["text"], "label": hub[s]["label"]} for s in SPLITS}
+        where = {s: f"hub:dair-ai/emotion {s}" for s in SPLITS}
+    else:
+        files = {s: os.path.join(source, f"{s}.jsonl") for s in SPLITS}
+        if missing := [f for f in files.values() if not os.path.isfile(f)]:
+            raise BadFile(f"{missing[0]} not found; --source must hold train.jsonl, validation.jsonl, test.jsonl")
+        rows = {s: {k: [r[k] for r in read_jsonl(f, ("text", "label"))] for k in ("text", "label")} for s, f in files.items()}
+        where = files
+    for split in SPLITS:
+        for i, (text, label) in enumerate(zip(rows[split]["text"], rows[split]["label"])):
+            if not isinstance(text, str) or type(label) is not int or not 0 <= label < len(LABELS):
+                raise BadFile(f"{where[split]} row {i + 1}: text must be a string and label an integer in 0..5")
+        if not rows[split]["text"]:
+            raise BadFile(f"{where[split]} holds no rows")
+    return rows
 
 
 def format_row(text, label):
     return f"[{LABELS[label].upper()}] {text}"
 
 
-def atomic_save(path, array):
-    with open(path + ".tmp", "wb") as f:
-        np.save(f, array)
-    os.replace(path + ".tmp", path)
-
-
 def prepare(source=None, out_dir=HERE):
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_bpe()
     rows = load_rows(source)
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "meta.json")):  # meta.json, written last, marks a complete
-        os.remove(os.path.join(out_dir, "meta.json"))  # folder: a re-prepare killed midway leaves none
+    with staged_folder(out_dir) as stage:  # all or nothing: a failure or a kill never leaves a mix
+        meta = write_splits(rows, enc, stage)
+        meta["source"] = source or "hub:dair-ai/emotion"
+        with open(os.path.join(stage, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    print(f"wrote {out_dir}")
+    return meta
+
+
+def write_splits(rows, enc, out_dir):
+    """Tokenize, check and save every split; the meta.json fields they determine."""
     tags = [enc.encode_ordinary(f"[{name.upper()}]") for name in LABELS]  # the `[EMOTION]` prefix of each label
     counts, max_len = {}, 0
     for split in SPLITS:
@@ -63,29 +75,25 @@ def prepare(source=None, out_dir=HERE):
                 raise RuntimeError(f"{split} row {i} does not round-trip through the tokenizer")
             if ids[i][:len(tags[label])] != tags[label]:  # ... and starts with its label's prefix tokens
                 raise RuntimeError(f"{split} row {i} does not start with the tokens of its [LABEL] prefix")
-        atomic_save(os.path.join(out_dir, f"{split}_tokens.npy"), tokens)
-        atomic_save(os.path.join(out_dir, f"{split}_offsets.npy"), offsets)
-        atomic_save(os.path.join(out_dir, f"{split}_labels.npy"), np.asarray(rows[split]["label"], dtype=np.int64))
+        np.save(os.path.join(out_dir, f"{split}_tokens.npy"), tokens)
+        np.save(os.path.join(out_dir, f"{split}_offsets.npy"), offsets)
+        np.save(os.path.join(out_dir, f"{split}_labels.npy"), np.asarray(rows[split]["label"], dtype=np.int64))
         counts[split] = len(texts)
         max_len = max(max_len, int(np.diff(offsets).max()))
         print(f"{split:>10}: {len(texts):6d} rows, {len(tokens):8d} tokens, longest {np.diff(offsets).max()} tokens")
-    meta = {"dataset": "emotion", "labels": LABELS, "counts": counts, "max_len": max_len,
-            "prompt_tokens": [len(t) for t in tags], "eot_token": enc.eot_token, "vocab_size": enc.n_vocab, "format": "[LABEL] text<|endoftext|>",
-            "source": source or "hub:dair-ai/emotion"}
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
-    print(f"wrote {out_dir}")
-    return meta
+    return {"dataset": "emotion", "labels": LABELS, "counts": counts, "max_len": max_len,
+            "prompt_tokens": [len(t) for t in tags], "eot_token": enc.eot_token, "vocab_size": enc.n_vocab,
+            "format": "[LABEL] text<|endoftext|>"}
+
+
+def main(argv=None):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", help="folder of {train,validation,test}.jsonl (default: download from the hub)")
+    parser.add_argument("--out_dir", default=HERE, help="where to write the prepared arrays (default: %(default)s)")
+    args = parser.parse_args(argv)
+    with errors_in_one_line("dair-ai/emotion", "pass --source DIR, a folder of {train,validation,test}.jsonl"):
+        prepare(args.source, args.out_dir)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", help="folder of {train,validation,test}.jsonl (default: download from the hub)")
-    parser.add_argument("--out_dir", default=HERE, help="where to write the prepared arrays (default: %(default)s)")
-    args = parser.parse_args()
-    try:
-        prepare(args.source, args.out_dir)
-    except (FileNotFoundError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()

@@ -18,24 +18,23 @@ import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from cli import Parser, errors_in_one_line, gpt2_bpe, load_hub_dataset, prepare_module, write_atomically  # noqa: E402
 
 
 def load_text(source):
     """The SQuAD contexts of a local v1.1 JSON file, or of the hub's validation split."""
     if source is None:
-        import datasets
-        contexts = dict.fromkeys(datasets.load_dataset("rajpurkar/squad", split="validation")["context"])
+        contexts = dict.fromkeys(load_hub_dataset("rajpurkar/squad", split="validation")["context"])
     else:
-        with open(source, encoding="utf-8") as f:
-            contexts = dict.fromkeys(p["context"] for a in json.load(f)["data"] for p in a["paragraphs"])
+        contexts = dict.fromkeys(prepare_module("squadtext").squad_contexts(source))
     return "\n\n".join(contexts)
 
 
 def prepare(answer_tokens, noise, source=None, out_dir=HERE, seed=0):
-    import tiktoken
-    if not 0 <= noise <= 100:
-        raise ValueError(f"--noise is a percentage in 0..100, got {noise}")
-    enc = tiktoken.get_encoding("gpt2")
+    if not (0 <= noise <= 100 and answer_tokens > 0):
+        raise ValueError(f"--noise is a percentage in 0..100 and --answer_tokens positive (got {noise}, {answer_tokens})")
+    enc = gpt2_bpe()
     ids = enc.encode_ordinary(load_text(source))[:answer_tokens]
     if len(ids) < answer_tokens:
         raise ValueError(f"the source has only {len(ids)} tokens, fewer than --answer_tokens {answer_tokens}")
@@ -46,28 +45,27 @@ def prepare(answer_tokens, noise, source=None, out_dir=HERE, seed=0):
     row = {"query": query, "query_ids": enc.encode_ordinary(query), "target_ids": ids, "answer_tokens": answer_tokens}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"long{answer_tokens}_noise{noise}.jsonl")
-    with open(path + ".tmp", "w") as f:
-        f.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
-    with open(path.removesuffix(".jsonl") + ".meta.json", "w") as f:
-        json.dump({"dataset": "longctx", "answer_tokens": answer_tokens, "noise_percent": noise, "seed": seed,
-                   "source": source or "hub:rajpurkar/squad"}, f, indent=1)
+    write_atomically(path, json.dumps(row) + "\n")
+    write_atomically(path.removesuffix(".jsonl") + ".meta.json", json.dumps(
+        {"dataset": "longctx", "answer_tokens": answer_tokens, "noise_percent": noise, "seed": seed,
+         "source": source or "hub:rajpurkar/squad"}, indent=1))
     print(f"{os.path.basename(path)}: {answer_tokens} answer tokens, {noise}% random")
     return path
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", help="a SQuAD v1.1 JSON file (default: the hub's validation split)")
     parser.add_argument("--answer_tokens", type=int, nargs="+", required=True)
     parser.add_argument("--noise", type=int, nargs="+", default=[0], help="percent of tokens made random")
     parser.add_argument("--out_dir", default=HERE)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    try:
+    args = parser.parse_args(argv)
+    with errors_in_one_line("rajpurkar/squad", "pass --source FILE, a SQuAD v1.1 .json file"):
         for n in args.answer_tokens:
             for p in args.noise:
                 prepare(n, p, args.source, args.out_dir, args.seed)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,8 @@ import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from cli import Parser, errors_in_one_line, gpt2_bpe, write_atomically  # noqa: E402
 FIRST = ("James Mary Robert Patricia John Jennifer Michael Linda David Elizabeth William Barbara Richard Susan Joseph "
          "Jessica Thomas Sarah Charles Karen Christopher Lisa Daniel Nancy Matthew Betty Anthony Sandra Mark Ashley "
          "Donald Kimberly Steven Emily Paul Donna Andrew Michelle Joshua Carol Kenneth Amanda Kevin Melissa Brian "
@@ -41,8 +43,7 @@ def entries(seed):
 
 
 def prepare(answer_tokens, out_dir=HERE, seed=0):
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_bpe()
     rows, total = [], 0
     for name, number in entries(seed):
         if total >= answer_tokens:
@@ -54,28 +55,26 @@ def prepare(answer_tokens, out_dir=HERE, seed=0):
             raise ValueError(f"--answer_tokens {answer_tokens} needs more unique names than this generator makes")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"PB{answer_tokens}.jsonl")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
     meta = {"dataset": "phonebook", "entries": len(rows), "answer_tokens": total, "seed": seed,
             "format": "query + ' ' + target; loss and metrics on the target's tokens only"}
-    with open(os.path.join(out_dir, f"PB{answer_tokens}.meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_atomically(os.path.join(out_dir, f"PB{answer_tokens}.meta.json"), json.dumps(meta, indent=1))
     print(f"PB{answer_tokens}: {len(rows)} entries, {total} answer tokens -> {path}")
     return path, meta
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--answer_tokens", type=int, nargs="+", required=True, help="dataset sizes in answer tokens")
     parser.add_argument("--out_dir", default=HERE)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    try:
+    args = parser.parse_args(argv)
+    with errors_in_one_line():
         for size in args.answer_tokens:
             if size <= 0:
                 raise ValueError(f"--answer_tokens must be positive, got {size}")
             prepare(size, args.out_dir, args.seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -32,29 +32,49 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-from model import InputError, resolve_checkpoint, BERT_HUB_IDS  # noqa: E402
+from cli import BadFile, InputError, Parser, errors_in_one_line, load_hub_dataset, read_json, staged_folder  # noqa: E402
+from model import resolve_checkpoint, BERT_HUB_IDS  # noqa: E402
 from wordpiece import BertTokenizer  # noqa: E402
 
 
-def flatten(articles):
+def flatten(articles, path):
     """The official nested JSON -> the flat rows of the hub dataset: id, title, context, question, answers."""
-    return [{"id": q["id"], "title": a["title"], "context": p["context"], "question": q["question"],
-             "answers": {"text": [x["text"] for x in q["answers"]], "answer_start": [x["answer_start"] for x in q["answers"]]}}
-            for a in articles for p in a["paragraphs"] for q in p["qas"]]
+    try:
+        rows = [{"id": q["id"], "title": a["title"], "context": p["context"], "question": q["question"],
+                 "answers": {"text": [x["text"] for x in q["answers"]],
+                             "answer_start": [x["answer_start"] for x in q["answers"]]}}
+                for a in articles["data"] for p in a["paragraphs"] for q in p["qas"]]
+    except (KeyError, TypeError, IndexError):
+        raise BadFile(f"{path} is not SQuAD v1.1 JSON (data > paragraphs > context, qas > id, question, answers "
+                      "> text, answer_start)") from None
+    return check_answers(rows, path)
+
+
+def check_answers(rows, where):
+    """Every question has a first answer that is a non-empty piece of its context, at its answer_start (true of
+    every question of SQuAD v1.1; a v2.0 file has questions without one)."""
+    for r in rows:
+        text, starts, context = r["answers"]["text"], r["answers"]["answer_start"], r["context"]
+        if not (text and starts and all(isinstance(x, str) for x in (text[0], context, r["question"]))
+                and text[0].strip() and type(starts[0]) is int and starts[0] >= 0
+                and context[starts[0]:starts[0] + len(text[0])] == text[0]):
+            raise BadFile(f"{where}: question {r['id']} has no answer found in its context at answer_start "
+                          "(SQuAD v1.1 is needed; v2.0 has unanswerable questions)")
+    if not rows:
+        raise BadFile(f"{where} holds no questions")
+    return rows
 
 
 def load_rows(source):
     """(train rows, dev rows) from the hub (`rajpurkar/squad`) or a folder with dev-v1.1.json and train-v1.1*.json."""
     if source is None:
-        import datasets
-        squad = datasets.load_dataset("rajpurkar/squad")
-        return [dict(r) for r in squad["train"]], [dict(r) for r in squad["validation"]]
+        squad = load_hub_dataset("rajpurkar/squad")
+        return [check_answers([dict(r) for r in squad[s]], f"hub:rajpurkar/squad {s}") for s in ("train", "validation")]
     dev = os.path.join(source, "dev-v1.1.json")
     train = sorted(glob.glob(os.path.join(source, "train-v1.1*.json")))
     if not os.path.isfile(dev) or not train:
         raise InputError(f"--source {source} must hold dev-v1.1.json and a train-v1.1*.json file")
-    load = lambda path: flatten(json.load(open(path, encoding="utf-8"))["data"])
-    return load(train[0]), load(dev)
+    return flatten(read_json(train[0]), train[0]), flatten(read_json(dev), dev)
 
 
 def split_articles(rows, held_out=0.1):
@@ -66,8 +86,10 @@ def split_articles(rows, held_out=0.1):
 
 def token_span(offsets, start_char, end_char):
     """First and last context token overlapping the answer characters [start_char, end_char)."""
-    first = next(i for i, (s, e) in enumerate(offsets) if e > start_char)
-    last = max(i for i, (s, e) in enumerate(offsets) if s < end_char)
+    first = next((i for i, (s, e) in enumerate(offsets) if e > start_char), None)
+    last = max((i for i, (s, e) in enumerate(offsets) if s < end_char), default=None)
+    if first is None or last is None or last < first:
+        raise BadFile(f"the answer at characters {start_char}..{end_char} covers no token of its context")
     return first, last
 
 
@@ -112,44 +134,51 @@ def featurize(rows, tok, max_len, stride, max_query):
     return arrays, examples
 
 
-def atomic_write(path, write):
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-    os.replace(path + ".tmp", path)
-
-
 def prepare(source=None, out_dir=HERE, vocab="bert-base-uncased", max_len=384, stride=128, max_query=64, limit=0):
     """limit > 0 keeps only the first `limit` questions of each split (for quick tests)."""
+    if not (0 < max_query and 0 <= stride and 0 <= limit and max_len <= np.iinfo(np.int16).max):
+        raise InputError(f"--max_query must be positive, --stride and --limit at least 0 (a negative stride leaves "
+                         f"context no window covers) and --max_len at most 32767 (got {max_query}, {stride}, {limit}, "
+                         f"{max_len})")
     vocab_path = os.path.join(resolve_checkpoint(vocab, BERT_HUB_IDS, extra_files=("vocab.txt",)), "vocab.txt")
     tok = BertTokenizer(vocab_path)
     train_rows, dev_rows = load_rows(source)
     train_rows, val_rows = split_articles(train_rows)
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "meta.json")):  # meta.json, written last, marks a complete
-        os.remove(os.path.join(out_dir, "meta.json"))  # folder: a re-prepare killed midway leaves none
-    counts = {}
-    for split, rows in (("train", train_rows), ("validation", val_rows), ("test", dev_rows)):
-        rows = rows[:limit] if limit else rows
-        arrays, examples = featurize(rows, tok, max_len, stride, max_query)
-        for name, array in arrays.items():
-            atomic_write(os.path.join(out_dir, f"{split}_{name}.npy"), lambda f: np.save(f, array))
-        atomic_write(os.path.join(out_dir, f"{split}_examples.json"), lambda f: f.write(json.dumps(examples).encode()))
-        counts[split] = {"examples": len(examples), "features": len(arrays["lengths"]),
-                         "answer_outside_window": int((arrays["start"] == 0).sum())}
-        print(f"{split:>10}: {len(examples):6d} questions -> {len(arrays['lengths']):6d} features")
-    with open(vocab_path, "rb") as f:
-        vocab_sha1 = hashlib.sha1(f.read()).hexdigest()
-    meta = {"dataset": "squad", "max_len": max_len, "stride": stride, "max_query": max_query, "counts": counts,
-            "vocab_size": len(tok.vocab), "vocab_sha1": vocab_sha1, "pad_id": tok.pad_id,
-            "source": source or "hub:rajpurkar/squad", "splits": "train/validation: train articles (last 10% held "
-            "out); test: the official dev file"}
-    atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    splits = {"train": train_rows, "validation": val_rows, "test": dev_rows}
+    if empty := [split for split, rows in splits.items() if not rows]:
+        raise BadFile(f"--source {source} leaves the {empty[0]} split empty (validation is the last 10% of the train "
+                      "file's articles: it needs at least 2)")
+    with staged_folder(out_dir) as stage:  # all or nothing: a failure or a kill never leaves a mix
+        meta = write_splits(splits, tok, stage, max_len, stride, max_query, limit)
+        with open(vocab_path, "rb") as f:
+            vocab_sha1 = hashlib.sha1(f.read()).hexdigest()
+        meta |= {"vocab_size": len(tok.vocab), "vocab_sha1": vocab_sha1, "pad_id": tok.pad_id,
+                 "source": source or "hub:rajpurkar/squad", "splits": "train/validation: train articles (last 10% "
+                 "held out); test: the official dev file"}
+        with open(os.path.join(stage, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
     print(f"wrote {out_dir}")
     return meta
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def write_splits(splits, tok, out_dir, max_len, stride, max_query, limit):
+    """Featurize and save every split; the meta.json fields they determine."""
+    counts = {}
+    for split, rows in splits.items():
+        rows = rows[:limit] if limit else rows
+        arrays, examples = featurize(rows, tok, max_len, stride, max_query)
+        for name, array in arrays.items():
+            np.save(os.path.join(out_dir, f"{split}_{name}.npy"), array)
+        with open(os.path.join(out_dir, f"{split}_examples.json"), "w") as f:
+            f.write(json.dumps(examples))
+        counts[split] = {"examples": len(examples), "features": len(arrays["lengths"]),
+                         "answer_outside_window": int((arrays["start"] == 0).sum())}
+        print(f"{split:>10}: {len(examples):6d} questions -> {len(arrays['lengths']):6d} features")
+    return {"dataset": "squad", "max_len": max_len, "stride": stride, "max_query": max_query, "counts": counts}
+
+
+def main(argv=None):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", help="folder with dev-v1.1.json and train-v1.1*.json (default: the hub)")
     parser.add_argument("--vocab", default="bert-base-uncased",
                         help="hub name or a model folder holding vocab.txt (default: %(default)s)")
@@ -158,9 +187,10 @@ if __name__ == "__main__":
     parser.add_argument("--stride", type=int, default=128, help="tokens shared by consecutive windows")
     parser.add_argument("--max_query", type=int, default=64)
     parser.add_argument("--limit", type=int, default=0, help="keep the first N questions per split (0: all)")
-    args = parser.parse_args()
-    try:
+    args = parser.parse_args(argv)
+    with errors_in_one_line("rajpurkar/squad", "pass --source DIR holding dev-v1.1.json and train-v1.1*.json"):
         prepare(args.source, args.out_dir, args.vocab, args.max_len, args.stride, args.max_query, args.limit)
-    except (InputError, ConnectionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,22 +27,37 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from cli import (BadFile, Parser, errors_in_one_line, gpt2_bpe, load_hub_dataset, prepare_module, read_json,
+                 staged_folder)  # noqa: E402
+
 PHONEBOOK_SEED, PHONEBOOK_RESERVED = 0, 10_000  # names the memorisation sets may use are kept out of the base
 
 
 def paragraphs(source):
     """Distinct contexts of every *.json SQuAD file in the folder `source` (or of the hub's train split)."""
     if source is None:
-        import datasets
-        return list(dict.fromkeys(datasets.load_dataset("rajpurkar/squad", split="train")["context"]))
+        return list(dict.fromkeys(load_hub_dataset("rajpurkar/squad", split="train")["context"]))
+    if not os.path.isdir(source):
+        raise BadFile(f"--source {source} is not a folder; it must hold SQuAD v1.1 .json files")
     contexts = {}
     for name in sorted(os.listdir(source)):
         if name.endswith(".json"):
-            with open(os.path.join(source, name), encoding="utf-8") as f:
-                contexts.update(dict.fromkeys(p["context"] for a in json.load(f)["data"] for p in a["paragraphs"]))
+            contexts.update(dict.fromkeys(squad_contexts(os.path.join(source, name))))
     if not contexts:
-        raise ValueError(f"{source} holds no SQuAD .json file")
+        raise BadFile(f"{source} holds no SQuAD .json file")
     return list(contexts)
+
+
+def squad_contexts(path):
+    """The paragraph texts of a SQuAD v1.1 JSON file, in file order."""
+    try:
+        contexts = [p["context"] for a in read_json(path)["data"] for p in a["paragraphs"]]
+    except (KeyError, TypeError):
+        contexts = None
+    if not contexts or not all(isinstance(c, str) for c in contexts):
+        raise BadFile(f"{path} is not SQuAD v1.1 JSON (data > paragraphs > context)")
+    return contexts
 
 
 def directory_rows(enc, n_lines, seed, row_tokens, pool=0):
@@ -51,12 +66,9 @@ def directory_rows(enc, n_lines, seed, row_tokens, pool=0):
     context, as GPT-2 has seen on the web). With pool > 0 the entries come from one fixed directory of `pool`
     entries, so the base also memorises name -> number pairs and learns a hidden state keyed by the name: a base
     that never has to use a name to predict a number leaves an adapter nothing to store a number under."""
-    import importlib.util
     import itertools
     import random
-    spec = importlib.util.spec_from_file_location("phonebook", os.path.join(HERE, "..", "phonebook", "prepare.py"))
-    phonebook = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(phonebook)
+    phonebook = prepare_module("phonebook")
     reserved_stream = phonebook.entries(PHONEBOOK_SEED)
     reserved = {next(reserved_stream)[0] for _ in range(PHONEBOOK_RESERVED)}
     fresh = ((n, d) for n, d in phonebook.entries(seed) if n not in reserved)
@@ -80,14 +92,28 @@ def directory_rows(enc, n_lines, seed, row_tokens, pool=0):
 
 
 def prepare(source=None, out_dir=HERE, row_tokens=128, directory=0, directory_seed=1, directory_pool=0):
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    if min(directory, directory_pool) < 0 or directory_seed == PHONEBOOK_SEED or row_tokens < (64 if directory else 2):
+        raise ValueError("--directory and --directory_pool must be >= 0, --row_tokens >= 2 (>= 64 with a directory) "
+                         "and --directory_seed other than the PhoneBook seed (0)")
+    enc = gpt2_bpe()
     texts = paragraphs(source)
+    if len(texts) < 20:
+        raise BadFile(f"{source} holds {len(texts)} paragraphs; 20 or more are needed for train/validation/test")
     cut = [int(len(texts) * 0.9), int(len(texts) * 0.95)]
     splits = {"train": texts[:cut[0]], "validation": texts[cut[0]:cut[1]], "test": texts[cut[1]:]}
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "meta.json")):  # meta.json, written last, marks a complete
-        os.remove(os.path.join(out_dir, "meta.json"))  # folder: a re-prepare killed midway leaves none
+    with staged_folder(out_dir) as stage:  # all or nothing: a failure or a kill never leaves a mix
+        counts = write_splits(splits, enc, stage, row_tokens, directory, directory_seed, directory_pool)
+        meta = {"dataset": "squadtext", "labels": ["text"], "counts": counts, "max_len": row_tokens,
+                "prompt_tokens": [0], "eot_token": enc.eot_token, "vocab_size": enc.n_vocab, "format": "text<|endoftext|>",
+                "source": source or "hub:rajpurkar/squad", "directory_lines": directory,
+                "directory_seed": directory_seed, "directory_pool": directory_pool}
+        with open(os.path.join(stage, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    return meta
+
+
+def write_splits(splits, enc, out_dir, row_tokens, directory, directory_seed, directory_pool):
+    """Cut, tokenize and save every split (the directory lines go to train); the row count of each."""
     counts = {}
     for split, chunk in splits.items():
         rows = []
@@ -100,23 +126,14 @@ def prepare(source=None, out_dir=HERE, row_tokens=128, directory=0, directory_se
         offsets = np.cumsum([0] + [len(r) for r in rows])
         for name, array in (("tokens", np.concatenate(rows).astype(np.uint16)), ("offsets", offsets.astype(np.int64)),
                             ("labels", np.zeros(len(rows), dtype=np.int64))):
-            with open(os.path.join(out_dir, f"{split}_{name}.npy.tmp"), "wb") as f:
-                np.save(f, array)
-            os.replace(os.path.join(out_dir, f"{split}_{name}.npy.tmp"), os.path.join(out_dir, f"{split}_{name}.npy"))
+            np.save(os.path.join(out_dir, f"{split}_{name}.npy"), array)
         counts[split] = len(rows)
         print(f"{split:>10}: {len(rows):6d} rows, {offsets[-1]:8d} tokens")
-    meta = {"dataset": "squadtext", "labels": ["text"], "counts": counts, "max_len": row_tokens, "prompt_tokens": [0],
-            "eot_token": enc.eot_token, "vocab_size": enc.n_vocab, "format": "text<|endoftext|>",
-            "source": source or "hub:rajpurkar/squad", "directory_lines": directory, "directory_seed": directory_seed,
-            "directory_pool": directory_pool}
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
-    return meta
+    return counts
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", help="a folder of SQuAD v1.1 .json files (default: the hub's train split)")
     parser.add_argument("--out_dir", default=HERE)
     parser.add_argument("--row_tokens", type=int, default=128)
@@ -125,13 +142,10 @@ if __name__ == "__main__":
     parser.add_argument("--directory_pool", type=int, default=0, metavar="E",
                         help="draw the lines from a fixed directory of E entries, which the base then memorises "
                              "(0: every line a new entry)")
-    args = parser.parse_args()
-    try:
-        if min(args.directory, args.directory_pool) < 0 or args.directory_seed == PHONEBOOK_SEED or (
-                args.directory and args.row_tokens < 64):
-            raise ValueError("--directory and --directory_pool must be >= 0, with --row_tokens >= 64 and a "
-                             "--directory_seed other than the PhoneBook seed (0)")
+    args = parser.parse_args(argv)
+    with errors_in_one_line("rajpurkar/squad", "pass --source DIR, a folder of SQuAD .json files"):
         prepare(args.source, args.out_dir, args.row_tokens, args.directory, args.directory_seed, args.directory_pool)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
