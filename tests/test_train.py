@@ -212,32 +212,39 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again(emotion_small_
     assert [r["step"] for r in records(out)] == [0, 2] and (out / "ckpt.pt").is_file()
 
 
-def kill_when(args, ready, timeout=120):
-    """Start `python args...` and kill -9 it as soon as ready() is true (or when it ends by itself)."""
+def kill_when(args, ready, delay, timeout=120):
+    """Start `python args...` and kill -9 it `delay` seconds after ready() turns true (or when it ends by itself)."""
     import signal as signals
     import time
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while proc.poll() is None and not ready() and time.time() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.002)
+    time.sleep(delay)
     proc.send_signal(signals.SIGKILL)
     proc.wait()
 
 
+# moment -> (what starts it, the longest random delay after that, in seconds)
+KILL_MOMENTS = {
+    "before the first checkpoint": (lambda out: (out / "metrics.jsonl").exists(), 0.05),  # data loading, step-0 eval
+    "during the first checkpoint": (lambda out: (out / "best.pt").exists() or (out / "ckpt.pt.tmp").exists(), 0.02),
+    "after the first checkpoint": (lambda out: (out / "ckpt.pt").exists(), 1.0)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["before the first checkpoint", "during the first checkpoint",
-                                    "after the first checkpoint"])
+@pytest.mark.parametrize("moment", list(KILL_MOMENTS))
 def test_kill_9_then_rerun_or_resume_ends_bit_identical(moment, finished_run, emotion_small_dir, tmp_path):
-    """kill -9 at three moments around the first checkpoint; then --resume where a ckpt.pt survived, else the same
-    command again: the run ends exactly as the uninterrupted one."""
+    """kill -9 at a random moment (seeded: KILL_SEED, default 0) before, during or after the first checkpoint;
+    then --resume where a ckpt.pt survived, else the same command again: the run ends exactly as the
+    uninterrupted one. Whatever the moment turns out to be, that is the guarantee."""
+    import random
     out = tmp_path / "killed"
     flags = ["train.py", *TINY, *STEPS, "--data_dir", emotion_small_dir, "--out_dir", str(out)]
-    ready = {"before the first checkpoint": lambda: (out / "metrics.jsonl").exists(),
-             "during the first checkpoint": lambda: (out / "best.pt").exists() or (out / "ckpt.pt.tmp").exists(),
-             "after the first checkpoint": lambda: (out / "metrics.jsonl").exists()
-             and (out / "metrics.jsonl").read_text().count("\n") >= 3}
-    kill_when(flags, ready[moment])
+    ready, longest = KILL_MOMENTS[moment]
+    delay = random.Random(f"{os.environ.get('KILL_SEED', '0')} {moment}").uniform(0, longest)
+    kill_when(flags, lambda: ready(out), delay)
     again = cli(["train.py", "--out_dir", str(out), "--resume"] if (out / "ckpt.pt").exists() else flags)
-    assert again.returncode == 0, again.stderr
-    assert records(out) == records(finished_run)
+    assert again.returncode == 0, (delay, again.stderr)
+    assert records(out) == records(finished_run), delay
     assert json.load(open(out / "summary.json"))["final"] == json.load(open(os.path.join(finished_run, "summary.json")))["final"]
