@@ -18,6 +18,8 @@ Class attributes say where and how it runs:
 
     datasets   the datasets it trains on (each belongs to a task: runs.py: TASKS)
     defaults   flag defaults of this method; explicit flags win
+               (and derived_defaults(args): defaults that follow from its other flags, e.g. PRB's full pooling
+               sets the published 128-token window)
     add_flags  fn(parser): the method's CLI flag group (methods of one module may share one)
     aliases    old flag spellings -> today's flag, for this method (train.py prints a deprecation note)
 
@@ -55,6 +57,11 @@ class Method:
 
     def __init__(self, args, device="cpu"):
         self.args, self.device = args, device
+
+    @classmethod
+    def derived_defaults(cls, args):
+        """Flag defaults that depend on this method's other flags (explicit flags still win)."""
+        return {}
 
     def setup(self, model, meta):
         """Change the model; meta: the task's data description (vocab_size, labels, ...)."""

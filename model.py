@@ -60,12 +60,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x):
+    def forward(self, x, key_mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # softmax(q k^T / sqrt(d_head) + causal mask) v, fused (flash / memory-efficient kernels on CUDA)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if key_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:  # padding keys masked too (True = may be attended); query rows stay non-empty: key 0 is real
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal & key_mask[:, None, None, :], dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -89,8 +94,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x):  # pre-LN: x + f(LN(x))
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, key_mask=None):  # pre-LN: x + f(LN(x))
+        x = x + self.attn(self.ln_1(x), key_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -135,7 +140,8 @@ class GPT(nn.Module):
 
     # ---- forward ----
     def forward(self, idx, ctx=None):
-        """idx: (B, T) token ids -> logits (B, T, vocab). Losses live outside the model."""
+        """idx: (B, T) token ids -> logits (B, T, vocab). Losses live outside the model. ctx["key_mask"] (B, T)
+        bool, optional: False marks right-padding that no position may attend to (as Hugging Face's attention_mask)."""
         ctx = {} if ctx is None else ctx
         T = idx.size(1)
         if T > self.config.block_size:
@@ -143,7 +149,7 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=idx.device)
         h = self._at("embed", self.drop(self.wte(idx) + self.wpe(pos)), ctx)
         for i, block in enumerate(self.h):
-            h = self._at(f"block{i}", block(h), ctx)
+            h = self._at(f"block{i}", block(h, ctx.get("key_mask")), ctx)
         h = self._at("head", self.ln_f(h), ctx)
         return self.lm_head(h)
 

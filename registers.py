@@ -33,6 +33,7 @@ from lora import LoRA, apply_lora, save_adapter
 from method import Method, freeze
 
 POOLS = ("causal", "full", "prompt")
+PUBLISHED_WINDOW = 128  # every row padded to 128 tokens: the published prb.py's tokenizer call (max_length=128, ~L287-292)
 
 
 def prefix_mean(h, limit=None):
@@ -143,6 +144,12 @@ def add_prb_flags(parser):
 class PRB(LoRA):
     """--method prb (PRB paper §2-3): LoRA on the four block matrices plus a register bank before the LM head."""
     add_flags = staticmethod(add_prb_flags)
+
+    @classmethod
+    def derived_defaults(cls, args):
+        # full pooling is the published mean over a fixed window of 128 positions, padding included: without the
+        # fixed window the mean would depend on the batch's own padded length (and so on --eval_batch_size)
+        return {"pad_to": PUBLISHED_WINDOW} if args.prb_pool == "full" else {}
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)

@@ -136,7 +136,10 @@ def upgrade_args(saved):
             saved[new] = saved.pop(old)
     if saved.get("curriculum") == "auto":
         saved["curriculum"] = method.defaults.get("curriculum", "off")
-    return saved
+    return ADDED_FLAGS | saved
+
+
+ADDED_FLAGS = {"pad_to": 0, "eos_target": "on"}  # flags newer than some saved runs: the value they ran with
 
 
 def load_run(run_dir, which, device):

@@ -77,9 +77,15 @@ class Split:
     """One split as padded device tensors: x[i] = row i without its last token, y[i] = row i without its first
     (-1 where padding). A batch is cut to the length of its longest row rounded up to a multiple of
     `pad_multiple`, so there are only a few distinct, static shapes (one compiled graph each) and little
-    compute goes into padding."""
+    compute goes into padding.
 
-    def __init__(self, data_dir, split, meta, device, pad_multiple=16):
+    pad_to > 0 pads every row to exactly pad_to tokens instead and marks the padding in ctx["key_mask"], so no
+    position attends to it: the published PRB code's input (every row padded to 128 with <|endoftext|>, an
+    attention mask), on which a whole-window pooling does not depend on the batch. eos_target False masks the
+    target of the closing <|endoftext|> (the published PRB collator masks every pad/EOS label)."""
+    pad_to = 0
+
+    def __init__(self, data_dir, split, meta, device, pad_multiple=16, pad_to=0, eos_target=True):
         try:
             tokens = np.load(os.path.join(data_dir, f"{split}_tokens.npy"))
             offsets = np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
@@ -92,24 +98,34 @@ class Split:
                              "tokens); prepare it again")
         check_rows(data_dir, split, meta, len(offsets) - 1, tokens, labels, len(meta["prompt_tokens"]))
         length, pad_id = meta["max_len"] - 1, meta["eot_token"]  # inputs drop the last token of the longest row
-        self.n, self.length, self.pad_multiple = len(offsets) - 1, length, pad_multiple
+        if 0 < pad_to < length:
+            raise InputError(f"--pad_to {pad_to} is shorter than the longest row ({length} input tokens)")
+        self.n, self.length, self.pad_multiple, self.pad_to = len(offsets) - 1, max(length, pad_to), pad_multiple, pad_to
         self.row_len = np.diff(offsets) - 1  # targets per row, known on the host: no device sync to size a batch
-        x = np.full((self.n, length), pad_id, dtype=np.int64)
-        y = np.full((self.n, length), -1, dtype=np.int64)
+        x = np.full((self.n, self.length), pad_id, dtype=np.int64)
+        y = np.full((self.n, self.length), -1, dtype=np.int64)
         for i in range(self.n):
             row = tokens[offsets[i]:offsets[i + 1]].astype(np.int64)
             x[i, :len(row) - 1], y[i, :len(row) - 1] = row[:-1], row[1:]
+            if not eos_target and row[-1] == pad_id:
+                y[i, len(row) - 2] = -1  # the last text token predicts nothing
         self.x, self.y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         self.labels = torch.from_numpy(labels).to(device)
         self.prompt_len = torch.tensor(meta["prompt_tokens"], device=device)[self.labels]  # tokens of each row's `[LABEL]`
+        self.real = torch.arange(self.length, device=device) < torch.from_numpy(self.row_len).to(device)[:, None]
 
     def padded_length(self, rows_host):
+        if self.pad_to:
+            return self.pad_to
         longest = int(self.row_len[rows_host].max())
         return min(self.length, -(-longest // self.pad_multiple) * self.pad_multiple)
 
     def batch(self, rows, length):
         """rows: row ids (device tensor); length: from padded_length of the same rows."""
-        return self.x[rows, :length], self.y[rows, :length], {"label": self.labels[rows], "prompt_len": self.prompt_len[rows]}
+        ctx = {"label": self.labels[rows], "prompt_len": self.prompt_len[rows]}
+        if self.pad_to:
+            ctx["key_mask"] = self.real[rows, :length]
+        return self.x[rows, :length], self.y[rows, :length], ctx
 
 
 def training_order(n, batch_size, max_steps, seed):
@@ -203,20 +219,39 @@ class Task(abc.ABC):
         return ""
 
 
+def add_lm_flags(parser):
+    g = parser.add_argument_group("language modelling (--dataset emotion, squadtext)")
+    g.add_argument("--pad_to", type=int, default=0,
+                   help="pad every row to N tokens, padding masked as attention keys (the published PRB code: 128; "
+                        "--prb_pool full sets it); 0: pad each batch to its longest row (default)")
+    g.add_argument("--eos_target", choices=["on", "off"], default="on",
+                   help="predict each row's closing <|endoftext|> (on: a generator must learn to stop); off: as the "
+                        "published PRB code, whose collator masks every pad/EOS label")
+
+
 class LanguageModeling(Task):
     """--dataset emotion | squadtext: prepared token arrays (data/<dataset>/prepare.py), val/test loss."""
     datasets = ("emotion", "squadtext")
     generates = True
+    add_flags = staticmethod(add_lm_flags)
 
     def __init__(self, args, device, training=False):
         super().__init__(args, device, training)
+        if args.pad_to < 0:
+            raise InputError(f"--pad_to must be >= 0, got {args.pad_to}")
         if training:
             prepare_if_missing(args.dataset, args.data_dir)
         self.meta = read_meta(args.data_dir, args.dataset, ("vocab_size", "max_len", "counts", "eot_token", "prompt_tokens"))
         self.test = None
 
+    def check_model(self, model):
+        super().check_model(model)
+        if self.args.pad_to > model.config.block_size:
+            raise InputError(f"--pad_to {self.args.pad_to} does not fit block_size {model.config.block_size}")
+
     def split(self, name):
-        return Split(self.args.data_dir, name, self.meta, self.device, self.args.pad_multiple)
+        a = self.args
+        return Split(a.data_dir, name, self.meta, self.device, a.pad_multiple, a.pad_to, a.eos_target == "on")
 
     def splits(self):
         self.test = self.split("test")  # checked now, not found missing or damaged after all of training

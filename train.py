@@ -111,6 +111,7 @@ def parse_args(argv):
         delattr(args, f"renamed_{old}")
     set_unless_explicit(args, explicit, TASKS[args.dataset].defaults_for(args.dataset))  # may choose the method
     set_unless_explicit(args, explicit, METHODS[args.method].defaults)
+    set_unless_explicit(args, explicit, METHODS[args.method].derived_defaults(args))
     if args.dataset not in METHODS[args.method].datasets:
         raise InputError(f"--method {args.method} trains on --dataset {' or '.join(METHODS[args.method].datasets)}, "
                          f"not {args.dataset}")

@@ -102,3 +102,96 @@ def test_prb_trains_from_the_cli(emotion_small_dir, tmp_path):
     assert "PRB parameters: LoRA 2,048 + registers" in run.stdout
     state = torch.load(tmp_path / "prb" / "ckpt.pt", weights_only=True)["model"]
     assert "sites.head.registers" in state and "sites.head.alpha" in state
+
+
+# ---------------------------------------------------------------------------------- the published full pooling
+def published_prb_logits(hf, bank, input_ids, attention_mask, emotion_ids):
+    """LoRAWithRegisters.forward of the published prb.py (khalic-lab/prb-lora-exploration, ~L79-127), transcribed
+    line by line onto our bank's parameters (register_bank = R, register_gate = W_g, register_update = f_i,
+    register_proj = W_r, emotion_embeddings = E, register_scale = alpha)."""
+    B = input_ids.size(0)
+    hidden_states = hf(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
+    registers = bank.registers[None].expand(B, -1, -1) + 0.1 * bank.label_embedding(emotion_ids).unsqueeze(1)
+    seq_mean = hidden_states.mean(dim=1)  # over all 128 positions, pads included
+    gate = torch.sigmoid(bank.gate(seq_mean))
+    new_registers = []
+    for i in range(registers.size(1)):
+        update = bank.update[i](torch.cat([seq_mean, registers[:, i, :]], dim=-1))
+        new_registers.append(registers[:, i, :] + gate[:, i:i + 1] * torch.tanh(update))
+    registers = torch.stack(new_registers, dim=1)
+    weighted = (registers * torch.softmax(gate, dim=-1).unsqueeze(-1)).sum(dim=1)
+    enhanced = hidden_states + bank.alpha * bank.write(weighted).unsqueeze(1)
+    return hf.lm_head(enhanced)
+
+
+def test_full_pooling_is_the_published_computation(tmp_path):
+    """Two emotion rows, right-padded to 128 with <|endoftext|> under an attention mask, through the published
+    forward (on transformers' GPT-2) and through ours: the same logits at every position, pads included, and the
+    same loss under the published collator (every pad/EOS label masked) as ours with --eos_target off."""
+    transformers = pytest.importorskip("transformers")
+    from cli import gpt2_bpe
+    from registers import PUBLISHED_WINDOW
+    from tasks import lm_loss_sum
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
+    model.save_pretrained(str(tmp_path / "base"))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "base")).eval()
+    args = prb_args(prb_pool="full", prb_label_bias="on", lora_rank=4)
+    assert METHODS["prb"].derived_defaults(args) == {"pad_to": PUBLISHED_WINDOW} == {"pad_to": 128}
+    METHODS["prb"](args).setup(model, META)
+    bank = model.sites["head"]
+    with torch.no_grad():
+        bank.registers.normal_()  # away from init, so that every term of the forward matters
+        for p in [*bank.gate.parameters(), *bank.update.parameters(), *bank.write.parameters()]:
+            p.normal_(std=0.3)
+    model.eval()
+    enc = gpt2_bpe()
+    rows = [enc.encode_ordinary("[SADNESS] i didnt feel humiliated"), enc.encode_ordinary("[JOY] i feel fine")]
+    labels = torch.tensor([0, 1])
+    ids = torch.full((2, 128), enc.eot_token)
+    mask = torch.zeros(2, 128, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    with torch.no_grad():
+        theirs = published_prb_logits(hf, bank, ids, mask, labels)
+        ours = model(ids, {"label": labels, "key_mask": mask.bool()})
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    hf_labels = ids.masked_fill(ids == enc.eot_token, -100)  # DataCollatorForLanguageModeling(mlm=False), pad = EOS
+    published_loss = torch.nn.functional.cross_entropy(theirs[:, :-1].flatten(0, 1), hf_labels[:, 1:].flatten())
+    targets = hf_labels[:, 1:].masked_fill(hf_labels[:, 1:] == -100, -1)  # ours: y = next token, -1 = no target
+    total, count = lm_loss_sum(ours[:, :-1], targets)
+    assert count == sum(len(r) - 1 for r in rows) and torch.allclose(total / count, published_loss, atol=1e-5)
+
+
+def test_full_pooling_loss_does_not_depend_on_the_evaluation_batch_size(emotion_small_dir):
+    from runs import build_model
+    from tasks import LanguageModeling
+    args = prb_args(prb_pool="full", lora_rank=4, init_from="scratch", n_layer=1, n_head=2, n_embd=32,
+                    block_size=128, dataset="emotion", data_dir=emotion_small_dir)
+    losses = {}
+    for pad_to in (128, 0):  # the published fixed window; each batch's own padded length (what `full` used to be)
+        args.pad_to = pad_to
+        task = LanguageModeling(args, "cpu")
+        model = build_model(args, task, METHODS["prb"](args))
+        with torch.no_grad():
+            for p in model.sites["head"].parameters():
+                p.normal_(std=0.3)  # a bank that reads its pooled input strongly ...
+            model.sites["head"].alpha.fill_(30.0)  # ... and writes it strongly
+        validation = task.split("validation")
+        losses[pad_to] = [task.evaluate(model, validation, torch.autocast("cpu", enabled=False), batch_size)
+                          for batch_size in (8, 64)]
+    assert losses[128][0] == pytest.approx(losses[128][1], rel=1e-6)
+    assert abs(losses[0][0] - losses[0][1]) > 1e-3  # without the window, the batch decides the pooled statistics
+
+
+def test_eos_target_off_masks_exactly_the_closing_token(emotion_small_dir):
+    import json
+    import os
+    from tasks import Split
+    meta = json.load(open(os.path.join(emotion_small_dir, "meta.json")))
+    on = Split(emotion_small_dir, "validation", meta, "cpu")
+    off = Split(emotion_small_dir, "validation", meta, "cpu", pad_to=128, eos_target=False)
+    assert ((on.y != -1).sum(1) - (off.y[:, :on.length] != -1).sum(1)).tolist() == [1] * on.n
+    assert (on.y[torch.arange(on.n), torch.from_numpy(on.row_len) - 1] == meta["eot_token"]).all()
+    x, y, ctx = off.batch(torch.tensor([0, 1]), off.padded_length([0, 1]))
+    assert x.shape == (2, 128) and ctx["key_mask"].sum(1).tolist() == off.row_len[:2].tolist()

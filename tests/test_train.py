@@ -174,11 +174,12 @@ def test_defaults_come_in_layers():
 
 
 def test_runs_saved_under_the_old_flag_names_load():
-    from runs import upgrade_args
+    from runs import ADDED_FLAGS, upgrade_args
     old = {"method": "prb", "rank": 8, "alpha": 16.0, "lora_dropout": 0.1}
-    assert upgrade_args(old) == {"method": "prb", "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.1}
+    assert upgrade_args(old) == ADDED_FLAGS | {"method": "prb", "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.1}
+    assert ADDED_FLAGS == {"pad_to": 0, "eos_target": "on"}  # what runs saved before these flags existed did
     memory = upgrade_args({"method": "memft-sw", "rank": 4, "curriculum": "auto"})
-    assert memory == {"method": "memft-sw", "memory_rank": 4, "curriculum": "on"}
+    assert memory == ADDED_FLAGS | {"method": "memft-sw", "memory_rank": 4, "curriculum": "on"}
     assert upgrade_args({"method": "sft", "rank": 4, "curriculum": "auto"})["curriculum"] == "off"
     assert upgrade_args({"method": "regbert", "n_registers": 2, "lora_rank": 0})["register_tokens"] == 2
 
