@@ -90,6 +90,16 @@ class RegisterBank(nn.Module):
         return {name: count(x) for name, x in parts.items() if x is not None}
 
 
+def set_pooling(model, pool):
+    """Switch every register bank of `model` to another pooling (no parameter depends on it): how a run trained
+    with full pooling is scored as a generator must use it, on the prefix only."""
+    assert pool in POOLS, f"pool must be one of {POOLS}"
+    banks = [m for m in model.modules() if isinstance(m, RegisterBank)]
+    for bank in banks:
+        bank.pool_mode = pool
+    return len(banks)
+
+
 # ------------------------------------------------------------------------- register-token BERT for extractive QA
 class RegisterTokens(nn.Module):
     """Register-augmented BERT (seed poster, "Method"): k learned register embeddings, each plus a learned register

@@ -11,6 +11,7 @@ prb-table.md/.json + loss-curves.png; regbert-sweep.md/.json + em-f1-vs-k.png; m
 law-fit.png, loss-heatmap.png, accuracy-heatmap.png, stubborn-grid.png.
 """
 
+import argparse
 import json
 import math
 import os
@@ -22,7 +23,8 @@ from cli import InputError, Parser, fail
 import train
 from memft import fit_memory_law, memory_law
 from recall import spearman
-from runs import load_run, pyplot, resolve_system
+from registers import set_pooling
+from runs import autocast_for, load_run, pyplot, resolve_system
 from tasks import emotion_consistency, train_classifier
 
 
@@ -97,15 +99,49 @@ def int_list(text, flag):
 
 
 # ------------------------------------------------------------------------------------- the PRB paper's table
-PRB_ARMS = {  # arm -> train.py flags; everything else identical across arms
-    "lora-r32": ["--method", "lora", "--lora_rank", "32"],
-    "lora-r37": ["--method", "lora", "--lora_rank", "37"],  # parameter-matched control
+# arm -> train.py flags; everything else identical across arms. Two settings side by side:
+# corrected (ours): every arm the same data (the <|endoftext|> target kept), precision and evaluation;
+# seed-faithful: every choice of the published code (khalic-lab/prb-lora-exploration) at once.
+SEED = ["--eos_target", "off", "--pad_to", "128"]  # prb.py ~L287-292 (pad to 128) and its collator (EOS labels masked)
+PRB_ARMS = {
+    "lora-r32": ["--method", "lora", "--lora_rank", "32", "--lora_alpha", "64"],
+    "lora-r35": ["--method", "lora", "--lora_rank", "35", "--lora_alpha", "70"],  # parameter-matched: 5,160,960
+    "lora-r37": ["--method", "lora", "--lora_rank", "37", "--lora_alpha", "74"],  # the paper's control (control.py
+    # ~L158-176: r from find_matching_rank, alpha = 2r); 5,455,872, 7% more than PRB's 5,093,767
     "prb-causal": ["--method", "prb", "--prb_pool", "causal"],  # ours: no future tokens, no gold label
     "prb-causal-label": ["--method", "prb", "--prb_pool", "causal", "--prb_label_bias", "on"],
-    "prb-full": ["--method", "prb", "--prb_pool", "full"],  # the published pooling (leaks the future)
-    "prb-full-label": ["--method", "prb", "--prb_pool", "full", "--prb_label_bias", "on"],  # as published
+    "prb-full": ["--method", "prb", "--prb_pool", "full"],  # the published pooling alone (leaks the future)
+    "seed-lora-r32": ["--method", "lora", "--lora_rank", "32", "--lora_alpha", "64", *SEED],  # baseline.py: fp32
+    "seed-lora-r37": ["--method", "lora", "--lora_rank", "37", "--lora_alpha", "74", *SEED, "FP16"],  # control.py
+    "seed-prb": ["--method", "prb", "--prb_pool", "full", "--prb_label_bias", "on", *SEED, "FP16"],  # prb.py
 }
-PRB_PAPER = {"lora-r32": (3.357, 3.384), "lora-r37": (3.378, 3.401), "prb-full-label": (2.974, 2.991)}  # val, test
+SEED_ARMS = ("seed-lora-r32", "seed-lora-r37", "seed-prb")
+# PRB paper Table 1 (val, test); printed only beside the seed-faithful arms, the only ones computed as the paper's
+PRB_PAPER = {"seed-lora-r32": (3.357, 3.384), "seed-lora-r37": (3.378, 3.401), "seed-prb": (2.974, 2.991)}
+
+
+def arm_flags(arm, train_flags):
+    """An arm's train.py flags. "FP16": the published Trainer's fp16=(device == "cuda") (control.py ~L220, prb.py
+    ~L450): float16 autocast on CUDA, float32 elsewhere."""
+    device_flag = argparse.ArgumentParser(add_help=False)
+    device_flag.add_argument("--device", default="auto")
+    device, _, _ = resolve_system(device_flag.parse_known_args(train_flags)[0].device)
+    fp16 = ["--dtype", "float16"] if device.startswith("cuda") else []
+    return [word for flag in PRB_ARMS[arm] for word in (fp16 if flag == "FP16" else [flag])]
+
+
+@torch.no_grad()
+def leaky_and_causal_losses(run_dir, device):
+    """A full-pooling run's validation and test loss (whole splits, final weights) with the pooling it trained
+    with, and with causal prefix pooling: what a generator, which cannot see the future, gets from it."""
+    model, args, task, _ = load_run(run_dir, "final", device)
+    autocast = autocast_for(device, torch.float32)
+    splits = [task.split("validation"), task.split("test")]
+    losses = {}
+    for pool in ("full", "causal"):
+        set_pooling(model, pool)
+        losses[pool] = [task.evaluate(model, split, autocast, args.eval_batch_size) for split in splits]
+    return losses
 
 
 def prb_table(argv):
@@ -121,7 +157,7 @@ def prb_table(argv):
     arms = a.arms.split(",")
     if unknown := [arm for arm in arms if arm not in PRB_ARMS]:
         raise InputError(f"unknown arm {unknown[0]!r}; arms are {', '.join(PRB_ARMS)}")
-    runs = run_grid(a.out_dir, {arm: PRB_ARMS[arm] for arm in arms}, a.seeds, train_flags)
+    runs = run_grid(a.out_dir, {arm: arm_flags(arm, train_flags) for arm in arms}, a.seeds, train_flags)
     done = summaries(runs)
     device, _, _ = resolve_system(dtype="float32", compile=False)
     first = done[arms[0]][0]
@@ -130,6 +166,8 @@ def prb_table(argv):
     clf, clf_accuracy = train_classifier(first["data_dir"], meta)
     consistency = {arm: [emotion_consistency(load_run(d, "final", device)[0], meta, clf, a.samples, a.max_new_tokens,
                                              device, seed) for seed, d in enumerate(dirs)] for arm, dirs in runs.items()}
+    causal = {arm: [leaky_and_causal_losses(d, device) for d in dirs] for arm, dirs in runs.items()
+              if "full" in PRB_ARMS[arm]}
 
     def first_below(run_dir):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -139,20 +177,27 @@ def prb_table(argv):
     rows = []
     for arm in arms:
         firsts = [first_below(d) for d in runs[arm]]
-        rows.append([arm, f"{done[arm][0]['params']['trainable']:,}", col(arm, lambda s: s["final"]["val_loss"]),
-                     col(arm, lambda s: s["final"]["test_loss"]), col(arm, lambda s: s["best"]["val_loss"]),
-                     col(arm, lambda s: s["best"]["test_loss"]),
+        full_vs_causal = "-" if arm not in causal else " → ".join(
+            mean_spread([c[pool][0] for c in causal[arm]]) for pool in ("full", "causal"))
+        rows.append([arm, "seed-faithful" if arm in SEED_ARMS else "corrected", f"{done[arm][0]['params']['trainable']:,}",
+                     col(arm, lambda s: s["final"]["val_loss"]), col(arm, lambda s: s["final"]["test_loss"]),
+                     col(arm, lambda s: s["best"]["val_loss"]), col(arm, lambda s: s["best"]["test_loss"]),
+                     full_vs_causal,
                      mean_spread(firsts) if None not in firsts else f"{len(firsts) - firsts.count(None)}/{len(firsts)} seeds",
                      mean_spread([c["mean"] for c in consistency[arm]]),
                      "{:.3f} / {:.3f}".format(*PRB_PAPER[arm]) if arm in PRB_PAPER else "-"])
     lines = [f"Base: `{first['init_from']}`, {first['steps']} steps, {a.seeds} seeds (mean ± sample std), "
-             f"device {first['device']}. Loss: {first['loss']}. Consistency: share of {a.samples} sampled "
-             f"continuations per emotion that a bag-of-tokens classifier (test accuracy {clf_accuracy:.3f}) "
-             f"assigns to the prompted emotion (chance 1/6).", "",
-             *markdown(["arm", "trainable", "val (final)", "test (final)", "val (best)", "test (best)",
-                        f"first step val < {a.threshold}", "consistency", "paper val / test"], rows)]
-    write_report(a.out_dir, "prb-table", lines,
-                 {"summaries": done, "consistency": consistency, "classifier_test_accuracy": clf_accuracy})
+             f"device {first['device']}. Loss: {first['loss']}; the seed-faithful arms do not predict "
+             "<|endoftext|>, the corrected ones do, so only the seed-faithful arms stand beside the paper's numbers "
+             "(its \"val loss\" is the best of its evaluations). Full → causal: whole-split val loss of the final "
+             "weights with the pooling they trained with, then with causal prefix pooling (what generation can "
+             f"use). Consistency: share of {a.samples} sampled continuations per emotion that a bag-of-tokens "
+             f"classifier (test accuracy {clf_accuracy:.3f}) assigns to the prompted emotion (chance 1/6).", "",
+             *markdown(["arm", "setting", "trainable", "val (final)", "test (final)", "val (best)", "test (best)",
+                        "val full → causal", f"first step val < {a.threshold}", "consistency", "paper val / test"],
+                       rows, left=2)]
+    write_report(a.out_dir, "prb-table", lines, {"summaries": done, "consistency": consistency,
+                                                 "full_vs_causal": causal, "classifier_test_accuracy": clf_accuracy})
     plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -160,9 +205,10 @@ def prb_table(argv):
             for seed, d in enumerate(dirs):
                 with open(os.path.join(d, "metrics.jsonl")) as f:
                     pts = [(r["step"], r["val_loss"]) for r in map(json.loads, f) if r["val_loss"] is not None]
-                ax.plot(*zip(*pts), color=color, alpha=0.8, label=arm if seed == 0 else None)
+                ax.plot(*zip(*pts), color=color, alpha=0.8, label=arm if seed == 0 else None,
+                        linestyle="--" if arm in SEED_ARMS else "-")
         ax.set(xlabel="step", ylabel="val loss (token-weighted CE)", title="PRB paper arms, every seed")
-        ax.legend()
+        ax.legend(fontsize=8)
         save_figure(plt, fig, os.path.join(a.out_dir, "loss-curves.png"))
 
 

@@ -31,19 +31,28 @@ def emotion_dir(tmp_path_factory):
 def emotion_small_dir(emotion_dir, tmp_path_factory):
     """The prepared emotion data with the full train split but only the first 256 validation and test rows:
     end-to-end runs on CPU spend their time training, not scoring 2000 rows against a 50257-token vocabulary."""
+    return shrink_emotion(emotion_dir, str(tmp_path_factory.mktemp("emotion_small")), 256)
+
+
+@pytest.fixture(scope="session")
+def emotion_tiny_dir(emotion_dir, tmp_path_factory):
+    """As emotion_small_dir, with 64 validation and test rows: for sweeps that score every run several times."""
+    return shrink_emotion(emotion_dir, str(tmp_path_factory.mktemp("emotion_tiny")), 64)
+
+
+def shrink_emotion(source, out, rows):
     import json
     import shutil
     import numpy as np
-    out = str(tmp_path_factory.mktemp("emotion_small"))
-    for name in os.listdir(emotion_dir):
-        shutil.copy(os.path.join(emotion_dir, name), out)
+    for name in os.listdir(source):
+        shutil.copy(os.path.join(source, name), out)
     for split in ("validation", "test"):
-        offsets = np.load(os.path.join(out, f"{split}_offsets.npy"))[:257]
+        offsets = np.load(os.path.join(out, f"{split}_offsets.npy"))[:rows + 1]
         np.save(os.path.join(out, f"{split}_offsets.npy"), offsets)
         np.save(os.path.join(out, f"{split}_tokens.npy"), np.load(os.path.join(out, f"{split}_tokens.npy"))[:offsets[-1]])
-        np.save(os.path.join(out, f"{split}_labels.npy"), np.load(os.path.join(out, f"{split}_labels.npy"))[:256])
+        np.save(os.path.join(out, f"{split}_labels.npy"), np.load(os.path.join(out, f"{split}_labels.npy"))[:rows])
     meta = json.load(open(os.path.join(out, "meta.json")))
-    meta["counts"].update(validation=256, test=256)
+    meta["counts"].update(validation=rows, test=rows)
     json.dump(meta, open(os.path.join(out, "meta.json"), "w"))
     return out
 
