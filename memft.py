@@ -147,13 +147,18 @@ class Objective:
 # ------------------------------------------------------------------------------------------ the adapter
 class MLPOutputAdapter(nn.Module):
     """The paper's memory: one low-rank adapter on one layer's MLP output (paper §3.1),
-    mlp_out = MLP(x) + dropout(x A B), with x the MLP's input, A (C x r) Kaiming-initialised, B (r x C) zero, so
-    the model is unchanged at step 0. Wraps the block's MLP module."""
+    mlp_out = MLP(x) + dropout(x A B), with x the MLP's input, A (C x r), B (r x C) zero, so the model is unchanged
+    at step 0, and no alpha/r scale. Wraps the block's MLP module.
+
+    A's init follows the published LoraIntervention (the memory-law repo imports it from steer/models/
+    interventions.py, which it does not ship; matched against the public copy in ha11ucin8/EasyEdit, same path,
+    commit e906967): A = zeros(C, r), then kaiming_uniform_(a=sqrt(5)), whose fan-in is A's second dimension, r:
+    A ~ U(-1/sqrt(r), 1/sqrt(r)), sqrt(C/r) times wider than nn.Linear's default on an (r, C) weight."""
 
     def __init__(self, mlp, n_embd, rank, dropout=0.0):
         super().__init__()
         self.mlp = mlp
-        self.A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, n_embd), a=math.sqrt(5)).t().contiguous())
+        self.A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(n_embd, rank), a=math.sqrt(5)))  # U(+-1/sqrt(r))
         self.B = nn.Parameter(torch.zeros(rank, n_embd))
         self.dropout = nn.Dropout(dropout)
 

@@ -147,6 +147,18 @@ def test_mlp_output_adapter_starts_as_identity_and_trains_only_itself():
         attach_mlp_adapter(model, layer=3, rank=4)
 
 
+@pytest.mark.parametrize("n_embd, rank", [(128, 2), (768, 16)])
+def test_mlp_adapter_init_range_is_the_published_one(n_embd, rank):
+    """A ~ U(+-1/sqrt(r)) (the published LoraIntervention: kaiming_uniform_ on a (C, r) tensor, fan-in r), not
+    nn.Linear's U(+-1/sqrt(C)): at C = 128, r = 2 that is 8 times wider."""
+    from memft import MLPOutputAdapter
+    torch.manual_seed(0)
+    A = MLPOutputAdapter(torch.nn.Identity(), n_embd, rank).A.detach()
+    bound = 1 / math.sqrt(rank)
+    assert A.shape == (n_embd, rank) and A.abs().max() <= bound and A.abs().max() > 0.95 * bound
+    assert A.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # the std of U(-b, b) is b / sqrt(3)
+
+
 def test_recall_metrics_relations_on_a_random_model():
     """Greedy exact match <=> teacher-forced argmax accuracy 1, and the first free-run failure is the first
     teacher-forced error (a greedy decoder reproduces teacher forcing until its first mistake)."""
