@@ -19,12 +19,21 @@ from tasks import Task
 
 
 def curriculum_size(epoch, n_entries, batch_size, ratios=(0.2, 0.4, 0.6, 0.8, 1.0), boundaries=(20, 40, 60, 80, 200)):
-    """The PhoneBook curriculum (paper code): train on the first ratio x n entries of one fixed shuffled order,
-    the ratio stepping up at the epoch boundaries; rounded down to whole batches, at least one batch."""
+    """The PhoneBook curriculum (published MemFTModelTrainer._get_curriculum_active_indices): train on the first
+    ratio x n entries of one fixed shuffled order, the ratio stepping up at the epoch boundaries; rounded down to
+    whole batches, at least one batch. Where the published code then drops a partial last batch for good (its
+    sets are whole batches, ours are sized in answer tokens), the full stage here is every entry (see
+    whole_batches)."""
     ratio = next((r for r, b in zip(ratios, boundaries) if epoch < b), ratios[-1])
-    whole = (n_entries // batch_size) * batch_size
-    return min(whole, max(batch_size, int(n_entries * ratio) // batch_size * batch_size))
+    prefix = max(batch_size, int(n_entries * ratio) // batch_size * batch_size)
+    return n_entries if prefix >= n_entries // batch_size * batch_size else prefix
 
+
+def whole_batches(entries, batch_size):
+    """`entries` (a 1-d tensor) topped up to whole batches with its own first entries: no entry is dropped with
+    a partial last batch (they would never train), and every batch keeps the same static shape."""
+    short = -len(entries) % batch_size
+    return torch.cat([entries, entries.repeat(short // len(entries) + 1)[:short]])
 
 
 # ------------------------------------------------------------------------------------------ the entries
@@ -76,20 +85,19 @@ class RecallSplit:
 
 def recall_order(n, batch_size, epochs, seed, curriculum=None):
     """(steps, batch_size) entry ids for `epochs` passes. Without a curriculum: a fresh seeded permutation per
-    epoch, the last partial batch dropped. With one ((ratios, boundaries), paper code): one fixed shuffled order;
-    epoch e trains on its first curriculum_size(e) entries in that order (no reshuffle, as released)."""
+    epoch. With one ((ratios, boundaries), paper code): one fixed shuffled order; epoch e trains on its first
+    curriculum_size(e) entries in that order (no reshuffle, as released). Each epoch is topped up to whole
+    batches (whole_batches), so every entry it names is trained in it."""
     if n < batch_size:
         raise ValueError(f"{n} entries cannot fill one batch of {batch_size}; lower --batch_size")
     fixed = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     epochs_ = []
     for e in range(epochs):
         if curriculum is None:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e + 1))
-            epochs_.append(order[:n // batch_size * batch_size])
+            epochs_.append(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e + 1)))
         else:
             epochs_.append(fixed[:curriculum_size(e, n, batch_size, *curriculum)])
-    return torch.cat(epochs_).view(-1, batch_size)
-
+    return torch.cat([whole_batches(order, batch_size) for order in epochs_]).view(-1, batch_size)
 
 
 # ------------------------------------------------------------------------------------------ recall metrics

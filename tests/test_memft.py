@@ -72,7 +72,7 @@ def test_sw_loss_weights_and_fallback():
 
 def test_curriculum_prefix_sizes():
     sizes = [curriculum_size(e, n_entries=1000, batch_size=16) for e in (0, 19, 20, 45, 79, 80, 500)]
-    assert sizes == [192, 192, 400, 592, 800, 992, 992]  # 20/40/60/80/100% rounded down to whole batches
+    assert sizes == [192, 192, 400, 592, 800, 1000, 1000]  # 20/40/60/80% rounded down to whole batches; 100%: all
 
 
 def test_law_fit_recovers_known_parameters():
@@ -252,11 +252,11 @@ def test_recall_split_scores_answer_tokens_only():
 def test_recall_order_epochs_and_curriculum():
     from recall import recall_order
     plain = recall_order(n=23, batch_size=5, epochs=3, seed=0)
-    assert plain.shape == (12, 5)  # 4 whole batches per epoch, the partial one dropped
+    assert plain.shape == (15, 5)  # 5 batches per epoch: 23 entries topped up with 2 of the epoch's first
     for e in range(3):
-        epoch = plain[4 * e:4 * (e + 1)].flatten().tolist()
-        assert len(set(epoch)) == 20 and set(epoch) <= set(range(23))
-    assert not torch.equal(plain[:4], plain[4:8])  # reshuffled every epoch
+        epoch = plain[5 * e:5 * (e + 1)].flatten().tolist()
+        assert set(epoch) == set(range(23)) and epoch[23:] == epoch[:2]
+    assert not torch.equal(plain[:5], plain[5:10])  # reshuffled every epoch
     assert torch.equal(plain, recall_order(23, 5, 3, seed=0))  # a pure function: resume sees the same batches
     staged = recall_order(n=50, batch_size=5, epochs=6, seed=0, curriculum=((0.2, 0.6, 1.0), (2, 4, 6)))
     sizes = [10, 10, 30, 30, 50, 50]  # entries per epoch
@@ -264,6 +264,25 @@ def test_recall_order_epochs_and_curriculum():
     flat = staged.flatten().tolist()
     assert flat[:10] == flat[10:20] == flat[20:30][:10]  # one fixed order; each stage trains a longer prefix of it
     assert flat[20:50] == flat[50:80] and flat[80:130] == flat[130:180] and sorted(flat[80:130]) == list(range(50))
+
+
+@pytest.mark.parametrize("n", [11, 22, 44, 89, 20])
+@pytest.mark.parametrize("method", ["sft", "memft-ot", "memft-sw"])
+def test_every_entry_is_trained_every_epoch(method, n):
+    """The README's PhoneBook sets (11/22/44/89 entries; batch 10) and a whole-batch one: in every epoch of SFT
+    and MemFT-OT, and in every full-stage epoch of MemFT-SW's curriculum, each entry is in some batch."""
+    from recall import curriculum_size, recall_order
+    from runs import METHODS
+    curriculum = ((0.2, 0.4, 0.6, 0.8, 1.0), (2, 4, 6, 8, 10)) if METHODS[method].defaults.get("curriculum") == "on" else None
+    order, start = recall_order(n, 10, epochs=12, seed=3, curriculum=curriculum), 0
+    for epoch in range(12):
+        size = n if curriculum is None else curriculum_size(epoch, n, 10, *curriculum)
+        batches = -(-size // 10)
+        seen = set(order[start:start + batches].flatten().tolist())
+        start += batches
+        if size == n:
+            assert seen == set(range(n)), (method, n, epoch)
+    assert start == len(order)
 
 
 def test_objective_matches_the_loss_functions_and_keeps_its_state():
