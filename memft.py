@@ -18,16 +18,19 @@ Where the paper's text and its released code differ, this file follows the code 
     released code keeps this state per *batch slot*, not per entry; so does SlidingWindowState.
   - A row without any argmax error gets multiplier 1 everywhere (only the sigmoid base weight).
   - The SW fallback triggers when the total weight is below 1e-5 (OT: when it is exactly 0).
-  - The released PhoneBook script runs "memft_sw" as memft_method=memft_curriculum: the OT weights with *no*
-    update when every token is above threshold, plus the curriculum; the sliding-window weighting above is the
-    trainer's `sliding` method. We follow the paper text (SW = sliding window + curriculum); --method memft-ot
-    --curriculum on is the nearest run to that script.
+  - "MemFT-SW" is two mechanisms in the released scripts, one per dataset, and memft-sw follows them
+    (--memft_loss says which ran): on PhoneBook (script/pb/common.sh ~L327-340) memft_method=memft_curriculum,
+    i.e. the OT weights with *no update at all* when no token is below threshold (memft_zero_bp) plus the prefix
+    curriculum; on long context (script/long_context/common.sh ~L261-268) memft_method=sliding, the sliding-window
+    weighting above. `--method memft-window` is the sliding window on any dataset (with the curriculum on
+    PhoneBook): what the paper's text describes, and what memft-sw meant here before.
   - The paper code's optimiser: AdamW, lr 1e-2, linear decay to 0 without warm-up, grad-norm clip 1.0, batch 10
     (Llama SFT), 200 epochs, adapter dropout 0.1: the recall task's defaults (recall.py). MLPOutputAdapter
     applies no alpha / r scale (x A B as written in §3.1).
 
 The task these methods train on (the entries, their training order and the paper's prefix curriculum, the recall
-metrics) is recall.py's. The methods here: `--method sft | memft-ot | memft-sw` (class MemFT, at the end).
+metrics) is recall.py's. The methods here: `--method sft | memft-ot | memft-sw | memft-window` (class MemFT, at
+the end).
 """
 
 import json
@@ -117,22 +120,32 @@ def token_losses(logits, targets):
     return loss, (targets != -1).float()
 
 
-class Objective:
-    """The training loss of one method, as a function of (logits, targets) with targets -1 off the answer:
-    sft, memft-ot or memft-sw (which keeps its per-slot window state across steps)."""
+LOSSES = ("sft", "ot", "ot-zero-update", "sliding")
 
-    def __init__(self, method, batch_size, device, threshold=LN2, scale=10.0, window=50, tau=20.0, floor=0.01,
+
+class Objective:
+    """The training loss, as a function of (logits, targets) with targets -1 off the answer, of one kind:
+    sft; ot (no hard token: the SFT loss); ot-zero-update (no hard token: no update at all, as the released
+    memft_curriculum; `skip` tells the method to drop the gradients); sliding (keeps its per-slot window state
+    across steps)."""
+
+    def __init__(self, kind, batch_size, device, threshold=LN2, scale=10.0, window=50, tau=20.0, floor=0.01,
                  patience=3, growth=0.5, max_factor=4.0):
-        self.method, self.threshold = method, threshold
+        assert kind in LOSSES, f"kind must be one of {LOSSES}"
+        self.kind, self.threshold, self.skip = kind, threshold, False
         self.sw = dict(scale=scale, window=window, tau=tau, floor=floor)
-        self.state = SlidingWindowState(batch_size, device, patience, growth, max_factor) if method == "memft-sw" else None
+        self.state = SlidingWindowState(batch_size, device, patience, growth, max_factor) if kind == "sliding" else None
 
     def __call__(self, logits, targets):
         loss, mask = token_losses(logits, targets)
-        if self.method == "sft":
+        if self.kind == "sft":
             return sft_loss(loss, mask)
-        if self.method == "memft-ot":
+        if self.kind == "ot":
             return ot_loss(loss, mask, self.threshold)
+        if self.kind == "ot-zero-update":
+            weights = ot_weights(loss, self.threshold) * mask
+            self.skip = not bool(weights.sum() > 0)  # a host sync each step: the price of skipping exactly
+            return (loss * weights).sum() / weights.sum().clamp(min=1e-12)
         return sw_loss(loss, logits, targets.clamp(min=0), mask, self.state, self.threshold, **self.sw)
 
     def state_dict(self):  # the sliding-window state, so that a resumed run continues exactly
@@ -216,13 +229,16 @@ def fit_memory_law(rank, length, delta_loss, steps=3000, lr=0.05, seed=0):
 
 # ------------------------------------------------------------------------------------------ the methods
 def add_memft_flags(parser):
-    g = parser.add_argument_group("MemFT (--method sft | memft-ot | memft-sw, --dataset phonebook | longctx)")
+    g = parser.add_argument_group("MemFT (--method sft | memft-ot | memft-sw | memft-window, --dataset phonebook | longctx)")
     g.add_argument("--memory_rank", type=int, default=4, help="rank r of the memory (the adapter, or LoRA)")
     g.add_argument("--adapter", choices=["mlp", "lora"], default="mlp",
                    help="mlp: the paper's adapter on one layer's MLP output; lora: LoRA on every block "
                         "(--lora_alpha, --lora_targets), both of rank --memory_rank and dropout --lora_dropout")
     g.add_argument("--layer", type=int, default=-1, help="the adapter's layer (-1: n_layer // 2)")
     g.add_argument("--memft_threshold", type=float, default=0.5, help="p_target below which a token is hard")
+    g.add_argument("--memft_loss", choices=LOSSES, default=None,
+                   help="the token weighting (default: the method's, as released: sft -> sft, memft-ot -> ot, "
+                        "memft-sw -> ot-zero-update on phonebook and sliding on longctx, memft-window -> sliding)")
     g.add_argument("--sw_scale", type=float, default=10.0, help="sigmoid sharpness of the SW base weight")
     g.add_argument("--sw_window", type=int, default=50, help="SW window W in tokens")
     g.add_argument("--sw_tau", type=float, default=20.0, help="SW decay length inside the window")
@@ -235,10 +251,15 @@ def add_memft_flags(parser):
 class MemFT(Method):
     """The memory (paper §3.1) is one low-rank adapter on the MLP output of --layer (default: the middle layer),
     or LoRA on every block with --adapter lora; everything else is frozen. The method sets the training loss:
-    sft, memft-ot or memft-sw (Objective above), whose sliding-window state is saved for exact resume."""
+    sft, memft-ot, memft-sw or memft-window (Objective above; the sliding window's state is saved for exact
+    resume)."""
     datasets = ("phonebook", "longctx")
     add_flags = staticmethod(add_memft_flags)
     aliases = {"rank": "memory_rank", "alpha": "lora_alpha"}
+
+    @classmethod
+    def derived_defaults(cls, args):
+        return {"memft_loss": released_loss(args.method, args.dataset)}
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)
@@ -247,7 +268,8 @@ class MemFT(Method):
         if args.memory_rank <= 0:
             raise InputError(f"--memory_rank must be positive, got {args.memory_rank}")
         a = args
-        self.loss = Objective(a.method, a.batch_size, device, -math.log(a.memft_threshold), a.sw_scale, a.sw_window,
+        kind = getattr(a, "memft_loss", None) or released_loss(a.method, a.dataset)
+        self.loss = Objective(kind, a.batch_size, device, -math.log(a.memft_threshold), a.sw_scale, a.sw_window,
                               a.sw_tau, a.sw_floor, a.sw_patience, a.sw_growth, a.sw_max_factor)
 
     def layer(self, model):
@@ -266,6 +288,11 @@ class MemFT(Method):
 
     def objective(self, logits, targets, mean_loss):
         return self.loss(logits, targets)
+
+    def after_backward(self, model):
+        if self.loss.skip:  # ot-zero-update with no hard token: the optimizer skips parameters without a gradient
+            for p in model.parameters():
+                p.grad = None
 
     def state_dict(self):
         return self.loss.state_dict()
@@ -288,9 +315,17 @@ class MemFT(Method):
             save_adapter(model, os.path.join(out_dir, "adapter.safetensors"))
 
 
-class MemFTSlidingWindow(MemFT):
-    """memft-sw trains with the paper's prefix curriculum unless --curriculum off (as in the paper's scripts)."""
+def released_loss(method, dataset):
+    """The token weighting the released scripts run for a method on a dataset (see the module docstring)."""
+    if method == "memft-sw":
+        return "ot-zero-update" if dataset == "phonebook" else "sliding"
+    return {"sft": "sft", "memft-ot": "ot", "memft-window": "sliding"}[method]
+
+
+class MemFTCurriculum(MemFT):
+    """memft-sw and memft-window train with the paper's prefix curriculum unless --curriculum off (as the
+    released PhoneBook script; a long-context set is one entry, which the curriculum leaves as it is)."""
     defaults = {"curriculum": "on"}
 
 
-METHODS = {"sft": MemFT, "memft-ot": MemFT, "memft-sw": MemFTSlidingWindow}
+METHODS = {"sft": MemFT, "memft-ot": MemFT, "memft-sw": MemFTCurriculum, "memft-window": MemFTCurriculum}

@@ -167,7 +167,7 @@ def add_recall_flags(parser):
     g.add_argument("--noise", type=int, default=0, help="longctx: percent of the text made random tokens")
     g.add_argument("--epochs", type=int, default=200, help="passes over the entries (sets the number of steps)")
     g.add_argument("--curriculum", choices=["on", "off"], default="off",
-                   help="the paper's prefix curriculum (default: on for memft-sw, as in its scripts; off otherwise)")
+                   help="the paper's prefix curriculum (default: on for memft-sw and memft-window, as in its scripts; off otherwise)")
     g.add_argument("--curriculum_ratios", default="0.2,0.4,0.6,0.8,1.0", help="fractions of the entries trained")
     g.add_argument("--curriculum_epochs", default="20,40,60,80,200", help="epoch at which each ratio ends")
 
@@ -183,7 +183,8 @@ class ExactRecall(Task):
 
     @classmethod
     def defaults_for(cls, dataset):
-        return cls.defaults | ({"batch_size": 1} if dataset == "longctx" else {})  # one long entry
+        # one long entry, 2000 passes at batch 1 (script/long_context/common.sh ~L246-250)
+        return cls.defaults | ({"batch_size": 1, "epochs": 2000} if dataset == "longctx" else {})
 
     def __init__(self, args, device, training=False):
         super().__init__(args, device, training)

@@ -136,6 +136,8 @@ def upgrade_args(saved):
             saved[new] = saved.pop(old)
     if saved.get("curriculum") == "auto":
         saved["curriculum"] = method.defaults.get("curriculum", "off")
+    if saved.get("method") in memft.METHODS and "memft_loss" not in saved:  # before memft-sw followed the scripts
+        saved["memft_loss"] = {"sft": "sft", "memft-ot": "ot"}.get(saved["method"], "sliding")
     return ADDED_FLAGS | saved
 
 

@@ -258,7 +258,7 @@ def memory_law_sweep(argv):
                            "it first trains every (method, rank, length) into --out_dir (unknown flags go to "
                            "train.py; finished runs are reused, interrupted ones resumed).")
     p.add_argument("runs", nargs="*", help="run folders, or folders holding them (default: --out_dir)")
-    p.add_argument("--methods", default="sft", help="comma-separated: sft, memft-ot, memft-sw")
+    p.add_argument("--methods", default="sft", help="comma-separated: sft, memft-ot, memft-sw, memft-window")
     p.add_argument("--ranks", default="", help="comma-separated ranks to train (none: only read the runs)")
     p.add_argument("--lengths", default="", help="comma-separated dataset sizes in answer tokens to train")
     p.add_argument("--seeds", type=int, default=1)
@@ -321,7 +321,7 @@ def memory_row(run_dir):
 
 def write_memory_law(rows, out_dir):
     """memory-law.md / .json / .csv (one row per run, the law per method, rho pooled per method) and four plots."""
-    order = ["sft", "memft-ot", "memft-sw"]
+    order = ["sft", "memft-ot", "memft-sw", "memft-window"]
     methods = sorted({r["method"] for r in rows}, key=lambda m: order.index(m) if m in order else len(order))
     fits, pooled_rho = {}, {}
     for m in methods:

@@ -267,7 +267,7 @@ def test_recall_order_epochs_and_curriculum():
 
 
 @pytest.mark.parametrize("n", [11, 22, 44, 89, 20])
-@pytest.mark.parametrize("method", ["sft", "memft-ot", "memft-sw"])
+@pytest.mark.parametrize("method", ["sft", "memft-ot", "memft-sw", "memft-window"])
 def test_every_entry_is_trained_every_epoch(method, n):
     """The README's PhoneBook sets (11/22/44/89 entries; batch 10) and a whole-batch one: in every epoch of SFT
     and MemFT-OT, and in every full-stage epoch of MemFT-SW's curriculum, each entry is in some batch."""
@@ -294,14 +294,51 @@ def test_objective_matches_the_loss_functions_and_keeps_its_state():
     assert mask.sum() == 8 and loss[0, 0] == 0
     real = torch.nn.functional.cross_entropy(logits[targets != -1], targets[targets != -1])
     assert Objective("sft", 2, "cpu")(logits, targets).item() == pytest.approx(real.item(), rel=1e-6)
-    assert Objective("memft-ot", 2, "cpu")(logits, targets).item() == pytest.approx(ot_loss(loss, mask).item(), rel=1e-6)
-    sw = Objective("memft-sw", 2, "cpu", window=2)
+    assert Objective("ot", 2, "cpu")(logits, targets).item() == pytest.approx(ot_loss(loss, mask).item(), rel=1e-6)
+    sw = Objective("sliding", 2, "cpu", window=2)
     for _ in range(5):
         sw(logits, targets)  # the same anchors five times: the window has grown
-    fresh = Objective("memft-sw", 2, "cpu", window=2)
+    fresh = Objective("sliding", 2, "cpu", window=2)
     fresh.load_state_dict(sw.state_dict())
     assert sw.state.factor.tolist() == fresh.state.factor.tolist() == [2.0, 2.0]
     assert sw(logits, targets).item() == fresh(logits, targets).item()
+
+
+@pytest.mark.parametrize("method, dataset, loss", [("sft", "phonebook", "sft"), ("memft-ot", "longctx", "ot"),
+                                                   ("memft-sw", "phonebook", "ot-zero-update"),
+                                                   ("memft-sw", "longctx", "sliding"),
+                                                   ("memft-window", "phonebook", "sliding")])
+def test_memft_sw_follows_the_released_scripts_per_dataset(method, dataset, loss):
+    from train import parse_args
+    args, _ = parse_args(["--method", method, "--dataset", dataset])
+    assert args.memft_loss == loss
+    assert args.curriculum == ("on" if method in ("memft-sw", "memft-window") else "off")
+    assert parse_args(["--method", method, "--dataset", dataset, "--memft_loss", "sft"])[0].memft_loss == "sft"
+
+
+def test_ot_zero_update_skips_the_step_when_no_token_is_hard():
+    """The released memft_curriculum: with every answer token above p = 0.5 there is no update at all (not the
+    SFT fallback of MemFT-OT): the gradients are dropped, so AdamW leaves the parameters and its state alone."""
+    from memft import Objective
+    from runs import METHODS
+    from train import parse_args
+    args, _ = parse_args(["--method", "memft-sw", "--dataset", "phonebook", "--memory_rank", "2"])
+    method = METHODS["memft-sw"](args)
+    model = GPT.__new__(GPT)
+    torch.nn.Module.__init__(model)
+    model.w = torch.nn.Parameter(torch.zeros(3))
+    easy = torch.full((1, 2, 3), -10.0)
+    easy[..., 1] = 10.0  # p_target ~ 1 everywhere
+    targets = torch.tensor([[1, 1]])
+    loss = method.objective(easy + model.w, targets, None)
+    loss.backward()
+    method.after_backward(model)
+    assert method.loss.skip and model.w.grad is None
+    hard = method.objective(torch.zeros(1, 2, 3) + model.w, targets, None)  # p = 1/3: both tokens hard
+    hard.backward()
+    method.after_backward(model)
+    assert not method.loss.skip and model.w.grad.abs().sum() > 0
+    assert isinstance(method.loss, Objective) and method.loss.kind == "ot-zero-update"
 
 
 def test_recall_summary_pools_failures_for_rho():

@@ -170,7 +170,7 @@ def test_defaults_come_in_layers():
     args, _ = parse_args(["--method", "memft-ot", "--dataset", "phonebook", "--lr", "3e-3"])
     assert args.curriculum == "off" and args.lr == 3e-3  # explicit flags win
     args, _ = parse_args(["--dataset", "longctx", "--method", "sft"])
-    assert args.batch_size == 1
+    assert args.batch_size == 1 and args.epochs == 2000  # the released long-context script
 
 
 def test_runs_saved_under_the_old_flag_names_load():
@@ -179,7 +179,7 @@ def test_runs_saved_under_the_old_flag_names_load():
     assert upgrade_args(old) == ADDED_FLAGS | {"method": "prb", "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.1}
     assert ADDED_FLAGS == {"pad_to": 0, "eos_target": "on"}  # what runs saved before these flags existed did
     memory = upgrade_args({"method": "memft-sw", "rank": 4, "curriculum": "auto"})
-    assert memory == ADDED_FLAGS | {"method": "memft-sw", "memory_rank": 4, "curriculum": "on"}
+    assert memory == ADDED_FLAGS | {"method": "memft-sw", "memory_rank": 4, "curriculum": "on", "memft_loss": "sliding"}
     assert upgrade_args({"method": "sft", "rank": 4, "curriculum": "auto"})["curriculum"] == "off"
     assert upgrade_args({"method": "regbert", "n_registers": 2, "lora_rank": 0})["register_tokens"] == 2
 
