@@ -316,6 +316,22 @@ def test_memft_sw_follows_the_released_scripts_per_dataset(method, dataset, loss
     assert parse_args(["--method", method, "--dataset", dataset, "--memft_loss", "sft"])[0].memft_loss == "sft"
 
 
+def test_released_phonebook_schedules():
+    """script/pb/common.sh, per family, method and length; explicit flags still win; accumulation is refused."""
+    from cli import InputError
+    from train import parse_args
+    args, _ = parse_args(["--method", "memft-sw", "--dataset", "phonebook", "--length", "2000",
+                          "--released_schedule", "llama"])
+    assert (args.lr, args.epochs, args.batch_size, args.curriculum_epochs) == (1e-2, 400, 25, "40,80,120,160,400")
+    args, _ = parse_args(["--method", "memft-ot", "--dataset", "phonebook", "--length", "32000",
+                          "--released_schedule", "qwen", "--epochs", "5"])
+    assert (args.lr, args.epochs, args.batch_size) == (1e-2, 5, 16)
+    with pytest.raises(InputError, match="accumulates 2 batches of 20"):
+        parse_args(["--method", "memft-sw", "--dataset", "phonebook", "--length", "8000", "--released_schedule", "qwen"])
+    with pytest.raises(InputError, match="has no --length 1234"):
+        parse_args(["--method", "sft", "--dataset", "phonebook", "--length", "1234", "--released_schedule", "qwen"])
+
+
 def test_ot_zero_update_skips_the_step_when_no_token_is_hard():
     """The released memft_curriculum: with every answer token above p = 0.5 there is no update at all (not the
     SFT fallback of MemFT-OT): the gradients are dropped, so AdamW leaves the parameters and its state alone."""
