@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from cli import InputError
 from lora import apply_lora, save_adapter
 from method import Method, freeze, replace_modules
+from recall import released_schedule
 
 LN2 = math.log(2.0)  # L_t > ln 2  <=>  p_target < 0.5
 
@@ -321,40 +322,6 @@ class MemFT(Method):
     def export(self, model, out_dir):
         if self.args.adapter == "lora":
             save_adapter(model, os.path.join(out_dir, "adapter.safetensors"))
-
-
-# The released PhoneBook schedules (script/pb/common.sh ~L121-230), per model family, method and --length:
-# (lr, epochs, batch, gradient accumulation, curriculum epoch boundaries). SFT and MemFT-OT share one.
-def _sft(batches):  # lr 1e-2, 200 epochs, no curriculum; batch by length
-    return {length: (1e-2, 200, batch, 1, None) for lengths, batch in batches for length in lengths}
-
-
-SMALL, MID = (1000, 2000, 4000), (8000, 12000, 16000, 24000)
-RELEASED_SCHEDULES = {
-    ("qwen", "sft"): _sft([(SMALL, 4), (MID, 8), ((32000,), 16)]),
-    ("llama", "sft"): _sft([(SMALL + MID[:3], 10), ((24000, 32000), 20)]),
-    ("qwen", "memft-sw"): {1000: (1e-2, 300, 10, 1, "20,40,60,80,300"), 2000: (1e-2, 300, 10, 1, "20,40,60,80,300"),
-                           4000: (1e-2, 350, 10, 1, "30,60,90,120,350"), 8000: (7e-3, 350, 20, 2, "30,60,90,120,350"),
-                           12000: (5e-3, 500, 40, 2, "60,120,180,240,500"), 16000: (5e-3, 600, 40, 2, "80,160,240,320,600"),
-                           24000: (5e-3, 600, 40, 2, "80,160,240,320,600"), 32000: (5e-3, 700, 40, 2, "100,200,300,400,700")},
-    ("llama", "memft-sw"): {1000: (1e-2, 300, 25, 1, "20,40,60,80,300"), 2000: (1e-2, 400, 25, 1, "40,80,120,160,400"),
-                            4000: (7e-3, 400, 50, 1, "40,80,120,160,400"), 8000: (5e-3, 600, 50, 2, "80,160,240,320,600"),
-                            12000: (5e-3, 700, 50, 2, "100,200,300,400,700"), 16000: (5e-3, 700, 50, 2, "100,200,300,400,700"),
-                            24000: (3e-3, 700, 50, 4, "100,200,300,400,700"), 32000: (3e-3, 800, 50, 4, "120,240,360,480,800")},
-}
-
-
-def released_schedule(family, method, length):
-    """The flags of the released PhoneBook schedule for a method at --length (InputError where it has none, or
-    where it accumulates gradients over several batches, which train.py does not do)."""
-    table = RELEASED_SCHEDULES[(family, "memft-sw" if method in ("memft-sw", "memft-window") else "sft")]
-    if length not in table:
-        raise InputError(f"the released {family} schedule has no --length {length} (it has {', '.join(map(str, table))})")
-    lr, epochs, batch, accumulate, boundaries = table[length]
-    if accumulate > 1:
-        raise InputError(f"the released {family} schedule for --length {length} accumulates {accumulate} batches of "
-                         f"{batch} per step, which train.py does not do; set --batch_size, --lr, --epochs yourself")
-    return {"lr": lr, "epochs": epochs, "batch_size": batch} | ({"curriculum_epochs": boundaries} if boundaries else {})
 
 
 def released_loss(method, dataset):

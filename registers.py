@@ -181,14 +181,14 @@ BERT_MATRICES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
 
 def add_regbert_flags(parser):
-    g = parser.add_argument_group("register-token BERT (--method regbert, --dataset squad)")
+    g = parser.add_argument_group("register-token BERT (--method regbert, --dataset squad | tydiqa)")
     g.add_argument("--register_tokens", type=int, default=0, help="register tokens k (0: plain BERT)")
 
 
 class RegisterBERT(Method):
     """--method regbert (seed poster): k register tokens at the embed site (none for k = 0: plain BERT) and a
     start/end head at the head site; full fine-tuning, or LoRA on the encoder matrices with --lora_rank > 0."""
-    datasets = ("squad",)
+    datasets = ("squad", "tydiqa")
     defaults = {"lora_rank": 0}
     add_flags = staticmethod(add_regbert_flags)
     aliases = {"n_registers": "register_tokens", "alpha": "lora_alpha"}

@@ -28,7 +28,7 @@ from tasks import LanguageModeling
 # name to find its code. Adding a method = writing its class + one entry here (or in its module's table).
 METHODS = {"full": FullFineTuning} | lora.METHODS | registers.METHODS | memft.METHODS
 # Every --dataset and the task that owns it (tasks.py says what a task is).
-TASKS = {"emotion": LanguageModeling, "squadtext": LanguageModeling, "squad": ExtractiveQA,
+TASKS = {"emotion": LanguageModeling, "squadtext": LanguageModeling, "squad": ExtractiveQA, "tydiqa": ExtractiveQA,
          "phonebook": ExactRecall, "longctx": ExactRecall}
 
 
@@ -141,7 +141,7 @@ def upgrade_args(saved):
     return ADDED_FLAGS | saved
 
 
-ADDED_FLAGS = {"pad_to": 0, "eos_target": "on"}  # flags newer than some saved runs: the value they ran with
+ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30}  # flags newer than some saved runs: the value they ran with
 
 
 def load_run(run_dir, which, device):

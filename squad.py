@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cli import InputError
 from model import BERT_HUB_IDS, resolve_checkpoint
-from tasks import Split, Task, check_rows, prepare_if_missing, read_meta
+from tasks import Split, Task, check_rows, prepare_if_missing, read_meta, training_order
 
 
 class QASplit(Split):
@@ -122,7 +122,7 @@ def best_spans(model, split, batch_size, autocast, context_mask, n_best=20, max_
     return scores.cpu().numpy(), starts.cpu().numpy(), ends.cpu().numpy(), (loss_sum / (2 * split.n)).item()
 
 
-def squad_predictions(model, data_dir, split_name, meta, device, batch_size, autocast):
+def squad_predictions(model, data_dir, split_name, meta, device, batch_size, autocast, max_answer_len=30):
     """{question id: predicted answer text}: per question, the best-scoring span over all its windows."""
     split = QASplit(data_dir, split_name, meta, device, meta.get("pad_multiple", 64))
     offsets = np.load(os.path.join(data_dir, f"{split_name}_offsets.npy"))
@@ -130,7 +130,7 @@ def squad_predictions(model, data_dir, split_name, meta, device, batch_size, aut
     with open(os.path.join(data_dir, f"{split_name}_examples.json")) as f:
         examples = json.load(f)
     context_mask = torch.from_numpy(offsets[:, :, 0] >= 0).to(device)
-    scores, starts, ends, loss = best_spans(model, split, batch_size, autocast, context_mask)
+    scores, starts, ends, loss = best_spans(model, split, batch_size, autocast, context_mask, max_answer_len=max_answer_len)
     best = {}  # example index -> (score, text)
     for i, (score, s, e) in enumerate(zip(scores, starts, ends)):
         ex = int(example[i])
@@ -139,31 +139,52 @@ def squad_predictions(model, data_dir, split_name, meta, device, batch_size, aut
     return {ex["id"]: best.get(i, (None, ""))[1] for i, ex in enumerate(examples)}, examples, loss
 
 
-def squad_scores(model, data_dir, split_name, meta, device, batch_size, autocast):
+def squad_scores(model, data_dir, split_name, meta, device, batch_size, autocast, max_answer_len=30):
     """{'em', 'f1', 'n', 'loss'}: the official SQuAD v1.1 metrics (percent) over every question of the split,
     and the QA loss over its features."""
-    predictions, examples, loss = squad_predictions(model, data_dir, split_name, meta, device, batch_size, autocast)
+    predictions, examples, loss = squad_predictions(model, data_dir, split_name, meta, device, batch_size, autocast,
+                                                    max_answer_len)
     em = [exact_match(predictions[ex["id"]], ex["answers"]) for ex in examples]
     f1 = [f1_score(predictions[ex["id"]], ex["answers"]) for ex in examples]
     return {"em": 100 * sum(em) / len(em), "f1": 100 * sum(f1) / len(f1), "n": len(examples), "loss": loss}
 
 
 # ------------------------------------------------------------------------------------- the task
+def add_qa_flags(parser):
+    g = parser.add_argument_group("extractive QA (--dataset squad | tydiqa)")
+    g.add_argument("--qa_epochs", type=float, default=0,
+                   help="passes over the train features, which set the steps (0: --max_steps decides)")
+    g.add_argument("--max_answer_len", type=int, default=30,
+                   help="longest answer span decoded, in tokens (BERT's run_squad: 30; the poster: 60)")
+
+
 class ExtractiveQA(Task):
-    """--dataset squad. Splits: train (the train articles but the last 10%), validation (those held-out articles:
-    the loss during training), test (the official dev file: the reported EM/F1)."""
-    datasets = ("squad",)
+    """--dataset squad | tydiqa. Splits: train (the train articles but the last 10%), validation (those held-out
+    articles: the loss during training), test (the official dev file: the reported EM/F1)."""
+    datasets = ("squad", "tydiqa")
     architecture = "bert"
     loss_description = "mean of start and end cross-entropy over features"
+    add_flags = staticmethod(add_qa_flags)
+    # SQuAD: lr and batch of Devlin et al. 2019 §4.2 (5e-5, 32), a short run of 700 steps (not their 3 epochs)
+    # with warm-up and cosine decay (not their linear decay); a stand-in that trains in minutes
     defaults = {"method": "regbert", "init_from": "bert-base-uncased", "lr": 5e-5, "batch_size": 32, "max_steps": 700,
-                "warmup": 70, "weight_decay": 0.01, "eval_interval": 100, "log_interval": 10,
-                "pad_multiple": 64}  # BERT fine-tuning (Devlin et al. 2019)
+                "warmup": 70, "weight_decay": 0.01, "eval_interval": 100, "log_interval": 10, "pad_multiple": 64}
+    # TyDi QA GoldP: the poster's TrainingArguments (QA_script.py ~L243-249: lr 2e-5, 3 epochs, weight decay 0.01,
+    # and the Trainer's defaults: batch 8, linear decay, no warm-up) and its decoding (~L213-217: spans <= 60)
+    poster = {"lr": 2e-5, "qa_epochs": 3, "weight_decay": 0.01, "batch_size": 8, "decay": "linear", "warmup": 0,
+              "max_answer_len": 60}
+
+    @classmethod
+    def defaults_for(cls, dataset):
+        return cls.defaults | (cls.poster if dataset == "tydiqa" else {})
 
     def __init__(self, args, device, training=False):
         super().__init__(args, device, training)
+        if args.qa_epochs < 0 or args.max_answer_len <= 0:
+            raise InputError("--qa_epochs must be >= 0 and --max_answer_len positive")
         if training:
-            prepare_if_missing("squad", args.data_dir, vocab=args.init_from)
-        self.meta = read_meta(args.data_dir, "squad")
+            prepare_if_missing(args.dataset, args.data_dir, vocab=args.init_from)
+        self.meta = read_meta(args.data_dir, args.dataset)
         if training:
             self.check_vocab()
 
@@ -183,6 +204,11 @@ class ExtractiveQA(Task):
         return tuple(QASplit(self.args.data_dir, s, self.meta, self.device, self.args.pad_multiple)
                      for s in ("train", "validation"))
 
+    def training_order(self, train_split):
+        a = self.args
+        steps = math.ceil(a.qa_epochs * train_split.n / a.batch_size) if a.qa_epochs else a.max_steps
+        return training_order(train_split.n, a.batch_size, steps, a.seed)
+
     def loss_sum(self, logits, targets):
         return qa_loss_sum(logits, targets)
 
@@ -196,7 +222,8 @@ class ExtractiveQA(Task):
 
     def test_scores(self, model, autocast, batch_size, out_dir=None):
         """The official SQuAD v1.1 metrics on the dev file, and the loss, in one pass."""
-        scores = squad_scores(model, self.args.data_dir, "test", self.meta, self.device, batch_size, autocast)
+        scores = squad_scores(model, self.args.data_dir, "test", self.meta, self.device, batch_size, autocast,
+                              self.args.max_answer_len)
         return {"test_loss": scores.pop("loss")} | scores
 
     def headline(self, scores):

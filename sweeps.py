@@ -1,7 +1,7 @@
 """The experiments: grids of train.py runs over arms x seeds, read back into a table, a JSON file and a plot.
 
     python sweeps.py prb-table --seeds 3                    # the PRB paper's arms: table, curves, consistency
-    python sweeps.py regbert-sweep --ks 0,1,2,4,8,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
+    python sweeps.py regbert-sweep --ks 0,1,2,4,5,8,10,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
     python sweeps.py memory-law --methods sft,memft-ot,memft-sw --ranks 1,2,4,8 --lengths 250,500,1000
     python sweeps.py memory-law out/memory-law              # rows, law fit and plots of finished runs only
 
@@ -216,18 +216,21 @@ def prb_table(argv):
 def regbert_sweep(argv):
     p = Parser(description="Train register-token BERT on SQuAD for every k over seeds (unknown flags go to "
                            "train.py), then write a markdown table of dev EM/F1 and a plot of EM/F1 against k.")
-    p.add_argument("--ks", default="0,1,2,4,8,16", help="comma-separated register counts")
+    p.add_argument("--ks", default="0,1,2,4,5,8,10,16",
+                   help="comma-separated register counts (default includes 5 and 10, the poster's sweet spot)")
+    p.add_argument("--dataset", choices=["squad", "tydiqa"], default="squad",
+                   help="squad (the offline stand-in) or tydiqa (the poster's TyDi QA GoldP English)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out_dir", default="out/regbert-sweep")
     a, train_flags = p.parse_known_args(argv)
     ks = int_list(a.ks, "--ks")
-    runs = run_grid(a.out_dir, {f"k{k}": ["--dataset", "squad", "--register_tokens", str(k)] for k in ks}, a.seeds,
+    runs = run_grid(a.out_dir, {f"k{k}": ["--dataset", a.dataset, "--register_tokens", str(k)] for k in ks}, a.seeds,
                     train_flags)
     done = {k: runs_done for k, runs_done in zip(ks, summaries(runs).values())}
     first = done[ks[0]][0]
     col = lambda k, key: mean_spread([s["final"][key] for s in done[k]])
     lines = [f"Base `{first['init_from']}`, {first['steps']} steps, {a.seeds} seed(s) (mean ± sample std), device "
-             f"{first['device']}; EM/F1 (official SQuAD v1.1) on all {first['final']['n']} questions of the dev file, "
+             f"{first['device']}; EM/F1 (official SQuAD v1.1 script) on all {first['final']['n']} {a.dataset} dev questions, "
              f"final weights.", "",
              *markdown(["k registers", "trainable", "EM", "F1", "dev loss"],
                        [[k, f"{done[k][0]['params']['trainable']:,}", col(k, "em"), col(k, "f1"), col(k, "test_loss")]
@@ -243,7 +246,7 @@ def regbert_sweep(argv):
             for x, v in zip(positions, values):
                 ax.scatter([x] * len(v), v, color="gray", s=8, alpha=0.6)
         ax.set_xticks(list(positions), [str(k) for k in ks])
-        ax.set(xlabel="register tokens k", ylabel="dev score (%)", title="register-token BERT on SQuAD v1.1 (dots: seeds)")
+        ax.set(xlabel="register tokens k", ylabel="dev score (%)", title=f"register-token BERT on {'SQuAD v1.1' if a.dataset == 'squad' else 'TyDi QA GoldP (en)'} (dots: seeds)")
         ax.legend()
         save_figure(plt, fig, os.path.join(a.out_dir, "em-f1-vs-k.png"))
 

@@ -248,13 +248,17 @@ PREPARE_CASES = [
     ("squad", ["--source", "SQ_ONE", "--vocab", "VOCAB"], "leaves the train split empty"),
     ("squad", ["--source", "EMO_MISSING", "--vocab", "VOCAB"], "must hold dev-v1.1.json and a train-v1.1*.json"),
     ("squad", ["--source", "SQ_GOOD", "--vocab", "MISSING"], "neither a folder nor a known model"),
-    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--stride", "-5"], "--stride and --limit at least 0"),
-    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--limit", "-1"], "--stride and --limit at least 0"),
-    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_query", "0"], "--max_query must be positive"),
+    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--stride", "-5"], "--stride and --limit must be >= 0"),
+    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--limit", "-1"], "--stride and --limit must be >= 0"),
+    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_query", "-1"], "--max_query (0: no cap), --stride and --limit must be >= 0"),
     ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_len", "40000"], "--max_len at most 32767"),
     ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_len", "20", "--stride", "16"], "<= --stride 16"),
     ("squad", ["--stride", "x"], "invalid int value: 'x'"),
     ("squad", [], "HF_HUB_OFFLINE is set"),
+    ("tydiqa", ["--source", "SQ_GOOD", "--vocab", "VOCAB"], "tydiqa.en.train.json not found"),
+    ("tydiqa", ["--source", "TY_BROKEN", "--vocab", "VOCAB"], "tydiqa.en.dev.json as JSON"),
+    ("tydiqa", ["--source", "TY_BROKEN", "--vocab", "VOCAB", "--stride", "-1"], "--stride and --limit must be >= 0"),
+    ("tydiqa", ["--vocab", "VOCAB"], "HF_HUB_OFFLINE is set"),
     ("squadtext", ["--source", "SQ_GOOD/dev-v1.1.json"], "is not a folder"),
     ("squadtext", ["--source", "SQ_BROKEN"], "as JSON"),
     ("squadtext", ["--source", "SQ_SHAPE"], "is not SQuAD v1.1 JSON"),
@@ -304,11 +308,14 @@ def prepare_places(tmp_path_factory):
         (root / name).mkdir()
         (root / name / "dev-v1.1.json").write_text(text)
         (root / name / "train-v1.1.json").write_text(json.dumps(tiny_squad(articles=1 if name == "SQ_ONE" else 2)))
+    (root / "TY_BROKEN").mkdir()
+    (root / "TY_BROKEN" / "tydiqa.en.train.json").write_text(json.dumps(tiny_squad(articles=2)))
+    (root / "TY_BROKEN" / "tydiqa.en.dev.json").write_text("{broken")
     (root / "VOCAB").mkdir()  # a folder that passes for a BERT checkpoint as far as its vocabulary goes
     (root / "VOCAB" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *"abcdefghijklmnopqrstuvwxyz?"]))
     for f in ("config.json", "model.safetensors"):
         (root / "VOCAB" / f).write_text("{}")
-    return {name: str(root / name) for name in [*emotion, *squads, "EMO_BINARY", "VOCAB"]} | {
+    return {name: str(root / name) for name in [*emotion, *squads, "EMO_BINARY", "VOCAB", "TY_BROKEN"]} | {
         "MISSING": str(root / "missing"), "OUT": str(root / "out"), "root": root}
 
 
@@ -330,7 +337,7 @@ def test_bad_preparation_input_gets_one_clear_line(dataset, argv, fragment, prep
 def test_the_preparation_table_covers_every_script():
     assert {d for d, _, _ in PREPARE_CASES} == {d for d in os.listdir(os.path.join(ROOT, "data"))
                                                 if os.path.isfile(os.path.join(ROOT, "data", d, "prepare.py"))}
-    assert len(CASES) + len(PREPARE_CASES) >= 130
+    assert len(CASES) + len(PREPARE_CASES) >= 135
 
 
 # ---------------------------------------------------------------------------------------------- offline

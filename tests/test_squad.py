@@ -175,7 +175,7 @@ def test_dataset_method_mismatch_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--method", "regbert", "--dataset", "emotion",
                              "--out_dir", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: --method regbert trains on --dataset squad, not emotion"
+    assert result.stderr.strip() == "error: --method regbert trains on --dataset squad or tydiqa, not emotion"
 
 
 def test_vocab_mismatch_is_refused(squad_small_dir, tmp_path):
@@ -241,3 +241,43 @@ def test_lrp_relevance_of_attention_maps():
         assert torch.allclose(model(x, ctx | {"attentions": LeafList()}), model(x, ctx), atol=1e-5)
     # hooks are removed afterwards: gradients of the plain model are back to normal
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model.sites["embed"])
+
+
+def test_tydiqa_preparation_windows_as_the_poster(tmp_path):
+    """data/tydiqa/prepare.py on a small file in the poster's format (SQuAD v1.1 JSON, tydiqa.en.*.json): 434-token
+    features with stride 128, the question never cut (run_squad would keep 64 tokens), meta.json says tydiqa."""
+    import json
+    import numpy as np
+    from cli import prepare_module
+    words = "abcdefghij"
+    (tmp_path / "vocab").mkdir()  # a vocabulary of single letters is enough for WordPiece
+    (tmp_path / "vocab" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words, "?"]))
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / "vocab" / f).write_text("{}")
+    context = " ".join(words[i % 10] for i in range(600))  # 600 tokens: two windows of 434
+    question = " ".join("a" for _ in range(80)) + " ?"  # 81 tokens, more than run_squad's 64
+
+    def article(title, start):
+        answer = context[start:start + 5]
+        return {"title": title, "paragraphs": [{"context": context, "qas": [
+            {"id": f"english-{title}", "question": question, "answers": [{"text": answer, "answer_start": start}]}]}]}
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tydiqa.en.train.json").write_text(json.dumps({"data": [article("t0", 0), article("t1", 1000)]}))
+    (tmp_path / "src" / "tydiqa.en.dev.json").write_text(json.dumps({"data": [article("d0", 1100)]}))
+    meta = prepare_module("tydiqa").prepare(str(tmp_path / "src"), str(tmp_path / "out"), str(tmp_path / "vocab"))
+    assert meta["dataset"] == "tydiqa" and (meta["max_len"], meta["stride"], meta["max_query"]) == (434, 128, 0)
+    lengths = np.load(tmp_path / "out" / "test_lengths.npy")
+    types = np.load(tmp_path / "out" / "test_token_type.npy")
+    assert lengths.tolist() == [434, 434, 240]  # 600 context tokens: windows of 434 - 81 - 3 = 350, every 350 - 128
+    assert (types[:, :83] == 0).all() and types[0, 83] == 1  # [CLS] + all 81 question tokens + [SEP]
+    start = np.load(tmp_path / "out" / "test_start.npy")
+    assert start[0] == 0 and start[1] == 550 - 222 + 83 and start[2] == 550 - 444 + 83  # answer at context token 550
+
+
+def test_tydiqa_runs_the_poster_s_schedule():
+    from train import parse_args
+    args, _ = parse_args(["--dataset", "tydiqa"])
+    assert (args.method, args.lr, args.batch_size, args.qa_epochs, args.decay, args.warmup, args.weight_decay,
+            args.max_answer_len) == ("regbert", 2e-5, 8, 3, "linear", 0, 0.01, 60)
+    args, _ = parse_args(["--dataset", "squad"])
+    assert (args.lr, args.batch_size, args.max_steps, args.qa_epochs, args.max_answer_len) == (5e-5, 32, 700, 0, 30)

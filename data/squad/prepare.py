@@ -97,7 +97,7 @@ def featurize(rows, tok, max_len, stride, max_query):
     """Rows -> feature arrays (see the module docstring) and the examples list."""
     cache, feats = {}, {k: [] for k in ("input_ids", "token_type", "start", "end", "example", "offsets")}
     for ex, row in enumerate(rows):
-        q_ids = tok.encode(row["question"])[0][:max_query]
+        q_ids = tok.encode(row["question"])[0][:max_query or None]  # max_query 0: the question is never cut
         if row["context"] not in cache:
             cache = {row["context"]: tok.encode(row["context"])}  # questions of one context come together
         c_ids, c_offs = cache[row["context"]]
@@ -134,27 +134,29 @@ def featurize(rows, tok, max_len, stride, max_query):
     return arrays, examples
 
 
-def prepare(source=None, out_dir=HERE, vocab="bert-base-uncased", max_len=384, stride=128, max_query=64, limit=0):
-    """limit > 0 keeps only the first `limit` questions of each split (for quick tests)."""
-    if not (0 < max_query and 0 <= stride and 0 <= limit and max_len <= np.iinfo(np.int16).max):
-        raise InputError(f"--max_query must be positive, --stride and --limit at least 0 (a negative stride leaves "
+def prepare(source=None, out_dir=HERE, vocab="bert-base-uncased", max_len=384, stride=128, max_query=64, limit=0,
+            load=None, dataset="squad"):
+    """limit > 0 keeps only the first `limit` questions of each split (for quick tests). load(source) -> (train
+    rows, dev rows) and dataset (meta.json's name) let another SQuAD-format dataset reuse all of this (tydiqa)."""
+    if not (0 <= max_query and 0 <= stride and 0 <= limit and max_len <= np.iinfo(np.int16).max):
+        raise InputError(f"--max_query (0: no cap), --stride and --limit must be >= 0 (a negative stride leaves "
                          f"context no window covers) and --max_len at most 32767 (got {max_query}, {stride}, {limit}, "
                          f"{max_len})")
     vocab_path = os.path.join(resolve_checkpoint(vocab, BERT_HUB_IDS, extra_files=("vocab.txt",)), "vocab.txt")
     tok = BertTokenizer(vocab_path)
-    train_rows, dev_rows = load_rows(source)
+    train_rows, dev_rows = (load or load_rows)(source)
     train_rows, val_rows = split_articles(train_rows)
     splits = {"train": train_rows, "validation": val_rows, "test": dev_rows}
     if empty := [split for split, rows in splits.items() if not rows]:
         raise BadFile(f"--source {source} leaves the {empty[0]} split empty (validation is the last 10% of the train "
                       "file's articles: it needs at least 2)")
     with staged_folder(out_dir) as stage:  # all or nothing: a failure or a kill never leaves a mix
-        meta = write_splits(splits, tok, stage, max_len, stride, max_query, limit)
+        meta = {"dataset": dataset} | write_splits(splits, tok, stage, max_len, stride, max_query, limit)
         with open(vocab_path, "rb") as f:
             vocab_sha1 = hashlib.sha1(f.read()).hexdigest()
         meta |= {"vocab_size": len(tok.vocab), "vocab_sha1": vocab_sha1, "pad_id": tok.pad_id,
-                 "source": source or "hub:rajpurkar/squad", "splits": "train/validation: train articles (last 10% "
-                 "held out); test: the official dev file"}
+                 "source": source or f"hub:{'rajpurkar/squad' if dataset == 'squad' else dataset}",
+                 "splits": "train/validation: train articles (last 10% held out); test: the official dev file"}
         with open(os.path.join(stage, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
     print(f"wrote {out_dir}")
@@ -174,7 +176,7 @@ def write_splits(splits, tok, out_dir, max_len, stride, max_query, limit):
         counts[split] = {"examples": len(examples), "features": len(arrays["lengths"]),
                          "answer_outside_window": int((arrays["start"] == 0).sum())}
         print(f"{split:>10}: {len(examples):6d} questions -> {len(arrays['lengths']):6d} features")
-    return {"dataset": "squad", "max_len": max_len, "stride": stride, "max_query": max_query, "counts": counts}
+    return {"max_len": max_len, "stride": stride, "max_query": max_query, "counts": counts}
 
 
 def main(argv=None):
@@ -185,7 +187,7 @@ def main(argv=None):
     parser.add_argument("--out_dir", default=HERE, help="where to write the arrays (default: %(default)s)")
     parser.add_argument("--max_len", type=int, default=384)
     parser.add_argument("--stride", type=int, default=128, help="tokens shared by consecutive windows")
-    parser.add_argument("--max_query", type=int, default=64)
+    parser.add_argument("--max_query", type=int, default=64, help="question tokens kept (BERT's run_squad: 64; 0: all)")
     parser.add_argument("--limit", type=int, default=0, help="keep the first N questions per split (0: all)")
     args = parser.parse_args(argv)
     with errors_in_one_line("rajpurkar/squad", "pass --source DIR holding dev-v1.1.json and train-v1.1*.json"):
