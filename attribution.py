@@ -35,7 +35,12 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="SQuAD run folders written by train.py")
     p.add_argument("--features", type=int, default=256, help="dev features the statistics average over")
     p.add_argument("--example", type=int, default=0, help="dev feature index for the maps and heatmaps")
-    p.add_argument("--ig_steps", type=int, default=128, help="Integrated Gradients steps (trapezoid rule)")
+    p.add_argument("--ig_steps", type=int, default=0,
+                   help="Integrated Gradients steps (default: 128 trapezoid intervals; poster: 50 Gauss-Legendre nodes)")
+    p.add_argument("--ig_variant", choices=["ours", "poster"], default="ours",
+                   help="ours: at the word embeddings, target start + end logit of the predicted span; poster (its "
+                        "integrated_grad_vis.ipynb): at the embedding output, target the max start and the max end "
+                        "logit separately, Gauss-Legendre")
     p.add_argument("--out_dir", default="out/attention")
     p.add_argument("--device", default="auto")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -93,28 +98,39 @@ def attention_statistics(model, split, tok, n_features, device):
             "high_norm_share": (norms > 2 * median).float().mean().item(), "features": n_features}
 
 
-def integrated_gradients(model, x, ctx, target, baseline_ids, steps=128):
-    """Integrated Gradients (Sundararajan et al. 2017, eq. 1) on the word embeddings of one feature x (1, T):
-    attr_i = (e_i - e'_i) . integral_0^1 d f(e' + a (e - e')) / d e_i da, by the trapezoid rule over `steps`
-    intervals. target(logits) -> f, a scalar per row. Returns (per-token attributions (T,), f(x) - f(baseline),
-    their sum): completeness says the last two agree."""
-    embed = model.word_embeddings
-    e, e0 = embed(x).detach(), embed(baseline_ids).detach()
-    alphas = torch.linspace(0, 1, steps + 1, device=x.device)
-    weights = torch.full_like(alphas, 1.0 / steps)
-    weights[0] = weights[-1] = 0.5 / steps
-    grads, values = torch.zeros_like(e[0]), []
-    for chunk in torch.split(torch.arange(steps + 1, device=x.device), 16):
+def integrated_gradients(model, x, ctx, target, baseline_ids, steps=128, layer="words", rule="trapezoid"):
+    """Integrated Gradients (Sundararajan et al. 2017, eq. 1) on one feature x (1, T): attr_i = (e_i - e'_i) .
+    integral_0^1 d f(e' + a (e - e')) / d e_i da. layer "words": e = the word embeddings (ours); "embeddings": e =
+    the embedding output after its LayerNorm, with the baseline ids under the same positions and segments (the
+    poster's LayerIntegratedGradients on bert.embeddings). rule "trapezoid" over `steps` intervals (ours) or
+    "gauss-legendre" with `steps` nodes (captum's default, 50 in the poster). target(logits) -> f, a scalar per row.
+    Returns (per-token attributions (T,), f(x) - f(baseline), their sum): completeness says the last two agree."""
+    if layer == "words":
+        e, e0, key = model.word_embeddings(x).detach(), model.word_embeddings(baseline_ids).detach(), "word_embeds"
+    else:
+        with torch.no_grad():
+            e, e0, key = model.embed(x, dict(ctx)), model.embed(baseline_ids, dict(ctx)), "embed_output"
+    if rule == "trapezoid":
+        alphas = torch.linspace(0, 1, steps + 1, device=x.device)
+        weights = torch.full_like(alphas, 1.0 / steps)
+        weights[0] = weights[-1] = 0.5 / steps
+    else:  # nodes of [-1, 1] mapped to [0, 1], as captum's approximation_methods
+        nodes, node_weights = np.polynomial.legendre.leggauss(steps)
+        alphas = torch.tensor(0.5 * (nodes + 1), dtype=e.dtype, device=x.device)
+        weights = torch.tensor(0.5 * node_weights, dtype=e.dtype, device=x.device)
+    grads = torch.zeros_like(e[0])
+    for chunk in torch.split(torch.arange(len(alphas), device=x.device), 16):
         path = (e0 + alphas[chunk, None, None] * (e - e0)).requires_grad_(True)  # (n, T, H)
         n = len(chunk)
-        batch_ctx = {key: v.expand(n, *v.shape[1:]) for key, v in ctx.items()} | {"word_embeds": path}
+        batch_ctx = {k: v.expand(n, *v.shape[1:]) for k, v in ctx.items()} | {key: path}
         f = target(model(x.expand(n, -1), batch_ctx))
         grad, = torch.autograd.grad(f.sum(), path)
         grads += (weights[chunk, None, None] * grad).sum(0)
-        values.append(f.detach())
-    values = torch.cat(values)
+    with torch.no_grad():  # the end points exactly (Gauss-Legendre nodes do not include them)
+        ends = target(model(torch.cat([baseline_ids, x]), {k: v.expand(2, *v.shape[1:]) for k, v in ctx.items()}
+                            | {key: torch.cat([e0, e])}))
     attributions = ((e - e0)[0] * grads).sum(-1)
-    return attributions.detach(), (values[-1] - values[0]).item(), attributions.sum().item()
+    return attributions.detach(), (ends[1] - ends[0]).item(), attributions.sum().item()
 
 
 class LeafList(list):
@@ -197,7 +213,16 @@ def attention_report(a):
         target = lambda out: out[:, 0, start] + out[:, 1, end]
         special = (x == tok.cls_id) | (x == tok.sep_id)
         baseline = torch.where(special, x, torch.full_like(x, tok.pad_id))  # [PAD] words, special tokens kept
-        ig, delta, total = integrated_gradients(model, x, ctx, target, baseline, a.ig_steps)
+        if a.ig_variant == "ours":
+            ig, delta, total = integrated_gradients(model, x, ctx, target, baseline, a.ig_steps or 128)
+            ig_rows = {"Integrated Gradients": ig}
+        else:  # the poster: two attributions, each normalised by its norm (its summarize_attributions)
+            ig_rows, delta, total = {}, 0.0, 0.0
+            for row, logit in ((0, "start"), (1, "end")):
+                scores, d, t = integrated_gradients(model, x, ctx, lambda out, r=row: out[:, r].max(-1).values,
+                                                    baseline, a.ig_steps or 50, "embeddings", "gauss-legendre")
+                ig_rows[f"Integrated Gradients, max {logit} logit (poster)"] = scores / scores.norm()
+                delta, total = delta + d, total + t
         relevance = {w: chefer_relevance(model, x, ctx, target, w) for w in ("lrp", "attention")}
         token_relevance = {w: (R[k + start] + R[k + end])[k:] for w, R in relevance.items()}  # rows of the span
         tokens = [tok.id_to_token[i] for i in x[0].tolist()]
@@ -206,7 +231,7 @@ def attention_report(a):
                                       "relative_error": abs(total - delta) / max(abs(delta), 1e-12)}}
         report[name] = stats
         plot_attention_maps(attentions, k, os.path.join(a.out_dir, f"{name}-attention.png"), name)
-        write_heatmap(tokens, {"Integrated Gradients": ig, "LRP relevance (Chefer et al. 2021)": token_relevance["lrp"],
+        write_heatmap(tokens, ig_rows | {"LRP relevance (Chefer et al. 2021)": token_relevance["lrp"],
                                "gradient x attention relevance (Chefer et al., ICCV 2021)": token_relevance["attention"]},
                       os.path.join(a.out_dir, f"{name}-heatmap.html"), f"{name}: predicted '{stats['predicted_span']}'")
         print(f"{name}: IG completeness {total:.4f} vs f(x)-f(x') {delta:.4f} "

@@ -439,13 +439,15 @@ class BERT(nn.Module):
 
     def forward(self, idx, ctx=None):
         """idx: (B, T) token ids; ctx: token_type_ids, attention_mask (both (B, T), optional), method state, and
-        for analysis: word_embeds (B, T, H) in place of the word-embedding lookup, attentions (a list that
+        for analysis: word_embeds (B, T, H) in place of the word-embedding lookup, embed_output (B, T, H) in place
+        of the whole embedding (words + positions + segments, LayerNorm), attentions (a list that
         collects each layer's attention probabilities). Returns the head site's output: the last hidden states
         (B, T, H) when nothing is attached there."""
         ctx = dict(ctx or {})  # sites may rewrite entries (e.g. extend the mask): never the caller's dict
         if idx.size(1) > self.config.max_position_embeddings:
             raise ValueError(f"sequence of length {idx.size(1)} exceeds {self.config.max_position_embeddings} positions")
-        h = self._at("embed", self.embed(idx, ctx), ctx)
+        h = ctx["embed_output"] if "embed_output" in ctx else self.embed(idx, ctx)  # attribution hook
+        h = self._at("embed", h, ctx)
         mask = self.key_mask(h, ctx)  # read after the embed site, which may have added positions
         for i, layer in enumerate(self.layers):
             h = self._at(f"layer{i}", layer(h, mask, ctx.get("attentions")), ctx)

@@ -154,6 +154,10 @@ def test_regbert_trains_and_reports_em_f1(squad_small_dir, minilm_dir, tmp_path)
     assert stats["ig_completeness"]["relative_error"] < 0.01
     assert 0 < stats["mass"]["registers"] < 1 and len(stats["entropy_per_layer"]) == 6
     assert os.path.isfile(os.path.join(report, "run-heatmap.html"))
+    result = subprocess.run([sys.executable, "attribution.py", out, "--features", "8", "--ig_variant", "poster",
+                             "--ig_steps", "20", "--out_dir", report], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "max start logit (poster)" in open(os.path.join(report, "run-heatmap.html")).read()
 
 
 @pytest.mark.slow
@@ -221,6 +225,11 @@ def test_integrated_gradients_completeness_and_relevance(k):
     attributions, delta, total = integrated_gradients(model, x, ctx, target, torch.zeros_like(x), steps=64)
     assert attributions.shape == (10,) and abs(delta) > 1e-3
     assert abs(total - delta) <= 0.01 * abs(delta)  # completeness (Sundararajan et al. 2017, Prop. 1)
+    max_start = lambda out: out[:, 0].max(-1).values  # the poster's target: the max start logit
+    attributions, delta, total = integrated_gradients(model, x, ctx, max_start, torch.zeros_like(x), 50,
+                                                      "embeddings", "gauss-legendre")
+    assert attributions.shape == (10,) and abs(delta) > 1e-3
+    assert abs(total - delta) <= 0.02 * abs(delta)  # completeness at the embedding output, 50 Gauss-Legendre nodes
     R = chefer_relevance(model, x, ctx, target)
     assert R.shape == (10 + k, 10 + k)
     assert (R - torch.eye(10 + k) >= -1e-6).all()  # R = I + non-negative updates
