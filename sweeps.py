@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import torch
@@ -120,9 +121,18 @@ SEED_ARMS = ("seed-lora-r32", "seed-lora-r37", "seed-prb")
 PRB_PAPER = {"seed-lora-r32": (3.357, 3.384), "seed-lora-r37": (3.378, 3.401), "seed-prb": (2.974, 2.991)}
 
 
+def known_arm(arm):
+    """One of PRB_ARMS, or lora-rN for any rank N (alpha = 2N, as the published control): the parameter match
+    moves with the model's width (r = 35 at GPT-2 small's 768, r = 42 at 128)."""
+    return arm in PRB_ARMS or re.fullmatch(r"lora-r[1-9]\d*", arm) is not None
+
+
 def arm_flags(arm, train_flags):
     """An arm's train.py flags. "FP16": the published Trainer's fp16=(device == "cuda") (control.py ~L220, prb.py
     ~L450): float16 autocast on CUDA, float32 elsewhere."""
+    if arm not in PRB_ARMS:  # lora-rN
+        rank = int(arm.removeprefix("lora-r"))
+        return ["--method", "lora", "--lora_rank", str(rank), "--lora_alpha", str(2 * rank)]
     device_flag = argparse.ArgumentParser(add_help=False)
     device_flag.add_argument("--device", default="auto")
     device, _, _ = resolve_system(device_flag.parse_known_args(train_flags)[0].device)
@@ -155,8 +165,8 @@ def prb_table(argv):
     p.add_argument("--max_new_tokens", type=int, default=30)
     a, train_flags = p.parse_known_args(argv)
     arms = a.arms.split(",")
-    if unknown := [arm for arm in arms if arm not in PRB_ARMS]:
-        raise InputError(f"unknown arm {unknown[0]!r}; arms are {', '.join(PRB_ARMS)}")
+    if unknown := [arm for arm in arms if not known_arm(arm)]:
+        raise InputError(f"unknown arm {unknown[0]!r}; arms are {', '.join(PRB_ARMS)} and lora-rN for any rank N")
     runs = run_grid(a.out_dir, {arm: arm_flags(arm, train_flags) for arm in arms}, a.seeds, train_flags)
     done = summaries(runs)
     device, _, _ = resolve_system(dtype="float32", compile=False)
@@ -167,7 +177,7 @@ def prb_table(argv):
     consistency = {arm: [emotion_consistency(load_run(d, "final", device)[0], meta, clf, a.samples, a.max_new_tokens,
                                              device, seed) for seed, d in enumerate(dirs)] for arm, dirs in runs.items()}
     causal = {arm: [leaky_and_causal_losses(d, device) for d in dirs] for arm, dirs in runs.items()
-              if "full" in PRB_ARMS[arm]}
+              if "full" in PRB_ARMS.get(arm, [])}
 
     def first_below(run_dir):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:

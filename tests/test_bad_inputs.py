@@ -133,7 +133,8 @@ CASES = [
      "--seq_len 600 exceeds the model's 512 positions"),
     # sweeps.py
     ("sweeps", [], "name a sweep"),
-    ("sweeps", ["prb-table", "--arms", "lora-r99"], "unknown arm 'lora-r99'"),
+    ("sweeps", ["prb-table", "--arms", "lora-r0"], "unknown arm 'lora-r0'"),
+    ("sweeps", ["prb-table", "--arms", "prb-leaky"], "unknown arm 'prb-leaky'"),
     ("sweeps", ["regbert-sweep", "--ks", "a,b"], "--ks must be comma-separated integers"),
     ("sweeps", ["memory-law", "--ranks", "x", "--lengths", "10"], "--ranks must be comma-separated integers"),
     ("sweeps", ["memory-law", "--ranks", "4"], "give both --ranks and --lengths"),

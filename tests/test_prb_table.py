@@ -29,6 +29,8 @@ def test_the_arms_are_the_paper_s_and_ours(monkeypatch):
     assert "--dtype" not in sweeps.arm_flags("seed-lora-r32", []) and "--dtype" not in sweeps.arm_flags("lora-r37", [])
     assert sweeps.arm_flags("seed-prb", ["--device=cpu"])[-1] == "128"
     assert set(sweeps.PRB_PAPER) == set(sweeps.SEED_ARMS)
+    assert sweeps.arm_flags("lora-r42", []) == ["--method", "lora", "--lora_rank", "42", "--lora_alpha", "84"]
+    assert sweeps.known_arm("lora-r42") and not sweeps.known_arm("lora-r0") and not sweeps.known_arm("lora-rx")
 
 
 @pytest.mark.parametrize("rank, trainable", [(32, 4_718_592), (35, 5_160_960), (37, 5_455_872)])
