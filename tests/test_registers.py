@@ -163,11 +163,11 @@ def test_full_pooling_is_the_published_computation(tmp_path):
     assert count == sum(len(r) - 1 for r in rows) and torch.allclose(total / count, published_loss, atol=1e-5)
 
 
-def test_full_pooling_loss_does_not_depend_on_the_evaluation_batch_size(emotion_small_dir):
+def test_full_pooling_loss_does_not_depend_on_the_evaluation_batch_size(emotion_tiny_dir):
     from runs import build_model
     from tasks import LanguageModeling
     args = prb_args(prb_pool="full", lora_rank=4, init_from="scratch", n_layer=1, n_head=2, n_embd=32,
-                    block_size=128, dataset="emotion", data_dir=emotion_small_dir)
+                    block_size=128, dataset="emotion", data_dir=emotion_tiny_dir)
     losses = {}
     for pad_to in (128, 0):  # the published fixed window; each batch's own padded length (what `full` used to be)
         args.pad_to = pad_to
