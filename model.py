@@ -60,17 +60,16 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x, key_mask=None):
+    def forward(self, x, attn_mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # softmax(q k^T / sqrt(d_head) + causal mask) v, fused (flash / memory-efficient kernels on CUDA)
         dropout = self.dropout if self.training else 0.0
-        if key_mask is None:
+        if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:  # padding keys masked too (True = may be attended); query rows stay non-empty: key 0 is real
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal & key_mask[:, None, None, :], dropout_p=dropout)
+        else:  # causal and padding keys masked (True = may be attended), built once per forward by GPT.forward
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -94,8 +93,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, key_mask=None):  # pre-LN: x + f(LN(x))
-        x = x + self.attn(self.ln_1(x), key_mask)
+    def forward(self, x, attn_mask=None):  # pre-LN: x + f(LN(x))
+        x = x + self.attn(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -148,8 +147,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         h = self._at("embed", self.drop(self.wte(idx) + self.wpe(pos)), ctx)
+        attn_mask = None
+        if "key_mask" in ctx:  # padding masked as keys; query rows stay non-empty: key 0 is real
+            attn_mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril() & ctx["key_mask"][:, None, None, :]
         for i, block in enumerate(self.h):
-            h = self._at(f"block{i}", block(h, ctx.get("key_mask")), ctx)
+            h = self._at(f"block{i}", block(h, attn_mask), ctx)
         h = self._at("head", self.ln_f(h), ctx)
         return self.lm_head(h)
 

@@ -112,7 +112,8 @@ class Split:
         self.x, self.y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         self.labels = torch.from_numpy(labels).to(device)
         self.prompt_len = torch.tensor(meta["prompt_tokens"], device=device)[self.labels]  # tokens of each row's `[LABEL]`
-        self.real = torch.arange(self.length, device=device) < torch.from_numpy(self.row_len).to(device)[:, None]
+        if pad_to:  # which positions of each row are real tokens (the rest is padding no position may attend to)
+            self.real = torch.arange(self.length, device=device) < torch.from_numpy(self.row_len).to(device)[:, None]
 
     def padded_length(self, rows_host):
         if self.pad_to:
