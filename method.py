@@ -8,9 +8,11 @@ default, so a method overrides only what it needs:
                                sites (model.attach) or wrap modules (replace_modules); new modules train
     objective(logits, y, mean) the training loss; default: the task's mean loss `mean`        (MemFT's weighting)
     aux_loss(model)            a tensor added to the objective, or None                       (router balance)
+    lr_scales(model)           {parameter: learning-rate multiplier} for those not at --lr    (memory banks)
     after_backward(model)      gradients are unscaled; clipping and the optimizer step follow (K-FAC preconditioning)
     after_step(model)          right after the optimizer step                                  (reprojection)
     state_dict / load_state_dict   the method's own training state, saved in ckpt.pt          (exact resume)
+    metrics(model)             extra fields for each metrics.jsonl line with a train loss     (router health)
     summary(model)             extra fields for summary.json
     export(model, out_dir)     files a finished run leaves behind                              (adapter.safetensors)
 
@@ -72,6 +74,9 @@ class Method:
     def aux_loss(self, model):
         return None
 
+    def lr_scales(self, model):
+        return {}
+
     def after_backward(self, model):
         pass
 
@@ -83,6 +88,9 @@ class Method:
 
     def load_state_dict(self, state):
         pass
+
+    def metrics(self, model):
+        return {}
 
     def summary(self, model):
         return {}

@@ -16,6 +16,7 @@ import torch
 
 import lora
 import memft
+import memory
 import registers
 from cli import InputError
 from method import FullFineTuning
@@ -26,7 +27,7 @@ from tasks import LanguageModeling
 
 # Every --method and the class that implements it (method.py says what a method is). Merged explicitly: grep a
 # name to find its code. Adding a method = writing its class + one entry here (or in its module's table).
-METHODS = {"full": FullFineTuning} | lora.METHODS | registers.METHODS | memft.METHODS
+METHODS = {"full": FullFineTuning} | lora.METHODS | registers.METHODS | memft.METHODS | memory.METHODS
 # Every --dataset and the task that owns it (tasks.py says what a task is).
 TASKS = {"emotion": LanguageModeling, "squadtext": LanguageModeling, "squad": ExtractiveQA, "tydiqa": ExtractiveQA,
          "phonebook": ExactRecall, "longctx": ExactRecall}

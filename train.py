@@ -161,8 +161,14 @@ class Run:
         self.autocast = autocast_for(device, dtype)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.n_trainable, self.n_total = sum(p.numel() for p in self.params), sum(p.numel() for p in model.parameters())
-        groups = [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": args.weight_decay},
-                  {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}]
+        scales = method.lr_scales(model)  # parameter -> multiplier of the scheduled lr (1 when absent)
+        groups = []  # decay on matrices only; one pair of groups per lr multiplier (the pair at 1 always exists)
+        for scale in sorted({1.0} | set(scales.values())):
+            for matrices in (True, False):
+                chosen = [p for p in self.params if scales.get(p, 1.0) == scale and (p.dim() >= 2) == matrices]
+                if chosen or scale == 1.0:
+                    groups.append({"params": chosen, "weight_decay": args.weight_decay if matrices else 0.0,
+                                   "lr_scale": scale})
         cuda = device.startswith("cuda")
         self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=cuda)
         self.scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=dtype == torch.float16)
@@ -210,7 +216,7 @@ class Run:
         if steps > 0:
             record["train_loss"] = loss_sum / tokens
             self.check_finite(record["train_loss"], "train loss")
-            record |= task.throughput(tokens / (time.time() - self.t_window))
+            record |= task.throughput(tokens / (time.time() - self.t_window)) | self.method.metrics(self.model)
         if step % a.eval_interval == 0 or step == a.max_steps:
             record["val_loss"] = task.evaluate(self.model, val_split, self.autocast, a.eval_batch_size, a.eval_iters)
             self.check_finite(record["val_loss"], "val loss")
@@ -318,7 +324,7 @@ def train(args, explicit):
                 raise Interrupted(interrupts.signal)
             # forward: the task's loss is logged; the method's objective (default: that same mean) is trained
             for group in run.optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
+                group["lr"] = lr_at(step, args) * group.get("lr_scale", 1.0)  # runs saved before multipliers: 1
             x, y, ctx = train_split.batch(order[step], train_split.padded_length(order_host[step]))
             with run.autocast:
                 logits = step_model(x, ctx)

@@ -1,0 +1,384 @@
+"""Chapter-routed learned memory: Mixture of Chapters (MoC paper, arXiv 2603.21096; code Tasmay-Tibrewal/Memory).
+
+A bank of learned latent tokens, split into chapters, that chosen layers read by cross-attention:
+
+    M = [M_1; ...; M_C],  M_c in R^{T x d},  init N(0, 0.02^2)         one bank for all memory layers  (§5.2)
+    p = softmax(W_r pool(H) + b_r);  S = TopK(p over routed chapters, k);  w = p_S / sum p_S           (§5.2)
+    omega = normalise([1]*n_shared  ++  2.5 * w)          shared chapters always read   (model.py _prepend_shared_chapters)
+    m~ = omega_c * m / rms(m)    every selected row RMS-normalised (no weights, eps 1e-5), scaled by its chapter's omega
+                                 *before* the K/V projections      (model.py _normalize_shared_routed_memory_vectors)
+    H' = H + W_O softmax(Q K^T / sqrt(d_h)) V,  Q = RMSNorm(H) W_Q,  K = m~ W_K,  V = m~ W_V     (§5.1, eqs. 1-4)
+
+W_O starts at zero, so at initialisation the model is exactly its base. The router learns only through omega and
+two auxiliary losses (router.py _compute_losses), averaged over memory layers and added to the training loss:
+load balance 0.01 * C * sum_i f_i P_i (f_i: share of routing decisions that select chapter i, P_i: mean router
+probability; = k at perfect balance) and z-loss 0.001 * mean(logsumexp(logits)^2).
+
+Where this differs from the paper. The paper's layer sits inside a Llama block (self-attention -> memory ->
+MLP); GPT-2 is loaded, not rebuilt, so the memory layer is attached *after* whole blocks (sites "block2", "block6",
+"block10" of GPT-2 small: the paper's stride of 4), in the form the authors' adapter.py uses for pretrained
+models: h <- h + MemXAttn(RMSNorm(h)), routed on the block output h. The bank is attached at the "embed" site,
+which passes the stream through unchanged and hands the bank to later sites in ctx.
+
+Routing (--moc_route) is the honest choice:
+  token     each position t routes on the prefix mean of h_<=t (default). The prefix mean is the causal
+            counterpart of the published whole-sequence mean: at the last position of an unpadded row it *is* that
+            mean, so a router trained with `sequence` can be evaluated causally without a shift of its inputs.
+  prompt    each position routes on the prefix mean over the `[EMOTION]` tag only (prefix-capped: also causal).
+  sequence  the published routing (routing_strategy: sequence): one decision per row from the plain mean over all
+            L positions, padding included. Every position reads chapters chosen with the future in view: it leaks.
+The paper's other routing modes (rolling windows, token routing at inference) are not reproduced.
+
+Cost grows with k*T, never with C*T: only selected rows are gathered. `sequence` gathers (B, (n_shared+k) T, d)
+rows and projects them once per row. Per-token routing cannot share K/V across positions, so it never projects
+the bank: W_K is absorbed into the queries (q~_h = W_K,h^T q_h) and W_V applied after mixing the raw rows,
+and the rows are gathered slot by slot inside two autograd functions whose backward re-gathers and scatters into
+one bank gradient: no (B, T, k*T, d) tensor ever exists.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli import InputError
+from lora import apply_lora, save_adapter
+from method import Method, freeze
+from registers import prefix_mean
+
+ROUTES = ("token", "prompt", "sequence")
+ROW_EPS = 1e-5  # RMS of the selected memory rows: shared_routed_norm_eps in the paper's configs (outputs/*/config.yaml)
+QUERY_EPS = 1e-6  # the memory layer's query RMSNorm: RMSNorm(hidden_dim) with its default eps (adapter.py, memory_block.py)
+GATHER_BUDGET = 2 ** 24  # elements of gathered rows held at once by per-token routing (64 MiB in fp32)
+
+
+def rms_normalize(x, eps=ROW_EPS):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def gather_chapters(bank, idx, T):
+    """Rows of the chapters idx (any shape) of a (C*T, d) bank: (*idx.shape, T, d). One indexing op, no loop."""
+    return bank.view(-1, T, bank.size(-1))[idx]
+
+
+def mixing_weights(w, n_shared, routed_scale):
+    """omega = normalise([1]*n_shared ++ routed_scale * w), over the last dim (model.py _prepend_shared_chapters)."""
+    combined = torch.cat([w.new_ones(*w.shape[:-1], n_shared), routed_scale * w], dim=-1)
+    return combined / combined.sum(-1, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------ per-token reads (sparse)
+def _slot_chunks(n_slots, per_slot):
+    step = max(1, GATHER_BUDGET // max(per_slot, 1))
+    return [slice(s, min(s + step, n_slots)) for s in range(0, n_slots, step)]
+
+
+def _rms_backward(raw, normed, grad_normed, eps=ROW_EPS):
+    """d/dx of y = x rsqrt(mean(x^2) + eps): rsqrt(.) * (dy - y mean(dy * y))."""
+    r = torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + eps)
+    return r * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+
+
+class _RoutedScores(torch.autograd.Function):
+    """scores[b,l,h,s,j] = omega[b,l,s] * q~[b,l,h] . m^(row j of chapter idx[b,l,s]); q~: (B,L,H,d), idx: (B,L,S)."""
+
+    @staticmethod
+    def forward(ctx, q, bank, idx, omega, T):
+        B, L, H, d = q.shape
+        scores = q.new_empty(B, L, H, idx.size(-1), T)
+        for sl in _slot_chunks(idx.size(-1), B * L * T * d):
+            rows = rms_normalize(gather_chapters(bank, idx[..., sl], T).to(q.dtype))  # (B, L, c, T, d)
+            scores[..., sl, :] = torch.einsum("blhd,blctd->blhct", q, rows) * omega[:, :, None, sl, None].to(q.dtype)
+        ctx.save_for_backward(q, bank, idx, omega)
+        ctx.T = T
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, bank, idx, omega = ctx.saved_tensors
+        T, (B, L, H, d) = ctx.T, q.shape
+        d_q, d_bank, d_omega = torch.zeros_like(q), torch.zeros_like(bank), torch.zeros_like(omega)
+        for sl in _slot_chunks(idx.size(-1), B * L * T * d):
+            raw = gather_chapters(bank, idx[..., sl], T).to(q.dtype)
+            rows, g = rms_normalize(raw), grad[..., sl, :].to(q.dtype)
+            g_omega = g * omega[:, :, None, sl, None].to(q.dtype)
+            d_q += torch.einsum("blhct,blctd->blhd", g_omega, rows)
+            d_omega[..., sl] = (g * torch.einsum("blhd,blctd->blhct", q, rows)).sum((2, 4)).to(omega.dtype)
+            d_rows = torch.einsum("blhct,blhd->blctd", g_omega, q)
+            d_bank.view(-1, T, d).index_add_(0, idx[..., sl].flatten(),
+                                             _rms_backward(raw, rows, d_rows).reshape(-1, T, d).to(bank.dtype))
+        return d_q, d_bank, None, d_omega, None
+
+
+class _RoutedMix(torch.autograd.Function):
+    """u[b,l,h] = sum_{s,j} attn[b,l,h,s,j] * omega[b,l,s] * m^(row j of chapter idx[b,l,s]): (B,L,H,d)."""
+
+    @staticmethod
+    def forward(ctx, attn, bank, idx, omega, T):
+        B, L, H = attn.shape[:3]
+        d = bank.size(-1)
+        u = attn.new_zeros(B, L, H, d)
+        for sl in _slot_chunks(idx.size(-1), B * L * T * d):
+            rows = rms_normalize(gather_chapters(bank, idx[..., sl], T).to(attn.dtype))
+            u += torch.einsum("blhct,blctd->blhd", attn[..., sl, :] * omega[:, :, None, sl, None].to(attn.dtype), rows)
+        ctx.save_for_backward(attn, bank, idx, omega)
+        ctx.T = T
+        return u
+
+    @staticmethod
+    def backward(ctx, grad):
+        attn, bank, idx, omega = ctx.saved_tensors
+        T, (B, L, H) = ctx.T, attn.shape[:3]
+        d = bank.size(-1)
+        d_attn, d_bank, d_omega = torch.zeros_like(attn), torch.zeros_like(bank), torch.zeros_like(omega)
+        grad = grad.to(attn.dtype)
+        for sl in _slot_chunks(idx.size(-1), B * L * T * d):
+            raw = gather_chapters(bank, idx[..., sl], T).to(attn.dtype)
+            rows = rms_normalize(raw)
+            g_rows = torch.einsum("blhd,blctd->blhct", grad, rows)  # grad_h . row
+            w = omega[:, :, None, sl, None].to(attn.dtype)
+            d_attn[..., sl, :] = g_rows * w
+            d_omega[..., sl] = (g_rows * attn[..., sl, :]).sum((2, 4)).to(omega.dtype)
+            d_rows = torch.einsum("blhct,blhd->blctd", attn[..., sl, :] * w, grad)
+            d_bank.view(-1, T, d).index_add_(0, idx[..., sl].flatten(),
+                                             _rms_backward(raw, rows, d_rows).reshape(-1, T, d).to(bank.dtype))
+        return d_attn, d_bank, None, d_omega, None
+
+
+# ------------------------------------------------------------------------------------ the bank and the layer
+class ChapterBank(nn.Module):
+    """M in R^{C*T x d}, N(0, 0.02^2) (memory_bank.py StandardMemoryBank). Attached at the "embed" site: it passes
+    the stream through and puts itself in ctx, where every memory layer reads it (one bank, shared)."""
+
+    def __init__(self, n_embd, chapters, chapter_tokens):
+        super().__init__()
+        self.chapters, self.chapter_tokens = chapters, chapter_tokens
+        self.weight = nn.Parameter(torch.randn(chapters * chapter_tokens, n_embd) * 0.02)
+
+    def forward(self, h, ctx):
+        ctx["moc_bank"] = self
+        return h
+
+
+class MemoryLayer(nn.Module):
+    """h <- h + W_O MemXAttn(RMSNorm(h)) with its own router (adapter.py MemoryAdapterLayer + router.py)."""
+
+    def __init__(self, n_embd, n_head, chapters, chapter_tokens, top_k, n_shared=1, routed_scale=2.5, route="token"):
+        super().__init__()
+        if not 0 <= n_shared < chapters or not 1 <= top_k <= chapters - n_shared:
+            raise InputError(f"top-k {top_k} of {chapters - n_shared} routed chapters ({chapters} chapters, "
+                             f"{n_shared} shared) is not possible; lower --moc_topk or --moc_shared")
+        assert route in ROUTES and n_embd % n_head == 0
+        self.n_head, self.T, self.top_k, self.n_shared, self.routed_scale = n_head, chapter_tokens, top_k, n_shared, routed_scale
+        self.route = route
+        self.router = nn.Linear(n_embd, chapters)  # W_r, b_r: N(0, 0.02), 0 (router.py ChapterRouter.__init__)
+        nn.init.normal_(self.router.weight, std=0.02)
+        nn.init.zeros_(self.router.bias)
+        self.norm = nn.RMSNorm(n_embd, eps=QUERY_EPS)
+        self.q, self.k, self.v, self.o = (nn.Linear(n_embd, n_embd, bias=False) for _ in range(4))
+        for proj in (self.q, self.k, self.v):
+            nn.init.normal_(proj.weight, std=0.02)  # initializer_range 0.02 (model.py _init_weights)
+        nn.init.zeros_(self.o.weight)  # wo_init_zero: the layer starts as the identity
+        self.detach_omega = False  # tests: with omega detached the router must get no gradient from the LM loss
+        self.register_buffer("usage", torch.zeros(chapters, dtype=torch.float64), persistent=False)
+        self.register_buffer("aux_sums", torch.zeros(3, dtype=torch.float64), persistent=False)  # balance, z, steps
+        self.aux = None  # (load balance, z-loss) of the last training forward
+
+    def pool(self, h, ctx):
+        if self.route == "sequence":
+            return h.mean(dim=1)  # the published mean over all L positions, padding included: sees the future
+        return prefix_mean(h, ctx["prompt_len"] if self.route == "prompt" else None)
+
+    def select(self, logits):
+        """Top-k routed chapters (the shared ones excluded), renormalised; with the shared ones prepended:
+        chapter ids (..., n_shared + k) and their mixing weights omega (model.py _select_routed_chapters_from_probs)."""
+        probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # fp32 under autocast
+        w, idx = probs[..., self.n_shared:].topk(self.top_k, dim=-1)
+        w, idx = w / w.sum(-1, keepdim=True), idx + self.n_shared
+        shared = torch.arange(self.n_shared, device=idx.device).expand(*idx.shape[:-1], self.n_shared)
+        return torch.cat([shared, idx], dim=-1), mixing_weights(w, self.n_shared, self.routed_scale), probs, idx
+
+    def forward(self, h, ctx):
+        bank = ctx["moc_bank"]
+        B, L, C = h.shape
+        H, dh = self.n_head, C // self.n_head
+        logits = self.router(self.pool(h, ctx))  # (B, chapters) for sequence routing, else (B, L, chapters)
+        idx, omega, probs, routed = self.select(logits)
+        if self.detach_omega:
+            omega = omega.detach()
+        if self.training:
+            self.account(logits, probs, routed)
+        q = self.q(self.norm(h)).view(B, L, H, dh)
+        if self.route == "sequence":
+            rows = rms_normalize(gather_chapters(bank.weight, idx, self.T))  # (B, n_shared + k, T, C)
+            memory = (rows * omega[..., None, None].to(rows.dtype)).flatten(1, 2)  # omega scales K and V alike
+            k = self.k(memory).view(B, -1, H, dh).transpose(1, 2)
+            v = self.v(memory).view(B, -1, H, dh).transpose(1, 2)
+            read = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype))  # no mask
+            read = read.transpose(1, 2).reshape(B, L, C)
+        else:  # per position: W_K absorbed into the queries, W_V applied after mixing the selected rows
+            q_abs = torch.einsum("blhe,hed->blhd", q * dh ** -0.5, self.k.weight.view(H, dh, C).to(q.dtype))
+            scores = _RoutedScores.apply(q_abs, bank.weight, idx, omega, self.T)  # (B, L, H, n_shared + k, T)
+            attn = F.softmax(scores.flatten(-2), dim=-1).view_as(scores)  # one softmax over every selected row
+            u = _RoutedMix.apply(attn, bank.weight, idx, omega, self.T)  # (B, L, H, C)
+            read = torch.einsum("blhd,hed->blhe", u.to(q.dtype), self.v.weight.view(H, dh, C).to(q.dtype)).reshape(B, L, C)
+        return h + self.o(read)
+
+    def account(self, logits, probs, routed):
+        """The auxiliary losses of this forward, and usage statistics on the device (no host sync)."""
+        n_chapters = probs.size(-1)
+        decisions = routed.reshape(-1, self.top_k)
+        f = torch.zeros(n_chapters, device=probs.device).index_add_(
+            0, decisions.flatten(), torch.ones(decisions.numel(), device=probs.device)) / decisions.size(0)
+        P = probs.reshape(-1, n_chapters).mean(0)
+        balance = n_chapters * (f * P).sum()  # C sum_i f_i P_i (Switch Transformer), = k at perfect balance
+        z = torch.logsumexp(logits.float().reshape(-1, n_chapters), dim=-1).pow(2).mean()  # z-loss
+        self.aux = (balance, z)
+        with torch.no_grad():
+            self.usage += f.double() * decisions.size(0)
+            self.aux_sums += torch.stack([balance.detach().double(), z.detach().double(), balance.new_ones(()).double()])
+
+
+def set_route(model, route):
+    """Switch every memory layer of `model` to another routing (no parameter depends on it): how a model trained
+    with the leaky `sequence` routing is scored as a generator must use it, causally."""
+    assert route in ROUTES
+    layers = [m for m in model.modules() if isinstance(m, MemoryLayer)]
+    for layer in layers:
+        layer.route = route
+    return len(layers)
+
+
+def parameter_counts(n_embd, chapters, chapter_tokens, n_memory_layers):
+    """Bank and memory-layer parameters: C*T*d, and per layer q/k/v/o (4 d^2) + router (d C + C) + query norm (d)."""
+    return {"bank": chapters * chapter_tokens * n_embd,
+            "memory layers": n_memory_layers * (4 * n_embd ** 2 + n_embd * chapters + chapters + n_embd)}
+
+
+def forward_flops_per_token(n_embd, n_head, chapters, chapter_tokens, top_k, n_shared, seq_len, route):
+    """Forward FLOPs per token of one memory layer (matmuls only, 2 per multiply-add, as the paper's estimator):
+    the query and output projections, the router, and the read of (n_shared + k) T rows."""
+    d, rows = n_embd, (n_shared + top_k) * chapter_tokens
+    if route == "sequence":  # router and K/V projections once per row of seq_len tokens
+        return 2 * 2 * d * d + (2 * d * chapters + 2 * 2 * rows * d * d) / seq_len + 4 * rows * d
+    # per position: router, q~ = W_K^T q (d^2), scores and mixing over H heads of d-wide raw rows, then W_V (d^2)
+    return 2 * 2 * d * d + 2 * d * chapters + 2 * 2 * d * d + 4 * n_head * rows * d
+
+
+# ------------------------------------------------------------------------------------------ the method
+def add_moc_flags(parser):
+    g = parser.add_argument_group("Mixture of Chapters memory (--method moc; the LoRA flags apply with --moc_base lora)")
+    g.add_argument("--moc_route", choices=ROUTES, default="token",
+                   help="token: each position routes on its prefix mean (default, causal); prompt: on the [EMOTION] "
+                        "tag (causal); sequence: the published whole-row mean, padding included (leaks the future)")
+    g.add_argument("--moc_chapters", type=int, default=4097, help="chapters C, shared ones included (paper: 4097)")
+    g.add_argument("--moc_chapter_tokens", type=int, default=64, help="latent tokens T per chapter (paper: 64)")
+    g.add_argument("--moc_topk", type=int, default=64, help="routed chapters k read by each decision (paper: 64)")
+    g.add_argument("--moc_shared", type=int, default=1, help="shared chapters, always read (paper: 1)")
+    g.add_argument("--moc_routed_scale", type=float, default=2.5, help="weight of the routed chapters against a "
+                   "shared one before normalising (paper: 2.5)")
+    g.add_argument("--moc_balance", type=float, default=0.01, help="load-balance loss weight (paper: 0.01)")
+    g.add_argument("--moc_zloss", type=float, default=0.001, help="router z-loss weight (paper: 0.001)")
+    g.add_argument("--moc_layers", default="auto", help="comma-separated blocks followed by a memory layer; auto: "
+                   "every 4th from block 2 (GPT-2 small: 2,6,10)")
+    g.add_argument("--moc_lr_scale", type=float, default=2.0, help="learning-rate multiplier of the memory layers "
+                   "(paper: 6e-4 against the base's 3e-4)")
+    g.add_argument("--moc_bank_lr_scale", type=float, default=2.0, help="learning-rate multiplier of the bank; 0 "
+                   "freezes it (paper pretraining: 2; its IFT: 1/6)")
+    g.add_argument("--moc_base", choices=["frozen", "lora", "full"], default="frozen",
+                   help="the base model: frozen (default), frozen with LoRA, or trained in full (from scratch)")
+
+
+def memory_sites(spec, n_layer):
+    if spec == "auto":
+        return list(range(2, n_layer, 4)) or [n_layer - 1]
+    try:
+        blocks = sorted({int(s) for s in spec.split(",")})
+    except ValueError:
+        raise InputError(f"--moc_layers {spec!r} is not a comma-separated list of block numbers (or auto)") from None
+    if not blocks or not all(0 <= b < n_layer for b in blocks):
+        raise InputError(f"--moc_layers {spec!r}: blocks must lie in 0..{n_layer - 1}")
+    return blocks
+
+
+class MoC(Method):
+    """--method moc (MoC paper): a chapter-routed memory bank read by memory layers after chosen blocks."""
+    datasets = ("emotion", "squadtext")
+    add_flags = staticmethod(add_moc_flags)
+
+    @classmethod
+    def derived_defaults(cls, args):
+        # the published mean runs over every padded position: a fixed window keeps it independent of the batch
+        return {"pad_to": 128} if args.moc_route == "sequence" else {}
+
+    def __init__(self, args, device="cpu"):
+        super().__init__(args, device)
+        a = args
+        if min(a.moc_chapters, a.moc_chapter_tokens, a.moc_topk) <= 0 or a.moc_shared < 0:
+            raise InputError("--moc_chapters, --moc_chapter_tokens and --moc_topk must be positive, --moc_shared >= 0")
+        if min(a.moc_lr_scale, a.moc_bank_lr_scale, a.moc_balance, a.moc_zloss, a.moc_routed_scale) < 0:
+            raise InputError("the --moc_* scales and loss weights must be >= 0")
+        if a.moc_route == "prompt" and a.dataset != "emotion":
+            raise InputError(f"--moc_route prompt routes on the [EMOTION] tag; --dataset {a.dataset} has none")
+        if a.moc_base == "lora" and a.lora_rank <= 0:
+            raise InputError(f"--moc_base lora needs --lora_rank > 0, got {a.lora_rank}")
+
+    def setup(self, model, meta):
+        a = self.args
+        if a.moc_base != "full":
+            freeze(model)
+        if a.moc_base == "lora":
+            apply_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, targets=a.lora_targets.split(","))
+        C, n_head = model.config.n_embd, model.config.n_head
+        self.blocks = memory_sites(a.moc_layers, model.config.n_layer)
+        self.bank = model.attach("embed", ChapterBank(C, a.moc_chapters, a.moc_chapter_tokens))
+        self.bank.weight.requires_grad_(a.moc_bank_lr_scale > 0)
+        self.layers = [model.attach(f"block{b}", MemoryLayer(C, n_head, a.moc_chapters, a.moc_chapter_tokens, a.moc_topk,
+                                                             a.moc_shared, a.moc_routed_scale, a.moc_route))
+                       for b in self.blocks]
+        counts = parameter_counts(C, a.moc_chapters, a.moc_chapter_tokens, len(self.layers))
+        lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+        base = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("sites.")) - lora
+        print(f"MoC parameters: bank {counts['bank']:,} ({a.moc_chapters} chapters x {a.moc_chapter_tokens} tokens x {C}"
+              f"{', frozen' if a.moc_bank_lr_scale == 0 else ''}) + memory layers after blocks {self.blocks} "
+              f"{counts['memory layers']:,} + LoRA {lora:,} + base {base:,}")
+
+    def lr_scales(self, model):
+        scales = {p: self.args.moc_lr_scale for layer in self.layers for p in layer.parameters()}
+        return scales | {self.bank.weight: self.args.moc_bank_lr_scale}
+
+    def aux_loss(self, model):
+        terms = [self.args.moc_balance * layer.aux[0] + self.args.moc_zloss * layer.aux[1]
+                 for layer in self.layers if layer.aux is not None]
+        return sum(terms) / len(terms) if terms else None  # averaged over memory layers (model.py _aggregate_router_losses)
+
+    def metrics(self, model):
+        """Mean auxiliary losses over the steps since the last log line, and dead chapters so far (one host read)."""
+        sums = torch.stack([layer.aux_sums for layer in self.layers]).sum(0).tolist()
+        for layer in self.layers:
+            layer.aux_sums.zero_()
+        if not sums[2]:
+            return {}
+        dead = sum(int((layer.usage[self.args.moc_shared:] == 0).sum()) for layer in self.layers)
+        return {"moc_balance": sums[0] / sums[2], "moc_zloss": sums[1] / sums[2], "moc_dead_chapters": dead}
+
+    def state_dict(self):
+        return {"usage": [layer.usage.cpu() for layer in self.layers]}
+
+    def load_state_dict(self, state):
+        for layer, usage in zip(self.layers, state.get("usage", [])):
+            layer.usage.copy_(usage)
+
+    def summary(self, model):
+        usage = [layer.usage[self.args.moc_shared:] for layer in self.layers]
+        return {"moc_blocks": self.blocks, "moc_dead_chapters": [int((u == 0).sum()) for u in usage],
+                "moc_routed_chapters": self.args.moc_chapters - self.args.moc_shared,
+                "moc_usage": [u.tolist() for u in usage]}
+
+    def export(self, model, out_dir):
+        if self.args.moc_base == "lora":
+            save_adapter(model, os.path.join(out_dir, "adapter.safetensors"))
+
+
+METHODS = {"moc": MoC}

@@ -1,0 +1,215 @@
+"""Mixture of Chapters (memory.py): the published computation, the paper's parameter counts, causal routing (and the
+leak of the published one), the router's auxiliary losses, and the sparse per-position read against a dense one."""
+
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memory
+from helpers import assert_causal
+from memory import ChapterBank, MemoryLayer, gather_chapters, mixing_weights, parameter_counts, rms_normalize, set_route
+from model import GPT, GPTConfig
+from runs import METHODS
+from train import build_parser
+
+
+def moc_args(*argv, **overrides):
+    args = build_parser().parse_args(["--method", "moc", *argv])
+    return argparse.Namespace(**(vars(args) | overrides))
+
+
+def tiny_moc(route="token", chapters=9, tokens=4, top_k=3, shared=1, seed=0, randomise=True, vocab=64, **flags):
+    """A 2-block scratch GPT with a memory layer after block 1; every trainable tensor randomised if asked (W_O = 0
+    would make any routing look causal)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16))
+    args = moc_args(moc_route=route, moc_chapters=chapters, moc_chapter_tokens=tokens, moc_topk=top_k,
+                    moc_shared=shared, moc_layers="1", dataset="emotion", **flags)
+    method = METHODS["moc"](args)
+    method.setup(model, {})
+    if randomise:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.5)
+    return model.eval(), method
+
+
+CTX = {"prompt_len": torch.tensor([4, 3])}
+
+
+def test_paper_parameter_counts():
+    counts = parameter_counts(768, 4097, 64, 4)  # paper Table 5 / A.4.1: a 201.38M bank, 22.04M memory layers
+    assert counts == {"bank": 201_375_744, "memory layers": 22_042_628}
+    assert 262_208 * 768 == counts["bank"] and 4 * (4 * 768 ** 2 + 768 * 4097 + 4097 + 768) == counts["memory layers"]
+    model, method = tiny_moc(randomise=False)
+    layer_params = sum(p.numel() for layer in method.layers for p in layer.parameters())
+    assert parameter_counts(16, 9, 4, 1) == {"bank": method.bank.weight.numel(), "memory layers": layer_params}
+
+
+def test_gpt2_small_sites_follow_the_paper_stride(capsys):
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+        METHODS["moc"](moc_args(dataset="emotion")).setup(model, {})
+    assert sorted(model.sites) == ["block10", "block2", "block6", "embed"]
+    assert "bank 201,375,744" in capsys.readouterr().out
+
+
+def test_the_gather_equals_a_loop_over_chapters():
+    bank = torch.randn(7 * 3, 5)
+    idx = torch.randint(0, 7, (2, 4, 3))
+    rows = gather_chapters(bank, idx, 3)
+    for b in range(2):
+        for t in range(4):
+            for s in range(3):
+                assert torch.equal(rows[b, t, s], bank[idx[b, t, s] * 3:(idx[b, t, s] + 1) * 3])
+
+
+def test_mixing_weights_sum_to_one_with_the_shared_weight_of_the_paper():
+    w = F.softmax(torch.randn(5, 64), dim=-1)
+    omega = mixing_weights(w, 1, 2.5)
+    assert torch.allclose(omega.sum(-1), torch.ones(5))
+    assert torch.allclose(omega[:, 0], torch.full((5,), 1 / 3.5)) and abs(1 / 3.5 - 0.2857) < 1e-4
+    assert torch.allclose(omega[:, 1:], 2.5 * w / 3.5)
+
+
+def test_the_shared_chapter_is_never_routed():
+    model, method = tiny_moc(route="sequence")
+    layer = method.layers[0]
+    with torch.no_grad():
+        layer.router.bias[0] = 100.0  # the router loves chapter 0: it is still read once, as the shared chapter
+    idx, omega, probs, routed = layer.select(layer.router(torch.randn(4, 16)))
+    assert (routed >= 1).all() and (idx[:, 0] == 0).all() and (idx[:, 1:] == routed).all()
+    assert probs[:, 0].min() > 0.99 and torch.allclose(omega.sum(-1), torch.ones(4))
+
+
+def test_auxiliary_losses_at_balance_and_at_zero_logits():
+    layer = MemoryLayer(8, 2, chapters=5, chapter_tokens=2, top_k=2, n_shared=1)
+    routed = torch.tensor([[1, 2], [3, 4], [2, 1], [4, 3]])  # every routed chapter chosen equally often
+    logits = torch.zeros(4, 5)
+    layer.account(logits, F.softmax(logits, -1), routed)
+    balance, z = layer.aux
+    assert math.isclose(balance.item(), 2.0, rel_tol=1e-6)  # C sum_i f_i P_i = k = 2 (f_0 = 0: chapter 0 is shared)
+    layer.account(logits, torch.full((4, 5), 1 / 5), torch.tensor([[1, 2], [3, 4], [1, 2], [3, 4]]))
+    assert math.isclose(z.item(), math.log(5) ** 2, rel_tol=1e-6)
+    layer = MemoryLayer(8, 2, chapters=4, chapter_tokens=2, top_k=2, n_shared=0)
+    layer.account(torch.zeros(2, 4), torch.full((2, 4), 0.25), torch.tensor([[0, 1], [2, 3]]))
+    assert math.isclose(layer.aux[0].item(), 2.0, rel_tol=1e-6)
+
+
+def test_at_init_the_model_is_its_base():
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
+    model, _ = tiny_moc(randomise=False)
+    model.load_state_dict(base.state_dict(), strict=False)
+    idx = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(idx, dict(CTX)), base(idx))
+
+
+@pytest.mark.parametrize("route", ["token", "prompt"])
+def test_causal_routes_are_causal(route):
+    model, _ = tiny_moc(route=route)
+    assert_causal(lambda idx: model(idx, dict(CTX)), torch.randint(0, 64, (2, 12)), 64)
+
+
+def test_the_published_sequence_route_leaks_the_future():
+    model, _ = tiny_moc(route="sequence")
+    with pytest.raises(AssertionError, match="moved logits at earlier positions"):
+        assert_causal(lambda idx: model(idx, dict(CTX)), torch.randint(0, 64, (2, 12)), 64)
+    set_route(model, "token")  # the same weights, routed causally
+    assert_causal(lambda idx: model(idx, dict(CTX)), torch.randint(0, 64, (2, 12)), 64)
+
+
+def dense_read(layer, bank, h, ctx):
+    """The published computation, materialised: gather every selected row per position, RMS-normalise, scale by
+    omega, project with W_K and W_V, one softmax over all rows, W_O, residual."""
+    B, L, C = h.shape
+    H, dh = layer.n_head, C // layer.n_head
+    pool = layer.pool(h, ctx)
+    idx, omega, _, _ = layer.select(layer.router(pool))
+    if idx.dim() == 2:
+        idx, omega = idx[:, None].expand(B, L, -1), omega[:, None].expand(B, L, -1)
+    rows = rms_normalize(gather_chapters(bank, idx, layer.T)) * omega[..., None, None]  # (B, L, S, T, C)
+    rows = rows.flatten(2, 3)
+    q = layer.q(layer.norm(h)).view(B, L, H, dh)
+    k, v = layer.k(rows).view(B, L, -1, H, dh), layer.v(rows).view(B, L, -1, H, dh)
+    attn = F.softmax(torch.einsum("blhe,blshe->blhs", q, k) / math.sqrt(dh), dim=-1)
+    return h + layer.o(torch.einsum("blhs,blshe->blhe", attn, v).reshape(B, L, C))
+
+
+@pytest.mark.parametrize("route", ["token", "prompt", "sequence"])
+def test_the_read_equals_the_materialised_computation_with_its_gradients(route, monkeypatch):
+    torch.manual_seed(1)
+    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route=route).double()
+    bank = ChapterBank(16, 9, 4).double()
+    with torch.no_grad():
+        for p in [*layer.parameters(), bank.weight]:
+            p.normal_(0, 0.5)
+    h = torch.randn(2, 6, 16, dtype=torch.float64)
+    ctx = {"moc_bank": bank, "prompt_len": torch.tensor([4, 2])}
+    monkeypatch.setattr(memory, "GATHER_BUDGET", 2 * 6 * 4 * 16)  # one slot per chunk: the chunked loop is exercised
+    grads = []
+    for read in (lambda: layer(h, ctx), lambda: dense_read(layer, bank.weight, h, ctx)):
+        out = read()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in [bank.weight, *layer.parameters()]]))
+        for p in [bank.weight, *layer.parameters()]:
+            p.grad = None
+    (ours, our_grads), (dense, dense_grads) = grads
+    assert torch.allclose(ours, dense, atol=1e-10)
+    for g, ref in zip(our_grads, dense_grads):
+        assert torch.allclose(g, ref, atol=1e-10)
+    assert our_grads[0].abs().sum() > 0 and our_grads[1].abs().sum() > 0  # bank and router learn
+
+
+def test_sparse_reads_pass_gradcheck():
+    torch.manual_seed(2)
+    q = torch.randn(2, 3, 2, 5, dtype=torch.float64, requires_grad=True)
+    bank = torch.randn(6 * 2, 5, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 6, (2, 3, 3))
+    omega = F.softmax(torch.randn(2, 3, 3, dtype=torch.float64), -1).requires_grad_()
+    attn = F.softmax(torch.randn(2, 3, 2, 3, 2, dtype=torch.float64), -1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, b, w: memory._RoutedScores.apply(q, b, idx, w, 2), (q, bank, omega))
+    assert torch.autograd.gradcheck(lambda a, b, w: memory._RoutedMix.apply(a, b, idx, w, 2), (attn, bank, omega))
+
+
+def test_with_omega_detached_the_router_learns_nothing_from_the_language_model_loss():
+    model, method = tiny_moc()
+    layer = method.layers[0]
+    idx = torch.randint(0, 64, (2, 12))
+    model.train()
+    model(idx, dict(CTX)).sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0  # through omega
+    layer.router.weight.grad = None
+    layer.detach_omega = True
+    model(idx, dict(CTX)).sum().backward()
+    assert layer.router.weight.grad is None or layer.router.weight.grad.abs().sum() == 0
+    assert method.aux_loss(model) is not None  # the auxiliary losses still reach it
+
+
+def test_a_token_route_that_agrees_everywhere_is_the_sequence_read():
+    """With a router that ignores its input every position picks the same chapters: the per-position path must then
+    compute exactly what the published per-row path computes."""
+    torch.manual_seed(3)
+    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route="token")
+    bank = ChapterBank(16, 9, 4)
+    with torch.no_grad():
+        for p in [*layer.parameters(), bank.weight]:
+            p.normal_(0, 0.5)
+        layer.router.weight.zero_()
+    h, ctx = torch.randn(2, 6, 16), {"moc_bank": bank}
+    token = layer(h, ctx)
+    layer.route = "sequence"
+    assert torch.allclose(token, layer(h, ctx), atol=1e-5)
+
+
+def test_memory_and_bank_learning_rates(tmp_path):
+    model, method = tiny_moc(randomise=False)
+    scales = method.lr_scales(model)
+    assert scales[method.bank.weight] == 2.0 and scales[method.layers[0].router.weight] == 2.0
+    _, frozen = tiny_moc(randomise=False, moc_bank_lr_scale=0.0)
+    assert not frozen.bank.weight.requires_grad
