@@ -74,24 +74,33 @@ def _slot_chunks(n_slots, per_slot):
     return [slice(s, min(s + step, n_slots)) for s in range(0, n_slots, step)]
 
 
-def _rms_backward(raw, normed, grad_normed, eps=ROW_EPS):
-    """d/dx of y = x rsqrt(mean(x^2) + eps): rsqrt(.) * (dy - y mean(dy * y))."""
-    r = torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + eps)
-    return r * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+def _rows(bank, idx, T, dtype, normalize):
+    """The gathered rows of chapters idx, raw and RMS-normalised (the same when the bank came normalised)."""
+    raw = gather_chapters(bank, idx, T).to(dtype)
+    return raw, rms_normalize(raw) if normalize else raw
+
+
+def _scatter(d_bank, idx, raw, rows, d_rows, normalize, eps=ROW_EPS):
+    """Add the gradient of gathered rows into the bank's: through y = x rsqrt(mean(x^2) + eps) when the rows were
+    normalised after the gather (dx = rsqrt(.) (dy - y mean(dy y))), then index_add into their chapters."""
+    if normalize:
+        d_rows = torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + eps) * (d_rows - rows * (d_rows * rows).mean(-1, keepdim=True))
+    T, d = raw.shape[-2:]
+    d_bank.view(-1, T, d).index_add_(0, idx.flatten(), d_rows.reshape(-1, T, d).to(d_bank.dtype))
 
 
 class _RoutedScores(torch.autograd.Function):
     """scores[b,l,h,s,j] = omega[b,l,s] * q~[b,l,h] . m^(row j of chapter idx[b,l,s]); q~: (B,L,H,d), idx: (B,L,S)."""
 
     @staticmethod
-    def forward(ctx, q, bank, idx, omega, T):
+    def forward(ctx, q, bank, idx, omega, T, normalize):
         B, L, H, d = q.shape
         scores = q.new_empty(B, L, H, idx.size(-1), T)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            rows = rms_normalize(gather_chapters(bank, idx[..., sl], T).to(q.dtype))  # (B, L, c, T, d)
+            rows = _rows(bank, idx[..., sl], T, q.dtype, normalize)[1]  # (B, L, c, T, d)
             scores[..., sl, :] = torch.einsum("blhd,blctd->blhct", q, rows) * omega[:, :, None, sl, None].to(q.dtype)
         ctx.save_for_backward(q, bank, idx, omega)
-        ctx.T = T
+        ctx.T, ctx.normalize = T, normalize
         return scores
 
     @staticmethod
@@ -100,30 +109,28 @@ class _RoutedScores(torch.autograd.Function):
         T, (B, L, H, d) = ctx.T, q.shape
         d_q, d_bank, d_omega = torch.zeros_like(q), torch.zeros_like(bank), torch.zeros_like(omega)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            raw = gather_chapters(bank, idx[..., sl], T).to(q.dtype)
-            rows, g = rms_normalize(raw), grad[..., sl, :].to(q.dtype)
+            raw, rows = _rows(bank, idx[..., sl], T, q.dtype, ctx.normalize)
+            g = grad[..., sl, :].to(q.dtype)
             g_omega = g * omega[:, :, None, sl, None].to(q.dtype)
             d_q += torch.einsum("blhct,blctd->blhd", g_omega, rows)
             d_omega[..., sl] = (g * torch.einsum("blhd,blctd->blhct", q, rows)).sum((2, 4)).to(omega.dtype)
-            d_rows = torch.einsum("blhct,blhd->blctd", g_omega, q)
-            d_bank.view(-1, T, d).index_add_(0, idx[..., sl].flatten(),
-                                             _rms_backward(raw, rows, d_rows).reshape(-1, T, d).to(bank.dtype))
-        return d_q, d_bank, None, d_omega, None
+            _scatter(d_bank, idx[..., sl], raw, rows, torch.einsum("blhct,blhd->blctd", g_omega, q), ctx.normalize)
+        return d_q, d_bank, None, d_omega, None, None
 
 
 class _RoutedMix(torch.autograd.Function):
     """u[b,l,h] = sum_{s,j} attn[b,l,h,s,j] * omega[b,l,s] * m^(row j of chapter idx[b,l,s]): (B,L,H,d)."""
 
     @staticmethod
-    def forward(ctx, attn, bank, idx, omega, T):
+    def forward(ctx, attn, bank, idx, omega, T, normalize):
         B, L, H = attn.shape[:3]
         d = bank.size(-1)
         u = attn.new_zeros(B, L, H, d)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            rows = rms_normalize(gather_chapters(bank, idx[..., sl], T).to(attn.dtype))
+            rows = _rows(bank, idx[..., sl], T, attn.dtype, normalize)[1]
             u += torch.einsum("blhct,blctd->blhd", attn[..., sl, :] * omega[:, :, None, sl, None].to(attn.dtype), rows)
         ctx.save_for_backward(attn, bank, idx, omega)
-        ctx.T = T
+        ctx.T, ctx.normalize = T, normalize
         return u
 
     @staticmethod
@@ -134,16 +141,14 @@ class _RoutedMix(torch.autograd.Function):
         d_attn, d_bank, d_omega = torch.zeros_like(attn), torch.zeros_like(bank), torch.zeros_like(omega)
         grad = grad.to(attn.dtype)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            raw = gather_chapters(bank, idx[..., sl], T).to(attn.dtype)
-            rows = rms_normalize(raw)
+            raw, rows = _rows(bank, idx[..., sl], T, attn.dtype, ctx.normalize)
             g_rows = torch.einsum("blhd,blctd->blhct", grad, rows)  # grad_h . row
             w = omega[:, :, None, sl, None].to(attn.dtype)
             d_attn[..., sl, :] = g_rows * w
             d_omega[..., sl] = (g_rows * attn[..., sl, :]).sum((2, 4)).to(omega.dtype)
-            d_rows = torch.einsum("blhct,blhd->blctd", attn[..., sl, :] * w, grad)
-            d_bank.view(-1, T, d).index_add_(0, idx[..., sl].flatten(),
-                                             _rms_backward(raw, rows, d_rows).reshape(-1, T, d).to(bank.dtype))
-        return d_attn, d_bank, None, d_omega, None
+            _scatter(d_bank, idx[..., sl], raw, rows, torch.einsum("blhct,blhd->blctd", attn[..., sl, :] * w, grad),
+                     ctx.normalize)
+        return d_attn, d_bank, None, d_omega, None, None
 
 
 # ------------------------------------------------------------------------------------ the bank and the layer
@@ -218,10 +223,13 @@ class MemoryLayer(nn.Module):
             read = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype))  # no mask
             read = read.transpose(1, 2).reshape(B, L, C)
         else:  # per position: W_K absorbed into the queries, W_V applied after mixing the selected rows
+            # each selected row is normalised where it is read, unless normalising the whole bank is cheaper
+            normalize = bank.chapters > B * L * idx.size(-1)
+            rows = bank.weight if normalize else rms_normalize(bank.weight)
             q_abs = torch.einsum("blhe,hed->blhd", q * dh ** -0.5, self.k.weight.view(H, dh, C).to(q.dtype))
-            scores = _RoutedScores.apply(q_abs, bank.weight, idx, omega, self.T)  # (B, L, H, n_shared + k, T)
+            scores = _RoutedScores.apply(q_abs, rows, idx, omega, self.T, normalize)  # (B, L, H, n_shared + k, T)
             attn = F.softmax(scores.flatten(-2), dim=-1).view_as(scores)  # one softmax over every selected row
-            u = _RoutedMix.apply(attn, bank.weight, idx, omega, self.T)  # (B, L, H, C)
+            u = _RoutedMix.apply(attn, rows, idx, omega, self.T, normalize)  # (B, L, H, C)
             read = torch.einsum("blhd,hed->blhe", u.to(q.dtype), self.v.weight.view(H, dh, C).to(q.dtype)).reshape(B, L, C)
         return h + self.o(read)
 

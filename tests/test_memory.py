@@ -141,17 +141,19 @@ def dense_read(layer, bank, h, ctx):
     return h + layer.o(torch.einsum("blhs,blshe->blhe", attn, v).reshape(B, L, C))
 
 
+@pytest.mark.parametrize("length", [6, 2])  # 2: fewer reads than chapters, so rows are normalised where read
 @pytest.mark.parametrize("route", ["token", "prompt", "sequence"])
-def test_the_read_equals_the_materialised_computation_with_its_gradients(route, monkeypatch):
+def test_the_read_equals_the_materialised_computation_with_its_gradients(route, length, monkeypatch):
     torch.manual_seed(1)
     layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route=route).double()
     bank = ChapterBank(16, 9, 4).double()
     with torch.no_grad():
         for p in [*layer.parameters(), bank.weight]:
             p.normal_(0, 0.5)
-    h = torch.randn(2, 6, 16, dtype=torch.float64)
-    ctx = {"moc_bank": bank, "prompt_len": torch.tensor([4, 2])}
-    monkeypatch.setattr(memory, "GATHER_BUDGET", 2 * 6 * 4 * 16)  # one slot per chunk: the chunked loop is exercised
+    batch = 2 if length == 6 else 1
+    h = torch.randn(batch, length, 16, dtype=torch.float64)
+    ctx = {"moc_bank": bank, "prompt_len": torch.tensor([4, 2])[:batch]}
+    monkeypatch.setattr(memory, "GATHER_BUDGET", batch * length * 4 * 16)  # one slot per chunk: the chunked loop is exercised
     grads = []
     for read in (lambda: layer(h, ctx), lambda: dense_read(layer, bank.weight, h, ctx)):
         out = read()
@@ -166,15 +168,16 @@ def test_the_read_equals_the_materialised_computation_with_its_gradients(route, 
     assert our_grads[0].abs().sum() > 0 and our_grads[1].abs().sum() > 0  # bank and router learn
 
 
-def test_sparse_reads_pass_gradcheck():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sparse_reads_pass_gradcheck(normalize):
     torch.manual_seed(2)
     q = torch.randn(2, 3, 2, 5, dtype=torch.float64, requires_grad=True)
     bank = torch.randn(6 * 2, 5, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 6, (2, 3, 3))
     omega = F.softmax(torch.randn(2, 3, 3, dtype=torch.float64), -1).requires_grad_()
     attn = F.softmax(torch.randn(2, 3, 2, 3, 2, dtype=torch.float64), -1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda q, b, w: memory._RoutedScores.apply(q, b, idx, w, 2), (q, bank, omega))
-    assert torch.autograd.gradcheck(lambda a, b, w: memory._RoutedMix.apply(a, b, idx, w, 2), (attn, bank, omega))
+    assert torch.autograd.gradcheck(lambda q, b, w: memory._RoutedScores.apply(q, b, idx, w, 2, normalize), (q, bank, omega))
+    assert torch.autograd.gradcheck(lambda a, b, w: memory._RoutedMix.apply(a, b, idx, w, 2, normalize), (attn, bank, omega))
 
 
 def test_with_omega_detached_the_router_learns_nothing_from_the_language_model_loss():
