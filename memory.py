@@ -80,9 +80,48 @@ def _rows(bank, idx, T, dtype, normalize):
     return raw, rms_normalize(raw) if normalize else raw
 
 
+def _bank_grad(ctx, bank, needed):
+    """Where a backward adds the gradient of the rows it gathered. Eager, into the bank parameter's .grad itself
+    (allocated once, then accumulated in place: no bank-sized temporary per read, so the memory of a step grows with
+    k*T, not C*T); compiled, or for a bank computed from the parameter, a fresh tensor returned to autograd.
+    Returns (where to add, what backward returns); (None, None) for a frozen bank."""
+    if not needed:
+        return None, None
+    if ctx.param is not None:
+        if ctx.param.grad is None:
+            ctx.param.grad = torch.zeros_like(ctx.param)
+        return ctx.param.grad, None
+    d_bank = torch.zeros_like(bank)
+    return d_bank, d_bank
+
+
+def _fusable(bank):
+    return bank if bank.is_leaf and bank.requires_grad and not torch.compiler.is_compiling() else None
+
+
+class _Gather(torch.autograd.Function):
+    """gather_chapters with its gradient added into the bank as _bank_grad says (the per-row `sequence` read)."""
+
+    @staticmethod
+    def forward(ctx, bank, idx, T):
+        ctx.save_for_backward(bank, idx)
+        ctx.T, ctx.param = T, _fusable(bank)
+        return gather_chapters(bank, idx, T)
+
+    @staticmethod
+    def backward(ctx, grad):
+        bank, idx = ctx.saved_tensors
+        d_bank, returned = _bank_grad(ctx, bank, ctx.needs_input_grad[0])
+        if d_bank is not None:
+            d_bank.view(-1, ctx.T, bank.size(-1)).index_add_(0, idx.flatten(), grad.reshape(-1, ctx.T, bank.size(-1)).to(d_bank.dtype))
+        return returned, None, None
+
+
 def _scatter(d_bank, idx, raw, rows, d_rows, normalize, eps=ROW_EPS):
     """Add the gradient of gathered rows into the bank's: through y = x rsqrt(mean(x^2) + eps) when the rows were
     normalised after the gather (dx = rsqrt(.) (dy - y mean(dy y))), then index_add into their chapters."""
+    if d_bank is None:
+        return
     if normalize:
         d_rows = torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + eps) * (d_rows - rows * (d_rows * rows).mean(-1, keepdim=True))
     T, d = raw.shape[-2:]
@@ -100,14 +139,14 @@ class _RoutedScores(torch.autograd.Function):
             rows = _rows(bank, idx[..., sl], T, q.dtype, normalize)[1]  # (B, L, c, T, d)
             scores[..., sl, :] = torch.einsum("blhd,blctd->blhct", q, rows) * omega[:, :, None, sl, None].to(q.dtype)
         ctx.save_for_backward(q, bank, idx, omega)
-        ctx.T, ctx.normalize = T, normalize
+        ctx.T, ctx.normalize, ctx.param = T, normalize, _fusable(bank)
         return scores
 
     @staticmethod
     def backward(ctx, grad):
         q, bank, idx, omega = ctx.saved_tensors
         T, (B, L, H, d) = ctx.T, q.shape
-        d_q, d_bank, d_omega = torch.zeros_like(q), torch.zeros_like(bank), torch.zeros_like(omega)
+        (d_bank, returned), d_q, d_omega = _bank_grad(ctx, bank, ctx.needs_input_grad[1]), torch.zeros_like(q), torch.zeros_like(omega)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
             raw, rows = _rows(bank, idx[..., sl], T, q.dtype, ctx.normalize)
             g = grad[..., sl, :].to(q.dtype)
@@ -115,7 +154,7 @@ class _RoutedScores(torch.autograd.Function):
             d_q += torch.einsum("blhct,blctd->blhd", g_omega, rows)
             d_omega[..., sl] = (g * torch.einsum("blhd,blctd->blhct", q, rows)).sum((2, 4)).to(omega.dtype)
             _scatter(d_bank, idx[..., sl], raw, rows, torch.einsum("blhct,blhd->blctd", g_omega, q), ctx.normalize)
-        return d_q, d_bank, None, d_omega, None, None
+        return d_q, returned, None, d_omega, None, None
 
 
 class _RoutedMix(torch.autograd.Function):
@@ -130,7 +169,7 @@ class _RoutedMix(torch.autograd.Function):
             rows = _rows(bank, idx[..., sl], T, attn.dtype, normalize)[1]
             u += torch.einsum("blhct,blctd->blhd", attn[..., sl, :] * omega[:, :, None, sl, None].to(attn.dtype), rows)
         ctx.save_for_backward(attn, bank, idx, omega)
-        ctx.T, ctx.normalize = T, normalize
+        ctx.T, ctx.normalize, ctx.param = T, normalize, _fusable(bank)
         return u
 
     @staticmethod
@@ -138,7 +177,7 @@ class _RoutedMix(torch.autograd.Function):
         attn, bank, idx, omega = ctx.saved_tensors
         T, (B, L, H) = ctx.T, attn.shape[:3]
         d = bank.size(-1)
-        d_attn, d_bank, d_omega = torch.zeros_like(attn), torch.zeros_like(bank), torch.zeros_like(omega)
+        (d_bank, returned), d_attn, d_omega = _bank_grad(ctx, bank, ctx.needs_input_grad[1]), torch.zeros_like(attn), torch.zeros_like(omega)
         grad = grad.to(attn.dtype)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
             raw, rows = _rows(bank, idx[..., sl], T, attn.dtype, ctx.normalize)
@@ -148,7 +187,7 @@ class _RoutedMix(torch.autograd.Function):
             d_omega[..., sl] = (g_rows * attn[..., sl, :]).sum((2, 4)).to(omega.dtype)
             _scatter(d_bank, idx[..., sl], raw, rows, torch.einsum("blhct,blhd->blctd", attn[..., sl, :] * w, grad),
                      ctx.normalize)
-        return d_attn, d_bank, None, d_omega, None, None
+        return d_attn, returned, None, d_omega, None, None
 
 
 # ------------------------------------------------------------------------------------ the bank and the layer
@@ -216,7 +255,7 @@ class MemoryLayer(nn.Module):
             self.account(logits, probs, routed)
         q = self.q(self.norm(h)).view(B, L, H, dh)
         if self.route == "sequence":
-            rows = rms_normalize(gather_chapters(bank.weight, idx, self.T))  # (B, n_shared + k, T, C)
+            rows = rms_normalize(_Gather.apply(bank.weight, idx, self.T))  # (B, n_shared + k, T, C)
             memory = (rows * omega[..., None, None].to(rows.dtype)).flatten(1, 2)  # omega scales K and V alike
             k = self.k(memory).view(B, -1, H, dh).transpose(1, 2)
             v = self.v(memory).view(B, -1, H, dh).transpose(1, 2)
