@@ -7,11 +7,13 @@
 - A download from the Hugging Face hub first checks, with one quick connection, that the hub can be reached at
   all (`reach_hub`). Offline, the hub libraries retry for about 30 s with a warning per try before they fail; this
   says so at once, in one line, and the caller names the local alternative.
+- Reports: markdown tables, mean ± std over seeds, a table written beside the JSON behind it, figures.
 """
 
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -167,3 +169,43 @@ def load_hub_dataset(*args, **kwargs):
     import datasets
     datasets.disable_progress_bars()
     return datasets.load_dataset(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+def markdown(header, rows, left=1):
+    """A markdown table: `left` left-aligned columns, the rest right-aligned (numbers)."""
+    return [f"| {' | '.join(header)} |", "|" + "---|" * left + "---:|" * (len(header) - left),
+            *(f"| {' | '.join(str(c) for c in row)} |" for row in rows)]
+
+
+def write_report(out_dir, name, lines, data):
+    """<out_dir>/<name>.md (the table, also printed) and <name>.json (everything behind it)."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    print(table)
+
+
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mean_spread(values):
+    """'mean ± sample std' over seeds ('-' when any seed lacks the value)."""
+    if not values or any(v is None for v in values):
+        return "-"
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}" if isinstance(values[0], float) else f"{mean:.0f} ± {std:.0f}"
+
+
+def int_list(text, flag):
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated integers, got {text!r}") from None

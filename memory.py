@@ -313,6 +313,20 @@ def forward_flops_per_token(n_embd, n_head, chapters, chapter_tokens, top_k, n_s
     return 2 * 2 * d * d + 2 * d * chapters + 2 * 2 * d * d + 4 * n_head * rows * d
 
 
+def added_flops_per_token(config, args):
+    """Forward FLOPs per token a run adds to its frozen GPT (config): LoRA's 2 r (in + out) per adapted matrix, and
+    the memory layers' (forward_flops_per_token; per-row routing amortised over --pad_to, else 64 tokens)."""
+    n_layer, d = config.n_layer, config.n_embd
+    shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
+    lora = 2 * args.lora_rank * n_layer * sum(sum(shapes[t]) for t in args.lora_targets.split(","))
+    if args.method != "moc":
+        return lora
+    memory = len(memory_sites(args.moc_layers, n_layer)) * forward_flops_per_token(
+        d, config.n_head, args.moc_chapters, args.moc_chapter_tokens, args.moc_topk, args.moc_shared,
+        args.pad_to or 64, args.moc_route)
+    return (lora if args.moc_base == "lora" else 0) + memory
+
+
 # ------------------------------------------------------------------------------------------ the method
 def add_moc_flags(parser):
     g = parser.add_argument_group("Mixture of Chapters memory (--method moc; the LoRA flags apply with --moc_base lora)")

@@ -20,10 +20,11 @@ import sys
 
 import torch
 
-from cli import InputError, Parser, fail
+from cli import InputError, Parser, fail, int_list, markdown, mean_spread, save_figure, write_report
 import train
 from memft import fit_memory_law, memory_law
 from recall import spearman
+from memory import added_flops_per_token, set_route
 from registers import set_pooling
 from runs import autocast_for, load_run, pyplot, resolve_system
 from tasks import emotion_consistency, train_classifier
@@ -31,7 +32,8 @@ from tasks import emotion_consistency, train_classifier
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"prb-table": prb_table, "regbert-sweep": regbert_sweep, "memory-law": memory_law_sweep}
+    commands = {"prb-table": prb_table, "moc-table": moc_table, "regbert-sweep": regbert_sweep,
+                "memory-law": memory_law_sweep}
     if not argv or argv[0] not in commands:
         fail(f"name a sweep: {', '.join(commands)} (python sweeps.py SWEEP --help)")
     try:
@@ -58,45 +60,6 @@ def run_grid(out_dir, arms, seeds, train_flags):
 
 def summaries(runs):
     return {arm: [json.load(open(os.path.join(d, "summary.json"))) for d in dirs] for arm, dirs in runs.items()}
-
-
-def markdown(header, rows, left=1):
-    """A markdown table: `left` left-aligned columns, the rest right-aligned (numbers)."""
-    return [f"| {' | '.join(header)} |", "|" + "---|" * left + "---:|" * (len(header) - left),
-            *(f"| {' | '.join(str(c) for c in row)} |" for row in rows)]
-
-
-def write_report(out_dir, name, lines, data):
-    """<out_dir>/<name>.md (the table, also printed) and <name>.json (everything behind it)."""
-    os.makedirs(out_dir, exist_ok=True)
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    print(table)
-
-
-def save_figure(plt, fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def mean_spread(values):
-    """'mean ± sample std' over seeds ('-' when any seed lacks the value)."""
-    if not values or any(v is None for v in values):
-        return "-"
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}" if isinstance(values[0], float) else f"{mean:.0f} ± {std:.0f}"
-
-
-def int_list(text, flag):
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise InputError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 # ------------------------------------------------------------------------------------- the PRB paper's table
@@ -220,6 +183,84 @@ def prb_table(argv):
         ax.set(xlabel="step", ylabel="val loss (token-weighted CE)", title="PRB paper arms, every seed")
         ax.legend(fontsize=8)
         save_figure(plt, fig, os.path.join(a.out_dir, "loss-curves.png"))
+
+
+# ------------------------------------------------------------------------------------- Mixture of Chapters
+MOC_MEMORY = ["--method", "moc", "--moc_base", "lora", "--lora_rank", "8", "--lora_alpha", "16", "--moc_chapters", "65",
+              "--moc_chapter_tokens", "16", "--moc_topk", "8"]  # a small base's bank; LoRA r8 brings it to ~LoRA r33
+MOC_ARMS = {"moc-token": [*MOC_MEMORY, "--moc_route", "token"], "moc-prompt": [*MOC_MEMORY, "--moc_route", "prompt"],
+            "moc-sequence": [*MOC_MEMORY, "--moc_route", "sequence"]}  # the published routing (leaks the future)
+
+
+@torch.no_grad()
+def route_losses(run_dir, device, routes=("sequence", "token")):
+    """Whole-split val and test loss of a run's final weights under each routing (no parameter depends on it)."""
+    model, args, task, _ = load_run(run_dir, "final", device)
+    autocast, splits = autocast_for(device, torch.float32), [task.split("validation"), task.split("test")]
+    losses = {}
+    for route in routes:
+        set_route(model, route)
+        losses[route] = [task.evaluate(model, split, autocast, args.eval_batch_size) for split in splits]
+    return losses
+
+
+def moc_table(argv):
+    p = Parser(description="Fine-tune memory + LoRA (token, prompt and the published sequence routing) against LoRA "
+                           "over seeds (unknown flags go to train.py for every arm): table, router health plot.")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", default="lora-r33,lora-r35,moc-token,moc-prompt,moc-sequence",
+                   help="comma-separated: moc-token, moc-prompt, moc-sequence and lora-rN for any rank N")
+    p.add_argument("--out_dir", default="out/moc-table")
+    a, train_flags = p.parse_known_args(argv)
+    arms = a.arms.split(",")
+    if unknown := [arm for arm in arms if arm not in MOC_ARMS and not re.fullmatch(r"lora-r[1-9]\d*", arm)]:
+        raise InputError(f"unknown arm {unknown[0]!r}; arms are {', '.join(MOC_ARMS)} and lora-rN for any rank N")
+    runs = run_grid(a.out_dir, {arm: MOC_ARMS.get(arm) or arm_flags(arm, train_flags) for arm in arms}, a.seeds, train_flags)
+    done = summaries(runs)
+    device, _, _ = resolve_system(dtype="float32", compile=False)
+    causal = {arm: [route_losses(d, device) for d in runs[arm]] for arm in arms if arm == "moc-sequence"}
+    rows = []
+    for arm in arms:
+        model, args = load_run(runs[arm][0], "final", "cpu")[:2]
+        rows.append([arm, f"{done[arm][0]['params']['trainable']:,}", f"{added_flops_per_token(model.config, args):,.0f}",
+                     mean_spread([s["final"]["val_loss"] for s in done[arm]]),
+                     mean_spread([s["final"]["test_loss"] for s in done[arm]]),
+                     "-" if arm not in causal else " → ".join(mean_spread([c[r][0] for c in causal[arm]])
+                                                              for r in ("sequence", "token")),
+                     mean_spread([sum(s.get("moc_dead_chapters", [0])) for s in done[arm]]) if arm in MOC_ARMS else "-"])
+    first = done[arms[0]][0]
+    lines = [f"Base: `{first['init_from']}`, {first['steps']} steps, {a.seeds} seeds (mean ± sample std), device "
+             f"{first['device']}. Loss: {first['loss']}. Extra FLOPs/token: forward FLOPs the method adds to the frozen "
+             "base (LoRA's low-rank matmuls; the memory layer's projections, router and read). Sequence → token: "
+             "whole-split val loss of the final weights with the published routing they trained with, then routed "
+             "causally (per-position prefix mean; what generation can use). Dead: routed chapters never chosen in "
+             "training, summed over memory layers.", "",
+             *markdown(["arm", "trainable", "extra FLOPs/token", "val (final)", "test (final)", "val sequence → token",
+                        "dead chapters"], rows)]
+    write_report(a.out_dir, "moc-table", lines, {"summaries": done, "sequence_vs_token": causal})
+    plot_router_health(a.out_dir, {arm: runs[arm][0] for arm in arms if arm in MOC_ARMS}, done)
+
+
+def plot_router_health(out_dir, first_runs, done):
+    """router-health.png: per arm (seed 0), chapter usage sorted (left) and the auxiliary losses over training (right)."""
+    plt = pyplot()
+    if plt is None or not first_runs:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for color, (arm, run_dir) in zip(plt.cm.tab10.colors, first_runs.items()):
+        for layer, usage in enumerate(done[arm][0]["moc_usage"]):
+            share = sorted((u / max(sum(usage), 1) for u in usage), reverse=True)
+            axes[0].plot(share, color=color, label=arm if layer == 0 else None)
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            pts = [(r["step"], r["moc_balance"], r["moc_zloss"]) for r in map(json.loads, f) if "moc_balance" in r]
+        steps, balance, z = zip(*pts)
+        axes[1].plot(steps, balance, color=color, label=f"{arm} load balance")
+        axes[1].plot(steps, z, color=color, linestyle=":", label=f"{arm} z-loss")
+    axes[0].set(xlabel="routed chapter (by usage)", ylabel="share of routing decisions", title="chapter usage, seed 0")
+    axes[1].set(xlabel="step", ylabel="auxiliary loss", yscale="log", title="router losses (load balance = k when balanced)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    save_figure(plt, fig, os.path.join(out_dir, "router-health.png"))
 
 
 # ------------------------------------------------------------------------------------- register tokens: EM/F1 vs k
