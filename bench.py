@@ -1,11 +1,13 @@
 """Training-step speed of our GPT-2 + LoRA against the same model in transformers + peft, in one process,
 and of LoRA + a Parametric Register Bank (PRB) against plain LoRA. `bench.py qa`: BERT question-answering
-fine-tuning (ours with k = 0 and k register tokens) against transformers.BertForQuestionAnswering.
+fine-tuning (ours with k = 0 and k register tokens) against transformers.BertForQuestionAnswering. `bench.py memory`:
+the Mixture of Chapters arm at a fixed number of rows read (k*T) for banks of growing size (memory.py).
 
     python bench.py                                   # GPT-2 small shapes, random init, LoRA r=32, batch 8
     python bench.py --init_from gpt2                  # the published weights (ours and HF load the same files)
     python bench.py --n_layer 2 --n_embd 128 --n_head 4 --steps 5   # a tiny config for a CPU
     python bench.py qa --init_from ../shared/models/all-MiniLM-L6-v2 --batch_size 16 --steps 5   # QA throughput
+    python bench.py memory                            # d = 768, banks of 4,160 / 65,600 / 262,208 tokens, k*T = 4,096
 
 Every arm trains the same base weights on the same batches (random tokens, --seq_len long: an emotion batch padded
 to its bucket is 32-96 tokens), with AdamW (fused on CUDA), autocast and grad clipping as in train.py.
@@ -21,9 +23,11 @@ FLOPs per step, LoRA-correct (frozen weights get no weight gradient), N = batch 
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 import warnings
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +112,8 @@ def main(argv=None):
         fail(e)
     if argv[:1] == ["qa"]:
         return qa_main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return memory_main(argv[1:])
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default="scratch", help="scratch (sized below) | gpt2 | ... | a checkpoint folder")
     p.add_argument("--n_layer", type=int, default=12)
@@ -310,6 +316,127 @@ def hf_qa_reference(ours, device):
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     return hf.to(device)
+
+
+# ------------------------------------------------------------------------------------- Mixture of Chapters
+class RSSPeak:
+    """Peak resident memory of this process while active, sampled every millisecond from /proc (Linux CPU runs, where
+    torch keeps no allocator statistics). Large blocks are mmapped (mallopt), so freed tensors leave the RSS."""
+
+    def __init__(self):
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: 64 KiB
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        import threading
+        self.peak, self.done = self.rss(), threading.Event()
+        def sample():
+            while not self.done.wait(0.001):
+                self.peak = max(self.peak, self.rss())
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+def memory_main(argv):
+    p = Parser(description="Step time and memory of the Mixture of Chapters arm (frozen scratch GPT + one bank + "
+                           "memory layers) for banks of growing size at a fixed number of rows read, k*T.")
+    p.add_argument("--n_layer", type=int, default=2)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--chapters", default="65,1025,4097", help="banks, in chapters C (shared one included): the "
+                   "authors' 4K, 65K and 262K-token runs at T = 64")
+    p.add_argument("--chapter_tokens", type=int, default=64)
+    p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--routes", default="token,sequence")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the results to this file")
+    a = p.parse_args(argv)
+    try:
+        memory_run(a)
+    except InputError as e:
+        fail(e)
+
+
+def memory_run(a):
+    from memory import ROUTES, MoC
+    device, dtype, _ = resolve_system(a.device, "auto", False)
+    autocast, cuda = autocast_for(device, dtype), device.startswith("cuda")
+    chapters, routes = [int(c) for c in a.chapters.split(",")], a.routes.split(",")
+    if any(r not in ROUTES for r in routes) or any(a.topk > c - 1 for c in chapters):
+        raise InputError(f"--routes come from {', '.join(ROUTES)}; --topk must leave room in every bank")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50257, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
+    x = torch.randint(0, 50257, (a.batch_size, a.seq_len + 1), device=device)
+    sampler = None if cuda else RSSPeak()
+    results = []
+    for route in routes:
+        for C in chapters:
+            args = argparse.Namespace(dataset="squadtext", moc_route=route, moc_chapters=C, moc_chapter_tokens=a.chapter_tokens,
+                                      moc_topk=a.topk, moc_shared=1, moc_routed_scale=2.5, moc_balance=0.01, moc_zloss=0.001,
+                                      moc_layers="auto", moc_lr_scale=2.0, moc_bank_lr_scale=2.0, moc_base="frozen")
+            model = GPT(config)
+            method = MoC(args, device)
+            method.setup(model, {})
+            model.to(device).train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+            times = []
+            def step():
+                with autocast:
+                    loss = F.cross_entropy(model(x[:, :-1], {}).float().flatten(0, 1), x[:, 1:].flatten())
+                    loss = loss + method.aux_loss(model)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, like the optimizer state
+            for _ in range(a.warmup):
+                step()
+            if cuda:
+                torch.cuda.synchronize(device)
+                resident = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            else:
+                resident = sampler.rss()
+            with sampler or nullcontext():
+                for _ in range(a.steps):
+                    t0 = time.perf_counter()
+                    step()
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    times.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated(device) if cuda else sampler.peak
+            results.append({"route": route, "chapters": C, "bank_tokens": C * a.chapter_tokens,
+                            "ms_per_step": statistics.median(times) * 1e3, "resident_gib": resident / 2**30,
+                            "peak_gib": peak / 2**30, "working_gib": (peak - resident) / 2**30})
+            del model, method, optimizer, params
+    print(f"\n{device}, {str(dtype).removeprefix('torch.')}; GPT {a.n_layer} x {a.n_embd} (frozen), memory after "
+          f"blocks auto, T = {a.chapter_tokens}, k = {a.topk} (+1 shared): {(a.topk + 1) * a.chapter_tokens} rows "
+          f"read per decision; batch {a.batch_size} x {a.seq_len}. Working = peak - resident (weights, gradients, "
+          "AdamW state: the bank's grow with C*T by definition).\n")
+    print("| route | bank tokens | ms/step | resident GiB | peak GiB | working GiB | time / smallest | working / smallest |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        base = next(b for b in results if b["route"] == r["route"])
+        print(f"| {r['route']} | {r['bank_tokens']:,} | {r['ms_per_step']:.0f} | {r['resident_gib']:.2f} | "
+              f"{r['peak_gib']:.2f} | {r['working_gib']:.2f} | {r['ms_per_step'] / base['ms_per_step']:.2f} | "
+              f"{r['working_gib'] / max(base['working_gib'], 1e-9):.2f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": device, "args": vars(a), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
