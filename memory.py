@@ -424,12 +424,13 @@ class MoC(Method):
         dead = sum(int((layer.usage[self.args.moc_shared:] == 0).sum()) for layer in self.layers)
         return {"moc_balance": sums[0] / sums[2], "moc_zloss": sums[1] / sums[2], "moc_dead_chapters": dead}
 
-    def state_dict(self):
-        return {"usage": [layer.usage.cpu() for layer in self.layers]}
+    def state_dict(self):  # the usage so far and the sums of the current log window, as train.py keeps its loss sums
+        return {"usage": [layer.usage.cpu() for layer in self.layers], "aux_sums": [layer.aux_sums.cpu() for layer in self.layers]}
 
     def load_state_dict(self, state):
-        for layer, usage in zip(self.layers, state.get("usage", [])):
+        for layer, usage, sums in zip(self.layers, state.get("usage", []), state.get("aux_sums", [])):
             layer.usage.copy_(usage)
+            layer.aux_sums.copy_(sums)
 
     def summary(self, model):
         usage = [layer.usage[self.args.moc_shared:] for layer in self.layers]
