@@ -104,16 +104,16 @@ def arm_flags(arm, train_flags):
 
 
 @torch.no_grad()
-def leaky_and_causal_losses(run_dir, device):
-    """A full-pooling run's validation and test loss (whole splits, final weights) with the pooling it trained
-    with, and with causal prefix pooling: what a generator, which cannot see the future, gets from it."""
+def losses_by_mode(run_dir, device, switch, modes):
+    """Whole-split val and test loss of a run's final weights under each mode of a setting no parameter depends on,
+    set by switch(model, mode): PRB's pooling (set_pooling), MoC's routing (set_route). A leaky run is scored with
+    the leak it trained with and without it (causal: what a generator, which cannot see the future, gets)."""
     model, args, task, _ = load_run(run_dir, "final", device)
-    autocast = autocast_for(device, torch.float32)
-    splits = [task.split("validation"), task.split("test")]
+    autocast, splits = autocast_for(device, torch.float32), [task.split("validation"), task.split("test")]
     losses = {}
-    for pool in ("full", "causal"):
-        set_pooling(model, pool)
-        losses[pool] = [task.evaluate(model, split, autocast, args.eval_batch_size) for split in splits]
+    for mode in modes:
+        switch(model, mode)
+        losses[mode] = [task.evaluate(model, split, autocast, args.eval_batch_size) for split in splits]
     return losses
 
 
@@ -139,7 +139,7 @@ def prb_table(argv):
     clf, clf_accuracy = train_classifier(first["data_dir"], meta)
     consistency = {arm: [emotion_consistency(load_run(d, "final", device)[0], meta, clf, a.samples, a.max_new_tokens,
                                              device, seed) for seed, d in enumerate(dirs)] for arm, dirs in runs.items()}
-    causal = {arm: [leaky_and_causal_losses(d, device) for d in dirs] for arm, dirs in runs.items()
+    causal = {arm: [losses_by_mode(d, device, set_pooling, ("full", "causal")) for d in dirs] for arm, dirs in runs.items()
               if "full" in PRB_ARMS.get(arm, [])}
 
     def first_below(run_dir):
@@ -192,18 +192,6 @@ MOC_ARMS = {"moc-token": [*MOC_MEMORY, "--moc_route", "token"], "moc-prompt": [*
             "moc-sequence": [*MOC_MEMORY, "--moc_route", "sequence"]}  # the published routing (leaks the future)
 
 
-@torch.no_grad()
-def route_losses(run_dir, device, routes=("sequence", "token")):
-    """Whole-split val and test loss of a run's final weights under each routing (no parameter depends on it)."""
-    model, args, task, _ = load_run(run_dir, "final", device)
-    autocast, splits = autocast_for(device, torch.float32), [task.split("validation"), task.split("test")]
-    losses = {}
-    for route in routes:
-        set_route(model, route)
-        losses[route] = [task.evaluate(model, split, autocast, args.eval_batch_size) for split in splits]
-    return losses
-
-
 def moc_table(argv):
     p = Parser(description="Fine-tune memory + LoRA (token, prompt and the published sequence routing) against LoRA "
                            "over seeds (unknown flags go to train.py for every arm): table, router health plot.")
@@ -218,7 +206,8 @@ def moc_table(argv):
     runs = run_grid(a.out_dir, {arm: MOC_ARMS.get(arm) or arm_flags(arm, train_flags) for arm in arms}, a.seeds, train_flags)
     done = summaries(runs)
     device, _, _ = resolve_system(dtype="float32", compile=False)
-    causal = {arm: [route_losses(d, device) for d in runs[arm]] for arm in arms if arm == "moc-sequence"}
+    causal = {arm: [losses_by_mode(d, device, set_route, ("sequence", "token")) for d in runs[arm]]
+              for arm in arms if arm == "moc-sequence"}
     rows = []
     for arm in arms:
         model, args = load_run(runs[arm][0], "final", "cpu")[:2]
