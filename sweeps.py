@@ -1,13 +1,14 @@
 """The experiments: grids of train.py runs over arms x seeds, read back into a table, a JSON file and a plot.
 
     python sweeps.py prb-table --seeds 3                    # the PRB paper's arms: table, curves, consistency
+    python sweeps.py moc-table --seeds 3                    # chapter memory + LoRA vs LoRA, three routings
     python sweeps.py regbert-sweep --ks 0,1,2,4,5,8,10,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
     python sweeps.py memory-law --methods sft,memft-ot,memft-sw --ranks 1,2,4,8 --lengths 250,500,1000
     python sweeps.py memory-law out/memory-law              # rows, law fit and plots of finished runs only
 
 Flags a sweep does not know go to train.py for every run. Each run lives in <out_dir>/<arm>-s<seed>; finished
 runs are reused and interrupted ones resumed, so running the same command again continues a sweep. Outputs:
-prb-table.md/.json + loss-curves.png; regbert-sweep.md/.json + em-f1-vs-k.png; memory-law.md/.json/.csv +
+prb-table.md/.json + loss-curves.png; moc-table.md/.json + router-health.png; regbert-sweep.md/.json + em-f1-vs-k.png; memory-law.md/.json/.csv +
 law-fit.png, loss-heatmap.png, accuracy-heatmap.png, stubborn-grid.png.
 """
 
