@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from cli import InputError
 from lora import apply_lora, save_adapter
 from method import Method, freeze
+from model import check_keys, read_safetensors
 from registers import prefix_mean
 
 ROUTES = ("token", "prompt", "sequence")
@@ -313,6 +314,12 @@ def forward_flops_per_token(n_embd, n_head, chapters, chapter_tokens, top_k, n_s
     return 2 * 2 * d * d + 2 * d * chapters + 2 * 2 * d * d + 4 * n_head * rows * d
 
 
+def dense_block_flops_per_token(n_embd, seq_len):
+    """Forward FLOPs per token of one GPT block, same convention: 12 d^2 weights, and scores and mixing over the
+    (seq_len + 1) / 2 keys a causal position sees on average. The unit of an iso-FLOP dense baseline."""
+    return 2 * 12 * n_embd ** 2 + 2 * 2 * n_embd * (seq_len + 1) / 2
+
+
 def added_flops_per_token(config, args):
     """Forward FLOPs per token a run adds to its frozen GPT (config): LoRA's 2 r (in + out) per adapted matrix, and
     the memory layers' (forward_flops_per_token; per-row routing amortised over --pad_to, else 64 tokens)."""
@@ -349,6 +356,9 @@ def add_moc_flags(parser):
                    "freezes it (paper pretraining: 2; its IFT: 1/6)")
     g.add_argument("--moc_base", choices=["frozen", "lora", "full"], default="frozen",
                    help="the base model: frozen (default), frozen with LoRA, or trained in full (from scratch)")
+    g.add_argument("--moc_init", default=None, metavar="RUN",
+                   help="start the bank and memory layers from a finished moc run's memory.safetensors (same "
+                        "--moc_* shapes); with --init_from RUN for a --moc_base full run: continue training it")
 
 
 def memory_sites(spec, n_layer):
@@ -398,6 +408,8 @@ class MoC(Method):
         self.layers = [model.attach(f"block{b}", MemoryLayer(C, n_head, a.moc_chapters, a.moc_chapter_tokens, a.moc_topk,
                                                              a.moc_shared, a.moc_routed_scale, a.moc_route))
                        for b in self.blocks]
+        if a.moc_init:
+            load_memory(model, a.moc_init)
         counts = parameter_counts(C, a.moc_chapters, a.moc_chapter_tokens, len(self.layers))
         lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
         base = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("sites.")) - lora
@@ -439,8 +451,27 @@ class MoC(Method):
                 "moc_usage": [u.tolist() for u in usage]}
 
     def export(self, model, out_dir):
+        """memory.safetensors (bank and memory layers, for --moc_init), and the base: adapter.safetensors with LoRA,
+        config.json + model.safetensors when it trained in full (so the run folder is a base for --init_from)."""
+        from safetensors.torch import save_file
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith("sites.")}
+        save_file(state, os.path.join(out_dir, "memory.safetensors.tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(out_dir, "memory.safetensors.tmp"), os.path.join(out_dir, "memory.safetensors"))
         if self.args.moc_base == "lora":
             save_adapter(model, os.path.join(out_dir, "adapter.safetensors"))
+        elif self.args.moc_base == "full":
+            model.save_pretrained(out_dir)
+
+
+def load_memory(model, run_dir):
+    """Load a run's memory.safetensors into the bank and memory layers attached to `model`."""
+    path = os.path.join(run_dir, "memory.safetensors")
+    if not os.path.isfile(path):
+        raise InputError(f"--moc_init {run_dir}: no memory.safetensors there; pass the --out_dir of a finished moc run")
+    state = read_safetensors(path)
+    check_keys(state, {k: v for k, v in model.state_dict().items() if k.startswith("sites.")},
+               f"{path} (train with the same --moc_chapters, --moc_chapter_tokens and --moc_layers as that run)")
+    model.load_state_dict(state, strict=False)
 
 
 METHODS = {"moc": MoC}

@@ -2,14 +2,16 @@
 
     python sweeps.py prb-table --seeds 3                    # the PRB paper's arms: table, curves, consistency
     python sweeps.py moc-table --seeds 3                    # chapter memory + LoRA vs LoRA, three routings
+    python sweeps.py moc-scratch --seeds 3 --max_steps 400  # memory vs dense from scratch, then forgetting
     python sweeps.py regbert-sweep --ks 0,1,2,4,5,8,10,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
     python sweeps.py memory-law --methods sft,memft-ot,memft-sw --ranks 1,2,4,8 --lengths 250,500,1000
     python sweeps.py memory-law out/memory-law              # rows, law fit and plots of finished runs only
 
 Flags a sweep does not know go to train.py for every run. Each run lives in <out_dir>/<arm>-s<seed>; finished
 runs are reused and interrupted ones resumed, so running the same command again continues a sweep. Outputs:
-prb-table.md/.json + loss-curves.png; moc-table.md/.json + router-health.png; regbert-sweep.md/.json + em-f1-vs-k.png; memory-law.md/.json/.csv +
-law-fit.png, loss-heatmap.png, accuracy-heatmap.png, stubborn-grid.png.
+prb-table.md/.json + loss-curves.png; moc-table.md/.json + router-health.png; moc-scratch.md/.json;
+regbert-sweep.md/.json + em-f1-vs-k.png; memory-law.md/.json/.csv + law-fit.png, loss-heatmap.png,
+accuracy-heatmap.png, stubborn-grid.png.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import math
 import os
 import re
 import sys
+from contextlib import nullcontext
 
 import torch
 
@@ -25,7 +28,7 @@ from cli import InputError, Parser, fail, int_list, markdown, mean_spread, save_
 import train
 from memft import fit_memory_law, memory_law
 from recall import spearman
-from memory import added_flops_per_token, set_route
+from memory import added_flops_per_token, dense_block_flops_per_token, set_route
 from registers import set_pooling
 from runs import autocast_for, load_run, pyplot, resolve_system
 from tasks import emotion_consistency, train_classifier
@@ -33,8 +36,8 @@ from tasks import emotion_consistency, train_classifier
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"prb-table": prb_table, "moc-table": moc_table, "regbert-sweep": regbert_sweep,
-                "memory-law": memory_law_sweep}
+    commands = {"prb-table": prb_table, "moc-table": moc_table, "moc-scratch": moc_scratch,
+                "regbert-sweep": regbert_sweep, "memory-law": memory_law_sweep}
     if not argv or argv[0] not in commands:
         fail(f"name a sweep: {', '.join(commands)} (python sweeps.py SWEEP --help)")
     try:
@@ -45,8 +48,8 @@ def main(argv=None):
 
 # ------------------------------------------------------------------------------------- the grid and its report
 def run_grid(out_dir, arms, seeds, train_flags):
-    """Train every arm (name -> train.py flags) for seeds 0..seeds-1 into <out_dir>/<arm>-s<seed>; finished runs
-    are reused, interrupted ones resumed. Returns {arm: [run folders]}."""
+    """Train every arm (name -> train.py flags, or fn(seed) -> flags) for seeds 0..seeds-1 into
+    <out_dir>/<arm>-s<seed>; finished runs are reused, interrupted ones resumed. Returns {arm: [run folders]}."""
     for arm, flags in arms.items():
         for seed in range(seeds):
             run_dir = os.path.join(out_dir, f"{arm}-s{seed}")
@@ -54,7 +57,8 @@ def run_grid(out_dir, arms, seeds, train_flags):
                 continue  # finished earlier: reuse
             print(f"== {arm}, seed {seed}")
             resume = ["--resume"] if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else []
-            train.main([*(resume or [*train_flags, *flags, "--seed", str(seed)]), "--out_dir", run_dir])  # an
+            flags_now = flags(seed) if callable(flags) else flags
+            train.main([*(resume or [*train_flags, *flags_now, "--seed", str(seed)]), "--out_dir", run_dir])  # an
             # interruption exits (nonzero) here, with the checkpoint saved: the same command continues the sweep
     return {arm: [os.path.join(out_dir, f"{arm}-s{seed}") for seed in range(seeds)] for arm in arms}
 
@@ -251,6 +255,83 @@ def plot_router_health(out_dir, first_runs, done):
     for ax in axes:
         ax.legend(fontsize=7)
     save_figure(plt, fig, os.path.join(out_dir, "router-health.png"))
+
+
+# ------------------------------------------------------------------------------------- MoC from scratch, then retention
+MOC_SCRATCH = ["--method", "moc", "--moc_base", "full", "--moc_chapters", "257", "--moc_chapter_tokens", "16",
+               "--moc_topk", "8"]  # a 4,112-token bank; k T = 128 rows read per position
+ROW_TOKENS = 128  # squadtext rows (data/squadtext/prepare.py --max_len): the attention length of the FLOP count
+# phase B bank lr scales: as in pretraining (1, no protection), the paper's IFT ratio (bank 5e-6 / base 3e-5, §6),
+# frozen. The memory layers train at the base lr in every arm, so only the bank's lr differs.
+BANK_IN_B = {"1": "1", "low": str(1 / 6), "frozen": "0"}
+
+
+def moc_scratch(argv):
+    p = Parser(description="The MoC paper's Table 1 in miniature, then its forgetting claim. Phase A: from scratch on "
+                           "SQuAD text at equal tokens, a GPT with a memory layer vs the same backbone alone vs an "
+                           "iso-FLOP dense GPT (more blocks). Phase B: each fine-tuned in full on emotion (memory: the "
+                           "bank at the base lr, at 1/6 of it, frozen); SQuAD-text loss before and after. Unknown "
+                           "flags go to train.py for every run.")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--n_layer", type=int, default=4, help="backbone blocks; memory after every 4th from block 2")
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--n_embd", type=int, default=64)
+    p.add_argument("--steps_b", type=int, default=150, help="phase B (emotion) steps")
+    p.add_argument("--lr_b", type=float, default=1e-3, help="phase B learning rate")
+    p.add_argument("--data_a", default="data/squadtext", help="phase A's prepared SQuAD text")
+    p.add_argument("--data_b", default="data/emotion", help="phase B's prepared emotion data")
+    p.add_argument("--out_dir", default="out/moc-scratch")
+    a, train_flags = p.parse_known_args(argv)
+    memory_args = train.build_parser().parse_args([*train_flags, *MOC_SCRATCH, "--n_layer", str(a.n_layer)])
+    shape = argparse.Namespace(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
+    block, memory = dense_block_flops_per_token(a.n_embd, ROW_TOKENS), added_flops_per_token(shape, memory_args)
+    iso = a.n_layer + max(1, round(memory / block))  # the dense arm: as many more blocks as the memory's FLOPs
+    dense = f"dense-{iso}L"
+    scratch = [*train_flags, "--dataset", "squadtext", "--data_dir", a.data_a, "--init_from", "scratch", "--n_head", str(a.n_head),
+               "--n_embd", str(a.n_embd), "--block_size", str(ROW_TOKENS)]
+    runs = run_grid(a.out_dir, {"backbone": ["--method", "full", "--n_layer", str(a.n_layer)],
+                                dense: ["--method", "full", "--n_layer", str(iso)],
+                                "memory": [*MOC_SCRATCH, "--n_layer", str(a.n_layer)]}, a.seeds, scratch)
+    phase_b = [*train_flags, "--dataset", "emotion", "--data_dir", a.data_b, "--max_steps", str(a.steps_b), "--lr", str(a.lr_b),
+               "--warmup", str(a.steps_b // 10), "--eval_interval", str(max(a.steps_b // 4, 1))]
+    after = lambda arm, extra: lambda seed: ["--init_from", runs[arm][seed], *extra]
+    runs_b = run_grid(a.out_dir, {"B-backbone": after("backbone", ["--method", "full"]),
+                                  f"B-{dense}": after(dense, ["--method", "full"]),
+                                  **{f"B-memory-bank-{name}": lambda seed, scale=scale: [
+                                      *after("memory", MOC_SCRATCH)(seed), "--moc_init", runs["memory"][seed],
+                                      "--moc_lr_scale", "1", "--moc_bank_lr_scale", scale]
+                                     for name, scale in BANK_IN_B.items()}}, a.seeds, phase_b)
+    device, _, _ = resolve_system(dtype="float32", compile=False)
+    squad = load_run(runs["backbone"][0], "final", device)[2]  # phase A's task: every model scored on its split
+    phase_a_loss = lambda run_dir: squad.evaluate(load_run(run_dir, "final", device)[0], squad.split("validation"),
+                                                  nullcontext(), 64)
+    done, done_b = summaries(runs), summaries(runs_b)
+    flops = {arm: n * block + (memory if arm == "memory" else 0)
+             for arm, n in (("backbone", a.n_layer), (dense, iso), ("memory", a.n_layer))}
+    rows_a = [[arm, f"{done[arm][0]['params']['total']:,}", f"{flops[arm]:,.0f} ({flops[arm] / flops['backbone']:.2f}x)",
+               mean_spread([s["final"]["val_loss"] for s in done[arm]]),
+               mean_spread([s["final"]["test_loss"] for s in done[arm]])] for arm in runs]
+    before = {arm: [phase_a_loss(d) for d in dirs] for arm, dirs in runs.items()}
+    retention = {arm: [phase_a_loss(d) for d in dirs] for arm, dirs in runs_b.items()}
+    rows_b = []
+    for arm in runs_b:
+        origin = "memory" if arm.startswith("B-memory") else arm.removeprefix("B-")
+        rows_b.append([arm, mean_spread(before[origin]), mean_spread(retention[arm]),
+                       mean_spread([r - b for r, b in zip(retention[arm], before[origin])]),
+                       mean_spread([s["final"]["val_loss"] for s in done_b[arm]])])
+    first, first_b = done["backbone"][0], done_b["B-backbone"][0]
+    lines = [f"Phase A: {first['steps']} steps from scratch on SQuAD text, {a.seeds} seeds (mean ± sample std), device "
+             f"{first['device']}; every arm the same batches and tokens. FLOPs/token: forward matmul FLOPs of the "
+             f"blocks and memory layer at {ROW_TOKENS}-token rows (the {a.n_embd}-wide 50,257-way head, "
+             f"{2 * a.n_embd * 50257:,}, is the same in every arm and left out).", "",
+             *markdown(["arm", "parameters", "FLOPs/token", "val (final)", "test (final)"], rows_a), "",
+             f"Phase B: {first_b['steps']} steps of full fine-tuning on emotion at lr {a.lr_b:g}. SQuAD-text loss: "
+             "the whole validation split, before B (phase A's final weights) and after.", "",
+             *markdown(["arm", "SQuAD-text val before B", "after B", "forgetting (after - before)",
+                        "emotion val (final)"], rows_b)]
+    write_report(a.out_dir, "moc-scratch", lines, {"summaries": done, "summaries_b": done_b, "iso_blocks": iso,
+                                                  "flops_per_token": flops, "phase_a_before": before,
+                                                  "phase_a_after": retention})
 
 
 # ------------------------------------------------------------------------------------- register tokens: EM/F1 vs k

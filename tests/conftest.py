@@ -40,6 +40,16 @@ def emotion_tiny_dir(emotion_dir, tmp_path_factory):
     return shrink_emotion(emotion_dir, str(tmp_path_factory.mktemp("emotion_tiny")), 64)
 
 
+@pytest.fixture(scope="session")
+def squadtext_tiny_dir(tmp_path_factory):
+    """SQuAD text rows (128 tokens) from the shared SQuAD files, with 32 validation and test rows."""
+    from helpers import load_prepare_module
+    source = os.path.join(SHARED, "data", "squad")
+    full = str(tmp_path_factory.mktemp("squadtext"))
+    load_prepare_module("squadtext").prepare(source if os.path.isdir(source) else None, full)
+    return shrink_emotion(full, str(tmp_path_factory.mktemp("squadtext_tiny")), 32)
+
+
 def shrink_emotion(source, out, rows):
     import json
     import shutil

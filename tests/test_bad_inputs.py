@@ -57,6 +57,8 @@ CASES = [
                "NEW"], "do not fit block_size 16"),
     ("train", ["--method", "lora", "--lora_targets", "attn.q_proj", *SCRATCH, "--data_dir", "DATA", "--out_dir", "NEW"],
      "match no Linear layer"),
+    ("train", ["--method", "moc", "--moc_chapters", "5", "--moc_topk", "2", "--moc_chapter_tokens", "2", "--moc_init",
+               "DATA", *SCRATCH, "--data_dir", "DATA", "--out_dir", "NEW"], "no memory.safetensors there"),
     # train.py: the memorisation task and method
     ("train", ["--dataset", "phonebook", "--length", "1000000000", "--out_dir", "NEW"], "--length must be in 1..1,000,000"),
     ("train", ["--dataset", "phonebook", "--length", "0", "--out_dir", "NEW"], "--length must be in"),
