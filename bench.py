@@ -372,7 +372,7 @@ def memory_main(argv):
 
 
 def memory_run(a):
-    from memory import ROUTES, MoC
+    from memory import ROUTES, MoC, add_moc_flags
     device, dtype, _ = resolve_system(a.device, "auto", False)
     autocast, cuda = autocast_for(device, dtype), device.startswith("cuda")
     chapters, routes = [int(c) for c in a.chapters.split(",")], a.routes.split(",")
@@ -385,9 +385,11 @@ def memory_run(a):
     results = []
     for route in routes:
         for C in chapters:
-            args = argparse.Namespace(dataset="squadtext", moc_route=route, moc_chapters=C, moc_chapter_tokens=a.chapter_tokens,
-                                      moc_topk=a.topk, moc_shared=1, moc_routed_scale=2.5, moc_balance=0.01, moc_zloss=0.001,
-                                      moc_layers="auto", moc_lr_scale=2.0, moc_bank_lr_scale=2.0, moc_base="frozen")
+            flags = argparse.ArgumentParser()
+            add_moc_flags(flags)  # the method's defaults (the paper's), then this bank
+            args = flags.parse_args(["--moc_route", route, "--moc_chapters", str(C), "--moc_chapter_tokens",
+                                     str(a.chapter_tokens), "--moc_topk", str(a.topk)])
+            args.dataset = "squadtext"
             model = GPT(config)
             method = MoC(args, device)
             method.setup(model, {})

@@ -142,7 +142,8 @@ def upgrade_args(saved):
     return ADDED_FLAGS | saved
 
 
-ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30}  # flags newer than some saved runs: the value they ran with
+# flags newer than some saved runs: the value they ran with
+ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30, "moc_init": None}
 
 
 def load_run(run_dir, which, device):
