@@ -263,8 +263,9 @@ class MemoryLayer(nn.Module):
             read = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype))  # no mask
             read = read.transpose(1, 2).reshape(B, L, C)
         else:  # per position: W_K absorbed into the queries, W_V applied after mixing the selected rows
-            # each selected row is normalised where it is read, unless normalising the whole bank is cheaper
-            normalize = bank.chapters > B * L * idx.size(-1)
+            # each selected row is normalised where it is read, unless normalising the whole bank is cheaper and
+            # small: a normalised copy (and its gradient) would make the step's memory grow with C*T
+            normalize = bank.chapters > B * L * idx.size(-1) or bank.weight.numel() > GATHER_BUDGET
             rows = bank.weight if normalize else rms_normalize(bank.weight)
             q_abs = torch.einsum("blhe,hed->blhd", q * dh ** -0.5, self.k.weight.view(H, dh, C).to(q.dtype))
             scores = _RoutedScores.apply(q_abs, rows, idx, omega, self.T, normalize)  # (B, L, H, n_shared + k, T)
