@@ -141,9 +141,10 @@ def dense_read(layer, bank, h, ctx):
     return h + layer.o(torch.einsum("blhs,blshe->blhe", attn, v).reshape(B, L, C))
 
 
-@pytest.mark.parametrize("length", [6, 2])  # 2: fewer reads than chapters, so rows are normalised where read
+# 2: fewer reads than chapters, so rows are normalised where read; 6 with a bank above the gather budget: the same
+@pytest.mark.parametrize("length,big_bank", [(6, False), (2, False), (6, True)])
 @pytest.mark.parametrize("route", ["token", "prompt", "sequence"])
-def test_the_read_equals_the_materialised_computation_with_its_gradients(route, length, monkeypatch):
+def test_the_read_equals_the_materialised_computation_with_its_gradients(route, length, big_bank, monkeypatch):
     torch.manual_seed(1)
     layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route=route).double()
     bank = ChapterBank(16, 9, 4).double()
@@ -153,7 +154,8 @@ def test_the_read_equals_the_materialised_computation_with_its_gradients(route, 
     batch = 2 if length == 6 else 1
     h = torch.randn(batch, length, 16, dtype=torch.float64)
     ctx = {"moc_bank": bank, "prompt_len": torch.tensor([4, 2])[:batch]}
-    monkeypatch.setattr(memory, "GATHER_BUDGET", batch * length * 4 * 16)  # one slot per chunk: the chunked loop is exercised
+    # one slot per chunk: the chunked loop is exercised (and the bank, 9 * 4 * 16, is above a budget of 4 * 16)
+    monkeypatch.setattr(memory, "GATHER_BUDGET", 4 * 16 if big_bank else batch * length * 4 * 16)
     grads = []
     for read in (lambda: layer(h, ctx), lambda: dense_read(layer, bank.weight, h, ctx)):
         out = read()
