@@ -9,7 +9,7 @@
 
 Flags a sweep does not know go to train.py for every run. Each run lives in <out_dir>/<arm>-s<seed>; finished
 runs are reused and interrupted ones resumed, so running the same command again continues a sweep. Outputs:
-prb-table.md/.json + loss-curves.png; moc-table.md/.json + router-health.png; moc-scratch.md/.json;
+prb-table.md/.json + loss-curves.png; moc-table.md/.json + router-health.png; moc-scratch.md/.json + forgetting.png;
 regbert-sweep.md/.json + em-f1-vs-k.png; memory-law.md/.json/.csv + law-fit.png, loss-heatmap.png,
 accuracy-heatmap.png, stubborn-grid.png.
 """
@@ -179,15 +179,20 @@ def prb_table(argv):
     plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for color, (arm, dirs) in zip(plt.cm.tab10.colors, runs.items()):
-            for seed, d in enumerate(dirs):
-                with open(os.path.join(d, "metrics.jsonl")) as f:
-                    pts = [(r["step"], r["val_loss"]) for r in map(json.loads, f) if r["val_loss"] is not None]
-                ax.plot(*zip(*pts), color=color, alpha=0.8, label=arm if seed == 0 else None,
-                        linestyle="--" if arm in SEED_ARMS else "-")
-        ax.set(xlabel="step", ylabel="val loss (token-weighted CE)", title="PRB paper arms, every seed")
-        ax.legend(fontsize=8)
+        val_curves(plt, ax, runs, "PRB paper arms, every seed", dashed=SEED_ARMS)
         save_figure(plt, fig, os.path.join(a.out_dir, "loss-curves.png"))
+
+
+def val_curves(plt, ax, runs, title, dashed=()):
+    """Every run's logged val loss against its step, one color per arm."""
+    for color, (arm, dirs) in zip(plt.cm.tab10.colors, runs.items()):
+        for seed, d in enumerate(dirs):
+            with open(os.path.join(d, "metrics.jsonl")) as f:
+                pts = [(r["step"], r["val_loss"]) for r in map(json.loads, f) if r["val_loss"] is not None]
+            ax.plot(*zip(*pts), color=color, alpha=0.8, label=arm if seed == 0 else None,
+                    linestyle="--" if arm in dashed else "-")
+    ax.set(xlabel="step", ylabel="val loss (token-weighted CE)", title=title)
+    ax.legend(fontsize=8)
 
 
 # ------------------------------------------------------------------------------------- Mixture of Chapters
@@ -313,12 +318,10 @@ def moc_scratch(argv):
                mean_spread([s["final"]["test_loss"] for s in done[arm]])] for arm in runs]
     before = {arm: [phase_a_loss(d) for d in dirs] for arm, dirs in runs.items()}
     retention = {arm: [phase_a_loss(d) for d in dirs] for arm, dirs in runs_b.items()}
-    rows_b = []
-    for arm in runs_b:
-        origin = "memory" if arm.startswith("B-memory") else arm.removeprefix("B-")
-        rows_b.append([arm, mean_spread(before[origin]), mean_spread(retention[arm]),
-                       mean_spread([r - b for r, b in zip(retention[arm], before[origin])]),
-                       mean_spread([s["final"]["val_loss"] for s in done_b[arm]])])
+    origin = {arm: "memory" if arm.startswith("B-memory") else arm.removeprefix("B-") for arm in runs_b}
+    forgetting = {arm: [r - b for r, b in zip(retention[arm], before[origin[arm]])] for arm in runs_b}
+    rows_b = [[arm, mean_spread(before[origin[arm]]), mean_spread(retention[arm]), mean_spread(forgetting[arm]),
+               mean_spread([s["final"]["val_loss"] for s in done_b[arm]])] for arm in runs_b]
     first, first_b = done["backbone"][0], done_b["B-backbone"][0]
     lines = [f"Phase A: {first['steps']} steps from scratch on SQuAD text, {a.seeds} seeds (mean ± sample std), device "
              f"{first['device']}; every arm the same batches and tokens. FLOPs/token: forward matmul FLOPs of the "
@@ -332,6 +335,16 @@ def moc_scratch(argv):
     write_report(a.out_dir, "moc-scratch", lines, {"summaries": done, "summaries_b": done_b, "iso_blocks": iso,
                                                   "flops_per_token": flops, "phase_a_before": before,
                                                   "phase_a_after": retention})
+    plt = pyplot()
+    if plt is not None:  # phase A's curves; each phase-B arm's change of the SQuAD-text loss, seed by seed
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        val_curves(plt, axes[0], runs, "phase A: SQuAD text from scratch, every seed")
+        for i, arm in enumerate(runs_b):
+            axes[1].scatter([i] * len(forgetting[arm]), forgetting[arm], color="k")
+        axes[1].axhline(0, color="grey", linewidth=0.5)
+        axes[1].set_xticks(range(len(runs_b)), list(runs_b), rotation=20, fontsize=8)
+        axes[1].set(ylabel="SQuAD-text val loss after B - before", title="phase B (emotion): forgetting")
+        save_figure(plt, fig, os.path.join(a.out_dir, "forgetting.png"))
 
 
 # ------------------------------------------------------------------------------------- register tokens: EM/F1 vs k

@@ -307,3 +307,4 @@ def test_moc_scratch_sweep_end_to_end(squadtext_tiny_dir, emotion_tiny_dir, tmp_
     assert torch.equal(frozen_b[bank], memory_a[bank]) and not torch.equal(trained_b[bank], memory_a[bank])
     before, after = report["phase_a_before"]["memory"][0], report["phase_a_after"]["B-memory-bank-1"][0]
     assert before != after and "forgetting" in open(os.path.join(out, "moc-scratch.md")).read()
+    assert os.path.isfile(os.path.join(out, "forgetting.png"))
