@@ -76,9 +76,10 @@ def _slot_chunks(n_slots, per_slot):
 
 
 def _rows(bank, idx, T, dtype, normalize):
-    """The gathered rows of chapters idx, raw and RMS-normalised (the same when the bank came normalised)."""
+    """The gathered rows x of chapters idx as stored, and each row's 1 / rms (None when the bank came normalised).
+    The normalised rows y = x s are never built: s is folded into the small score-shaped tensors instead."""
     raw = gather_chapters(bank, idx, T).to(dtype)
-    return raw, rms_normalize(raw) if normalize else raw
+    return raw, torch.rsqrt(raw.pow(2).mean(-1) + ROW_EPS) if normalize else None
 
 
 def _bank_grad(ctx, bank, needed):
@@ -118,14 +119,18 @@ class _Gather(torch.autograd.Function):
         return returned, None, None
 
 
-def _scatter(d_bank, idx, raw, rows, d_rows, normalize, eps=ROW_EPS):
-    """Add the gradient of gathered rows into the bank's: through y = x rsqrt(mean(x^2) + eps) when the rows were
-    normalised after the gather (dx = rsqrt(.) (dy - y mean(dy y))), then index_add into their chapters."""
+def _scatter(d_bank, idx, raw, scale, weights, vectors, raw_dots):
+    """Add into the bank's gradient the gradient of rows read as sum_h weights[h] (vectors[h] . y), y = x s:
+    dL/dy = sum_h weights[h] vectors[h], and through y = x rsqrt(mean(x^2) + eps) (ds/dx = -s^3 x / d)
+    dL/dx = s dL/dy - s^3 x mean(dL/dy . x), where dL/dy . x = sum_h weights[h] raw_dots[h], raw_dots = vectors . x."""
     if d_bank is None:
         return
-    if normalize:
-        d_rows = torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + eps) * (d_rows - rows * (d_rows * rows).mean(-1, keepdim=True))
     T, d = raw.shape[-2:]
+    if scale is None:
+        d_rows = torch.einsum("blhct,blhd->blctd", weights, vectors)
+    else:
+        d_rows = torch.einsum("blhct,blhd->blctd", weights * scale[:, :, None], vectors)
+        d_rows -= raw * (scale ** 3 * (weights * raw_dots).sum(2) / d)[..., None]
     d_bank.view(-1, T, d).index_add_(0, idx.flatten(), d_rows.reshape(-1, T, d).to(d_bank.dtype))
 
 
@@ -137,8 +142,9 @@ class _RoutedScores(torch.autograd.Function):
         B, L, H, d = q.shape
         scores = q.new_empty(B, L, H, idx.size(-1), T)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            rows = _rows(bank, idx[..., sl], T, q.dtype, normalize)[1]  # (B, L, c, T, d)
-            scores[..., sl, :] = torch.einsum("blhd,blctd->blhct", q, rows) * omega[:, :, None, sl, None].to(q.dtype)
+            raw, scale = _rows(bank, idx[..., sl], T, q.dtype, normalize)  # (B, L, c, T, d), (B, L, c, T)
+            w = omega[:, :, None, sl, None].to(q.dtype) * (1 if scale is None else scale[:, :, None])
+            scores[..., sl, :] = torch.einsum("blhd,blctd->blhct", q, raw) * w
         ctx.save_for_backward(q, bank, idx, omega)
         ctx.T, ctx.normalize, ctx.param = T, normalize, _fusable(bank)
         return scores
@@ -149,12 +155,13 @@ class _RoutedScores(torch.autograd.Function):
         T, (B, L, H, d) = ctx.T, q.shape
         (d_bank, returned), d_q, d_omega = _bank_grad(ctx, bank, ctx.needs_input_grad[1]), torch.zeros_like(q), torch.zeros_like(omega)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            raw, rows = _rows(bank, idx[..., sl], T, q.dtype, ctx.normalize)
-            g = grad[..., sl, :].to(q.dtype)
-            g_omega = g * omega[:, :, None, sl, None].to(q.dtype)
-            d_q += torch.einsum("blhct,blctd->blhd", g_omega, rows)
-            d_omega[..., sl] = (g * torch.einsum("blhd,blctd->blhct", q, rows)).sum((2, 4)).to(omega.dtype)
-            _scatter(d_bank, idx[..., sl], raw, rows, torch.einsum("blhct,blhd->blctd", g_omega, q), ctx.normalize)
+            raw, scale = _rows(bank, idx[..., sl], T, q.dtype, ctx.normalize)
+            scale_h = 1 if scale is None else scale[:, :, None]
+            g_omega = grad[..., sl, :].to(q.dtype) * omega[:, :, None, sl, None].to(q.dtype)
+            q_dot_x = torch.einsum("blhd,blctd->blhct", q, raw)
+            d_q += torch.einsum("blhct,blctd->blhd", g_omega * scale_h, raw)
+            d_omega[..., sl] = (grad[..., sl, :].to(q.dtype) * q_dot_x * scale_h).sum((2, 4)).to(omega.dtype)
+            _scatter(d_bank, idx[..., sl], raw, scale, g_omega, q, q_dot_x)
         return d_q, returned, None, d_omega, None, None
 
 
@@ -167,8 +174,9 @@ class _RoutedMix(torch.autograd.Function):
         d = bank.size(-1)
         u = attn.new_zeros(B, L, H, d)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            rows = _rows(bank, idx[..., sl], T, attn.dtype, normalize)[1]
-            u += torch.einsum("blhct,blctd->blhd", attn[..., sl, :] * omega[:, :, None, sl, None].to(attn.dtype), rows)
+            raw, scale = _rows(bank, idx[..., sl], T, attn.dtype, normalize)
+            w = omega[:, :, None, sl, None].to(attn.dtype) * (1 if scale is None else scale[:, :, None])
+            u += torch.einsum("blhct,blctd->blhd", attn[..., sl, :] * w, raw)
         ctx.save_for_backward(attn, bank, idx, omega)
         ctx.T, ctx.normalize, ctx.param = T, normalize, _fusable(bank)
         return u
@@ -181,13 +189,13 @@ class _RoutedMix(torch.autograd.Function):
         (d_bank, returned), d_attn, d_omega = _bank_grad(ctx, bank, ctx.needs_input_grad[1]), torch.zeros_like(attn), torch.zeros_like(omega)
         grad = grad.to(attn.dtype)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            raw, rows = _rows(bank, idx[..., sl], T, attn.dtype, ctx.normalize)
-            g_rows = torch.einsum("blhd,blctd->blhct", grad, rows)  # grad_h . row
+            raw, scale = _rows(bank, idx[..., sl], T, attn.dtype, ctx.normalize)
+            grad_dot_x = torch.einsum("blhd,blctd->blhct", grad, raw)
+            grad_dot_y = grad_dot_x * (1 if scale is None else scale[:, :, None])  # grad_h . row
             w = omega[:, :, None, sl, None].to(attn.dtype)
-            d_attn[..., sl, :] = g_rows * w
-            d_omega[..., sl] = (g_rows * attn[..., sl, :]).sum((2, 4)).to(omega.dtype)
-            _scatter(d_bank, idx[..., sl], raw, rows, torch.einsum("blhct,blhd->blctd", attn[..., sl, :] * w, grad),
-                     ctx.normalize)
+            d_attn[..., sl, :] = grad_dot_y * w
+            d_omega[..., sl] = (grad_dot_y * attn[..., sl, :]).sum((2, 4)).to(omega.dtype)
+            _scatter(d_bank, idx[..., sl], raw, scale, attn[..., sl, :] * w, grad, grad_dot_x)
         return d_attn, returned, None, d_omega, None, None
 
 
