@@ -75,11 +75,10 @@ def _slot_chunks(n_slots, per_slot):
     return [slice(s, min(s + step, n_slots)) for s in range(0, n_slots, step)]
 
 
-def _rows(bank, idx, T, dtype, normalize):
-    """The gathered rows x of chapters idx as stored, and each row's 1 / rms (None when the bank came normalised).
+def _rows(bank, idx, T, dtype, row_scale):
+    """The gathered rows x of chapters idx as stored, and each row's s = 1 / rms (row_scale: all C*T of them).
     The normalised rows y = x s are never built: s is folded into the small score-shaped tensors instead."""
-    raw = gather_chapters(bank, idx, T).to(dtype)
-    return raw, torch.rsqrt(raw.pow(2).mean(-1) + ROW_EPS) if normalize else None
+    return gather_chapters(bank, idx, T).to(dtype), row_scale.view(-1, T)[idx].to(dtype)
 
 
 def _bank_grad(ctx, bank, needed):
@@ -119,49 +118,55 @@ class _Gather(torch.autograd.Function):
         return returned, None, None
 
 
-def _scatter(d_bank, idx, raw, scale, weights, vectors, raw_dots):
+def _scatter(d_bank, coeff, idx, raw, scale, weights, vectors, raw_dots):
     """Add into the bank's gradient the gradient of rows read as sum_h weights[h] (vectors[h] . y), y = x s:
     dL/dy = sum_h weights[h] vectors[h], and through y = x rsqrt(mean(x^2) + eps) (ds/dx = -s^3 x / d)
-    dL/dx = s dL/dy - s^3 x mean(dL/dy . x), where dL/dy . x = sum_h weights[h] raw_dots[h], raw_dots = vectors . x."""
+    dL/dx = s dL/dy - x c, c = s^3 mean(dL/dy . x) = s^3 sum_h weights[h] raw_dots[h] / d (raw_dots = vectors . x).
+    The first term is index-added now; c is collected per row in coeff and x c subtracted once (_finish)."""
     if d_bank is None:
         return
     T, d = raw.shape[-2:]
-    if scale is None:
-        d_rows = torch.einsum("blhct,blhd->blctd", weights, vectors)
-    else:
-        d_rows = torch.einsum("blhct,blhd->blctd", weights * scale[:, :, None], vectors)
-        d_rows -= raw * (scale ** 3 * (weights * raw_dots).sum(2) / d)[..., None]
+    d_rows = torch.einsum("blhct,blhd->blctd", weights * scale[:, :, None], vectors)
     d_bank.view(-1, T, d).index_add_(0, idx.flatten(), d_rows.reshape(-1, T, d).to(d_bank.dtype))
+    coeff.index_add_(0, idx.flatten(), (scale ** 3 * (weights * raw_dots).sum(2) / d).reshape(-1, T).to(coeff.dtype))
+
+
+def _finish(d_bank, coeff, bank):
+    """The second term of every read row's gradient, - x c, for the whole bank at once (c = 0 where nothing was read)."""
+    if d_bank is not None:
+        d_bank.addcmul_(bank, coeff.view(-1, 1), value=-1)
 
 
 class _RoutedScores(torch.autograd.Function):
     """scores[b,l,h,s,j] = omega[b,l,s] * q~[b,l,h] . m^(row j of chapter idx[b,l,s]); q~: (B,L,H,d), idx: (B,L,S)."""
 
     @staticmethod
-    def forward(ctx, q, bank, idx, omega, T, normalize):
+    def forward(ctx, q, bank, idx, omega, T, row_scale):
         B, L, H, d = q.shape
         scores = q.new_empty(B, L, H, idx.size(-1), T)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            raw, scale = _rows(bank, idx[..., sl], T, q.dtype, normalize)  # (B, L, c, T, d), (B, L, c, T)
-            w = omega[:, :, None, sl, None].to(q.dtype) * (1 if scale is None else scale[:, :, None])
+            raw, scale = _rows(bank, idx[..., sl], T, q.dtype, row_scale)  # (B, L, c, T, d), (B, L, c, T)
+            w = omega[:, :, None, sl, None].to(q.dtype) * scale[:, :, None]
             scores[..., sl, :] = torch.einsum("blhd,blctd->blhct", q, raw) * w
-        ctx.save_for_backward(q, bank, idx, omega)
-        ctx.T, ctx.normalize, ctx.param = T, normalize, _fusable(bank)
+        ctx.save_for_backward(q, bank, idx, omega, row_scale)
+        ctx.T, ctx.param = T, _fusable(bank)
         return scores
 
     @staticmethod
     def backward(ctx, grad):
-        q, bank, idx, omega = ctx.saved_tensors
+        q, bank, idx, omega, row_scale = ctx.saved_tensors
         T, (B, L, H, d) = ctx.T, q.shape
         (d_bank, returned), d_q, d_omega = _bank_grad(ctx, bank, ctx.needs_input_grad[1]), torch.zeros_like(q), torch.zeros_like(omega)
+        coeff = row_scale.new_zeros(bank.size(0) // T, T)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            raw, scale = _rows(bank, idx[..., sl], T, q.dtype, ctx.normalize)
-            scale_h = 1 if scale is None else scale[:, :, None]
+            raw, scale = _rows(bank, idx[..., sl], T, q.dtype, row_scale)
+            scale_h = scale[:, :, None]
             g_omega = grad[..., sl, :].to(q.dtype) * omega[:, :, None, sl, None].to(q.dtype)
             q_dot_x = torch.einsum("blhd,blctd->blhct", q, raw)
             d_q += torch.einsum("blhct,blctd->blhd", g_omega * scale_h, raw)
             d_omega[..., sl] = (grad[..., sl, :].to(q.dtype) * q_dot_x * scale_h).sum((2, 4)).to(omega.dtype)
-            _scatter(d_bank, idx[..., sl], raw, scale, g_omega, q, q_dot_x)
+            _scatter(d_bank, coeff, idx[..., sl], raw, scale, g_omega, q, q_dot_x)
+        _finish(d_bank, coeff, bank)
         return d_q, returned, None, d_omega, None, None
 
 
@@ -169,33 +174,35 @@ class _RoutedMix(torch.autograd.Function):
     """u[b,l,h] = sum_{s,j} attn[b,l,h,s,j] * omega[b,l,s] * m^(row j of chapter idx[b,l,s]): (B,L,H,d)."""
 
     @staticmethod
-    def forward(ctx, attn, bank, idx, omega, T, normalize):
+    def forward(ctx, attn, bank, idx, omega, T, row_scale):
         B, L, H = attn.shape[:3]
         d = bank.size(-1)
         u = attn.new_zeros(B, L, H, d)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            raw, scale = _rows(bank, idx[..., sl], T, attn.dtype, normalize)
-            w = omega[:, :, None, sl, None].to(attn.dtype) * (1 if scale is None else scale[:, :, None])
+            raw, scale = _rows(bank, idx[..., sl], T, attn.dtype, row_scale)
+            w = omega[:, :, None, sl, None].to(attn.dtype) * scale[:, :, None]
             u += torch.einsum("blhct,blctd->blhd", attn[..., sl, :] * w, raw)
-        ctx.save_for_backward(attn, bank, idx, omega)
-        ctx.T, ctx.normalize, ctx.param = T, normalize, _fusable(bank)
+        ctx.save_for_backward(attn, bank, idx, omega, row_scale)
+        ctx.T, ctx.param = T, _fusable(bank)
         return u
 
     @staticmethod
     def backward(ctx, grad):
-        attn, bank, idx, omega = ctx.saved_tensors
+        attn, bank, idx, omega, row_scale = ctx.saved_tensors
         T, (B, L, H) = ctx.T, attn.shape[:3]
         d = bank.size(-1)
         (d_bank, returned), d_attn, d_omega = _bank_grad(ctx, bank, ctx.needs_input_grad[1]), torch.zeros_like(attn), torch.zeros_like(omega)
+        coeff = row_scale.new_zeros(bank.size(0) // T, T)
         grad = grad.to(attn.dtype)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
-            raw, scale = _rows(bank, idx[..., sl], T, attn.dtype, ctx.normalize)
+            raw, scale = _rows(bank, idx[..., sl], T, attn.dtype, row_scale)
             grad_dot_x = torch.einsum("blhd,blctd->blhct", grad, raw)
-            grad_dot_y = grad_dot_x * (1 if scale is None else scale[:, :, None])  # grad_h . row
+            grad_dot_y = grad_dot_x * scale[:, :, None]  # grad_h . row
             w = omega[:, :, None, sl, None].to(attn.dtype)
             d_attn[..., sl, :] = grad_dot_y * w
             d_omega[..., sl] = (grad_dot_y * attn[..., sl, :]).sum((2, 4)).to(omega.dtype)
-            _scatter(d_bank, idx[..., sl], raw, scale, attn[..., sl, :] * w, grad, grad_dot_x)
+            _scatter(d_bank, coeff, idx[..., sl], raw, scale, attn[..., sl, :] * w, grad, grad_dot_x)
+        _finish(d_bank, coeff, bank)
         return d_attn, returned, None, d_omega, None, None
 
 
@@ -210,7 +217,7 @@ class ChapterBank(nn.Module):
         self.weight = nn.Parameter(torch.randn(chapters * chapter_tokens, n_embd) * 0.02)
 
     def forward(self, h, ctx):
-        ctx["moc_bank"] = self
+        ctx["moc_bank"], ctx["moc_row_scale"] = self, None  # the scale of this forward's bank: computed when read
         return h
 
 
@@ -271,14 +278,14 @@ class MemoryLayer(nn.Module):
             read = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype))  # no mask
             read = read.transpose(1, 2).reshape(B, L, C)
         else:  # per position: W_K absorbed into the queries, W_V applied after mixing the selected rows
-            # each selected row is normalised where it is read, unless normalising the whole bank is cheaper and
-            # small: a normalised copy (and its gradient) would make the step's memory grow with C*T
-            normalize = bank.chapters > B * L * idx.size(-1) or bank.weight.numel() > GATHER_BUDGET
-            rows = bank.weight if normalize else rms_normalize(bank.weight)
+            # each row's 1/rms, once per forward for every layer (a C*T vector; its gradient is the functions')
+            if ctx.get("moc_row_scale") is None:
+                ctx["moc_row_scale"] = torch.rsqrt(bank.weight.detach().pow(2).mean(-1) + ROW_EPS)
+            rows, row_scale = bank.weight, ctx["moc_row_scale"]
             q_abs = torch.einsum("blhe,hed->blhd", q * dh ** -0.5, self.k.weight.view(H, dh, C).to(q.dtype))
-            scores = _RoutedScores.apply(q_abs, rows, idx, omega, self.T, normalize)  # (B, L, H, n_shared + k, T)
+            scores = _RoutedScores.apply(q_abs, rows, idx, omega, self.T, row_scale)  # (B, L, H, n_shared + k, T)
             attn = F.softmax(scores.flatten(-2), dim=-1).view_as(scores)  # one softmax over every selected row
-            u = _RoutedMix.apply(attn, rows, idx, omega, self.T, normalize)  # (B, L, H, C)
+            u = _RoutedMix.apply(attn, rows, idx, omega, self.T, row_scale)  # (B, L, H, C)
             read = torch.einsum("blhd,hed->blhe", u.to(q.dtype), self.v.weight.view(H, dh, C).to(q.dtype)).reshape(B, L, C)
         return h + self.o(read)
 
