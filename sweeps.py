@@ -67,6 +67,11 @@ def summaries(runs):
     return {arm: [json.load(open(os.path.join(d, "summary.json"))) for d in dirs] for arm, dirs in runs.items()}
 
 
+def column(seeds, key, which="final"):
+    """A table cell: mean ± std over one arm's seeds of summary[which][key]."""
+    return mean_spread([s[which][key] for s in seeds])
+
+
 # ------------------------------------------------------------------------------------- the PRB paper's table
 # arm -> train.py flags; everything else identical across arms. Two settings side by side:
 # corrected (ours): every arm the same data (the <|endoftext|> target kept), precision and evaluation;
@@ -89,10 +94,10 @@ SEED_ARMS = ("seed-lora-r32", "seed-lora-r37", "seed-prb")
 PRB_PAPER = {"seed-lora-r32": (3.357, 3.384), "seed-lora-r37": (3.378, 3.401), "seed-prb": (2.974, 2.991)}
 
 
-def known_arm(arm):
-    """One of PRB_ARMS, or lora-rN for any rank N (alpha = 2N, as the published control): the parameter match
+def known_arm(arm, arms=PRB_ARMS):
+    """One of arms, or lora-rN for any rank N (alpha = 2N, as the published control): the parameter match
     moves with the model's width (r = 35 at GPT-2 small's 768, r = 42 at 128)."""
-    return arm in PRB_ARMS or re.fullmatch(r"lora-r[1-9]\d*", arm) is not None
+    return arm in arms or re.fullmatch(r"lora-r[1-9]\d*", arm) is not None
 
 
 def arm_flags(arm, train_flags):
@@ -151,15 +156,14 @@ def prb_table(argv):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             steps = [r["step"] for r in map(json.loads, f) if r["val_loss"] is not None and r["val_loss"] < a.threshold]
         return steps[0] if steps else None
-    col = lambda arm, f: mean_spread([f(s) for s in done[arm]])
     rows = []
     for arm in arms:
         firsts = [first_below(d) for d in runs[arm]]
         full_vs_causal = "-" if arm not in causal else " → ".join(
             mean_spread([c[pool][0] for c in causal[arm]]) for pool in ("full", "causal"))
         rows.append([arm, "seed-faithful" if arm in SEED_ARMS else "corrected", f"{done[arm][0]['params']['trainable']:,}",
-                     col(arm, lambda s: s["final"]["val_loss"]), col(arm, lambda s: s["final"]["test_loss"]),
-                     col(arm, lambda s: s["best"]["val_loss"]), col(arm, lambda s: s["best"]["test_loss"]),
+                     column(done[arm], "val_loss"), column(done[arm], "test_loss"),
+                     column(done[arm], "val_loss", "best"), column(done[arm], "test_loss", "best"),
                      full_vs_causal,
                      mean_spread(firsts) if None not in firsts else f"{len(firsts) - firsts.count(None)}/{len(firsts)} seeds",
                      mean_spread([c["mean"] for c in consistency[arm]]),
@@ -211,7 +215,7 @@ def moc_table(argv):
     p.add_argument("--out_dir", default="out/moc-table")
     a, train_flags = p.parse_known_args(argv)
     arms = a.arms.split(",")
-    if unknown := [arm for arm in arms if arm not in MOC_ARMS and not re.fullmatch(r"lora-r[1-9]\d*", arm)]:
+    if unknown := [arm for arm in arms if not known_arm(arm, MOC_ARMS)]:
         raise InputError(f"unknown arm {unknown[0]!r}; arms are {', '.join(MOC_ARMS)} and lora-rN for any rank N")
     runs = run_grid(a.out_dir, {arm: MOC_ARMS.get(arm) or arm_flags(arm, train_flags) for arm in arms}, a.seeds, train_flags)
     done = summaries(runs)
@@ -222,8 +226,7 @@ def moc_table(argv):
     for arm in arms:
         model, args = load_run(runs[arm][0], "final", "cpu")[:2]
         rows.append([arm, f"{done[arm][0]['params']['trainable']:,}", f"{added_flops_per_token(model.config, args):,.0f}",
-                     mean_spread([s["final"]["val_loss"] for s in done[arm]]),
-                     mean_spread([s["final"]["test_loss"] for s in done[arm]]),
+                     column(done[arm], "val_loss"), column(done[arm], "test_loss"),
                      "-" if arm not in causal else " → ".join(mean_spread([c[r][0] for c in causal[arm]])
                                                               for r in ("sequence", "token")),
                      mean_spread([sum(s.get("moc_dead_chapters", [0])) for s in done[arm]]) if arm in MOC_ARMS else "-"])
@@ -314,14 +317,13 @@ def moc_scratch(argv):
     flops = {arm: n * block + (memory if arm == "memory" else 0)
              for arm, n in (("backbone", a.n_layer), (dense, iso), ("memory", a.n_layer))}
     rows_a = [[arm, f"{done[arm][0]['params']['total']:,}", f"{flops[arm]:,.0f} ({flops[arm] / flops['backbone']:.2f}x)",
-               mean_spread([s["final"]["val_loss"] for s in done[arm]]),
-               mean_spread([s["final"]["test_loss"] for s in done[arm]])] for arm in runs]
+               column(done[arm], "val_loss"), column(done[arm], "test_loss")] for arm in runs]
     before = {arm: [phase_a_loss(d) for d in dirs] for arm, dirs in runs.items()}
     retention = {arm: [phase_a_loss(d) for d in dirs] for arm, dirs in runs_b.items()}
     origin = {arm: "memory" if arm.startswith("B-memory") else arm.removeprefix("B-") for arm in runs_b}
     forgetting = {arm: [r - b for r, b in zip(retention[arm], before[origin[arm]])] for arm in runs_b}
     rows_b = [[arm, mean_spread(before[origin[arm]]), mean_spread(retention[arm]), mean_spread(forgetting[arm]),
-               mean_spread([s["final"]["val_loss"] for s in done_b[arm]])] for arm in runs_b]
+               column(done_b[arm], "val_loss")] for arm in runs_b]
     first, first_b = done["backbone"][0], done_b["B-backbone"][0]
     lines = [f"Phase A: {first['steps']} steps from scratch on SQuAD text, {a.seeds} seeds (mean ± sample std), device "
              f"{first['device']}; every arm the same batches and tokens. FLOPs/token: forward matmul FLOPs of the "
@@ -363,12 +365,11 @@ def regbert_sweep(argv):
                     train_flags)
     done = {k: runs_done for k, runs_done in zip(ks, summaries(runs).values())}
     first = done[ks[0]][0]
-    col = lambda k, key: mean_spread([s["final"][key] for s in done[k]])
     lines = [f"Base `{first['init_from']}`, {first['steps']} steps, {a.seeds} seed(s) (mean ± sample std), device "
              f"{first['device']}; EM/F1 (official SQuAD v1.1 script) on all {first['final']['n']} {a.dataset} dev questions, "
              f"final weights.", "",
              *markdown(["k registers", "trainable", "EM", "F1", "dev loss"],
-                       [[k, f"{done[k][0]['params']['trainable']:,}", col(k, "em"), col(k, "f1"), col(k, "test_loss")]
+                       [[k, f"{done[k][0]['params']['trainable']:,}", *(column(done[k], key) for key in ("em", "f1", "test_loss"))]
                         for k in ks], left=0)]
     write_report(a.out_dir, "regbert-sweep", lines, {str(k): v for k, v in done.items()})
     plt = pyplot()
