@@ -39,6 +39,12 @@ def fail(message):
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse with exact flag names (no prefixes: a sweep passes the flags it does not know to train.py, and
+    --lr must reach train.py rather than be read as the sweep's --lr_b) and bad input in one line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line and exit 2, instead of usage + message
         script = sys.argv[0] if sys.argv[0].endswith(".py") else self.prog  # as typed: data/squad/prepare.py
         fail(f"{message} (see python {script} --help)")

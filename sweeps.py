@@ -106,7 +106,7 @@ def arm_flags(arm, train_flags):
     if arm not in PRB_ARMS:  # lora-rN
         rank = int(arm.removeprefix("lora-r"))
         return ["--method", "lora", "--lora_rank", str(rank), "--lora_alpha", str(2 * rank)]
-    device_flag = argparse.ArgumentParser(add_help=False)
+    device_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     device_flag.add_argument("--device", default="auto")
     device, _, _ = resolve_system(device_flag.parse_known_args(train_flags)[0].device)
     fp16 = ["--dtype", "float16"] if device.startswith("cuda") else []

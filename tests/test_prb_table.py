@@ -33,6 +33,22 @@ def test_the_arms_are_the_paper_s_and_ours(monkeypatch):
     assert sweeps.known_arm("lora-r42") and not sweeps.known_arm("lora-r0") and not sweeps.known_arm("lora-rx")
 
 
+def test_a_sweep_passes_on_flags_it_does_not_know_exactly(monkeypatch):
+    """No prefix matching: --lr goes to train.py, not into moc-scratch's own --lr_b (argparse's default would take it)."""
+    class Stop(Exception):
+        pass
+
+    def first_grid(out_dir, arms, seeds, train_flags):
+        seen.append(train_flags)
+        raise Stop
+
+    seen = []
+    monkeypatch.setattr(sweeps, "run_grid", first_grid)
+    with pytest.raises(Stop):
+        sweeps.moc_scratch(["--lr", "3e-3", "--lr_b", "1e-4"])
+    assert seen[0][:2] == ["--lr", "3e-3"] and "1e-4" not in seen[0]
+
+
 @pytest.mark.parametrize("rank, trainable", [(32, 4_718_592), (35, 5_160_960), (37, 5_455_872)])
 def test_lora_control_parameter_counts(rank, trainable):
     """r=35 is the parameter match for PRB's 5,093,767 (1.3% more); the paper's r=37 has 7% more."""
