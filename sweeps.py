@@ -2,7 +2,7 @@
 
     python sweeps.py prb-table --seeds 3                    # the PRB paper's arms: table, curves, consistency
     python sweeps.py moc-table --seeds 3                    # chapter memory + LoRA vs LoRA, three routings
-    python sweeps.py moc-scratch --seeds 3 --max_steps 400  # memory vs dense from scratch, then forgetting
+    python sweeps.py moc-scratch --seeds 3 --max_steps 300 --lr_b 3e-3   # memory vs dense from scratch, forgetting
     python sweeps.py regbert-sweep --ks 0,1,2,4,5,8,10,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
     python sweeps.py memory-law --methods sft,memft-ot,memft-sw --ranks 1,2,4,8 --lengths 250,500,1000
     python sweeps.py memory-law out/memory-law              # rows, law fit and plots of finished runs only
