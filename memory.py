@@ -280,7 +280,8 @@ class MemoryLayer(nn.Module):
         else:  # per position: W_K absorbed into the queries, W_V applied after mixing the selected rows
             # each row's 1/rms, once per forward for every layer (a C*T vector; its gradient is the functions')
             if ctx.get("moc_row_scale") is None:
-                ctx["moc_row_scale"] = torch.rsqrt(bank.weight.detach().pow(2).mean(-1) + ROW_EPS)
+                norms = torch.linalg.vector_norm(bank.weight.detach(), dim=-1)  # a reduction: no bank-sized x^2
+                ctx["moc_row_scale"] = torch.rsqrt(norms.square() / bank.weight.size(-1) + ROW_EPS)
             rows, row_scale = bank.weight, ctx["moc_row_scale"]
             q_abs = torch.einsum("blhe,hed->blhd", q * dh ** -0.5, self.k.weight.view(H, dh, C).to(q.dtype))
             scores = _RoutedScores.apply(q_abs, rows, idx, omega, self.T, row_scale)  # (B, L, H, n_shared + k, T)

@@ -66,3 +66,5 @@ def test_bench_memory_cli(capsys, tmp_path):
     import json
     results = json.load(open(tmp_path / "m.json"))["results"]
     assert len(results) == 4 and all(r["peak_gib"] >= r["resident_gib"] > 0 for r in results)
+    assert all(r["read_ms"] > 0 and r["update_ms"] > 0 and r["read_ms"] + r["update_ms"] <= 1.001 * r["ms_per_step"]
+               for r in results)  # one step's two parts (one measured step: the median is that step)
