@@ -10,7 +10,7 @@ the Mixture of Chapters arm at a fixed number of rows read (k*T) for banks of gr
     python bench.py memory                            # d = 768, banks of 4,160 / 65,600 / 262,208 tokens, k*T = 4,096
 
 Every arm trains the same base weights on the same batches (random tokens, --seq_len long: an emotion batch padded
-to its bucket is 32-96 tokens), with AdamW (fused on CUDA), autocast and grad clipping as in train.py.
+to its bucket is 32-96 tokens), with fused AdamW, autocast and grad clipping as in train.py.
 Times are medians of per-step wall times after --warmup steps (CUDA synchronized). The reference arms need
 `transformers` and `peft` (pip install transformers peft); without them only our arms run.
 
@@ -78,7 +78,7 @@ def hf_reference(config, our_model, rank, alpha, dropout, device):
 def time_training(forward, model, batches, steps, warmup, device, autocast):
     """Median wall time of one training step (forward, loss, backward, clip, AdamW), after warm-up."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -396,7 +396,7 @@ def memory_run(a):
             method.setup(model, {})
             model.to(device).train()
             params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+            optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
             times, peaks = [], []
 
             def step(measure):
