@@ -1,0 +1,182 @@
+"""Update atoms (memory.py part 2, Queryable LoRA): LoRA as a special case, the routing's convexity and sparsity,
+the instruction prior's two limits, symmetry under relabelling the atoms, gradients to every part, parameter counts."""
+
+import argparse
+
+import pytest
+import torch
+
+from lora import apply_lora
+from memory import AtomPool, apply_atoms, atom_parameter_counts
+from method import freeze
+from model import GPT, GPTConfig
+from runs import METHODS
+from train import build_parser
+
+CTX = {"prompt_len": torch.tensor([4, 3])}
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+
+
+def atoms_model(n_atoms=6, top_k=2, beta=1.0, seed=0, rank=4):
+    model = freeze(tiny_gpt(seed))
+    pool = apply_atoms(model, rank, 2.0 * rank, 0.0, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], n_atoms,
+                       8, top_k, beta, 0.01, 16)
+    model.attach("embed", pool)
+    return model.eval(), pool
+
+
+def randomise(model, std=0.5):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, std)
+
+
+def test_one_identity_atom_with_k_1_and_no_prior_is_lora():
+    """Same seed, same A init: outputs and every A/B gradient equal plain LoRA's (B set non-zero in both)."""
+    lora = apply_lora(freeze(tiny_gpt()), 4, 8.0, 0.0)
+    model, pool = atoms_model(n_atoms=1, top_k=1, beta=0.0)
+    with torch.no_grad():
+        pool.atoms.copy_(torch.eye(4)[None])
+    lora_params = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+    atom_params = dict(model.named_parameters())
+    assert all(torch.equal(p, atom_params[n]) for n, p in lora_params.items())  # the same A, drawn in the same order
+    torch.manual_seed(1)
+    for n, p in lora_params.items():
+        if ".lora_B" in n:
+            b = torch.randn_like(p)
+            with torch.no_grad():
+                p.copy_(b)
+                atom_params[n].copy_(b)
+    idx = torch.randint(0, 64, (2, 12))
+    out_lora, out_atoms = lora.eval()(idx), model(idx, dict(CTX))
+    torch.testing.assert_close(out_atoms, out_lora, rtol=1e-5, atol=1e-5)
+    out_lora.square().mean().backward()
+    out_atoms.square().mean().backward()
+    for n, p in lora_params.items():
+        torch.testing.assert_close(atom_params[n].grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_routing_is_convex_sparse_and_bounded():
+    torch.manual_seed(0)
+    pool = AtomPool(16, 4, n_atoms=8, n_blocks=2, key_dim=8, top_k=3, beta=0.0, init_std=0.5)
+    with torch.no_grad():
+        pool.atoms.normal_(0, 1)  # far from the identity: norms differ
+    pool.reset()
+    for block in range(2):
+        R = pool.route(block, torch.randn(2, 5, 4))
+        alpha = pool.alphas[block]
+        assert (alpha >= 0).all() and torch.allclose(alpha.sum(-1), torch.ones(2, 5))
+        assert ((alpha > 0).sum(-1) <= 3).all()
+        bound = torch.linalg.matrix_norm(pool.atoms, ord=2).max()
+        assert (torch.linalg.matrix_norm(R, ord=2) <= bound + 1e-5).all()
+
+
+def test_the_prior_beta_0_ignores_the_instruction_and_a_large_beta_follows_it():
+    torch.manual_seed(0)
+    pool = AtomPool(16, 4, n_atoms=8, n_blocks=1, key_dim=8, top_k=3, beta=0.0, init_std=0.1)
+    with torch.no_grad():
+        pool.prior.weight.normal_(0, 1)
+    u, h, other = torch.randn(2, 6, 4), torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+
+    def alpha(beta, embedded):
+        pool.beta = beta
+        pool(embedded, dict(CTX))
+        pool.route(0, u)
+        return pool.alphas[0]
+    assert torch.equal(alpha(0.0, h), alpha(0.0, other))  # beta = 0: the instruction plays no part
+    assert not torch.equal(alpha(1.0, h), alpha(1.0, other))
+    alpha(1e4, h)
+    chosen, expected = pool.chosen[0].sort(-1).values, pool.log_prior.topk(3, dim=-1).indices.sort(-1).values
+    assert torch.equal(chosen, expected)  # a large beta selects TopK(pi)
+
+
+def test_permuting_atoms_with_their_keys_and_prior_rows_changes_nothing():
+    model, pool = atoms_model(n_atoms=6, top_k=2)
+    randomise(model)
+    idx = torch.randint(0, 64, (2, 12))
+    before = model(idx, dict(CTX))
+    perm = torch.randperm(6)
+    with torch.no_grad():
+        pool.atoms.copy_(pool.atoms[perm])
+        pool.keys.copy_(pool.keys[perm])
+        pool.prior.weight.copy_(pool.prior.weight[perm])
+        pool.prior.bias.copy_(pool.prior.bias[perm])
+    torch.testing.assert_close(model(idx, dict(CTX)), before, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_atoms_keys_queries_and_the_prior():
+    model, pool = atoms_model(n_atoms=6, top_k=3, beta=1.0)
+    randomise(model, 0.3)
+    model(torch.randint(0, 64, (2, 12)), dict(CTX)).square().mean().backward()
+    for name in ("atoms", "keys", "query", "prior.weight", "prior.bias"):
+        grad = pool.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_at_init_the_model_is_its_base():
+    base = tiny_gpt()
+    model, _ = atoms_model()
+    idx = torch.randint(0, 64, (2, 12))
+    torch.testing.assert_close(model(idx, dict(CTX)), base.eval()(idx), rtol=0, atol=0)
+
+
+def test_parameters_match_a_lora_baseline_within_5_percent(capsys):
+    """The moc-table base (4 blocks, 128 wide): atoms at r 8 with 16 atoms against LoRA r 9, breakdown printed."""
+    args = build_parser().parse_args(["--method", "atoms", "--dataset", "emotion", "--lora_rank", "8"])
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128))
+        method = METHODS["atoms"](args)
+        method.setup(model, {})
+        lora = apply_lora(freeze(GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128))), 9, 18.0)
+    atoms = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = atom_parameter_counts(method.pool, model)
+    assert sum(counts.values()) == atoms == 71_184
+    assert abs(atoms / sum(p.numel() for p in lora.parameters() if p.requires_grad) - 1) < 0.05  # 73,728
+    assert "atom parameters: A and B 65,536 + atoms 1,024 + keys 512 + queries 2,048 + prior 2,064" in capsys.readouterr().out
+
+
+def test_bad_atom_flags():
+    from cli import InputError
+    parse = lambda *argv: build_parser().parse_args(["--method", "atoms", *argv])
+    with pytest.raises(InputError, match="no instruction"):
+        METHODS["atoms"](argparse.Namespace(**(vars(parse("--dataset", "phonebook")) | {"atoms_beta": 1.0})))
+    with pytest.raises(InputError, match="must lie in"):
+        AtomPool(16, 4, n_atoms=4, n_blocks=1, key_dim=8, top_k=5, beta=0.0, init_std=0.0)
+
+
+@pytest.mark.slow
+def test_atoms_train_export_and_resume_exactly(emotion_small_dir, tmp_path, monkeypatch):
+    """train.py --method atoms: the pool learns, the routing statistics are logged and summarised, and a run stopped
+    after two steps and resumed matches an uninterrupted one bit for bit (usage counts included)."""
+    import json
+    import signal
+
+    import memory
+    import runs
+    import train
+    flags = ["--method", "atoms", "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+             "--block_size", "128", "--batch_size", "4", "--warmup", "1", "--max_steps", "4", "--log_interval", "1",
+             "--eval_interval", "2", "--eval_iters", "1", "--eval_batch_size", "32", "--lora_rank", "4",
+             "--atoms_count", "6", "--atoms_topk", "2", "--data_dir", emotion_small_dir]
+    whole = train.main([*flags, "--out_dir", str(tmp_path / "whole")])
+    assert len(whole["atoms_usage"]) == 2 and all(abs(sum(u) - 1) < 1e-6 for u in whole["atoms_usage"])
+    assert (tmp_path / "whole" / "atoms.safetensors").is_file()
+    logged = [json.loads(l) for l in open(tmp_path / "whole" / "metrics.jsonl")]
+    assert all(0 < e <= torch.log(torch.tensor(2.0)) + 1e-6 for r in logged if "atoms_entropy" in r for e in r["atoms_entropy"])
+
+    class StopsAfterTwoSteps(memory.Atoms):
+        def after_step(self, model):
+            self.steps = getattr(self, "steps", 0) + 1
+            if self.steps == 2:
+                signal.raise_signal(signal.SIGINT)
+    monkeypatch.setitem(runs.METHODS, "atoms", StopsAfterTwoSteps)
+    with pytest.raises(SystemExit):
+        train.main([*flags, "--out_dir", str(tmp_path / "parts")])
+    monkeypatch.setitem(runs.METHODS, "atoms", memory.Atoms)
+    resumed = train.main(["--out_dir", str(tmp_path / "parts"), "--resume"])
+    assert resumed["final"] == whole["final"] and resumed["atoms_usage"] == whole["atoms_usage"]
