@@ -528,9 +528,10 @@ class AtomPool(nn.Module):
         self.atoms = nn.Parameter(torch.eye(rank).expand(n_atoms, rank, rank) + init_std * torch.randn(n_atoms, rank, rank))
         self.keys = nn.Parameter(torch.randn(n_atoms, key_dim))
         self.query = nn.Parameter(torch.randn(n_blocks, key_dim, 2 * rank) / (2 * rank) ** 0.5)
-        self.prior = nn.Linear(n_embd, n_atoms)  # W_I
-        nn.init.zeros_(self.prior.weight)
-        nn.init.zeros_(self.prior.bias)
+        self.prior = nn.Linear(n_embd, n_atoms) if beta else None  # W_I; none without an instruction (beta = 0)
+        if self.prior is not None:
+            nn.init.zeros_(self.prior.weight)
+            nn.init.zeros_(self.prior.bias)
         self.register_buffer("usage", torch.zeros(n_blocks, n_atoms, dtype=torch.float64), persistent=False)
         self.register_buffer("entropy", torch.zeros(n_blocks, 2, dtype=torch.float64), persistent=False)  # sum, count
         self.reset()
@@ -540,7 +541,7 @@ class AtomPool(nn.Module):
 
     def forward(self, h, ctx):
         log_prior = None
-        if self.beta and "prompt_len" in ctx:  # e: the frozen embedding of the instruction, prefix-capped
+        if self.prior is not None and self.beta and "prompt_len" in ctx:  # e: the frozen embedded instruction, prefix-capped
             log_prior = F.log_softmax(self.prior(prefix_mean(h.detach(), ctx["prompt_len"])).float(), dim=-1)
         self.reset(log_prior)
         return h
@@ -616,7 +617,7 @@ def apply_atoms(model, rank, alpha, dropout, targets, n_atoms, key_dim, top_k, b
 def atom_parameter_counts(pool, model):
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     return {"A and B": lora, "atoms": pool.atoms.numel(), "keys": pool.keys.numel(), "queries": pool.query.numel(),
-            "prior": sum(p.numel() for p in pool.prior.parameters())}
+            "prior": sum(p.numel() for p in pool.prior.parameters()) if pool.prior is not None else 0}
 
 
 def add_atom_flags(parser):

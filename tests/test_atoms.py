@@ -78,7 +78,7 @@ def test_routing_is_convex_sparse_and_bounded():
 
 def test_the_prior_beta_0_ignores_the_instruction_and_a_large_beta_follows_it():
     torch.manual_seed(0)
-    pool = AtomPool(16, 4, n_atoms=8, n_blocks=1, key_dim=8, top_k=3, beta=0.0, init_std=0.1)
+    pool = AtomPool(16, 4, n_atoms=8, n_blocks=1, key_dim=8, top_k=3, beta=1.0, init_std=0.1)
     with torch.no_grad():
         pool.prior.weight.normal_(0, 1)
     u, h, other = torch.randn(2, 6, 4), torch.randn(2, 6, 16), torch.randn(2, 6, 16)
@@ -180,3 +180,20 @@ def test_atoms_train_export_and_resume_exactly(emotion_small_dir, tmp_path, monk
     monkeypatch.setitem(runs.METHODS, "atoms", memory.Atoms)
     resumed = train.main(["--out_dir", str(tmp_path / "parts"), "--resume"])
     assert resumed["final"] == whole["final"] and resumed["atoms_usage"] == whole["atoms_usage"]
+
+
+def test_the_regression_toy_runs_at_matched_parameters(tmp_path, capsys):
+    """toy.py end to end on a tiny setting: both arms train (their loss falls below the frozen f0's), parameters
+    within 5%, the report and plot written; a setting with no LoRA rank within 5% is refused in one line."""
+    import json
+
+    import toy
+    toy.main(["--seeds", "2", "--steps", "60", "--width", "16", "--out_dir", str(tmp_path)])
+    data = json.load(open(tmp_path / "atoms-toy.json"))["results"]
+    lora, atoms, base = (next(v for k, v in data.items() if k.startswith(prefix)) for prefix in ("lora-r", "atoms-", "base"))
+    assert abs(atoms[0]["params"] / lora[0]["params"] - 1) <= 0.05
+    assert all(r["test_mse"] < b["test_mse"] for arm in (lora, atoms) for r, b in zip(arm, base))
+    assert (tmp_path / "atoms-toy.png").is_file() and "| atoms-r5-M6-k2 |" in (tmp_path / "atoms-toy.md").read_text()
+    with pytest.raises(SystemExit):
+        toy.main(["--seeds", "1", "--rank", "2", "--atoms", "8", "--out_dir", str(tmp_path / "bad")])
+    assert "within 5%" in capsys.readouterr().err and not (tmp_path / "bad").exists()
