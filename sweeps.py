@@ -3,6 +3,7 @@
     python sweeps.py prb-table --seeds 3                    # the PRB paper's arms: table, curves, consistency
     python sweeps.py moc-table --seeds 3                    # chapter memory + LoRA vs LoRA, three routings
     python sweeps.py moc-scratch --seeds 3 --max_steps 300 --lr_b 3e-3   # memory vs dense from scratch, forgetting
+    python sweeps.py atoms-table --seeds 3                  # update atoms vs LoRA, a beta sweep (emotion, phonebook)
     python sweeps.py regbert-sweep --ks 0,1,2,4,5,8,10,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
     python sweeps.py memory-law --methods sft,memft-ot,memft-sw --ranks 1,2,4,8 --lengths 250,500,1000
     python sweeps.py memory-law out/memory-law              # rows, law fit and plots of finished runs only
@@ -10,6 +11,7 @@
 Flags a sweep does not know go to train.py for every run. Each run lives in <out_dir>/<arm>-s<seed>; finished
 runs are reused and interrupted ones resumed, so running the same command again continues a sweep. Outputs:
 prb-table.md/.json + loss-curves.png; moc-table.md/.json + router-health.png; moc-scratch.md/.json + forgetting.png;
+atoms-table.md/.json + atoms-routing.png;
 regbert-sweep.md/.json + em-f1-vs-k.png; memory-law.md/.json/.csv + law-fit.png, loss-heatmap.png,
 accuracy-heatmap.png, stubborn-grid.png.
 """
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 from contextlib import nullcontext
 
@@ -36,7 +39,7 @@ from tasks import emotion_consistency, train_classifier
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"prb-table": prb_table, "moc-table": moc_table, "moc-scratch": moc_scratch,
+    commands = {"prb-table": prb_table, "moc-table": moc_table, "moc-scratch": moc_scratch, "atoms-table": atoms_table,
                 "regbert-sweep": regbert_sweep, "memory-law": memory_law_sweep}
     if not argv or argv[0] not in commands:
         fail(f"name a sweep: {', '.join(commands)} (python sweeps.py SWEEP --help)")
@@ -347,6 +350,73 @@ def moc_scratch(argv):
         axes[1].set_xticks(range(len(runs_b)), list(runs_b), rotation=20, fontsize=8)
         axes[1].set(ylabel="SQuAD-text val loss after B - before", title="phase B (emotion): forgetting")
         save_figure(plt, fig, os.path.join(a.out_dir, "forgetting.png"))
+
+
+# ------------------------------------------------------------------------------------- update atoms vs LoRA
+ATOM_FLAGS = {"b": "--atoms_beta", "m": "--atoms_count", "k": "--atoms_topk", "d": "--atoms_key_dim"}
+
+
+def atom_arm(arm, dataset):
+    """train.py flags of an atoms-table arm: atoms[-bBETA][-mM][-kK][-dDK] (r 8, alpha 16; the rest as named, else
+    the defaults) or lora-rN (emotion: --method lora; phonebook: SFT with LoRA on every block). None if unknown."""
+    if re.fullmatch(r"lora-r[1-9]\d*", arm):
+        rank = arm.removeprefix("lora-r")
+        return (["--method", "sft", "--adapter", "lora", "--memory_rank", rank, "--lora_alpha", str(2 * int(rank))]
+                if dataset == "phonebook" else arm_flags(arm, []))
+    if not re.fullmatch(r"atoms(-[bmkd]\d+(\.\d+)?)*", arm):
+        return None
+    named = [(ATOM_FLAGS[part[0]], part[1:]) for part in arm.split("-")[1:]]
+    return ["--method", "atoms", "--lora_rank", "8", "--lora_alpha", "16", *(w for pair in named for w in pair)]
+
+
+def atoms_table(argv):
+    p = Parser(description="Update atoms against LoRA over seeds on emotion or PhoneBook (unknown flags go to "
+                           "train.py for every arm): table with stability, atom usage and routing entropy plot.")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--dataset", choices=["emotion", "phonebook"], default="emotion")
+    p.add_argument("--arms", default="lora-r8,lora-r9,atoms,atoms-b0,atoms-b3",
+                   help="comma-separated: lora-rN, atoms[-bBETA][-mM][-kK][-dDK]")
+    p.add_argument("--out_dir", default="out/atoms-table")
+    a, train_flags = p.parse_known_args(argv)
+    arms = {arm: atom_arm(arm, a.dataset) for arm in a.arms.split(",")}
+    if unknown := [arm for arm, flags in arms.items() if flags is None]:
+        raise InputError(f"unknown arm {unknown[0]!r}; arms are lora-rN and atoms[-bBETA][-mM][-kK][-dDK]")
+    runs = run_grid(a.out_dir, arms, a.seeds, [*train_flags, "--dataset", a.dataset])
+    done = summaries(runs)
+
+    def logged(run_dir, key):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return [r[key] for r in map(json.loads, f) if r.get(key) is not None]
+
+    def tail_std(run_dir):  # spread of the logged training loss over the last 20% of the run
+        tail = logged(run_dir, "train_loss")[int(0.8 * len(logged(run_dir, "train_loss"))):]
+        return statistics.stdev(tail) if len(tail) > 1 else None
+
+    def entropy(run_dir):  # the final log window's routing entropy, averaged over blocks
+        last = logged(run_dir, "atoms_entropy")
+        return sum(last[-1]) / len(last[-1]) if last else None
+    scores = ["exact_match", "token_accuracy"] if a.dataset == "phonebook" else ["test_loss"]
+    rows = [[arm, f"{done[arm][0]['params']['trainable']:,}", column(done[arm], "val_loss"),
+             *(column(done[arm], key) for key in scores), mean_spread([tail_std(d) for d in runs[arm]]),
+             mean_spread([entropy(d) for d in runs[arm]])] for arm in arms]
+    first = done[next(iter(arms))][0]
+    lines = [f"Base: `{first['init_from']}`, {first['steps']} steps, {a.seeds} seeds (mean ± sample std), device "
+             f"{first['device']}, dataset {a.dataset}. Tail std: the logged training loss's std over the last 20% "
+             "of the run. Entropy: the routing entropy (nats) of the final log window, averaged over blocks (ln k "
+             "at a uniform top-k).", "",
+             *markdown(["arm", "trainable", "val (final)", *(k.replace("_", " ") for k in scores), "train loss tail std",
+                        "routing entropy"], rows)]
+    write_report(a.out_dir, "atoms-table", lines, {"summaries": done})
+    plt = pyplot()
+    atom_arms = [arm for arm in arms if "atoms_usage" in done[arm][0]]
+    if plt is not None and atom_arms:  # val curves; per atoms arm (seed 0) the usage of every atom in every block
+        fig, axes = plt.subplots(1, 1 + len(atom_arms), figsize=(5 * (1 + len(atom_arms)), 4))
+        val_curves(plt, axes[0], runs, f"{a.dataset}: every seed")
+        for ax, arm in zip(axes[1:], atom_arms):
+            image = ax.imshow(done[arm][0]["atoms_usage"], aspect="auto", cmap="viridis")
+            ax.set(xlabel="atom", ylabel="block", title=f"{arm}: atom usage (seed 0)")
+            fig.colorbar(image, ax=ax)
+        save_figure(plt, fig, os.path.join(a.out_dir, "atoms-routing.png"))
 
 
 # ------------------------------------------------------------------------------------- register tokens: EM/F1 vs k

@@ -197,3 +197,25 @@ def test_the_regression_toy_runs_at_matched_parameters(tmp_path, capsys):
     with pytest.raises(SystemExit):
         toy.main(["--seeds", "1", "--rank", "2", "--atoms", "8", "--out_dir", str(tmp_path / "bad")])
     assert "within 5%" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_atom_arms_name_their_flags():
+    import sweeps
+    assert sweeps.atom_arm("atoms-b0-m8-d16", "emotion")[-6:] == ["--atoms_beta", "0", "--atoms_count", "8",
+                                                                  "--atoms_key_dim", "16"]
+    assert sweeps.atom_arm("lora-r9", "phonebook")[:4] == ["--method", "sft", "--adapter", "lora"]
+    assert sweeps.atom_arm("lora-r9", "emotion")[:2] == ["--method", "lora"]
+    assert sweeps.atom_arm("atoms-x3", "emotion") is None and sweeps.atom_arm("atomsb1", "emotion") is None
+
+
+@pytest.mark.slow
+def test_atoms_table_end_to_end(emotion_tiny_dir, tmp_path):
+    import sweeps
+    tiny = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
+            "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "1", "--warmup", "2", "--eval_batch_size", "16",
+            "--log_interval", "1", "--data_dir", emotion_tiny_dir]
+    sweeps.main(["atoms-table", "--seeds", "2", "--arms", "lora-r4,atoms-b0-m4-k2", "--out_dir", str(tmp_path), *tiny])
+    table = (tmp_path / "atoms-table.md").read_text()
+    assert "| lora-r4 |" in table and "| atoms-b0-m4-k2 |" in table and (tmp_path / "atoms-routing.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["atoms-b0-m4-k2-s0", "atoms-b0-m4-k2-s1",
+                                                                         "lora-r4-s0", "lora-r4-s1"]
