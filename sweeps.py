@@ -389,7 +389,8 @@ def atoms_table(argv):
             return [r[key] for r in map(json.loads, f) if r.get(key) is not None]
 
     def tail_std(run_dir):  # spread of the logged training loss over the last 20% of the run
-        tail = logged(run_dir, "train_loss")[int(0.8 * len(logged(run_dir, "train_loss"))):]
+        losses = logged(run_dir, "train_loss")
+        tail = losses[int(0.8 * len(losses)):]
         return statistics.stdev(tail) if len(tail) > 1 else None
 
     def entropy(run_dir):  # the final log window's routing entropy, averaged over blocks

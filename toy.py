@@ -51,7 +51,7 @@ def the_tasks(d_in, width, seed):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return target, freeze(base), g
+    return target, freeze(base)
 
 
 def adapt(arm, base, target, g, a, seed):
@@ -119,7 +119,7 @@ def main(argv=None):
             f"static-core-r{a.rank}": {"method": "atoms", "rank": a.rank, "atoms": 1, "topk": 1}}
     results = {name: [] for name in arms}
     for seed in tqdm(range(a.seeds), desc="seeds"):
-        target, base, _ = the_tasks(a.d_in, a.width, seed)
+        target, base = the_tasks(a.d_in, a.width, seed)
         for name, arm in arms.items():
             g = torch.Generator().manual_seed(1000 + seed)  # the same batches and noise for every arm of a seed
             test, losses, n = adapt(arm, base, target, g, a, seed)
