@@ -215,3 +215,19 @@ def int_list(text, flag):
         return [int(v) for v in text.split(",") if v]
     except ValueError:
         raise InputError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def split_flags(argv, known):
+    """(our words, train.py's flags): a bare word right after a flag is its value, any other bare word is ours (a
+    run folder). So `RUNS... --memory_rank 4` and `--init_from scratch RUNS...` both split right; put run folders
+    first when a train.py flag takes no value."""
+    ours, theirs, owner = [], [], None
+    for word in argv:
+        if word.startswith("-"):
+            target = ours if word.split("=")[0] in known | {"-h", "--help"} else theirs
+            target.append(word)
+            owner = None if "=" in word else target
+        else:
+            (owner if owner is not None else ours).append(word)
+            owner = None
+    return ours, theirs

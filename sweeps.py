@@ -9,11 +9,8 @@
     python sweeps.py memory-law out/memory-law              # rows, law fit and plots of finished runs only
 
 Flags a sweep does not know go to train.py for every run. Each run lives in <out_dir>/<arm>-s<seed>; finished
-runs are reused and interrupted ones resumed, so running the same command again continues a sweep. Outputs:
-prb-table.md/.json + loss-curves.png; moc-table.md/.json + router-health.png; moc-scratch.md/.json + forgetting.png;
-atoms-table.md/.json + atoms-routing.png;
-regbert-sweep.md/.json + em-f1-vs-k.png; memory-law.md/.json/.csv + law-fit.png, loss-heatmap.png,
-accuracy-heatmap.png, stubborn-grid.png.
+runs are reused and interrupted ones resumed, so running the same command again continues a sweep. Each sweep
+writes <sweep>.md and <sweep>.json into its --out_dir, beside the plots that its --help names.
 """
 
 import argparse
@@ -27,7 +24,7 @@ from contextlib import nullcontext
 
 import torch
 
-from cli import InputError, Parser, fail, int_list, markdown, mean_spread, save_figure, write_report
+from cli import InputError, Parser, fail, int_list, markdown, mean_spread, save_figure, split_flags, write_report
 import train
 from memft import fit_memory_law, memory_law
 from recall import spearman
@@ -68,6 +65,13 @@ def run_grid(out_dir, arms, seeds, train_flags):
 
 def summaries(runs):
     return {arm: [json.load(open(os.path.join(d, "summary.json"))) for d in dirs] for arm, dirs in runs.items()}
+
+
+def logged(run_dir, *keys):
+    """(step, *values) of every metrics.jsonl record of a run that logged all of keys."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [(r["step"], *(r[k] for k in keys)) for r in records if all(r.get(k) is not None for k in keys)]
 
 
 def column(seeds, key, which="final"):
@@ -132,7 +136,7 @@ def losses_by_mode(run_dir, device, switch, modes):
 
 def prb_table(argv):
     p = Parser(description="Run the PRB paper's arms over seeds (unknown flags go to train.py for every arm), "
-                           "then write a markdown table, a loss-curve plot and emotion-consistency scores.")
+                           "then write prb-table.md/.json (with emotion-consistency scores) and loss-curves.png.")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--arms", default=",".join(PRB_ARMS), help="comma-separated subset of " + ", ".join(PRB_ARMS))
     p.add_argument("--out_dir", default="out/prb-table")
@@ -156,8 +160,7 @@ def prb_table(argv):
               if "full" in PRB_ARMS.get(arm, [])}
 
     def first_below(run_dir):
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            steps = [r["step"] for r in map(json.loads, f) if r["val_loss"] is not None and r["val_loss"] < a.threshold]
+        steps = [step for step, loss in logged(run_dir, "val_loss") if loss < a.threshold]
         return steps[0] if steps else None
     rows = []
     for arm in arms:
@@ -194,9 +197,7 @@ def val_curves(plt, ax, runs, title, dashed=()):
     """Every run's logged val loss against its step, one color per arm."""
     for color, (arm, dirs) in zip(plt.cm.tab10.colors, runs.items()):
         for seed, d in enumerate(dirs):
-            with open(os.path.join(d, "metrics.jsonl")) as f:
-                pts = [(r["step"], r["val_loss"]) for r in map(json.loads, f) if r["val_loss"] is not None]
-            ax.plot(*zip(*pts), color=color, alpha=0.8, label=arm if seed == 0 else None,
+            ax.plot(*zip(*logged(d, "val_loss")), color=color, alpha=0.8, label=arm if seed == 0 else None,
                     linestyle="--" if arm in dashed else "-")
     ax.set(xlabel="step", ylabel="val loss (token-weighted CE)", title=title)
     ax.legend(fontsize=8)
@@ -211,7 +212,7 @@ MOC_ARMS = {"moc-token": [*MOC_MEMORY, "--moc_route", "token"], "moc-prompt": [*
 
 def moc_table(argv):
     p = Parser(description="Fine-tune memory + LoRA (token, prompt and the published sequence routing) against LoRA "
-                           "over seeds (unknown flags go to train.py for every arm): table, router health plot.")
+                           "over seeds (unknown flags go to train.py for every arm): moc-table.md/.json, router-health.png.")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--arms", default="lora-r33,lora-r35,moc-token,moc-prompt,moc-sequence",
                    help="comma-separated: moc-token, moc-prompt, moc-sequence and lora-rN for any rank N")
@@ -256,9 +257,7 @@ def plot_router_health(out_dir, first_runs, done):
         for layer, usage in enumerate(done[arm][0]["moc_usage"]):
             share = sorted((u / max(sum(usage), 1) for u in usage), reverse=True)
             axes[0].plot(share, color=color, label=arm if layer == 0 else None)
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            pts = [(r["step"], r["moc_balance"], r["moc_zloss"]) for r in map(json.loads, f) if "moc_balance" in r]
-        steps, balance, z = zip(*pts)
+        steps, balance, z = zip(*logged(run_dir, "moc_balance", "moc_zloss"))
         axes[1].plot(steps, balance, color=color, label=f"{arm} load balance")
         axes[1].plot(steps, z, color=color, linestyle=":", label=f"{arm} z-loss")
     axes[0].set(xlabel="routed chapter (by usage)", ylabel="share of routing decisions", title="chapter usage, seed 0")
@@ -282,7 +281,7 @@ def moc_scratch(argv):
                            "SQuAD text at equal tokens, a GPT with a memory layer vs the same backbone alone vs an "
                            "iso-FLOP dense GPT (more blocks). Phase B: each fine-tuned in full on emotion (memory: the "
                            "bank at the base lr, at 1/6 of it, frozen); SQuAD-text loss before and after. Unknown "
-                           "flags go to train.py for every run.")
+                           "flags go to train.py for every run. Writes moc-scratch.md/.json and forgetting.png.")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--n_layer", type=int, default=4, help="backbone blocks; memory after every 4th from block 2")
     p.add_argument("--n_head", type=int, default=4)
@@ -358,11 +357,13 @@ ATOM_FLAGS = {"b": "--atoms_beta", "m": "--atoms_count", "k": "--atoms_topk", "d
 
 def atom_arm(arm, dataset):
     """train.py flags of an atoms-table arm: atoms[-bBETA][-mM][-kK][-dDK] (r 8, alpha 16; the rest as named, else
-    the defaults) or lora-rN (emotion: --method lora; phonebook: SFT with LoRA on every block). None if unknown."""
-    if re.fullmatch(r"lora-r[1-9]\d*", arm):
-        rank = arm.removeprefix("lora-r")
-        return (["--method", "sft", "--adapter", "lora", "--memory_rank", rank, "--lora_alpha", str(2 * int(rank))]
-                if dataset == "phonebook" else arm_flags(arm, []))
+    the defaults) or lora-rN[-aALPHA] (alpha 2N unless named; emotion: --method lora; phonebook: SFT with LoRA on
+    every block). None if unknown."""
+    if lora := re.fullmatch(r"lora-r([1-9]\d*)(?:-a(\d+(?:\.\d+)?))?", arm):
+        rank, alpha = lora[1], lora[2] or str(2 * int(lora[1]))
+        method = ["--method", "sft", "--adapter", "lora", "--memory_rank"] if dataset == "phonebook" else \
+            ["--method", "lora", "--lora_rank"]
+        return [*method, rank, "--lora_alpha", alpha]
     if not re.fullmatch(r"atoms(-[bmkd]\d+(\.\d+)?)*", arm):
         return None
     named = [(ATOM_FLAGS[part[0]], part[1:]) for part in arm.split("-")[1:]]
@@ -371,31 +372,28 @@ def atom_arm(arm, dataset):
 
 def atoms_table(argv):
     p = Parser(description="Update atoms against LoRA over seeds on emotion or PhoneBook (unknown flags go to "
-                           "train.py for every arm): table with stability, atom usage and routing entropy plot.")
+                           "train.py for every arm): atoms-table.md/.json with stability; atoms-routing.png with "
+                           "the curves, atom usage and routing entropy per block.")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--dataset", choices=["emotion", "phonebook"], default="emotion")
     p.add_argument("--arms", default="lora-r8,lora-r9,atoms,atoms-b0,atoms-b3",
-                   help="comma-separated: lora-rN, atoms[-bBETA][-mM][-kK][-dDK]")
+                   help="comma-separated: lora-rN[-aALPHA], atoms[-bBETA][-mM][-kK][-dDK]")
     p.add_argument("--out_dir", default="out/atoms-table")
     a, train_flags = p.parse_known_args(argv)
     arms = {arm: atom_arm(arm, a.dataset) for arm in a.arms.split(",")}
     if unknown := [arm for arm, flags in arms.items() if flags is None]:
-        raise InputError(f"unknown arm {unknown[0]!r}; arms are lora-rN and atoms[-bBETA][-mM][-kK][-dDK]")
+        raise InputError(f"unknown arm {unknown[0]!r}; arms are lora-rN[-aALPHA] and atoms[-bBETA][-mM][-kK][-dDK]")
     runs = run_grid(a.out_dir, arms, a.seeds, [*train_flags, "--dataset", a.dataset])
     done = summaries(runs)
 
-    def logged(run_dir, key):
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            return [r[key] for r in map(json.loads, f) if r.get(key) is not None]
-
     def tail_std(run_dir):  # spread of the logged training loss over the last 20% of the run
-        losses = logged(run_dir, "train_loss")
+        losses = [loss for _, loss in logged(run_dir, "train_loss")]
         tail = losses[int(0.8 * len(losses)):]
         return statistics.stdev(tail) if len(tail) > 1 else None
 
     def entropy(run_dir):  # the final log window's routing entropy, averaged over blocks
         last = logged(run_dir, "atoms_entropy")
-        return sum(last[-1]) / len(last[-1]) if last else None
+        return statistics.fmean(last[-1][1]) if last else None
     scores = ["exact_match", "token_accuracy"] if a.dataset == "phonebook" else ["test_loss"]
     rows = [[arm, f"{done[arm][0]['params']['trainable']:,}", column(done[arm], "val_loss"),
              *(column(done[arm], key) for key in scores), mean_spread([tail_std(d) for d in runs[arm]]),
@@ -410,20 +408,35 @@ def atoms_table(argv):
     write_report(a.out_dir, "atoms-table", lines, {"summaries": done})
     plt = pyplot()
     atom_arms = [arm for arm in arms if "atoms_usage" in done[arm][0]]
-    if plt is not None and atom_arms:  # val curves; per atoms arm (seed 0) the usage of every atom in every block
-        fig, axes = plt.subplots(1, 1 + len(atom_arms), figsize=(5 * (1 + len(atom_arms)), 4))
-        val_curves(plt, axes[0], runs, f"{a.dataset}: every seed")
-        for ax, arm in zip(axes[1:], atom_arms):
-            image = ax.imshow(done[arm][0]["atoms_usage"], aspect="auto", cmap="viridis")
-            ax.set(xlabel="atom", ylabel="block", title=f"{arm}: atom usage (seed 0)")
-            fig.colorbar(image, ax=ax)
+    if plt is not None and atom_arms:  # top: val curves, then per atoms arm (seed 0) each atom's usage per block;
+        cols = 1 + len(atom_arms)      # bottom: every run's training loss, then the routing entropy per block
+        fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 8), squeeze=False)
+        val_curves(plt, axes[0, 0], runs, f"{a.dataset}: every seed")
+        for color, (arm, dirs) in zip(plt.cm.tab10.colors, runs.items()):
+            for seed, d in enumerate(dirs):
+                axes[1, 0].plot(*zip(*logged(d, "train_loss")), color=color, alpha=0.6, lw=0.8,
+                                label=arm if seed == 0 else None)
+        axes[1, 0].set(xlabel="step", ylabel="train loss", title="training loss (stability)")
+        axes[1, 0].legend(fontsize=8)
+        for col, arm in enumerate(atom_arms, start=1):
+            usage = done[arm][0]["atoms_usage"]
+            image = axes[0, col].imshow(usage, aspect="auto", cmap="viridis")
+            axes[0, col].set(xlabel="atom", ylabel="block", title=f"{arm}: atom usage (seed 0)",
+                             yticks=range(len(usage)))
+            fig.colorbar(image, ax=axes[0, col])
+            steps, entropies = zip(*logged(runs[arm][0], "atoms_entropy"))
+            for block, curve in enumerate(zip(*entropies)):
+                axes[1, col].plot(steps, curve, label=f"block {block}")
+            axes[1, col].axhline(math.log(done[arm][0]["atoms_topk"]), color="grey", ls=":", label="ln k")
+            axes[1, col].set(xlabel="step", ylabel="routing entropy (nats)", title=f"{arm}: entropy (seed 0)")
+            axes[1, col].legend(fontsize=8)
         save_figure(plt, fig, os.path.join(a.out_dir, "atoms-routing.png"))
 
 
 # ------------------------------------------------------------------------------------- register tokens: EM/F1 vs k
 def regbert_sweep(argv):
     p = Parser(description="Train register-token BERT on SQuAD for every k over seeds (unknown flags go to "
-                           "train.py), then write a markdown table of dev EM/F1 and a plot of EM/F1 against k.")
+                           "train.py), then write regbert-sweep.md/.json (dev EM/F1) and em-f1-vs-k.png.")
     p.add_argument("--ks", default="0,1,2,4,5,8,10,16",
                    help="comma-separated register counts (default includes 5 and 10, the poster's sweet spot)")
     p.add_argument("--dataset", choices=["squad", "tydiqa"], default="squad",
@@ -463,10 +476,11 @@ PAPER_LAW = "R^2 > 0.98 over models and benchmarks; Spearman rho(earliest stubbo
 
 
 def memory_law_sweep(argv):
-    p = Parser(description="One row per memorisation run (train.py --dataset phonebook|longctx), the memory law "
-                           "Delta L = C r^alpha l^-beta + b fitted per method, and plots. With --ranks and --lengths "
-                           "it first trains every (method, rank, length) into --out_dir (unknown flags go to "
-                           "train.py; finished runs are reused, interrupted ones resumed).")
+    p = Parser(description="One row per memorisation run (train.py --dataset phonebook|longctx) and the memory law "
+                           "Delta L = C r^alpha l^-beta + b fitted per method: memory-law.md/.json/.csv, law-fit.png, "
+                           "loss-heatmap.png, accuracy-heatmap.png, stubborn-grid.png. With --ranks and --lengths it "
+                           "first trains every (method, rank, length) into --out_dir (unknown flags go to train.py; "
+                           "finished runs are reused, interrupted ones resumed).")
     p.add_argument("runs", nargs="*", help="run folders, or folders holding them (default: --out_dir)")
     p.add_argument("--methods", default="sft", help="comma-separated: sft, memft-ot, memft-sw, memft-window")
     p.add_argument("--ranks", default="", help="comma-separated ranks to train (none: only read the runs)")
@@ -488,22 +502,6 @@ def memory_law_sweep(argv):
     if not rows:
         raise InputError(f"no finished memorisation runs (summary.json with a rank) in {', '.join(a.runs or [a.out_dir])}")
     write_memory_law(rows, a.out_dir)
-
-
-def split_flags(argv, known):
-    """(our words, train.py's flags): a bare word right after a flag is its value, any other bare word is ours (a
-    run folder). So `RUNS... --memory_rank 4` and `--init_from scratch RUNS...` both split right; put run folders
-    first when a train.py flag takes no value."""
-    ours, theirs, owner = [], [], None
-    for word in argv:
-        if word.startswith("-"):
-            target = ours if word.split("=")[0] in known | {"-h", "--help"} else theirs
-            target.append(word)
-            owner = None if "=" in word else target
-        else:
-            (owner if owner is not None else ours).append(word)
-            owner = None
-    return ours, theirs
 
 
 def memory_runs(paths):

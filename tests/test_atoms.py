@@ -204,7 +204,9 @@ def test_atom_arms_name_their_flags():
     assert sweeps.atom_arm("atoms-b0-m8-d16", "emotion")[-6:] == ["--atoms_beta", "0", "--atoms_count", "8",
                                                                   "--atoms_key_dim", "16"]
     assert sweeps.atom_arm("lora-r9", "phonebook")[:4] == ["--method", "sft", "--adapter", "lora"]
-    assert sweeps.atom_arm("lora-r9", "emotion")[:2] == ["--method", "lora"]
+    assert sweeps.atom_arm("lora-r9", "emotion") == ["--method", "lora", "--lora_rank", "9", "--lora_alpha", "18"]
+    assert sweeps.atom_arm("lora-r8-a32", "phonebook")[-4:] == ["--memory_rank", "8", "--lora_alpha", "32"]
+    assert sweeps.atom_arm("lora-r8-x", "emotion") is None
     assert sweeps.atom_arm("atoms-x3", "emotion") is None and sweeps.atom_arm("atomsb1", "emotion") is None
 
 
