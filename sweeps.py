@@ -407,7 +407,7 @@ def atoms_table(argv):
                         "routing entropy"], rows)]
     write_report(a.out_dir, "atoms-table", lines, {"summaries": done})
     plt = pyplot()
-    atom_arms = [arm for arm in arms if "atoms_usage" in done[arm][0]]
+    atom_arms = [arm for arm in arms if done[arm][0].get("atoms_count", 1) > 1]  # one atom: nothing is routed
     if plt is not None and atom_arms:  # top: val curves, then per atoms arm (seed 0) each atom's usage per block;
         cols = 1 + len(atom_arms)      # bottom: every run's training loss, then the routing entropy per block
         fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 8), squeeze=False)
