@@ -59,12 +59,12 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def apply_lora(model, rank, alpha, dropout=0.0, targets=GPT2_BLOCK_MATRICES):
-    """Wrap every nn.Linear whose name ends with one of `targets` in a LoRALinear (its W0 frozen); returns the
-    model. Nothing else is frozen here: a method calls method.freeze(model) first when only LoRA should train.
-    Modules attached at the model's sites (method modules) are never wrapped."""
+def apply_lora(model, rank, alpha, dropout=0.0, targets=GPT2_BLOCK_MATRICES, wrap=None):
+    """Wrap every nn.Linear whose name ends with one of `targets` in a LoRALinear (its W0 frozen), or in what
+    wrap(linear) returns (a LoRALinear subclass); returns the model. Nothing else is frozen here: a method calls
+    method.freeze(model) first when only LoRA should train. Modules attached at sites are never wrapped."""
     is_target = lambda name, m: isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-    if not replace_modules(model, is_target, lambda linear: LoRALinear(linear, rank, alpha, dropout)):
+    if not replace_modules(model, is_target, wrap or (lambda linear: LoRALinear(linear, rank, alpha, dropout))):
         raise InputError(f"LoRA targets {', '.join(targets)} match no Linear layer of this model")
     model.lora_settings = {"rank": rank, "alpha": alpha, "targets": list(targets)}
     return model

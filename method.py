@@ -10,6 +10,7 @@ default, so a method overrides only what it needs:
     aux_loss(model)            a tensor added to the objective, or None                       (router balance)
     lr_scales(model)           {parameter: learning-rate multiplier} for those not at --lr    (memory banks)
     after_backward(model)      gradients are unscaled; clipping and the optimizer step follow (K-FAC preconditioning)
+    before_step(model)         gradients are clipped; the optimizer step follows     (GRIT's released precondition)
     after_step(model)          right after the optimizer step                                  (reprojection)
     state_dict / load_state_dict   the method's own training state, saved in ckpt.pt          (exact resume)
     metrics(model)             extra fields for each metrics.jsonl line with a train loss     (router health)
@@ -78,6 +79,9 @@ class Method:
         return {}
 
     def after_backward(self, model):
+        pass
+
+    def before_step(self, model):
         pass
 
     def after_step(self, model):

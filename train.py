@@ -334,12 +334,13 @@ def train(args, explicit):
                 aux = method.aux_loss(model)
                 if aux is not None:
                     loss = loss + aux
-            # backward; the method's hook on unscaled gradients; clip; step; the method's hook after the step
+            # backward; the method's hooks on unscaled gradients before and after clipping; step; and after it
             run.scaler.scale(loss).backward()
             run.scaler.unscale_(run.optimizer)
             method.after_backward(model)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip)
+            method.before_step(model)
             run.scaler.step(run.optimizer)
             run.scaler.update()
             method.after_step(model)

@@ -1,6 +1,6 @@
 """The training hooks of method.py are called where their contract says: the auxiliary loss is added to the
-objective, after_backward sees unclipped gradients before the step, after_step sees the updated weights, and the
-method's own state is saved in ckpt.pt."""
+objective, after_backward sees unclipped gradients, before_step the clipped ones before the step, after_step sees the
+updated weights, and the method's own state is saved in ckpt.pt."""
 
 import pytest
 import torch
@@ -34,6 +34,9 @@ class Recorder(Method):
         grad = self.shift.bias.grad
         self.calls.append(("after_backward", grad.norm().item(), (grad > 500).all().item(), self.shift.bias.detach().clone()))
 
+    def before_step(self, model):
+        self.calls.append(("before_step", self.shift.bias.grad.norm().item(), self.shift.bias.detach().clone()))
+
     def after_step(self, model):
         self.calls.append(("after_step", self.shift.bias.detach().clone()))
 
@@ -42,7 +45,7 @@ class Recorder(Method):
 
 
 @pytest.mark.slow
-def test_hooks_run_in_order_with_unclipped_gradients(emotion_small_dir, tmp_path, monkeypatch):
+def test_hooks_run_in_order_around_clipping(emotion_small_dir, tmp_path, monkeypatch):
     import runs
     import train
     monkeypatch.setitem(runs.METHODS, "recorder", Recorder)
@@ -51,8 +54,9 @@ def test_hooks_run_in_order_with_unclipped_gradients(emotion_small_dir, tmp_path
                 "--block_size", "128", "--batch_size", "2", "--max_steps", "2", "--warmup", "1", "--grad_clip", "1e-3",
                 "--eval_interval", "2", "--eval_iters", "1", "--eval_batch_size", "32", "--data_dir", emotion_small_dir,
                 "--out_dir", str(tmp_path / "run")])
-    assert [c[0] for c in Recorder.calls] == ["after_backward", "after_step"] * 2
-    (_, norm, aux_in_grad, before), (_, after) = Recorder.calls[:2]
+    assert [c[0] for c in Recorder.calls] == ["after_backward", "before_step", "after_step"] * 2
+    (_, norm, aux_in_grad, before), (_, clipped, still), (_, after) = Recorder.calls[:3]
     assert aux_in_grad and norm > 1000 * 32 ** 0.5 * 0.99  # the aux loss reached the gradient, not yet clipped to 1e-3
+    assert clipped <= 1e-3 * 1.0001 and torch.equal(before, still)  # before_step: clipped, and the step still to come
     assert not torch.equal(before, after)  # after_step comes after the optimizer step
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["method_state"]["calls"] == 4
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["method_state"]["calls"] == 6
