@@ -14,6 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
+import grit
 import lora
 import memft
 import memory
@@ -27,7 +28,8 @@ from tasks import LanguageModeling
 
 # Every --method and the class that implements it (method.py says what a method is). Merged explicitly: grep a
 # name to find its code. Adding a method = writing its class + one entry here (or in its module's table).
-METHODS = {"full": FullFineTuning} | lora.METHODS | registers.METHODS | memft.METHODS | memory.METHODS
+METHODS = ({"full": FullFineTuning} | lora.METHODS | registers.METHODS | memft.METHODS | memory.METHODS
+           | grit.METHODS)
 # Every --dataset and the task that owns it (tasks.py says what a task is).
 TASKS = {"emotion": LanguageModeling, "squadtext": LanguageModeling, "squad": ExtractiveQA, "tydiqa": ExtractiveQA,
          "phonebook": ExactRecall, "longctx": ExactRecall}
