@@ -4,6 +4,7 @@
     python sweeps.py moc-table --seeds 3                    # chapter memory + LoRA vs LoRA, three routings
     python sweeps.py moc-scratch --seeds 3 --max_steps 300 --lr_b 3e-3   # memory vs dense from scratch, forgetting
     python sweeps.py atoms-table --seeds 3                  # update atoms vs LoRA, a beta sweep (emotion, phonebook)
+    python sweeps.py grit-table --seeds 3                   # GRIT, both pairings, vs LoRA (emotion, phonebook)
     python sweeps.py regbert-sweep --ks 0,1,2,4,5,8,10,16 --seeds 3 --init_from bert-base-uncased   # EM/F1 vs k
     python sweeps.py memory-law --methods sft,memft-ot,memft-sw --ranks 1,2,4,8 --lengths 250,500,1000
     python sweeps.py memory-law out/memory-law              # rows, law fit and plots of finished runs only
@@ -37,7 +38,8 @@ from tasks import emotion_consistency, train_classifier
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     commands = {"prb-table": prb_table, "moc-table": moc_table, "moc-scratch": moc_scratch, "atoms-table": atoms_table,
-                "regbert-sweep": regbert_sweep, "memory-law": memory_law_sweep}
+                "regbert-sweep": regbert_sweep, "memory-law": memory_law_sweep,
+                "grit-table": grit_table}
     if not argv or argv[0] not in commands:
         fail(f"name a sweep: {', '.join(commands)} (python sweeps.py SWEEP --help)")
     try:
@@ -72,6 +74,24 @@ def logged(run_dir, *keys):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [(r["step"], *(r[k] for k in keys)) for r in records if all(r.get(k) is not None for k in keys)]
+
+
+def tail_std(run_dir):
+    """The spread of a run's logged training loss over the last 20% of its log lines (None below two)."""
+    losses = [loss for _, loss in logged(run_dir, "train_loss")]
+    tail = losses[int(0.8 * len(losses)):]
+    return statistics.stdev(tail) if len(tail) > 1 else None
+
+
+def against_lora(dataset):
+    """The task's scores and the header of a method-vs-LoRA table's first columns (see first_cells)."""
+    scores = ["exact_match", "token_accuracy"] if dataset == "phonebook" else ["test_loss"]
+    return scores, ["arm", "trainable", "val (final)", *(k.replace("_", " ") for k in scores), "train loss tail std"]
+
+
+def first_cells(arm, runs, done, scores):
+    return [arm, f"{done[arm][0]['params']['trainable']:,}", column(done[arm], "val_loss"),
+            *(column(done[arm], key) for key in scores), mean_spread([tail_std(d) for d in runs[arm]])]
 
 
 def column(seeds, key, which="final"):
@@ -386,25 +406,17 @@ def atoms_table(argv):
     runs = run_grid(a.out_dir, arms, a.seeds, [*train_flags, "--dataset", a.dataset])
     done = summaries(runs)
 
-    def tail_std(run_dir):  # spread of the logged training loss over the last 20% of the run
-        losses = [loss for _, loss in logged(run_dir, "train_loss")]
-        tail = losses[int(0.8 * len(losses)):]
-        return statistics.stdev(tail) if len(tail) > 1 else None
-
     def entropy(run_dir):  # the final log window's routing entropy, averaged over blocks
         last = logged(run_dir, "atoms_entropy")
         return statistics.fmean(last[-1][1]) if last else None
-    scores = ["exact_match", "token_accuracy"] if a.dataset == "phonebook" else ["test_loss"]
-    rows = [[arm, f"{done[arm][0]['params']['trainable']:,}", column(done[arm], "val_loss"),
-             *(column(done[arm], key) for key in scores), mean_spread([tail_std(d) for d in runs[arm]]),
-             mean_spread([entropy(d) for d in runs[arm]])] for arm in arms]
+    scores, header = against_lora(a.dataset)
+    rows = [[*first_cells(arm, runs, done, scores), mean_spread([entropy(d) for d in runs[arm]])] for arm in arms]
     first = done[next(iter(arms))][0]
     lines = [f"Base: `{first['init_from']}`, {first['steps']} steps, {a.seeds} seeds (mean ± sample std), device "
              f"{first['device']}, dataset {a.dataset}. Tail std: the logged training loss's std over the last 20% "
              "of the run. Entropy: the routing entropy (nats) of the final log window, averaged over blocks (ln k "
              "at a uniform top-k).", "",
-             *markdown(["arm", "trainable", "val (final)", *(k.replace("_", " ") for k in scores), "train loss tail std",
-                        "routing entropy"], rows)]
+             *markdown([*header, "routing entropy"], rows)]
     write_report(a.out_dir, "atoms-table", lines, {"summaries": done})
     plt = pyplot()
     atom_arms = [arm for arm in arms if done[arm][0].get("atoms_count", 1) > 1]  # one atom: nothing is routed
@@ -431,6 +443,76 @@ def atoms_table(argv):
             axes[1, col].set(xlabel="step", ylabel="routing entropy (nats)", title=f"{arm}: entropy (seed 0)")
             axes[1, col].legend(fontsize=8)
         save_figure(plt, fig, os.path.join(a.out_dir, "atoms-routing.png"))
+
+
+# ------------------------------------------------------------------------------------- GRIT vs LoRA
+GRIT_COMMON = ["--lora_rank", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--grad_clip", "1.5"]  # grit/config.py
+
+
+def grit_arm(arm, dataset):
+    """train.py flags of a grit-table arm: lora, or grit[-kfac][-before] (the released pairing and clipping order
+    unless named), at GRIT_COMMON; GRIT at LoRA's scale alpha / r (rsLoRA's alpha / sqrt(r) is a larger lr). None if
+    unknown."""
+    if arm == "lora":
+        return ["--method", "sft", "--adapter", "lora", "--memory_rank", "16"] if dataset == "phonebook" else \
+            ["--method", "lora"]
+    if not re.fullmatch(r"grit(-kfac)?(-before)?", arm):
+        return None
+    return ["--method", "grit", "--grit_rslora", "off", "--grit_pairing", "kfac" if "-kfac" in arm else "released",
+            "--grit_clip", "before" if arm.endswith("-before") else "released"]
+
+
+@torch.no_grad()
+def drift(run_dir, heldout, device):
+    """(|Delta W|, held-out loss): the norm of every adapted layer's update, stacked, and the final model's loss on
+    the base model's own validation text (heldout: the base run's task)."""
+    model = load_run(run_dir, "final", device)[0]
+    norm = sum(m.delta_weight().pow(2).sum() for m in model.modules() if hasattr(m, "delta_weight")) ** 0.5
+    return norm.item(), heldout.evaluate(model, heldout.split("validation"), nullcontext(), 64)
+
+
+def grit_table(argv):
+    p = Parser(description="GRIT (both pairings) against LoRA at the same rank over seeds on emotion or PhoneBook "
+                           "(unknown flags go to train.py for every arm): grit-table.md/.json with |Delta W| and the "
+                           "base's held-out text loss after fine-tuning; grit-rank.png with the effective rank over "
+                           "training.")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--dataset", choices=["emotion", "phonebook"], default="emotion")
+    p.add_argument("--arms", default="lora,grit,grit-kfac", help="comma-separated: lora, grit[-kfac][-before]")
+    p.add_argument("--out_dir", default="out/grit-table")
+    a, train_flags = p.parse_known_args(argv)
+    arms = {arm: grit_arm(arm, a.dataset) for arm in a.arms.split(",")}
+    if unknown := [arm for arm, flags in arms.items() if flags is None]:
+        raise InputError(f"unknown arm {unknown[0]!r}; arms are lora and grit[-kfac][-before]")
+    runs = run_grid(a.out_dir, arms, a.seeds, [*GRIT_COMMON, *train_flags, "--dataset", a.dataset])
+    done = summaries(runs)
+    device, _, _ = resolve_system(dtype="float32", compile=False)
+    base_model, _, heldout, _ = load_run(done[next(iter(arms))][0]["init_from"], "final", device)
+    before = heldout.evaluate(base_model, heldout.split("validation"), nullcontext(), 64)
+    drifts = {arm: [drift(d, heldout, device) for d in dirs] for arm, dirs in runs.items()}
+    scores, header = against_lora(a.dataset)
+    rank = lambda arm, key: mean_spread([logged(d, key)[-1][1] for d in runs[arm]]) if arm != "lora" else "-"
+    rows = [[*first_cells(arm, runs, done, scores), rank(arm, "grit_k"), rank(arm, "grit_effective_params"),
+             mean_spread([n for n, _ in drifts[arm]]), mean_spread([loss - before for _, loss in drifts[arm]])]
+            for arm in arms]
+    first = done[next(iter(arms))][0]
+    lines = [f"Base: `{first['init_from']}` (held-out: its validation text, {before:.3f} before fine-tuning), "
+             f"{first['steps']} steps, {a.seeds} seeds (mean ± sample std), device {first['device']}, dataset "
+             f"{a.dataset}. k: mean kept rank at the end; effective params: sum k (d_in + d_out) / sum r (d_in + d_out), "
+             "the paper's parameter count; the tensors keep rank r.", "",
+             *markdown([*header, "k", "effective params", "|ΔW|", "held-out loss change"], rows)]
+    write_report(a.out_dir, "grit-table", lines, {"summaries": done, "drift": drifts, "heldout_before": before})
+    plt = pyplot()
+    if plt is not None:  # val curves; the effective parameter share of every GRIT run over training
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        val_curves(plt, axes[0], runs, f"{a.dataset}: every seed")
+        for color, (arm, dirs) in zip(plt.cm.tab10.colors, runs.items()):
+            for seed, d in enumerate(dirs if arm != "lora" else []):
+                axes[1].plot(*zip(*logged(d, "grit_effective_params")), color=color, label=arm if seed == 0 else None)
+        axes[1].set(xlabel="step", ylabel="sum k (d_in + d_out) / sum r (d_in + d_out)",
+                    title="effective rank share (tensors keep r)")
+        axes[1].legend(fontsize=8)
+        save_figure(plt, fig, os.path.join(a.out_dir, "grit-rank.png"))
 
 
 # ------------------------------------------------------------------------------------- register tokens: EM/F1 vs k
