@@ -68,3 +68,14 @@ def test_bench_memory_cli(capsys, tmp_path):
     assert len(results) == 4 and all(r["peak_gib"] >= r["resident_gib"] > 0 for r in results)
     assert all(r["read_ms"] > 0 and r["update_ms"] > 0 and r["read_ms"] + r["update_ms"] <= 1.001 * r["ms_per_step"]
                for r in results)  # one step's two parts (one measured step: the median is that step)
+
+
+def test_bench_grit_cli(capsys, tmp_path):
+    """bench.py grit on a tiny config, long enough for statistics, an inversion and a reprojection inside the timing."""
+    bench.main(["grit", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--lora_rank", "4", "--batch_size", "2",
+                "--seq_len", "8", "--steps", "55", "--warmup", "0", "--device", "cpu", "--json", str(tmp_path / "g.json")])
+    out = capsys.readouterr().out
+    assert "| LoRA |" in out and "| GRIT |" in out and "last inversion at step 50" in out
+    import json
+    results = json.load(open(tmp_path / "g.json"))["results"]
+    assert results["LoRA"]["mean_ms"] > 0 and results["GRIT"]["mean_ms"] > 0
