@@ -104,8 +104,9 @@ def add_lora_flags(parser):
 
 
 class LoRA(Method):
-    """--method lora: the frozen model with LoRA on --lora_targets (the PRB paper's baseline, §3.1)."""
-    datasets = ("emotion",)
+    """--method lora: the frozen model with LoRA on --lora_targets (the PRB paper's baseline, §3.1); on PhoneBook,
+    plain SFT with LoRA on every block (as `--method sft --adapter lora`)."""
+    datasets = ("emotion", "phonebook")
     add_flags = staticmethod(add_lora_flags)
     aliases = {"rank": "lora_rank", "alpha": "lora_alpha"}
 

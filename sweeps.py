@@ -449,13 +449,12 @@ def atoms_table(argv):
 GRIT_COMMON = ["--lora_rank", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--grad_clip", "1.5"]  # grit/config.py
 
 
-def grit_arm(arm, dataset):
+def grit_arm(arm):
     """train.py flags of a grit-table arm: lora, or grit[-kfac][-before] (the released pairing and clipping order
-    unless named), at GRIT_COMMON; GRIT at LoRA's scale alpha / r (rsLoRA's alpha / sqrt(r) is a larger lr). None if
-    unknown."""
+    unless named), at GRIT_COMMON (later flags win); GRIT at LoRA's scale alpha / r (rsLoRA's alpha / sqrt(r) is a
+    larger lr). None if unknown."""
     if arm == "lora":
-        return ["--method", "sft", "--adapter", "lora", "--memory_rank", "16"] if dataset == "phonebook" else \
-            ["--method", "lora"]
+        return ["--method", "lora"]
     if not re.fullmatch(r"grit(-kfac)?(-before)?", arm):
         return None
     return ["--method", "grit", "--grit_rslora", "off", "--grit_pairing", "kfac" if "-kfac" in arm else "released",
@@ -464,7 +463,7 @@ def grit_arm(arm, dataset):
 
 @torch.no_grad()
 def drift(run_dir, heldout, device):
-    """(|Delta W|, held-out loss): the norm of every adapted layer's update, stacked, and the final model's loss on
+    """(‖Delta W‖, held-out loss): the norm of every adapted layer's update, stacked, and the final model's loss on
     the base model's own validation text (heldout: the base run's task)."""
     model = load_run(run_dir, "final", device)[0]
     norm = sum(m.delta_weight().pow(2).sum() for m in model.modules() if hasattr(m, "delta_weight")) ** 0.5
@@ -473,7 +472,7 @@ def drift(run_dir, heldout, device):
 
 def grit_table(argv):
     p = Parser(description="GRIT (both pairings) against LoRA at the same rank over seeds on emotion or PhoneBook "
-                           "(unknown flags go to train.py for every arm): grit-table.md/.json with |Delta W| and the "
+                           "(unknown flags go to train.py for every arm): grit-table.md/.json with ‖Delta W‖ and the "
                            "base's held-out text loss after fine-tuning; grit-rank.png with the effective rank over "
                            "training.")
     p.add_argument("--seeds", type=int, default=3)
@@ -481,7 +480,7 @@ def grit_table(argv):
     p.add_argument("--arms", default="lora,grit,grit-kfac", help="comma-separated: lora, grit[-kfac][-before]")
     p.add_argument("--out_dir", default="out/grit-table")
     a, train_flags = p.parse_known_args(argv)
-    arms = {arm: grit_arm(arm, a.dataset) for arm in a.arms.split(",")}
+    arms = {arm: grit_arm(arm) for arm in a.arms.split(",")}
     if unknown := [arm for arm, flags in arms.items() if flags is None]:
         raise InputError(f"unknown arm {unknown[0]!r}; arms are lora and grit[-kfac][-before]")
     runs = run_grid(a.out_dir, arms, a.seeds, [*GRIT_COMMON, *train_flags, "--dataset", a.dataset])
@@ -500,7 +499,7 @@ def grit_table(argv):
              f"{first['steps']} steps, {a.seeds} seeds (mean ± sample std), device {first['device']}, dataset "
              f"{a.dataset}. k: mean kept rank at the end; effective params: sum k (d_in + d_out) / sum r (d_in + d_out), "
              "the paper's parameter count; the tensors keep rank r.", "",
-             *markdown([*header, "k", "effective params", "|ΔW|", "held-out loss change"], rows)]
+             *markdown([*header, "k", "effective params", "‖ΔW‖", "held-out loss change"], rows)]
     write_report(a.out_dir, "grit-table", lines, {"summaries": done, "drift": drifts, "heldout_before": before})
     plt = pyplot()
     if plt is not None:  # val curves; the effective parameter share of every GRIT run over training
