@@ -138,9 +138,14 @@ def main(argv=None):
     p.add_argument("--no_prb", action="store_true", help="skip the LoRA + register bank arms")
     p.add_argument("--prb_pool", choices=POOLS, default="causal", help="pooling of the PRB arms")
     p.add_argument("--json", help="also write the results to this file")
-    a = p.parse_args(argv)
+    parse_and_run(p, argv, run)
+
+
+def parse_and_run(parser, argv, run_bench):
+    """Parse a bench's flags and run it; bad input ends in one line (cli.fail), not a traceback."""
+    a = parser.parse_args(argv)
     try:
-        run(a)
+        run_bench(a)
     except InputError as e:
         fail(e)
 
@@ -241,11 +246,7 @@ def qa_main(argv):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--no_reference", action="store_true")
     p.add_argument("--json", help="also write the results to this file")
-    a = p.parse_args(argv)
-    try:
-        qa_run(a)
-    except InputError as e:
-        fail(e)
+    parse_and_run(p, argv, qa_run)
 
 
 def qa_run(a):
@@ -368,11 +369,7 @@ def memory_main(argv):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the results to this file")
-    a = p.parse_args(argv)
-    try:
-        memory_run(a)
-    except InputError as e:
-        fail(e)
+    parse_and_run(p, argv, memory_run)
 
 
 def memory_run(a):
@@ -483,11 +480,7 @@ def grit_main(argv):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the results to this file")
-    a = p.parse_args(argv)
-    try:
-        grit_run(a)
-    except InputError as e:
-        fail(e)
+    parse_and_run(p, argv, grit_run)
 
 
 def grit_run(a):
