@@ -28,6 +28,28 @@ def interrupt_run(args, out_dir, metric_lines, sig=signal.SIGINT):
     return stdout
 
 
+def stopped_then_resumed(monkeypatch, name, flags, out_dir, steps):
+    """train.py with --method `name` interrupted (SIGINT) right after its `steps`-th optimizer step, then resumed
+    with --resume; returns the resumed run's summary (compare it with an uninterrupted run's)."""
+    import pytest
+
+    import runs
+    import train
+    method_class = runs.METHODS[name]
+
+    class StopsEarly(method_class):
+        def after_step(self, model):
+            super().after_step(model)
+            self.steps_here = getattr(self, "steps_here", 0) + 1
+            if self.steps_here == steps:
+                signal.raise_signal(signal.SIGINT)
+    monkeypatch.setitem(runs.METHODS, name, StopsEarly)
+    with pytest.raises(SystemExit):
+        train.main([*flags, "--out_dir", str(out_dir)])
+    monkeypatch.setitem(runs.METHODS, name, method_class)
+    return train.main(["--out_dir", str(out_dir), "--resume"])
+
+
 def assert_causal(forward, idx, vocab_size, positions=None, atol=1e-5, **ctx_kwargs):
     """Causality check for any GPT-side method: for each position j, replacing token j must leave every
     logit at positions < j unchanged (fp32 tolerance) and must change position j's.

@@ -154,11 +154,9 @@ def test_atoms_train_export_and_resume_exactly(emotion_small_dir, tmp_path, monk
     """train.py --method atoms: the pool learns, the routing statistics are logged and summarised, and a run stopped
     after two steps and resumed matches an uninterrupted one bit for bit (usage counts included)."""
     import json
-    import signal
 
-    import memory
-    import runs
     import train
+    from helpers import stopped_then_resumed
     flags = ["--method", "atoms", "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
              "--block_size", "128", "--batch_size", "4", "--warmup", "1", "--max_steps", "4", "--log_interval", "1",
              "--eval_interval", "2", "--eval_iters", "1", "--eval_batch_size", "32", "--lora_rank", "4",
@@ -169,16 +167,7 @@ def test_atoms_train_export_and_resume_exactly(emotion_small_dir, tmp_path, monk
     logged = [json.loads(l) for l in open(tmp_path / "whole" / "metrics.jsonl")]
     assert all(0 < e <= torch.log(torch.tensor(2.0)) + 1e-6 for r in logged if "atoms_entropy" in r for e in r["atoms_entropy"])
 
-    class StopsAfterTwoSteps(memory.Atoms):
-        def after_step(self, model):
-            self.steps = getattr(self, "steps", 0) + 1
-            if self.steps == 2:
-                signal.raise_signal(signal.SIGINT)
-    monkeypatch.setitem(runs.METHODS, "atoms", StopsAfterTwoSteps)
-    with pytest.raises(SystemExit):
-        train.main([*flags, "--out_dir", str(tmp_path / "parts")])
-    monkeypatch.setitem(runs.METHODS, "atoms", memory.Atoms)
-    resumed = train.main(["--out_dir", str(tmp_path / "parts"), "--resume"])
+    resumed = stopped_then_resumed(monkeypatch, "atoms", flags, tmp_path / "parts", 2)
     assert resumed["final"] == whole["final"] and resumed["atoms_usage"] == whole["atoms_usage"]
 
 

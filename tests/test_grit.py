@@ -204,11 +204,9 @@ def test_grit_trains_and_resumes_exactly(emotion_small_dir, tmp_path, monkeypatc
     """train.py --method grit: statistics, inversions and reprojections happen inside the run (k and the effective
     parameter share are logged), and a run stopped after 7 steps and resumed matches an uninterrupted one."""
     import json
-    import signal
 
-    import grit as grit_module
-    import runs
     import train
+    from helpers import stopped_then_resumed
     flags = ["--method", "grit", "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
              "--block_size", "128", "--batch_size", "4", "--warmup", "1", "--max_steps", "12", "--log_interval", "2",
              "--eval_interval", "6", "--eval_iters", "1", "--eval_batch_size", "32", "--lora_rank", "8",
@@ -218,16 +216,7 @@ def test_grit_trains_and_resumes_exactly(emotion_small_dir, tmp_path, monkeypatc
     assert any(r.get("grit_effective_params", 1) < 1 for r in logged)  # a reprojection cut some directions
     assert (tmp_path / "whole" / "adapter.safetensors").is_file()
 
-    class StopsAfterSevenSteps(grit_module.Grit):
-        def after_step(self, model):
-            super().after_step(model)
-            if self.step == 7:
-                signal.raise_signal(signal.SIGINT)
-    monkeypatch.setitem(runs.METHODS, "grit", StopsAfterSevenSteps)
-    with pytest.raises(SystemExit):
-        train.main([*flags, "--out_dir", str(tmp_path / "parts")])
-    monkeypatch.setitem(runs.METHODS, "grit", grit_module.Grit)
-    resumed = train.main(["--out_dir", str(tmp_path / "parts"), "--resume"])
+    resumed = stopped_then_resumed(monkeypatch, "grit", flags, tmp_path / "parts", 7)
     assert resumed["final"] == whole["final"] and resumed["grit_k"] == whole["grit_k"]
 
 
