@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from grit import Grit, GritLinear, invert_damped, projector, top_energy_basis
+from grit import Grit, invert_damped, projector, top_energy_basis
 from lora import LoRALinear
 from train import parse_args
 
