@@ -70,9 +70,8 @@ def assert_causal(forward, idx, vocab_size, positions=None, atol=1e-5, **ctx_kwa
 
 def save_tiny_hf_gpt2(path, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, n_positions=128, seed=0):
     """A small random GPT-2 saved in Hugging Face format (config.json + model.safetensors) by `transformers`
-    (the test is skipped where transformers is not installed)."""
-    import pytest
-    transformers = pytest.importorskip("transformers")
+    (a test reference: requirements-test.txt)."""
+    transformers = require_reference("transformers")
     GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
@@ -84,3 +83,14 @@ def save_tiny_hf_gpt2(path, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, n_
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return model.eval()
+
+
+def require_reference(name):
+    """A test-only reference implementation (transformers, peft, tokenizers): imported, or the test fails with the
+    line that installs it. A parity test that skips on a fresh clone proves nothing."""
+    import importlib
+    import pytest
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pytest.fail(f"{name} is not installed; the parity tests need it: pip install -r requirements-test.txt")

@@ -1,9 +1,9 @@
 """bench.py: the FLOP count, the reference model really is the same model, and the CLI runs on a tiny config."""
 
-import pytest
 import torch
 
 import bench
+from helpers import require_reference
 from lora import apply_lora
 from method import freeze
 from model import GPT, GPTConfig
@@ -17,7 +17,7 @@ def test_lora_flops_by_hand():
 
 
 def test_reference_arm_computes_the_same_function():
-    pytest.importorskip("peft")
+    require_reference("peft")
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16))
     reference = bench.hf_reference(ours.config, ours, rank=4, alpha=8, dropout=0.0, device="cpu").eval()
@@ -27,7 +27,7 @@ def test_reference_arm_computes_the_same_function():
 
 
 def test_bench_cli_on_a_tiny_config(capsys, tmp_path):
-    pytest.importorskip("peft")
+    require_reference("peft")
     bench.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
                 "--steps", "2", "--warmup", "1", "--lora_rank", "4", "--json", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
@@ -38,7 +38,7 @@ def test_bench_cli_on_a_tiny_config(capsys, tmp_path):
 
 
 def test_qa_reference_is_the_same_model():
-    pytest.importorskip("transformers")
+    require_reference("transformers")
     from model import BERT, BertConfig
     from registers import QAHead
     torch.manual_seed(0)

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from helpers import require_reference
+
 from conftest import SQUAD
 from cli import InputError
 from model import BERT, BertConfig, bert_state_from_hf
@@ -20,7 +22,7 @@ def encode_pair(tok, question, context):
 
 
 def test_hidden_states_match_transformers_on_minilm(minilm_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_reference("transformers")
     ours = BERT.from_pretrained(minilm_dir).eval()  # weights stored fp16, loaded into fp32
     ref = transformers.BertModel.from_pretrained(minilm_dir, dtype=torch.float32, attn_implementation="eager").eval()
     tok = BertTokenizer(os.path.join(minilm_dir, "vocab.txt"))
@@ -40,7 +42,7 @@ def test_hidden_states_match_transformers_on_minilm(minilm_dir):
 
 
 def test_tokenizer_matches_reference_on_every_squad_dev_text(minilm_dir):
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = require_reference("tokenizers")
     path = os.path.join(SQUAD, "dev-v1.1.json")
     if not os.path.isfile(path):
         pytest.skip("../shared/data/squad is not here")

@@ -13,6 +13,8 @@ import struct
 import pytest
 import torch
 
+from helpers import require_reference
+
 from cli import InputError
 from model import BERT, GPT, GPTConfig, bert_name
 
@@ -34,7 +36,7 @@ def valid(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     torch.manual_seed(0)
     GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16)).save_pretrained(str(root / "gpt"))
-    transformers = pytest.importorskip("transformers")
+    transformers = require_reference("transformers")
     config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=64)
     transformers.BertModel(config).save_pretrained(str(root / "bert"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_causal, save_tiny_hf_gpt2
+from helpers import require_reference, assert_causal, save_tiny_hf_gpt2
 from lora import LoRALinear, apply_lora, load_adapter, save_adapter
 from method import freeze
 from cli import InputError
@@ -74,7 +74,7 @@ def test_targets_that_match_nothing_are_an_error():
 
 
 def test_parity_with_peft(tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = require_reference("peft")
     hf = save_tiny_hf_gpt2(tmp_path, vocab_size=80, n_layer=2, n_head=2, n_embd=16, n_positions=20)
     ours = apply_lora(freeze(GPT.from_pretrained(str(tmp_path)).eval()), rank=4, alpha=8)
     randomize_b(ours)

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import ROOT, assert_causal, save_tiny_hf_gpt2
+from helpers import require_reference, ROOT, assert_causal, save_tiny_hf_gpt2
 from cli import InputError
 from model import GPT, GPTConfig
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):
-    pytest.importorskip("transformers")  # the reference implementation; the other tests here run without it
+    require_reference("transformers")  # the reference implementation; the other tests here run without it
     hf = save_tiny_hf_gpt2(tmp_path / "tiny", vocab_size=101, n_layer=2, n_head=4, n_embd=32, n_positions=40)
     return str(tmp_path / "tiny"), hf
 
@@ -163,7 +163,7 @@ def test_causality_check_catches_a_leak():
 def test_save_pretrained_round_trips_and_transformers_reads_it(tiny_ckpt, tmp_path):
     """A model trained here becomes a base for --init_from: our save_pretrained writes the Hugging Face layout
     that both from_pretrained and transformers read back to the same logits."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_reference("transformers")
     model = GPT.from_pretrained(tiny_ckpt[0]).eval()
     with torch.no_grad():  # move every weight away from the file it came from
         for p in model.parameters():

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, assert_causal
+from helpers import require_reference, ROOT, assert_causal
 from model import GPT, GPTConfig
 from registers import prefix_mean
 from runs import METHODS
@@ -128,7 +128,7 @@ def test_full_pooling_is_the_published_computation(tmp_path):
     """Two emotion rows, right-padded to 128 with <|endoftext|> under an attention mask, through the published
     forward (on transformers' GPT-2) and through ours: the same logits at every position, pads included, and the
     same loss under the published collator (every pad/EOS label masked) as ours with --eos_target off."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_reference("transformers")
     from cli import gpt2_bpe
     from registers import PUBLISHED_WINDOW
     from tasks import lm_loss_sum
