@@ -5,11 +5,15 @@
     python eval.py out/lora-emotion --prompt "[JOY] today was" --temperature 0 --max_new_tokens 30
     python eval.py out/regbert-squad                      # a SQuAD run: EM/F1 on the official dev file
     python eval.py out/memft-ot-phonebook                 # a memorisation run: exact recall of its entries
+    python eval.py export out/lora-emotion out/merged     # a merged, standalone model in the hub's format
 
 Each run is rebuilt from its ckpt.pt (runs.py: load_run) and scored by its task: language modelling gives the
 val and test loss (the loss train.py logs) and samples from label prompts; SQuAD gives exact match and F1 as the
 official v1.1 script computes them; exact recall gives exact match, token accuracy and the stubborn-token
 statistics. Results also go to <run>/eval-<which>.json.
+
+`export` folds a GPT-2 run's LoRA into its weights and writes config.json + model.safetensors (GPT2LMHeadModel's
+layout: transformers loads it, and so does `train.py --init_from OUT`); formats.py says what can be exported.
 
 The experiment sweeps live in sweeps.py (prb-table, regbert-sweep, memory-law) and the attention analysis in
 attribution.py; `eval.py prb-table ...` and the others still work and say where the command went.
@@ -24,6 +28,7 @@ import sys
 import torch
 
 from cli import InputError, Parser, fail, gpt2_bpe
+from formats import export_merged
 from runs import autocast_for, check_range, load_run, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
@@ -50,6 +55,8 @@ def main(argv=None):
             return attribution.main(argv[1:])
         import sweeps
         return sweeps.main(argv)
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by train.py (--out_dir)")
     p.add_argument("--which", choices=["final", "best"], default="final", help="final weights or best-val weights")
@@ -75,6 +82,22 @@ def main(argv=None):
         run(a)
     except InputError as e:
         fail(e)
+
+
+def export(argv):
+    p = Parser(prog="eval.py export", description="Write a run as a merged, standalone model folder in the Hugging "
+               "Face hub's format (config.json + model.safetensors), for transformers and for --init_from.")
+    p.add_argument("run", help="a run folder written by train.py (--out_dir) of a GPT-2 run: full, lora, grit, sft")
+    p.add_argument("out", help="the folder to write (it must not hold a model already)")
+    p.add_argument("--which", choices=["final", "best"], default="final", help="final weights or best-val weights")
+    a = p.parse_args(argv)
+    try:
+        model, args, _, step = load_run(a.run, a.which, "cpu")
+        export_merged(model, a.out)
+    except InputError as e:
+        fail(e)
+    print(f"wrote {a.out}/config.json and model.safetensors: --method {args.method} at step {step}, LoRA merged; "
+          f"load it with --init_from {a.out} or transformers.GPT2LMHeadModel.from_pretrained")
 
 
 def run(a):

@@ -169,6 +169,7 @@ class Grit(LoRA):
     add_flags = staticmethod(add_grit_flags)
     defaults = {"lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "grad_clip": 1.5}  # grit/config.py;
     # max_grad_norm 1.5: the released README's Seq2SeqTrainingArguments
+    starts_from_peft = False  # its layers keep curvature statistics a PEFT adapter does not have
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import InputError
+from formats import architecture, load_peft_weights, peft_targets, read_peft_config
 from method import Method, freeze, replace_modules
 from model import check_keys, read_safetensors
 
@@ -23,6 +24,8 @@ GPT2_BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  
 
 
 class LoRALinear(nn.Module):
+    plain_lora = True  # computes exactly W0 x + (alpha / r) B A x, so PEFT can represent it (formats.py)
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         assert rank > 0, "LoRA rank must be positive"
@@ -94,6 +97,15 @@ def load_adapter(model, path):
     return model
 
 
+def load_peft_adapter(model, folder, dropout=None):
+    """Wrap the Linear layers a PEFT adapter adapts in LoRA (rank and alpha from its config) and load its A and B:
+    the model then computes what peft computes on the same base. Freezes nothing. Returns the model."""
+    settings = read_peft_config(folder)
+    targets, _ = peft_targets(folder, architecture(model))
+    apply_lora(model, settings["rank"], settings["alpha"], settings["dropout"] if dropout is None else dropout, targets)
+    return load_peft_weights(model, folder)
+
+
 # ------------------------------------------------------------------------------------------ the method
 def add_lora_flags(parser):
     g = parser.add_argument_group("LoRA (--method lora, prb; regbert with --lora_rank > 0; memft --adapter lora)")
@@ -101,6 +113,10 @@ def add_lora_flags(parser):
     g.add_argument("--lora_alpha", type=float, default=64.0, help="scale alpha: the update is (alpha / r) B A")
     g.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the input of the low-rank path")
     g.add_argument("--lora_targets", default=",".join(GPT2_BLOCK_MATRICES), help="comma-separated Linear names")
+    g.add_argument("--peft_adapter", default=None, metavar="DIR",
+                   help="--method lora, prb: start from a PEFT LoRA adapter folder (adapter_config.json + "
+                        "adapter_model.safetensors), trained elsewhere or by a run here; its r, alpha, dropout and "
+                        "targets become the --lora_* defaults (with --max_steps 0: just score it)")
 
 
 class LoRA(Method):
@@ -109,15 +125,29 @@ class LoRA(Method):
     datasets = ("emotion", "phonebook")
     add_flags = staticmethod(add_lora_flags)
     aliases = {"rank": "lora_rank", "alpha": "lora_alpha"}
+    starts_from_peft = True  # --peft_adapter: a subclass that builds other layers (GRIT) sets False
+
+    @classmethod
+    def derived_defaults(cls, args):
+        if not args.peft_adapter or not cls.starts_from_peft:
+            return {}
+        settings = read_peft_config(args.peft_adapter)  # one clear line for what our LoRA cannot represent
+        targets, _ = peft_targets(args.peft_adapter, "gpt")
+        return {"lora_rank": settings["rank"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
+                "lora_targets": ",".join(targets)}
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)
         if args.lora_rank <= 0:
             raise InputError(f"--lora_rank must be positive for --method {args.method}, got {args.lora_rank}")
+        if getattr(args, "peft_adapter", None) and not self.starts_from_peft:
+            raise InputError(f"--peft_adapter starts --method lora or prb, not --method {args.method}")
 
     def setup(self, model, meta):
         a = self.args
         apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout, targets=a.lora_targets.split(","))
+        if getattr(a, "peft_adapter", None):  # the starting point; a resumed or reloaded run overwrites it
+            load_peft_weights(model, a.peft_adapter)
 
     def export(self, model, out_dir):
         save_adapter(model, os.path.join(out_dir, "adapter.safetensors"))

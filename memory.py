@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from cli import InputError
 from lora import LoRALinear, apply_lora, save_adapter
-from method import Method, freeze, replace_modules
+from method import Method, freeze, replace_modules, save_tensors
 from model import check_keys, read_safetensors
 from registers import prefix_mean
 
@@ -479,14 +479,6 @@ class MoC(Method):
             model.save_pretrained(out_dir)
 
 
-def save_tensors(model, path, keep):
-    """The model's tensors whose names pass keep(name), as safetensors, written atomically."""
-    from safetensors.torch import save_file
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keep(k)}
-    save_file(state, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
-
-
 def load_memory(model, run_dir):
     """Load a run's memory.safetensors into the bank and memory layers attached to `model`."""
     path = os.path.join(run_dir, "memory.safetensors")
@@ -575,6 +567,7 @@ class AtomPool(nn.Module):
 
 class AtomLinear(LoRALinear):
     """y = W0 x + (alpha / r) B R A x with R the routed operator of its block (computed by the block's first layer)."""
+    plain_lora = False  # R depends on the input: neither PEFT nor a merge can represent it
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__(base, rank, alpha, dropout)

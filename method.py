@@ -30,6 +30,8 @@ Weight-level methods use `replace_modules` (LoRA, MemFT's MLP adapter): it is th
 the model for a wrapper, and it never touches modules attached at sites.
 """
 
+import os
+
 from model import GPT
 
 
@@ -50,6 +52,15 @@ def replace_modules(model, match, wrap):
         parent = model.get_submodule(parent_name)
         setattr(parent, child, wrap(getattr(parent, child)))
     return chosen
+
+
+def save_tensors(model, path, keep):
+    """The model's tensors whose names pass keep(name), as safetensors, written atomically: how a method exports
+    what peft cannot load (register banks, memory banks, atoms) beside the run's PEFT adapter."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keep(k)}
+    save_file(state, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
 
 
 class Method:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from cli import InputError
 from lora import LoRA, apply_lora, save_adapter
-from method import Method, freeze
+from method import Method, freeze, save_tensors
 
 POOLS = ("causal", "full", "prompt")
 PUBLISHED_WINDOW = 128  # every row padded to 128 tokens: the published prb.py's tokenizer call (max_length=128, ~L287-292)
@@ -159,7 +159,7 @@ class PRB(LoRA):
     def derived_defaults(cls, args):
         # full pooling is the published mean over a fixed window of 128 positions, padding included: without the
         # fixed window the mean would depend on the batch's own padded length (and so on --eval_batch_size)
-        return {"pad_to": PUBLISHED_WINDOW} if args.prb_pool == "full" else {}
+        return super().derived_defaults(args) | ({"pad_to": PUBLISHED_WINDOW} if args.prb_pool == "full" else {})
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)
@@ -175,6 +175,12 @@ class PRB(LoRA):
         parts = bank.parameter_breakdown()
         print(f"PRB parameters: LoRA {lora:,} + registers {sum(parts.values()):,} "
               f"({', '.join(f'{k} {v:,}' for k, v in parts.items())}) = {lora + sum(parts.values()):,}")
+
+    def export(self, model, out_dir):
+        """adapter.safetensors (LoRA; train.py adds the PEFT folder) and registers.safetensors: the bank, which peft
+        cannot load."""
+        super().export(model, out_dir)
+        save_tensors(model, os.path.join(out_dir, "registers.safetensors"), lambda name: name.startswith("sites."))
 
 
 BERT_MATRICES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
@@ -207,8 +213,11 @@ class RegisterBERT(Method):
         model.attach("head", QAHead(model.config.hidden_size))
 
     def export(self, model, out_dir):
+        """adapter.safetensors with LoRA (train.py adds the PEFT folder for transformers.BertModel) and
+        regbert.safetensors: the QA head and the register tokens, which peft cannot load."""
         if self.args.lora_rank:
             save_adapter(model, os.path.join(out_dir, "adapter.safetensors"))
+        save_tensors(model, os.path.join(out_dir, "regbert.safetensors"), lambda name: name.startswith("sites."))
 
 
 METHODS = {"prb": PRB, "regbert": RegisterBERT}

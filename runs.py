@@ -145,7 +145,8 @@ def upgrade_args(saved):
 
 
 # flags newer than some saved runs: the value they ran with
-ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30, "moc_init": None}
+ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30, "moc_init": None,
+               "peft_adapter": None}
 
 
 def load_run(run_dir, which, device):
@@ -155,6 +156,7 @@ def load_run(run_dir, which, device):
         raise InputError(f"{run_dir} is not a run folder (no ckpt.pt); pass the --out_dir of a train.py run")
     ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
     args = argparse.Namespace(**upgrade_args(ckpt["args"]))
+    args.peft_adapter = None  # the adapter a run started from is in its checkpoint: the folder need not exist now
     task = TASKS[args.dataset](args, device)
     model = build_model(args, task, METHODS[args.method](args, device))
     if which == "best":

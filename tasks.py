@@ -132,7 +132,7 @@ class Split:
 def training_order(n, batch_size, max_steps, seed):
     """(max_steps, batch_size) row ids: a fresh seeded permutation each epoch. A pure function of its arguments,
     so a resumed run sees exactly the batches the uninterrupted run would have seen."""
-    epochs = math.ceil(max_steps * batch_size / n)
+    epochs = max(1, math.ceil(max_steps * batch_size / n))
     order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e)) for e in range(epochs)])
     return order[: max_steps * batch_size].view(max_steps, batch_size)
 

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cli import InputError, Parser, fail
+from formats import save_run_adapter
 from runs import (CHECKPOINT_KEYS, METHODS, TASKS, atomic_torch_save, autocast_for, build_model, check_range,
                   load_checkpoint, load_saved_state, pyplot, read_metrics, rename_flags, resolve_system,
                   saved_state, upgrade_args)
@@ -59,7 +60,7 @@ def build_parser():
         p.add_argument(f"--{old}", dest=f"renamed_{old}", help=argparse.SUPPRESS)
     g = p.add_argument_group("optimization (defaults: the PRB paper §3.1)")
     g.add_argument("--batch_size", type=int, default=8)
-    g.add_argument("--max_steps", type=int, default=16000)
+    g.add_argument("--max_steps", type=int, default=16000, help="optimizer steps (0: score the starting model)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--decay", choices=["cosine", "linear"], default="cosine", help="after warm-up, down to --min_lr")
@@ -117,10 +118,10 @@ def parse_args(argv):
                          f"not {args.dataset}")
     args.data_dir = args.data_dir or os.path.join(ROOT, "data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", f"{args.method}-{args.dataset}")
-    check_range(args, ("batch_size", "max_steps", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size",
+    check_range(args, ("batch_size", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size",
                        "n_layer", "n_head", "n_embd", "block_size"), lambda v: v > 0, "positive")
     check_range(args, ("lr",), lambda v: 0 < v < math.inf, "a positive finite number")
-    check_range(args, ("warmup", "eval_iters", "min_lr", "weight_decay", "grad_clip"), lambda v: 0 <= v < math.inf,
+    check_range(args, ("max_steps", "warmup", "eval_iters", "min_lr", "weight_decay", "grad_clip"), lambda v: 0 <= v < math.inf,
                 "a finite number >= 0")
     check_range(args, ("dropout", "lora_dropout"), lambda v: 0 <= v < 1, "a probability in [0, 1)")
     return args, explicit
@@ -383,6 +384,7 @@ def finish(run, task):
     final = {"step": args.max_steps, "val_loss": final_val} | task.test_scores(model, run.autocast, args.eval_batch_size,
                                                                                args.out_dir)
     run.method.export(model, args.out_dir)
+    save_run_adapter(model, args.out_dir, args.init_from, args.lora_dropout)  # LoRA, also as a PEFT adapter
     if run.best_step == args.max_steps:  # the best weights are the final ones
         best = final | {"step": run.best_step}
     else:

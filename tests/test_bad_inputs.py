@@ -21,7 +21,7 @@ CASES = [
     ("train", ["--method", "nope"], "invalid choice: 'nope'"),
     ("train", ["--dataset", "nope"], "--dataset"),
     ("train", ["--batch_size", "0"], "--batch_size must be positive"),
-    ("train", ["--max_steps", "0"], "--max_steps must be positive"),
+    ("train", ["--max_steps", "-1"], "--max_steps must be a finite number >= 0"),
     ("train", ["--pad_multiple", "0"], "--pad_multiple must be positive"),
     ("train", ["--eval_interval", "0"], "--eval_interval must be positive"),
     ("train", ["--log_interval", "-1"], "--log_interval must be positive"),
