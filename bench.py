@@ -2,7 +2,8 @@
 and of LoRA + a Parametric Register Bank (PRB) against plain LoRA. `bench.py qa`: BERT question-answering
 fine-tuning (ours with k = 0 and k register tokens) against transformers.BertForQuestionAnswering. `bench.py memory`:
 the Mixture of Chapters arm at a fixed number of rows read (k*T) for banks of growing size (memory.py). `bench.py
-grit`: GRIT's training step against LoRA's at the same rank (grit.py), steps interleaved.
+grit`: GRIT's training step against LoRA's at the same rank (grit.py), steps interleaved. `bench.py generate`:
+greedy generation with the KV cache against recomputing the prefix (model.py: GPT.generate), plain and with PRB.
 
     python bench.py                                   # GPT-2 small shapes, random init, LoRA r=32, batch 8
     python bench.py --init_from gpt2                  # the published weights (ours and HF load the same files)
@@ -10,6 +11,7 @@ grit`: GRIT's training step against LoRA's at the same rank (grit.py), steps int
     python bench.py qa --init_from ../shared/models/all-MiniLM-L6-v2 --batch_size 16 --steps 5   # QA throughput
     python bench.py memory                            # d = 768, banks of 4,160 / 65,600 / 262,208 tokens, k*T = 4,096
     python bench.py grit                              # GPT-2 small shapes, r = 16, 100 steps of each arm
+    python bench.py generate                          # GPT-2 small shapes, 16-token prompt, 128 new tokens
 
 Every arm trains the same base weights on the same batches (random tokens, --seq_len long: an emotion batch padded
 to its bucket is 32-96 tokens), with fused AdamW, autocast and grad clipping as in train.py.
@@ -118,6 +120,8 @@ def main(argv=None):
         return memory_main(argv[1:])
     if argv[:1] == ["grit"]:
         return grit_main(argv[1:])
+    if argv[:1] == ["generate"]:
+        return generate_main(argv[1:])
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default="scratch", help="scratch (sized below) | gpt2 | ... | a checkpoint folder")
     p.add_argument("--n_layer", type=int, default=12)
@@ -536,6 +540,64 @@ def grit_run(a):
     for name, r in results.items():
         print(f"| {name} | {r['mean_ms']:.1f} | {r['median_ms']:.1f} | {r['mean_ms'] / results['LoRA']['mean_ms']:.3f} | "
               f"{r['median_ms'] / results['LoRA']['median_ms']:.3f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": device, "args": vars(a), "results": results}, f, indent=1)
+
+
+# ------------------------------------------------------------------------------------------- generation
+def generate_main(argv):
+    p = Parser(description="Greedy generation with the KV cache against recomputing the whole prefix for every "
+                           "token (GPT.generate's fallback): the same model and prompt, repeats interleaved (cache, "
+                           "recompute, cache, ...); plain GPT-2 and with a causal register bank (PRB).")
+    p.add_argument("--n_layer", type=int, default=12)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--batch_size", type=int, default=1, help="prompts generated at once")
+    p.add_argument("--seq_len", type=int, default=16, help="prompt tokens")
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed generations per arm")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--json", help="also write the results to this file")
+    parse_and_run(p, argv, generate_run)
+
+
+def generate_run(a):
+    check_shapes(a)
+    check_range(a, ("new_tokens",), lambda v: v > 0, "positive")
+    device, dtype, _ = resolve_system(a.device, a.dtype, False)
+    autocast, cuda = autocast_for(device, dtype), device.startswith("cuda")
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, dropout=0.0))
+    check_positions(argparse.Namespace(seq_len=a.seq_len + a.new_tokens), plain.config.block_size)
+    with_prb = copy.deepcopy(plain)
+    with_prb.attach("head", RegisterBank(a.n_embd))
+    prompt = torch.randint(0, plain.config.vocab_size, (a.batch_size, a.seq_len), device=device)
+    ctx = {"label": torch.zeros(a.batch_size, dtype=torch.long, device=device),
+           "prompt_len": torch.full((a.batch_size,), 4, device=device)}
+    arms = {f"{name}, {'KV cache' if cache else 'recompute'}": (model.to(device).eval(), cache)
+            for name, model in (("GPT-2", plain), ("PRB", with_prb)) for cache in (True, False)}
+    times, outputs = {name: [] for name in arms}, {}
+    for i in range(a.warmup + a.steps):
+        for name, (model, cache) in arms.items():
+            t0 = time.perf_counter()
+            with autocast:
+                outputs[name] = model.generate(prompt, a.new_tokens, temperature=0, ctx=dict(ctx), use_cache=cache)
+            if cuda:
+                torch.cuda.synchronize(device)
+            if i >= a.warmup:
+                times[name].append(time.perf_counter() - t0)
+    results = {name: {"tokens_per_s": a.batch_size * a.new_tokens / statistics.median(t),
+                      "same_tokens_as_recompute": bool(torch.equal(outputs[name], outputs[name.split(",")[0] + ", recompute"]))}
+               for name, t in times.items()}
+    print(f"\n{device}, {str(dtype).removeprefix('torch.')}; GPT {a.n_layer} x {a.n_embd}, {a.batch_size} prompt(s) of "
+          f"{a.seq_len} tokens, {a.new_tokens} new tokens, greedy; median of {a.steps} interleaved generations\n")
+    print("| arm | tokens/s | speed-up over recompute | same tokens |\n|---|---:|---:|---|")
+    for name, r in results.items():
+        speedup = r["tokens_per_s"] / results[name.split(",")[0] + ", recompute"]["tokens_per_s"]
+        print(f"| {name} | {r['tokens_per_s']:.1f} | {speedup:.2f}x | {r['same_tokens_as_recompute']} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": device, "args": vars(a), "results": results}, f, indent=1)

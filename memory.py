@@ -48,7 +48,7 @@ from cli import InputError
 from lora import LoRALinear, apply_lora, save_adapter
 from method import Method, freeze, replace_modules, save_tensors
 from model import check_keys, read_safetensors
-from registers import prefix_mean
+from registers import prefix_mean, running_prefix_mean
 
 ROUTES = ("token", "prompt", "sequence")
 ROW_EPS = 1e-5  # RMS of the selected memory rows: shared_routed_norm_eps in the paper's configs (outputs/*/config.yaml)
@@ -222,6 +222,9 @@ class ChapterBank(nn.Module):
         ctx["moc_bank"], ctx["moc_row_scale"] = self, None  # the scale of this forward's bank: computed when read
         return h
 
+    def step(self, h, ctx, state, start):
+        return self.forward(h, ctx)
+
 
 class MemoryLayer(nn.Module):
     """h <- h + W_O MemXAttn(RMSNorm(h)) with its own router (adapter.py MemoryAdapterLayer + router.py)."""
@@ -261,11 +264,18 @@ class MemoryLayer(nn.Module):
         shared = torch.arange(self.n_shared, device=idx.device).expand(*idx.shape[:-1], self.n_shared)
         return torch.cat([shared, idx], dim=-1), mixing_weights(w, self.n_shared, self.routed_scale), probs, idx
 
-    def forward(self, h, ctx):
+    def can_step(self):
+        return self.route != "sequence"  # the whole-sequence mean changes with every new token
+
+    def step(self, h, ctx, state, start):
+        """KV-cache generation: the router's prefix mean carried as a running sum."""
+        return self.forward(h, ctx, running_prefix_mean(h, state, start, ctx["prompt_len"] if self.route == "prompt" else None))
+
+    def forward(self, h, ctx, pooled=None):
         bank = ctx["moc_bank"]
         B, L, C = h.shape
         H, dh = self.n_head, C // self.n_head
-        logits = self.router(self.pool(h, ctx))  # (B, chapters) for sequence routing, else (B, L, chapters)
+        logits = self.router(self.pool(h, ctx) if pooled is None else pooled)  # (B, chapters) for sequence routing, else (B, L, chapters)
         idx, omega, probs, routed = self.select(logits)
         if self.detach_omega:
             omega = omega.detach()
@@ -508,6 +518,11 @@ def load_memory(model, run_dir):
 #
 # Atoms start near the identity (C_m = I + N(0, std^2)) and W_I at zero (pi uniform) [ours]: at initialisation the
 # method is LoRA, and with B = 0 the base model exactly.
+def at_least_fp32(x):
+    """Routing in fp32 under autocast (bf16 logits would flip top-k choices), in fp64 when the model is fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class AtomPool(nn.Module):
     """The shared memory: M atoms (r x r) with keys, one query projection per block, the instruction prior W_I.
     Attached at the "embed" site: each forward clears the routing state and computes log pi per position."""
@@ -531,16 +546,22 @@ class AtomPool(nn.Module):
     def reset(self, log_prior=None):
         self.states, self.operators, self.alphas, self.chosen, self.log_prior = [], {}, {}, {}, log_prior
 
-    def forward(self, h, ctx):
+    def forward(self, h, ctx, state=None, start=0):
         log_prior = None
         if self.prior is not None and self.beta and "prompt_len" in ctx:  # e: the frozen embedded instruction, prefix-capped
-            log_prior = F.log_softmax(self.prior(prefix_mean(h.detach(), ctx["prompt_len"])).float(), dim=-1)
+            e = (prefix_mean(h.detach(), ctx["prompt_len"]) if state is None else
+                 running_prefix_mean(h.detach(), state, start, ctx["prompt_len"]))
+            log_prior = F.log_softmax(at_least_fp32(self.prior(e)), dim=-1)
         self.reset(log_prior)
         return h
 
+    def step(self, h, ctx, state, start):
+        """KV-cache generation: the instruction's prefix mean carried as a running sum; routing is per token."""
+        return self.forward(h, ctx, state, start)
+
     def route(self, block, u):
         """Block `block`'s routed operator R (..., r, r) from its first layer's low-rank state u = A x (..., r)."""
-        z = rms_normalize(u.float())
+        z = rms_normalize(at_least_fp32(u))
         if self.states:
             past = torch.stack(self.states, dim=-2)  # (..., blocks so far, r)
             weights = F.softmax(torch.einsum("...r,...gr->...g", z, past) / self.rank ** 0.5, dim=-1)
@@ -555,7 +576,7 @@ class AtomPool(nn.Module):
         top, idx = logits.topk(self.top_k, dim=-1)
         alpha = torch.zeros_like(logits).scatter(-1, idx, F.softmax(top, dim=-1))  # convex, at most k non-zeros
         self.alphas[block], self.chosen[block] = alpha, idx
-        self.operators[block] = torch.einsum("...m,mij->...ij", alpha, self.atoms.float()).to(u.dtype)
+        self.operators[block] = torch.einsum("...m,mij->...ij", alpha, at_least_fp32(self.atoms)).to(u.dtype)
         if self.training:
             with torch.no_grad():  # usage and routing entropy per block, on the device (no host sync)
                 flat = alpha.detach().reshape(-1, alpha.size(-1)).double()

@@ -20,6 +20,13 @@ It returns the new stream, and may add entries to `ctx` for later sites. A modul
 submodule of the model (`model.sites[site]`), so its parameters train, save and load with the model.
 In a GPT an attached module must be causal: position t may only read positions <= t.
 
+KV-cache generation (GPT.generate) runs a forward over the new positions only. A module takes part by defining
+`h = module.step(h, ctx, state, start)`: h holds positions start, start+1, ... of the sequence, `state` is a dict
+the module keeps across the calls of one generation (a running sum, ...); it may define can_step() -> False for a
+configuration that cannot step (a whole-sequence pooling). A module without step() makes generation fall back to
+recomputing the whole prefix at every token. Modules swapped in by a method (LoRA, ...) act per position and
+need nothing.
+
 BERT has the same extension point with sites "embed" (after the embedding LayerNorm and dropout), "layer{i}" and
 "head" (after the last layer). BERT reads the padding mask from ctx["attention_mask"] *after* the embed site, so
 a module there may add positions (register tokens) and extend the mask; the head site's output is BERT's output
@@ -60,13 +67,19 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # softmax(q k^T / sqrt(d_head) + causal mask) v, fused (flash / memory-efficient kernels on CUDA)
         dropout = self.dropout if self.training else 0.0
-        if attn_mask is None:
+        if cache is not None and cache.pos > 0:  # new queries attend to every cached key and to their own prefix
+            k, v = cache.update(layer, k, v)
+            causal = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if T == 1 else causal)
+        elif attn_mask is None:
+            if cache is not None:  # the prompt: cache its keys and values, attend causally as without a cache
+                cache.update(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:  # causal and padding keys masked (True = may be attended), built once per forward by GPT.forward
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
@@ -93,8 +106,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None):  # pre-LN: x + f(LN(x))
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x, attn_mask=None, cache=None, layer=0):  # pre-LN: x + f(LN(x))
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -134,36 +147,59 @@ class GPT(nn.Module):
         self.sites[site] = module
         return module
 
-    def _at(self, site, h, ctx):
-        return self.sites[site](h, ctx) if site in self.sites else h
+    def _at(self, site, h, ctx, cache=None):
+        if site not in self.sites:
+            return h
+        if cache is None:
+            return self.sites[site](h, ctx)
+        return self.sites[site].step(h, ctx, cache.states.setdefault(site, {}), cache.pos)
+
+    def steps_incrementally(self):
+        """Whether every attached module can take part in KV-cache generation (see the module docstring)."""
+        return all(hasattr(m, "step") and getattr(m, "can_step", lambda: True)() for m in self.sites.values())
 
     # ---- forward ----
-    def forward(self, idx, ctx=None):
+    def forward(self, idx, ctx=None, cache=None):
         """idx: (B, T) token ids -> logits (B, T, vocab). Losses live outside the model. ctx["key_mask"] (B, T)
-        bool, optional: False marks right-padding that no position may attend to (as Hugging Face's attention_mask)."""
+        bool, optional: False marks right-padding that no position may attend to (as Hugging Face's attention_mask).
+        cache (a KVCache, generation only): idx continues the sequence the cache holds."""
         ctx = {} if ctx is None else ctx
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        h = self._at("embed", self.drop(self.wte(idx) + self.wpe(pos)), ctx)
+        start, T = (cache.pos if cache is not None else 0), idx.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        h = self._at("embed", self.drop(self.wte(idx) + self.wpe(pos)), ctx, cache)
         attn_mask = None
         if "key_mask" in ctx:  # padding masked as keys; query rows stay non-empty: key 0 is real
             attn_mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril() & ctx["key_mask"][:, None, None, :]
         for i, block in enumerate(self.h):
-            h = self._at(f"block{i}", block(h, attn_mask), ctx)
-        h = self._at("head", self.ln_f(h), ctx)
+            h = self._at(f"block{i}", block(h, attn_mask, cache, i), ctx, cache)
+        h = self._at("head", self.ln_f(h), ctx, cache)
+        if cache is not None:
+            cache.pos += T
         return self.lm_head(h)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, ctx=None, generator=None):
-        """Append max_new_tokens tokens to idx (B, T). temperature 0 is greedy decoding.
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, ctx=None, generator=None,
+                 use_cache=True):
+        """Append max_new_tokens tokens to idx (B, T). temperature 0 is greedy decoding. top_k keeps the k likeliest
+        tokens; top_p keeps the smallest set whose mass >= p.
 
-        No KV cache: each step re-reads the whole (cropped) prefix, so attached methods see exactly what they
-        saw in training. top_k keeps the k likeliest tokens; top_p keeps the smallest set whose mass >= p.
+        With a KV cache (use_cache), the prompt runs once and each new token costs one position: every layer keeps
+        its keys and values, every attached module its running state (its step()). Without one, or when a module
+        cannot step, the sequence would outgrow block_size or ctx holds a padding mask, each token re-reads the
+        whole prefix (cropped to block_size): the same tokens, at the cost of the prefix every time.
         """
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:], ctx)[:, -1, :].float()
+        ctx = {} if ctx is None else ctx
+        length = idx.size(1) + max_new_tokens
+        cached = (use_cache and max_new_tokens > 0 and length <= self.config.block_size and "key_mask" not in ctx
+                  and self.steps_incrementally())
+        cache = KVCache(self.config.n_layer, length) if cached else None
+        for step in range(max_new_tokens):
+            if cache is not None:
+                logits = self(idx if step == 0 else idx[:, -1:], ctx, cache)[:, -1, :].float()
+            else:
+                logits = self(idx[:, -self.config.block_size:], ctx)[:, -1, :].float()
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -218,6 +254,24 @@ class GPT(nn.Module):
             json.dump(config, f, indent=1)
         for name in ("model.safetensors", "config.json"):
             os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+
+
+class KVCache:
+    """Each layer's keys and values for the positions generated so far, written in place into buffers sized for the
+    whole generation (allocated at the first write, in the keys' dtype), and each attached module's state."""
+
+    def __init__(self, n_layer, length):
+        self.keys, self.values, self.length = [None] * n_layer, [None] * n_layer, length
+        self.pos, self.states = 0, {}  # positions cached; site -> the module's state dict
+
+    def update(self, layer, k, v):
+        """Write k, v (B, heads, T, d) at positions pos .. pos+T-1; return the keys and values of positions < pos+T."""
+        if self.keys[layer] is None:
+            shape = (*k.shape[:2], self.length, k.size(3))
+            self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        end = self.pos + k.size(2)
+        self.keys[layer][:, :, self.pos:end], self.values[layer][:, :, self.pos:end] = k, v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 GPT2_HUB_IDS = {n: f"openai-community/{n}" for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}

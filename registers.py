@@ -48,6 +48,18 @@ def prefix_mean(h, limit=None):
     return pooled / (last + 1)[..., None].to(h.dtype)
 
 
+def running_prefix_mean(h, state, start, limit=None):
+    """prefix_mean for positions start .. start+T-1 when the positions before `start` came in earlier calls (KV-cache
+    generation): state["sum"] carries their sum (capped at `limit` as prefix_mean caps it), updated in place."""
+    B, T, _ = h.shape
+    position = torch.arange(start, start + T, device=h.device).expand(B, T)
+    last = position if limit is None else torch.minimum(position, (limit - 1).clamp(min=0)[:, None])
+    counted = (position <= last)[..., None].to(h.dtype)  # under a limit: only the positions before it
+    sums = state.get("sum", 0) + (h * counted).cumsum(dim=1)
+    state["sum"] = sums[:, -1:]
+    return sums / (last + 1)[..., None].to(h.dtype)
+
+
 class RegisterBank(nn.Module):
     def __init__(self, n_embd, n_registers=6, register_dim=64, alpha=0.1, pool="causal", n_labels=0):
         super().__init__()
@@ -67,8 +79,18 @@ class RegisterBank(nn.Module):
         return prefix_mean(h, ctx["prompt_len"] if self.pool_mode == "prompt" else None)
 
     def forward(self, h, ctx):
+        return self.inject(h, self.pool(h, ctx), ctx)
+
+    def can_step(self):
+        return self.pool_mode != "full"  # the whole-sequence mean changes with every new token
+
+    def step(self, h, ctx, state, start):
+        """KV-cache generation: the prefix mean carried as a running sum."""
+        return self.inject(h, running_prefix_mean(h, state, start, ctx["prompt_len"] if self.pool_mode == "prompt" else None), ctx)
+
+    def inject(self, h, pooled, ctx):
+        """H' = H + alpha W_r r_blend from pooled (B, T, C) (or (B, 1, C) for "full")."""
         C = h.size(-1)
-        pooled = self.pool(h, ctx)  # (B, T, C), or (B, 1, C) for "full"
         r = self.registers  # (n, d)
         if self.label_embedding is not None:
             r = r + 0.1 * self.label_embedding(ctx["label"])[:, None, :]  # r = R + 0.1 E[label]: (B, n, d)

@@ -94,3 +94,25 @@ def require_reference(name):
         return importlib.import_module(name)
     except ImportError:
         pytest.fail(f"{name} is not installed; the parity tests need it: pip install -r requirements-test.txt")
+
+
+def tiny_method_model(name, flags=()):
+    """GPT-side method `name` built by its own setup with its default flags (and `flags`) on a tiny scratch GPT
+    (vocab 64, block 32), with every trainable tensor randomised: zero-initialised paths such as LoRA's B would make
+    any method look causal, or cached and uncached generation look alike."""
+    from runs import METHODS, TASKS, build_model
+    from train import parse_args
+    dataset = METHODS[name].datasets[0]
+    args, _ = parse_args(["--method", name, "--dataset", dataset, "--init_from", "scratch", "--n_layer", "2",
+                          "--n_head", "2", "--n_embd", "16", "--block_size", "32", "--dropout", "0", "--seed", "0",
+                          *flags])
+    args.lora_dropout = 0.0
+    meta = {"vocab_size": 64, "labels": ["sadness", "joy", "love", "anger", "fear", "surprise"], "max_len": 32}
+    task = type("TinyTask", (), {"meta": meta, "architecture": TASKS[dataset].architecture,
+                                 "check_model": lambda self, model: None})()
+    model = build_model(args, task, METHODS[name](args))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    return model.eval()

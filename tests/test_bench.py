@@ -79,3 +79,14 @@ def test_bench_grit_cli(capsys, tmp_path):
     import json
     results = json.load(open(tmp_path / "g.json"))["results"]
     assert results["LoRA"]["mean_ms"] > 0 and results["GRIT"]["mean_ms"] > 0
+
+
+def test_bench_generate_cli(capsys, tmp_path):
+    """bench.py generate on a tiny config: four arms, each the same greedy tokens as recomputing the prefix."""
+    bench.main(["generate", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--seq_len", "4", "--new_tokens", "6",
+                "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(tmp_path / "g.json")])
+    out = capsys.readouterr().out
+    assert "| GPT-2, KV cache |" in out and "| PRB, recompute |" in out
+    import json
+    results = json.load(open(tmp_path / "g.json"))["results"]
+    assert len(results) == 4 and all(r["tokens_per_s"] > 0 and r["same_tokens_as_recompute"] for r in results.values())

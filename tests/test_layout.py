@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from helpers import ROOT, assert_causal
+from helpers import ROOT, assert_causal, tiny_method_model
 
 ENTRY_SCRIPTS = {"train", "eval", "sweeps", "bench", "attribution", "toy"}
-READING_GUIDE = {"model": 560, "lora": 300, "registers": 250, "memft": 350, "train": 450, "eval": 450, "sweeps": 730, "bench": 560, "memory": 720}  # lines
+READING_GUIDE = {"model": 600, "lora": 300, "registers": 250, "memft": 350, "train": 450, "eval": 450, "sweeps": 730, "bench": 620, "memory": 720}  # lines
 ANY_OTHER_MODULE = 450
 
 
@@ -81,19 +81,6 @@ def test_every_gpt_method_is_causal(name):
     """Each GPT-side method of the table, built by its own setup with its default flags on a tiny scratch GPT, with
     every trainable tensor randomised (zero-initialised paths such as LoRA's B would make any method look causal):
     changing token j moves no logit before j (tests/helpers.py: assert_causal)."""
-    from runs import METHODS, TASKS, build_model
-    from train import parse_args
-    dataset = METHODS[name].datasets[0]
-    args, _ = parse_args(["--method", name, "--dataset", dataset, "--init_from", "scratch", "--n_layer", "2",
-                          "--n_head", "2", "--n_embd", "16", "--block_size", "32", "--dropout", "0", "--seed", "0"])
-    args.lora_dropout = 0.0
-    meta = {"vocab_size": 64, "labels": ["sadness", "joy", "love", "anger", "fear", "surprise"], "max_len": 32}
-    task = type("TinyTask", (), {"meta": meta, "architecture": TASKS[dataset].architecture,
-                                 "check_model": lambda self, model: None})()
-    model = build_model(args, task, METHODS[name](args))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
+    model = tiny_method_model(name)
     ctx = {"label": torch.tensor([1, 4]), "prompt_len": torch.tensor([4, 3])}
     assert_causal(lambda idx: model.eval()(idx, dict(ctx)), torch.randint(0, 64, (2, 12)), 64)
