@@ -170,6 +170,9 @@ class Grit(LoRA):
     defaults = {"lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "grad_clip": 1.5}  # grit/config.py;
     # max_grad_norm 1.5: the released README's Seq2SeqTrainingArguments
     starts_from_peft = False  # its layers keep curvature statistics a PEFT adapter does not have
+    splits_batches = False
+    splits_batches_not = ("its curvature statistics would differ between processes, and so would the steps (run it as "
+                          "one process, without --grad_accum)")
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)

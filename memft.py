@@ -260,6 +260,8 @@ class MemFT(Method):
     datasets = ("phonebook", "longctx")
     add_flags = staticmethod(add_memft_flags)
     aliases = {"rank": "memory_rank", "alpha": "lora_alpha"}
+    splits_batches = False
+    splits_batches_not = "its loss weighs the tokens of the whole batch at once (run it as one process, without --grad_accum)"
 
     @classmethod
     def derived_defaults(cls, args):

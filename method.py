@@ -25,6 +25,9 @@ Class attributes say where and how it runs:
                sets the published 128-token window)
     add_flags  fn(parser): the method's CLI flag group (methods of one module may share one)
     aliases    old flag spellings -> today's flag, for this method (train.py prints a deprecation note)
+    splits_batches  False where its objective or hooks need the whole batch in one pass (torchrun, --grad_accum
+               then refuse it): objective() gets each part's share of the batch's mean loss, aux_loss() is
+               averaged over the parts, and the hooks see the summed gradients
 
 Weight-level methods use `replace_modules` (LoRA, MemFT's MLP adapter): it is the one way to swap a module of
 the model for a wrapper, and it never touches modules attached at sites.
@@ -68,6 +71,8 @@ class Method:
     defaults = {}
     add_flags = None
     aliases = {}
+    splits_batches = True  # its step is the same when a batch is split over processes or --grad_accum passes
+    splits_batches_not = ""  # why not, where it is not
 
     def __init__(self, args, device="cpu"):
         self.args, self.device = args, device

@@ -146,7 +146,7 @@ def upgrade_args(saved):
 
 # flags newer than some saved runs: the value they ran with
 ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30, "moc_init": None,
-               "peft_adapter": None}
+               "peft_adapter": None, "grad_accum": 1}
 
 
 def load_run(run_dir, which, device):

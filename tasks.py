@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import distributed
 from cli import InputError, gpt2_bpe, prepare_module
 
 
@@ -156,7 +157,7 @@ def evaluate(model, split, batch_size, autocast, max_batches=0, loss_sum=lm_loss
         rows_used = np.random.default_rng(0).permutation(split.n)[:max_batches * batch_size]
     by_length = rows_used[np.argsort(split.row_len[rows_used], kind="stable")]
     total, count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-    for b in range(math.ceil(len(by_length) / batch_size)):
+    for b in range(distributed.rank(), math.ceil(len(by_length) / batch_size), distributed.world()):  # this rank's
         rows = by_length[b * batch_size:(b + 1) * batch_size]
         real = len(rows)
         rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - real)])
@@ -166,6 +167,8 @@ def evaluate(model, split, batch_size, autocast, max_batches=0, loss_sum=lm_loss
             s, c = loss_sum(model(x, ctx), y)
         total, count = total + s, count + c
     model.train()
+    if distributed.world() > 1:  # the sums over every rank's batches
+        total, count = distributed.sum_(torch.stack([total.double(), count.double()]))
     return (total / count).item()
 
 
@@ -196,6 +199,10 @@ class Task(abc.ABC):
 
     def loss_sum(self, logits, targets):
         return lm_loss_sum(logits, targets)
+
+    def target_count(self, targets):
+        """The count loss_sum returns, known before the forward: a batch split in parts is normalised by it."""
+        return (targets != -1).sum()
 
     def evaluate(self, model, split, autocast, batch_size, max_batches=0):
         return evaluate(model, split, batch_size, autocast, max_batches, self.loss_sum)

@@ -14,9 +14,13 @@ Writes to --out_dir: metrics.jsonl (one line per log step), ckpt.pt (latest; tra
 is a published checkpoint), best.pt (trainable tensors at the best val loss), summary.json, loss.png, and what the
 method exports (adapter.safetensors for LoRA; config.json + model.safetensors for --method full on GPT-2, so the run
 folder is itself a base for --init_from). Ctrl-C saves ckpt.pt; --resume continues exactly where it stopped.
+
+Several GPUs: `torchrun --standalone --nproc_per_node=N train.py ...` (distributed.py): the --batch_size rows of a
+step are split across the N processes (and --grad_accum passes each); rank 0 writes and prints.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,6 +31,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import distributed
 from cli import InputError, Parser, fail
 from formats import save_run_adapter
 from runs import (CHECKPOINT_KEYS, METHODS, TASKS, atomic_torch_save, autocast_for, build_model, check_range,
@@ -59,7 +64,10 @@ def build_parser():
     for old in sorted({old for m in METHODS.values() for old in m.aliases}):  # renamed flags, still understood
         p.add_argument(f"--{old}", dest=f"renamed_{old}", help=argparse.SUPPRESS)
     g = p.add_argument_group("optimization (defaults: the PRB paper §3.1)")
-    g.add_argument("--batch_size", type=int, default=8)
+    g.add_argument("--batch_size", type=int, default=8, help="rows per optimizer step, over every process")
+    g.add_argument("--grad_accum", type=int, default=1,
+                   help="forward/backward passes per step, each on batch_size / (processes x N) rows: the same step "
+                        "for a GPU that cannot fit the batch")
     g.add_argument("--max_steps", type=int, default=16000, help="optimizer steps (0: score the starting model)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--min_lr", type=float, default=0.0)
@@ -118,7 +126,7 @@ def parse_args(argv):
                          f"not {args.dataset}")
     args.data_dir = args.data_dir or os.path.join(ROOT, "data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", f"{args.method}-{args.dataset}")
-    check_range(args, ("batch_size", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size",
+    check_range(args, ("batch_size", "grad_accum", "pad_multiple", "eval_interval", "log_interval", "eval_batch_size",
                        "n_layer", "n_head", "n_embd", "block_size"), lambda v: v > 0, "positive")
     check_range(args, ("lr",), lambda v: 0 < v < math.inf, "a positive finite number")
     check_range(args, ("max_steps", "warmup", "eval_iters", "min_lr", "weight_decay", "grad_clip"), lambda v: 0 <= v < math.inf,
@@ -183,28 +191,43 @@ class Run:
     def wall(self):
         return self.elapsed + time.time() - self.t0
 
+    def rng_state(self):
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.startswith("cuda") else None
+
     def state_dict(self):
-        cuda = self.device.startswith("cuda")
+        """Every rank takes part (the RNG states of all ranks, the log window summed over ranks); rank 0 writes it."""
+        rng = distributed.gather(self.rng_state())
+        running = self.running.clone()
+        distributed.sum_(running[:2])
         return {"step": self.step, "model": saved_state(self.model, self.args), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "method_state": self.method.state_dict(), "rng_cuda": torch.cuda.get_rng_state() if cuda else None,
-                "running": self.running.cpu(), "best_val": self.best_val, "best_step": self.best_step,
-                "elapsed": self.wall(), "args": vars(self.args)}
+                "scaler": self.scaler.state_dict(), "rng_cpu": rng[0][0], "rng_cuda": rng[0][1], "rng_ranks": rng,
+                "method_state": self.method.state_dict(), "running": running.cpu(), "best_val": self.best_val,
+                "best_step": self.best_step, "elapsed": self.wall(), "args": vars(self.args)}
 
     def load_state_dict(self, ckpt):
         load_saved_state(self.model, ckpt["model"], self.path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.method.load_state_dict(ckpt.get("method_state", ckpt.get("objective", {})))
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if self.device.startswith("cuda") and ckpt["rng_cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        ranks = ckpt.get("rng_ranks", [(ckpt["rng_cpu"], ckpt["rng_cuda"])])
+        if len(ranks) != distributed.world():
+            raise InputError(f"{self.path} was written by {len(ranks)} process(es), this run has {distributed.world()}; "
+                             f"resume with torchrun --nproc_per_node={len(ranks)}" if len(ranks) > 1 else
+                             f"{self.path} was written by one process; resume it without torchrun")
+        rng_cpu, rng_cuda = ranks[distributed.rank()]
+        torch.set_rng_state(rng_cpu)
+        if self.device.startswith("cuda") and rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, self.device)
         self.running = ckpt["running"].to(self.device)
+        if not distributed.is_main():
+            self.running[:2] = 0  # rank 0 carries the window's sums over every rank
         self.step, self.best_val, self.best_step, self.elapsed = ckpt["step"], ckpt["best_val"], ckpt["best_step"], ckpt["elapsed"]
         self.saved_step = self.step
 
     def save(self):
-        atomic_torch_save(self.state_dict(), self.path)
+        state = self.state_dict()
+        if distributed.is_main():
+            atomic_torch_save(state, self.path)
         self.saved_step = self.step
 
     def log(self, task, val_split):
@@ -214,7 +237,9 @@ class Run:
         if step == self.logged_step:
             return None
         record = {"step": step, "train_loss": None, "val_loss": None, "lr": lr_at(step, a)}
-        loss_sum, tokens, steps = self.running.tolist()
+        window = self.running.clone()
+        distributed.sum_(window[:2])  # the window's loss and tokens over every rank
+        loss_sum, tokens, steps = window.tolist()
         if steps > 0:
             record["train_loss"] = loss_sum / tokens
             self.check_finite(record["train_loss"], "train loss")
@@ -224,10 +249,12 @@ class Run:
             self.check_finite(record["val_loss"], "val loss")
             if record["val_loss"] < self.best_val:
                 self.best_val, self.best_step = record["val_loss"], step
-                atomic_torch_save(saved_state(self.model, a), os.path.join(a.out_dir, "best.pt"))
+                if distributed.is_main():
+                    atomic_torch_save(saved_state(self.model, a), os.path.join(a.out_dir, "best.pt"))
         record["elapsed_s"] = self.wall()
-        with open(os.path.join(a.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if distributed.is_main():
+            with open(os.path.join(a.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.running.zero_()
         self.t_window = time.time()
         if record["val_loss"] is not None:
@@ -247,7 +274,7 @@ KEEPS = ("ckpt.pt", "summary.json", "model.safetensors", "adapter.safetensors", 
 DEAD_START = ("metrics.jsonl", "best.pt", "ckpt.pt.tmp", "best.pt.tmp", "metrics.jsonl.tmp")  # before any ckpt.pt
 
 
-def check_new_run_folder(args):
+def check_new_run_folder(args, remove=True):
     """A new run never overwrites anything of value: refuse an --out_dir that is a file, is the --init_from folder,
     or holds a checkpoint, weights or a summary. A run that died before its first checkpoint (its metrics.jsonl,
     a step-0 best.pt, half-written files) is started again, with a note."""
@@ -260,7 +287,7 @@ def check_new_run_folder(args):
     if found := [name for name in KEEPS if os.path.exists(os.path.join(out, name))]:
         raise InputError(f"{out} already holds a run or a model ({', '.join(found)}); pass --resume to continue a "
                          "run, or choose another --out_dir")
-    if dead := [name for name in DEAD_START if os.path.isfile(os.path.join(out, name))]:
+    if remove and (dead := [name for name in DEAD_START if os.path.isfile(os.path.join(out, name))]):
         print(f"note: {out} holds a run that stopped before its first checkpoint; starting it again", file=sys.stderr)
         for name in dead:
             os.remove(os.path.join(out, name))
@@ -269,6 +296,8 @@ def check_new_run_folder(args):
 def train(args, explicit):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    distributed.start(cuda=resolve_system(args.device, args.dtype, args.compile)[0].startswith("cuda"))
+    main_rank = distributed.is_main()  # the one that writes and prints
     ckpt = None
     if args.resume:
         if not os.path.isfile(ckpt_path):
@@ -279,12 +308,22 @@ def train(args, explicit):
         ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
         args = resume_args(args, explicit, ckpt)
     else:
-        check_new_run_folder(args)
+        check_new_run_folder(args, remove=main_rank)
     device, dtype, compile_ = resolve_system(args.device, args.dtype, args.compile)
+    device = distributed.local_device(device)
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
 
-    # the task's data and batch order, the method, the model
+    # the task's data and batch order (rank 0 prepares missing data first), the method, the model
+    if not main_rank:
+        distributed.barrier()
     task = TASKS[args.dataset](args, device, training=True)
+    if main_rank:
+        distributed.barrier()
     method = METHODS[args.method](args, device)
+    micro_batch = distributed.split_batch(args.batch_size, args.grad_accum)
+    if micro_batch < args.batch_size and not method.splits_batches:
+        raise InputError(f"--method {args.method} cannot split a batch over processes or --grad_accum steps: "
+                         f"{method.splits_batches_not}")
     train_split, val_split = task.splits()
     order_host = task.training_order(train_split)
     args.max_steps = len(order_host)  # the task may size the run (recall: --epochs passes)
@@ -294,20 +333,25 @@ def train(args, explicit):
     if ckpt is not None:
         run.load_state_dict(ckpt)
     else:
-        torch.manual_seed(args.seed + 1)  # dropout stream, independent of how the model was built
-    os.makedirs(args.out_dir, exist_ok=True)
+        torch.manual_seed(args.seed + 1 + distributed.rank())  # dropout stream, independent of how the model was built
     keep = [] if ckpt is None else read_metrics(metrics_path, run.step)
-    with open(metrics_path + ".tmp", "w") as f:  # drop what was logged after the checkpoint we resume from
-        f.writelines(keep)
-    os.replace(metrics_path + ".tmp", metrics_path)
-    print(f"{args.method} on {args.dataset}: {run.n_trainable:,} trainable of {run.n_total:,} parameters; "
-          f"device {device}, {str(dtype).removeprefix('torch.')}, compile {compile_}")
+    if main_rank:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(metrics_path + ".tmp", "w") as f:  # drop what was logged after the checkpoint we resume from
+            f.writelines(keep)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        print(f"{args.method} on {args.dataset}: {run.n_trainable:,} trainable of {run.n_total:,} parameters; "
+              f"device {device}, {str(dtype).removeprefix('torch.')}, compile {compile_}"
+              + (f"; {distributed.world()} processes" if distributed.world() > 1 else "")
+              + (f", {args.grad_accum} passes of {micro_batch} rows per step" if args.grad_accum > 1 else ""))
 
     step_model = torch.compile(model, dynamic=False) if compile_ else model  # one static graph per batch shape
+    step_model = distributed.wrap(step_model, device)  # DistributedDataParallel under torchrun
+    passes, world, rank = args.grad_accum, distributed.world(), distributed.rank()
     model.train()
     run.t0 = run.t_window = time.time()
     run.logged_step = run.step if ckpt is not None else -1  # a checkpoint's own step was logged before it was saved
-    bar = tqdm(total=args.max_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=args.max_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=None if main_rank else True)
     with Interrupts() as interrupts:
         while True:
             step = run.step
@@ -317,26 +361,36 @@ def train(args, explicit):
                     bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.endswith("loss") and v is not None})
             if step == args.max_steps:
                 break
-            if interrupts.signal is not None:
+            if distributed.any_rank(interrupts.signal is not None):  # every rank stops at the same step
                 run.check_finite(run.running[0].item(), "train loss")
                 run.save()
                 bar.close()
-                print(f"interrupted at step {step}; saved {ckpt_path}. Continue with: "
-                      f"python train.py --out_dir {args.out_dir} --resume")
-                raise Interrupted(interrupts.signal)
+                if main_rank:
+                    print(f"interrupted at step {step}; saved {ckpt_path}. Continue with: "
+                          f"{'torchrun --standalone --nproc_per_node=' + str(world) if world > 1 else 'python'} "
+                          f"train.py --out_dir {args.out_dir} --resume")
+                raise Interrupted(interrupts.signal or signal.SIGTERM)
             # forward: the task's loss is logged; the method's objective (default: that same mean) is trained
             for group in run.optimizer.param_groups:
                 group["lr"] = lr_at(step, args) * group.get("lr_scale", 1.0)  # runs saved before multipliers: 1
-            x, y, ctx = train_split.batch(order[step], train_split.padded_length(order_host[step]))
-            with run.autocast:
-                logits = step_model(x, ctx)
-                loss_sum, tokens = task.loss_sum(logits, y)
-                loss = method.objective(logits, y, loss_sum / tokens)
-                aux = method.aux_loss(model)
-                if aux is not None:
-                    loss = loss + aux
-            # backward; the method's hooks on unscaled gradients before and after clipping; step; and after it
-            run.scaler.scale(loss).backward()
+            # this rank's share of the step's rows, in `passes` parts, all padded to the whole batch's length
+            length = train_split.padded_length(order_host[step])
+            parts = [train_split.batch(rows, length) for rows in order[step].view(passes, world, micro_batch)[:, rank]]
+            batch_tokens = distributed.sum_(sum(task.target_count(y) for _, y, _ in parts))  # over every rank
+            for i, (x, y, ctx) in enumerate(parts):
+                with step_model.no_sync() if world > 1 and i < passes - 1 else contextlib.nullcontext():
+                    with run.autocast:
+                        logits = step_model(x, ctx)
+                        loss_sum, tokens = task.loss_sum(logits, y)
+                        # the step's mean loss is the sum of every part's share; DDP averages over ranks: x world
+                        loss = method.objective(logits, y, loss_sum / batch_tokens)
+                        loss = loss * world if world > 1 else loss
+                        aux = method.aux_loss(model)  # one per part, averaged over the parts
+                        if aux is not None:
+                            loss = loss + (aux / passes if passes > 1 else aux)
+                    run.scaler.scale(loss).backward()
+                run.running += torch.stack([loss_sum.detach().double(), tokens.double(), torch.zeros_like(run.running[2])])
+            # the method's hooks on unscaled gradients before and after clipping; step; and after it
             run.scaler.unscale_(run.optimizer)
             method.after_backward(model)
             if args.grad_clip > 0:
@@ -346,8 +400,7 @@ def train(args, explicit):
             run.scaler.update()
             method.after_step(model)
             run.optimizer.zero_grad(set_to_none=True)
-            run.running += torch.stack([loss_sum.detach().double(), tokens.double(),
-                                        torch.ones((), device=device, dtype=torch.float64)])
+            run.running[2] += 1
             run.step += 1
             bar.update(1)
     bar.close()
@@ -378,18 +431,22 @@ class Interrupted(Exception):
 
 def finish(run, task):
     """Test scores at the final step and at the best val step; the method's exports; summary.json and the plot."""
-    args, model = run.args, run.model
+    args, model, main_rank = run.args, run.model, distributed.is_main()
+    distributed.barrier()  # rank 0 has written metrics.jsonl and best.pt
     with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
         final_val = [json.loads(l) for l in f][-1]["val_loss"]
-    final = {"step": args.max_steps, "val_loss": final_val} | task.test_scores(model, run.autocast, args.eval_batch_size,
-                                                                               args.out_dir)
-    run.method.export(model, args.out_dir)
-    save_run_adapter(model, args.out_dir, args.init_from, args.lora_dropout)  # LoRA, also as a PEFT adapter
+    final = {"step": args.max_steps, "val_loss": final_val} | task.test_scores(
+        model, run.autocast, args.eval_batch_size, args.out_dir if main_rank else None)  # every rank scores its share
+    if main_rank:
+        run.method.export(model, args.out_dir)
+        save_run_adapter(model, args.out_dir, args.init_from, args.lora_dropout)  # LoRA, also as a PEFT adapter
     if run.best_step == args.max_steps:  # the best weights are the final ones
         best = final | {"step": run.best_step}
     else:
         load_saved_state(model, torch.load(os.path.join(args.out_dir, "best.pt"), weights_only=True), "best.pt")
         best = {"step": run.best_step, "val_loss": run.best_val} | task.test_scores(model, run.autocast, args.eval_batch_size)
+    if not main_rank:
+        return None
     wall = run.wall()
     summary = {"method": args.method, "dataset": args.dataset, "data_dir": args.data_dir, "init_from": args.init_from,
                "steps": args.max_steps, "final": final, "best": best,
@@ -434,6 +491,8 @@ def main(argv=None):
         fail(e)
     except Interrupted as e:
         sys.exit(128 + e.args[0])
+    finally:
+        distributed.stop()
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ def test_runs_saved_under_the_old_flag_names_load():
     from runs import ADDED_FLAGS, upgrade_args
     old = {"method": "prb", "rank": 8, "alpha": 16.0, "lora_dropout": 0.1}
     assert upgrade_args(old) == ADDED_FLAGS | {"method": "prb", "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.1}
-    assert ADDED_FLAGS == {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30, "moc_init": None}  # as they ran
+    assert ADDED_FLAGS == {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30, "moc_init": None,
+                           "peft_adapter": None, "grad_accum": 1}  # as they ran
     memory = upgrade_args({"method": "memft-sw", "rank": 4, "curriculum": "auto"})
     assert memory == ADDED_FLAGS | {"method": "memft-sw", "memory_rank": 4, "curriculum": "on", "memft_loss": "sliding"}
     assert upgrade_args({"method": "sft", "rank": 4, "curriculum": "auto"})["curriculum"] == "off"
