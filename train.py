@@ -12,8 +12,9 @@ method changes the model and may replace the loss, add to it, and act around the
 
 Writes to --out_dir: metrics.jsonl (one line per log step), ckpt.pt (latest; trainable tensors only when the base
 is a published checkpoint), best.pt (trainable tensors at the best val loss), summary.json, loss.png, and what the
-method exports (adapter.safetensors for LoRA; config.json + model.safetensors for --method full on GPT-2, so the run
-folder is itself a base for --init_from). Ctrl-C saves ckpt.pt; --resume continues exactly where it stopped.
+method exports (adapter.safetensors for LoRA, and the same adapter in PEFT's format: adapter_config.json +
+adapter_model.safetensors; config.json + model.safetensors for --method full on GPT-2, so the run folder is itself a
+base for --init_from). Ctrl-C saves ckpt.pt; --resume continues exactly where it stopped.
 
 Several GPUs: `torchrun --standalone --nproc_per_node=N train.py ...` (distributed.py): the --batch_size rows of a
 step are split across the N processes (and --grad_accum passes each); rank 0 writes and prints.

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT
-from model import BERT, BertConfig
+from helpers import ROOT, require_reference
+from model import BERT, BertConfig, read_safetensors
 from wordpiece import BertTokenizer
 from registers import QAHead, RegisterTokens
+from runs import load_run
 from squad import QASplit, best_spans, exact_match, f1_score, normalize_answer
 from train import main
 
@@ -143,6 +144,15 @@ def test_regbert_trains_and_reports_em_f1(squad_small_dir, minilm_dir, tmp_path)
     # LoRA on the encoder, plus the trainable registers and head: far fewer than MiniLM's 22.6M
     assert summary["params"]["trainable"] < 500_000
     assert os.path.isfile(os.path.join(out, "adapter.safetensors"))
+    # the LoRA part is a PEFT adapter for transformers.BertModel; the registers and the head sit beside it
+    config = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert len(config["target_modules"]) == 36 and not config["fan_in_fan_out"]  # 6 layers x 6 matrices
+    peft_model = require_reference("peft").PeftModel.from_pretrained(
+        require_reference("transformers").BertModel.from_pretrained(minilm_dir), out)
+    ours = load_run(out, "final", "cpu")[0]
+    assert torch.equal(peft_model.base_model.model.encoder.layer[5].output.dense.lora_B["default"].weight,
+                       ours.layers[5].ffn_out.lora_B)
+    assert {"sites.embed.tokens", "sites.head.qa_outputs.weight"} <= set(read_safetensors(os.path.join(out, "regbert.safetensors")))
     result = subprocess.run([sys.executable, "eval.py", out], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and "EM" in result.stdout
     assert f"{summary['final']['f1']:.2f}" in result.stdout  # eval.py rescoring gives the same F1
