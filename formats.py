@@ -22,7 +22,7 @@ import re
 
 
 from cli import InputError
-from model import GPT, bert_name, check_float, check_keys, read_safetensors
+from model import GPT, bert_name, check_float, check_keys, read_safetensors, write_weights_and_config
 
 BERT_MODULES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
                 "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}
@@ -81,14 +81,8 @@ def peft_adapter(model, base_model=None, dropout=0.0):
 
 def save_peft_adapter(model, folder, base_model=None, dropout=0.0):
     """Write adapter_config.json + adapter_model.safetensors into `folder` (each written beside and renamed)."""
-    from safetensors.torch import save_file
     config, state = peft_adapter(model, base_model, dropout)
-    os.makedirs(folder, exist_ok=True)
-    save_file(state, os.path.join(folder, "adapter_model.safetensors.tmp"), metadata={"format": "pt"})
-    with open(os.path.join(folder, "adapter_config.json.tmp"), "w") as f:
-        json.dump(config, f, indent=1)
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+    write_weights_and_config(folder, "adapter_model.safetensors", state, "adapter_config.json", config)
 
 
 def save_run_adapter(model, out_dir, init_from, dropout):

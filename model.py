@@ -241,19 +241,25 @@ class GPT(nn.Module):
         """Write config.json + model.safetensors in the Hugging Face GPT-2 layout (what from_pretrained reads, and
         transformers too): a model trained here becomes a base for --init_from. Attached method modules are not
         saved; the files are written beside and renamed into place, so a reader never sees half a checkpoint."""
-        from safetensors.torch import save_file
         c = self.config
         config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
                   "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
                   "layer_norm_epsilon": c.layer_norm_epsilon}
         state = {"transformer." + k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v).detach().cpu().contiguous()
                  for k, v in self.state_dict().items() if not k.startswith("sites.") and k != "lm_head.weight"}
-        os.makedirs(folder, exist_ok=True)
-        save_file(state, os.path.join(folder, "model.safetensors.tmp"), metadata={"format": "pt"})
-        with open(os.path.join(folder, "config.json.tmp"), "w") as f:
-            json.dump(config, f, indent=1)
-        for name in ("model.safetensors", "config.json"):
-            os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+        write_weights_and_config(folder, "model.safetensors", state, "config.json", config)
+
+
+def write_weights_and_config(folder, weights_name, state, config_name, config):
+    """A tensor dict as safetensors and a dict as JSON into `folder`, both written beside and then renamed into
+    place, so a reader never sees half a checkpoint (a model folder, a PEFT adapter folder)."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, weights_name + ".tmp"), metadata={"format": "pt"})
+    with open(os.path.join(folder, config_name + ".tmp"), "w") as f:
+        json.dump(config, f, indent=1)
+    for name in (weights_name, config_name):
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
 
 
 class KVCache:
