@@ -20,7 +20,6 @@ import math
 import os
 import re
 
-
 from cli import InputError
 from model import GPT, bert_name, check_float, check_keys, read_safetensors, write_weights_and_config
 
@@ -65,16 +64,16 @@ def peft_adapter(model, base_model=None, dropout=0.0):
     if len(ranks) > 1:
         raise InputError(f"the LoRA layers differ in rank or scale ({sorted(ranks)}); one adapter needs one of each")
     (rank, scaling), = ranks
-    state = {}
+    arch, state = architecture(model), {}
     for name, m in layers.items():
-        key = "base_model.model." + hf_module_name(architecture(model), name)
+        key = "base_model.model." + hf_module_name(arch, name)
         state[key + ".lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
         state[key + ".lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
-    gpt = isinstance(model, GPT)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if gpt else None, "base_model_name_or_path": base_model,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if arch == "gpt" else None,
+              "base_model_name_or_path": base_model,
               "r": rank, "lora_alpha": scaling * rank, "lora_dropout": dropout,  # scaling = lora_alpha / r, as PEFT
-              "target_modules": sorted(hf_module_name(architecture(model), n) for n in layers),  # full names: never ambiguous
-              "fan_in_fan_out": gpt, "bias": "none", "use_rslora": False, "use_dora": False,
+              "target_modules": sorted(hf_module_name(arch, n) for n in layers),  # full names: never ambiguous
+              "fan_in_fan_out": arch == "gpt", "bias": "none", "use_rslora": False, "use_dora": False,
               "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
     return config, state
 
