@@ -12,8 +12,9 @@ val and test loss (the loss train.py logs) and samples from label prompts; SQuAD
 official v1.1 script computes them; exact recall gives exact match, token accuracy and the stubborn-token
 statistics. Results also go to <run>/eval-<which>.json.
 
-`export` folds a GPT-2 run's LoRA into its weights and writes config.json + model.safetensors (GPT2LMHeadModel's
-layout: transformers loads it, and so does `train.py --init_from OUT`); formats.py says what can be exported.
+`export` folds a run's LoRA into its weights and writes config.json + model.safetensors (GPT2LMHeadModel's layout,
+or BertForQuestionAnswering's for a regbert run without register tokens): transformers loads it, and so does
+`train.py --init_from OUT`; formats.py says what can be exported.
 
 The experiment sweeps live in sweeps.py (prb-table, regbert-sweep, memory-law) and the attention analysis in
 attribution.py; `eval.py prb-table ...` and the others still work and say where the command went.
@@ -29,6 +30,7 @@ import torch
 
 from cli import InputError, Parser, fail, gpt2_bpe
 from formats import export_merged
+from model import BERT, BERT_HUB_IDS, resolve_checkpoint
 from runs import autocast_for, check_range, load_run, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
@@ -87,17 +89,22 @@ def main(argv=None):
 def export(argv):
     p = Parser(prog="eval.py export", description="Write a run as a merged, standalone model folder in the Hugging "
                "Face hub's format (config.json + model.safetensors), for transformers and for --init_from.")
-    p.add_argument("run", help="a run folder written by train.py (--out_dir) of a GPT-2 run: full, lora, grit, sft")
+    p.add_argument("run", help="a run folder written by train.py (--out_dir): GPT-2 with full, lora, grit or sft "
+                   "--adapter lora; BERT with regbert and no register tokens")
     p.add_argument("out", help="the folder to write (it must not hold a model already)")
     p.add_argument("--which", choices=["final", "best"], default="final", help="final weights or best-val weights")
     a = p.parse_args(argv)
     try:
         model, args, _, step = load_run(a.run, a.which, "cpu")
-        export_merged(model, a.out)
+        vocab = None  # a BERT ships its base's vocabulary
+        if isinstance(model, BERT) and args.init_from != "scratch":
+            vocab = os.path.join(resolve_checkpoint(args.init_from, BERT_HUB_IDS, ("vocab.txt",)), "vocab.txt")
+        export_merged(model, a.out, vocab)
     except InputError as e:
         fail(e)
+    kind = "BertForQuestionAnswering" if isinstance(model, BERT) else "GPT2LMHeadModel"
     print(f"wrote {a.out}/config.json and model.safetensors: --method {args.method} at step {step}, LoRA merged; "
-          f"load it with --init_from {a.out} or transformers.GPT2LMHeadModel.from_pretrained")
+          f"load it with --init_from {a.out} or transformers.{kind}.from_pretrained")
 
 
 def run(a):

@@ -11,14 +11,17 @@ an rsLoRA adapter's lora_alpha / sqrt(r) is the same update with alpha * sqrt(r)
 
 Merged export (eval.py export RUN OUT): every LoRA update folded into its weight, W0 + (alpha / r) B A, and the
 plain model written as config.json + model.safetensors: GPT2LMHeadModel's layout, which GPT.from_pretrained
-(--init_from OUT) and transformers both read. A run whose model holds anything else (a module at a residual-stream
-site, update atoms, an MLP adapter) is refused: transformers has no class for it.
+(--init_from OUT) and transformers both read; for a register-token BERT run with k = 0, BertForQuestionAnswering's
+layout (with the base's vocab.txt), which BERT.from_pretrained reads as an encoder and --method regbert with its
+QA head. A run whose model holds anything else (a module at a residual-stream site, register tokens, update atoms,
+an MLP adapter) is refused: transformers has no class for it.
 """
 
 import json
 import math
 import os
 import re
+import shutil
 
 from cli import InputError
 from model import GPT, bert_name, check_float, check_keys, read_safetensors, write_weights_and_config
@@ -189,14 +192,15 @@ def load_peft_weights(model, folder):
 # ------------------------------------------------------------------------------------------ merged export
 def merged_model(model):
     """The model with every LoRA update folded into its weight and the LoRA wrappers removed, in place; refuses a
-    model that transformers cannot represent. Returns the model."""
-    if model.sites:
-        raise InputError(f"this run attaches {', '.join(type(m).__name__ for m in model.sites.values())} at "
-                         f"{', '.join(model.sites)}: transformers has no class for it, so it cannot be exported "
+    model that transformers cannot represent (a QA head at a BERT's head site is BertForQuestionAnswering's)."""
+    foreign = {site: m for site, m in model.sites.items() if not (site == "head" and is_qa_head(model, m))}
+    if foreign:
+        raise InputError(f"this run attaches {', '.join(type(m).__name__ for m in foreign.values())} at "
+                         f"{', '.join(foreign)}: transformers has no class for it, so it cannot be exported "
                          "(its LoRA part is in the run folder's PEFT adapter)")
     layers = lora_layers(model)
     foreign = lambda m: not hasattr(m, "plain_lora") and not type(m).__module__.startswith(("torch.nn", "model"))
-    if odd := [name for name, m in model.named_modules() if foreign(m)]:
+    if odd := [name for name, m in model.named_modules() if foreign(m) and not name.startswith("sites.")]:
         raise InputError(f"this run's model holds a {type(model.get_submodule(odd[0])).__name__} at {odd[0]}: "
                          "transformers has no class for it, so it cannot be exported")
     for name, layer in layers.items():
@@ -206,11 +210,47 @@ def merged_model(model):
     return model
 
 
-def export_merged(model, folder):
-    """Write the merged GPT as config.json + model.safetensors (GPT2LMHeadModel's layout) into `folder`."""
-    if not isinstance(model, GPT):
-        raise InputError(f"export writes GPT-2 runs; this run's model is a {type(model).__name__}")
+def is_qa_head(model, module):
+    """registers.py's QAHead on a BERT: one Linear(hidden, 2) named qa_outputs, as BertForQuestionAnswering's."""
+    head = getattr(module, "qa_outputs", None)
+    return not isinstance(model, GPT) and head is not None and tuple(head.weight.shape) == (2, model.config.hidden_size)
+
+
+def hf_bert_name(key):
+    """Our BERT tensor name -> BertForQuestionAnswering's (the inverse of model.bert_name)."""
+    if key.startswith("sites.head.qa_outputs."):
+        return key.removeprefix("sites.head.")
+    if key.startswith("layers."):
+        layer, _, rest = key.removeprefix("layers.").partition(".")
+        module, _, param = rest.rpartition(".")
+        module = BERT_MODULES.get(module) or {"attn_norm": "attention.output.LayerNorm", "ffn_norm": "output.LayerNorm"}[module]
+        return f"bert.encoder.layer.{layer}.{module}.{param}"
+    return "bert.embeddings." + key.replace("embed_norm.", "LayerNorm.")
+
+
+def export_merged(model, folder, vocab=None):
+    """Write the merged model into `folder`: a GPT as GPT2LMHeadModel, a BERT with its QA head as
+    BertForQuestionAnswering plus `vocab` (the base's vocab.txt)."""
     for name in ("config.json", "model.safetensors"):
         if os.path.exists(os.path.join(folder, name)):
             raise InputError(f"{folder} already holds {name}; choose another folder (nothing is overwritten)")
-    merged_model(model).save_pretrained(folder)
+    if isinstance(model, GPT):
+        return merged_model(model).save_pretrained(folder)
+    if vocab is None or not os.path.isfile(vocab):
+        raise InputError("this BERT run's base has no vocab.txt to ship with the model (a scratch BERT?); "
+                         "only runs from a BERT folder or hub model can be exported")
+    if "head" not in model.sites:
+        raise InputError("this BERT run has no QA head: nothing to export as BertForQuestionAnswering")
+    merged_model(model)
+    c = model.config
+    config = {"model_type": "bert", "architectures": ["BertForQuestionAnswering"], "vocab_size": c.vocab_size,
+              "hidden_size": c.hidden_size, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+              "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position_embeddings,
+              "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.layer_norm_eps, "hidden_act": "gelu",
+              "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attention_dropout,
+              "position_embedding_type": "absolute"}
+    state = {hf_bert_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(vocab, os.path.join(folder, "vocab.txt.tmp"))
+    os.replace(os.path.join(folder, "vocab.txt.tmp"), os.path.join(folder, "vocab.txt"))  # before the weights
+    write_weights_and_config(folder, "model.safetensors", state, "config.json", config)

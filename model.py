@@ -556,9 +556,10 @@ BERT_RENAMES = [  # Hugging Face / original-BERT names -> ours (applied in order
 
 def bert_name(key):
     """A BERT checkpoint's tensor name -> ours; None for what a bare encoder does not use (pooler, pre-training
-    heads `cls.*`, the position_ids buffer). Handles an optional 'bert.' prefix and legacy LayerNorm gamma/beta."""
+    heads `cls.*`, a QA head `qa_outputs.*`, the position_ids buffer). Handles an optional 'bert.' prefix and legacy
+    LayerNorm gamma/beta."""
     key = key.removeprefix("bert.")
-    if key.startswith(("pooler.", "cls.")) or key.endswith("position_ids"):
+    if key.startswith(("pooler.", "cls.", "qa_outputs.")) or key.endswith("position_ids"):
         return None
     key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
     for old, new in BERT_RENAMES:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from cli import InputError
 from lora import LoRA, apply_lora, save_adapter
 from method import Method, freeze, save_tensors
+from model import BERT_HUB_IDS, check_keys, resolve_checkpoint
 
 POOLS = ("causal", "full", "prompt")
 PUBLISHED_WINDOW = 128  # every row padded to 128 tokens: the published prb.py's tokenizer call (max_length=128, ~L287-292)
@@ -208,6 +209,19 @@ class PRB(LoRA):
 BERT_MATRICES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
 
+def load_qa_head(head, init_from):
+    """A BertForQuestionAnswering checkpoint's qa_outputs (eval.py export writes one) continue as the QA head; a bare
+    encoder (MiniLM, bert-base) leaves the fresh head as it is."""
+    from safetensors import safe_open
+    path = os.path.join(resolve_checkpoint(init_from, BERT_HUB_IDS, ("vocab.txt",)), "model.safetensors")
+    with safe_open(path, "pt") as f:
+        if "qa_outputs.weight" not in f.keys():
+            return
+        state = {name: f.get_tensor(f"qa_outputs.{name}") for name in ("weight", "bias")}
+    check_keys(state, head.qa_outputs.state_dict(), f"the QA head in {path}")
+    head.qa_outputs.load_state_dict({k: v.float() for k, v in state.items()})
+
+
 def add_regbert_flags(parser):
     g = parser.add_argument_group("register-token BERT (--method regbert, --dataset squad | tydiqa)")
     g.add_argument("--register_tokens", type=int, default=0, help="register tokens k (0: plain BERT)")
@@ -232,7 +246,9 @@ class RegisterBERT(Method):
             apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout, targets=BERT_MATRICES)
         if a.register_tokens:
             model.attach("embed", RegisterTokens(model.config.hidden_size, a.register_tokens))
-        model.attach("head", QAHead(model.config.hidden_size))
+        head = model.attach("head", QAHead(model.config.hidden_size))
+        if a.init_from != "scratch":
+            load_qa_head(head, a.init_from)
 
     def export(self, model, out_dir):
         """adapter.safetensors with LoRA (train.py adds the PEFT folder for transformers.BertModel) and

@@ -12,12 +12,12 @@ import torch
 import eval as eval_script
 import train
 from cli import InputError
-from formats import peft_adapter, read_peft_config, save_peft_adapter
+from formats import export_merged, hf_bert_name, peft_adapter, read_peft_config, save_peft_adapter
 from helpers import require_reference, save_tiny_hf_gpt2
 from lora import apply_lora, load_peft_adapter
 from method import freeze
-from model import BERT, GPT
-from registers import BERT_MATRICES
+from model import BERT, GPT, BertConfig, bert_name
+from registers import BERT_MATRICES, QAHead, RegisterTokens
 from runs import load_run
 
 V = 50257  # the emotion data's vocabulary: the run below trains on it
@@ -193,16 +193,43 @@ def test_export_gives_our_logits_in_transformers_and_through_init_from(lora_run,
 
 
 def test_export_refuses_what_transformers_cannot_represent(tmp_path):
-    from formats import export_merged
     from model import GPTConfig
     from registers import RegisterBank
     model = GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=1, n_head=2, n_embd=8))
     model.attach("head", RegisterBank(8))
     with pytest.raises(InputError, match="RegisterBank at head"):
         export_merged(model, str(tmp_path / "prb"))
-    with pytest.raises(InputError, match="GPT-2 runs"):
-        export_merged(BERT.__new__(BERT), str(tmp_path / "bert"))
-    assert not os.path.exists(tmp_path / "prb")
+    bert = BERT(BertConfig(vocab_size=30, hidden_size=8, n_layer=1, n_head=2, intermediate_size=16))
+    bert.attach("head", QAHead(8))
+    with pytest.raises(InputError, match="no vocab.txt"):  # a scratch BERT
+        export_merged(bert, str(tmp_path / "bert"))
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    bert.attach("embed", RegisterTokens(8, 2))
+    with pytest.raises(InputError, match="RegisterTokens at embed"):
+        export_merged(bert, str(tmp_path / "bert"), str(tmp_path / "vocab.txt"))
+    assert not os.path.exists(tmp_path / "prb") and not os.path.exists(tmp_path / "bert")
+
+
+def test_a_bert_qa_model_exports_as_bert_for_question_answering(tmp_path):
+    transformers = require_reference("transformers")
+    save_tiny_hf_bert(tmp_path / "base")
+    ours = apply_lora(freeze(BERT.from_pretrained(str(tmp_path / "base"))), 4, 8, targets=BERT_MATRICES).eval()
+    ours.attach("head", QAHead(16))
+    randomize_b(ours)
+    with torch.no_grad():
+        ours.sites["head"].qa_outputs.weight.normal_()
+    names = BERT.from_pretrained(str(tmp_path / "base")).state_dict()
+    assert all(bert_name(hf_bert_name(k)) == k for k in names)  # hf_bert_name inverts bert_name
+    idx, mask = torch.randint(0, 60, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        expected, hidden = ours(idx, {"attention_mask": mask}), ours.layers[-1].ffn_norm.weight.clone()
+        export_merged(ours, str(tmp_path / "qa"), str(tmp_path / "base" / "vocab.txt"))
+        hf = transformers.BertForQuestionAnswering.from_pretrained(str(tmp_path / "qa")).eval()(input_ids=idx, attention_mask=mask)
+        assert (torch.stack([hf.start_logits, hf.end_logits], dim=1) - expected).abs().max() <= 1e-5
+        encoder = BERT.from_pretrained(str(tmp_path / "qa")).eval()  # the QA head is not the encoder's
+        assert torch.equal(encoder.layers[-1].ffn_norm.weight, hidden)
+        assert (ours.sites["head"](encoder(idx, {"attention_mask": mask}), {}) - expected).abs().max() <= 1e-5
 
 
 def test_atoms_are_not_a_peft_adapter():
@@ -212,3 +239,26 @@ def test_atoms_are_not_a_peft_adapter():
     apply_atoms(model, 2, 4, 0.0, ["attn.c_attn"], 3, 4, 1, 0.0, 0.01, 8)
     with pytest.raises(InputError, match="AtomLinear, not plain LoRA"):
         peft_adapter(model)
+
+
+@pytest.mark.slow
+def test_a_regbert_run_exports_and_scores_the_same_through_init_from(squad_small_dir, minilm_dir, tmp_path):
+    """MiniLM + LoRA + QA head, 3 steps on SQuAD: export -> BertForQuestionAnswering gives our start/end logits, and
+    `--method regbert --init_from OUT --max_steps 0` (the head read back from the export) scores the same val loss,
+    EM and F1."""
+    transformers = require_reference("transformers")
+    flags = ["--dataset", "squad", "--data_dir", squad_small_dir, "--batch_size", "8", "--eval_interval", "3",
+             "--eval_batch_size", "32", "--dropout", "0"]
+    run = tmp_path / "run"
+    trained = train.main(["--method", "regbert", "--init_from", minilm_dir, "--lora_rank", "4", "--max_steps", "3",
+                          "--warmup", "1", "--lr", "1e-3", *flags, "--out_dir", str(run)])
+    eval_script.main(["export", str(run), str(tmp_path / "qa")])
+    ours = load_run(str(run), "final", "cpu")[0]
+    idx = torch.randint(1000, 5000, (2, 20))
+    with torch.no_grad():
+        hf = transformers.BertForQuestionAnswering.from_pretrained(str(tmp_path / "qa")).eval()(input_ids=idx)
+        assert (torch.stack([hf.start_logits, hf.end_logits], dim=1) - ours(idx)).abs().max() <= 1e-5
+    scored = train.main(["--method", "regbert", "--init_from", str(tmp_path / "qa"), "--max_steps", "0", *flags,
+                         "--out_dir", str(tmp_path / "scored")])
+    assert scored["final"]["val_loss"] == pytest.approx(trained["final"]["val_loss"], abs=1e-5)
+    assert (scored["final"]["em"], scored["final"]["f1"]) == pytest.approx((trained["final"]["em"], trained["final"]["f1"]))
