@@ -193,10 +193,10 @@ def load_peft_weights(model, folder):
 def merged_model(model):
     """The model with every LoRA update folded into its weight and the LoRA wrappers removed, in place; refuses a
     model that transformers cannot represent (a QA head at a BERT's head site is BertForQuestionAnswering's)."""
-    foreign = {site: m for site, m in model.sites.items() if not (site == "head" and is_qa_head(model, m))}
-    if foreign:
-        raise InputError(f"this run attaches {', '.join(type(m).__name__ for m in foreign.values())} at "
-                         f"{', '.join(foreign)}: transformers has no class for it, so it cannot be exported "
+    attached = {site: m for site, m in model.sites.items() if not (site == "head" and is_qa_head(model, m))}
+    if attached:
+        raise InputError(f"this run attaches {', '.join(type(m).__name__ for m in attached.values())} at "
+                         f"{', '.join(attached)}: transformers has no class for it, so it cannot be exported "
                          "(its LoRA part is in the run folder's PEFT adapter)")
     layers = lora_layers(model)
     foreign = lambda m: not hasattr(m, "plain_lora") and not type(m).__module__.startswith(("torch.nn", "model"))

@@ -48,7 +48,7 @@ from cli import InputError
 from lora import LoRALinear, apply_lora, save_adapter
 from method import Method, freeze, replace_modules, save_tensors
 from model import check_keys, read_safetensors
-from registers import prefix_mean, running_prefix_mean
+from registers import prefix_mean
 
 ROUTES = ("token", "prompt", "sequence")
 ROW_EPS = 1e-5  # RMS of the selected memory rows: shared_routed_norm_eps in the paper's configs (outputs/*/config.yaml)
@@ -269,7 +269,7 @@ class MemoryLayer(nn.Module):
 
     def step(self, h, ctx, state, start):
         """KV-cache generation: the router's prefix mean carried as a running sum."""
-        return self.forward(h, ctx, running_prefix_mean(h, state, start, ctx["prompt_len"] if self.route == "prompt" else None))
+        return self.forward(h, ctx, prefix_mean(h, ctx["prompt_len"] if self.route == "prompt" else None, state, start))
 
     def forward(self, h, ctx, pooled=None):
         bank = ctx["moc_bank"]
@@ -549,8 +549,7 @@ class AtomPool(nn.Module):
     def forward(self, h, ctx, state=None, start=0):
         log_prior = None
         if self.prior is not None and self.beta and "prompt_len" in ctx:  # e: the frozen embedded instruction, prefix-capped
-            e = (prefix_mean(h.detach(), ctx["prompt_len"]) if state is None else
-                 running_prefix_mean(h.detach(), state, start, ctx["prompt_len"]))
+            e = prefix_mean(h.detach(), ctx["prompt_len"], state, start)
             log_prior = F.log_softmax(at_least_fp32(self.prior(e)), dim=-1)
         self.reset(log_prior)
         return h

@@ -74,9 +74,9 @@ class CausalSelfAttention(nn.Module):
         # softmax(q k^T / sqrt(d_head) + causal mask) v, fused (flash / memory-efficient kernels on CUDA)
         dropout = self.dropout if self.training else 0.0
         if cache is not None and cache.pos > 0:  # new queries attend to every cached key and to their own prefix
-            k, v = cache.update(layer, k, v)
-            causal = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if T == 1 else causal)
+            k, v = cache.update(layer, k, v)  # one new query (the decoding step) may read every key: no mask
+            causal = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
         elif attn_mask is None:
             if cache is not None:  # the prompt: cache its keys and values, attend causally as without a cache
                 cache.update(layer, k, v)

@@ -37,27 +37,19 @@ POOLS = ("causal", "full", "prompt")
 PUBLISHED_WINDOW = 128  # every row padded to 128 tokens: the published prb.py's tokenizer call (max_length=128, ~L287-292)
 
 
-def prefix_mean(h, limit=None):
+def prefix_mean(h, limit=None, state=None, start=0):
     """pool_t = mean(h_0 .. h_t), or mean(h_0 .. h_min(t, limit-1)) per row when limit (B,) is given. A cumsum:
-    O(T), no loop over positions."""
-    T = h.size(1)
-    sums = h.cumsum(dim=1)
-    last = torch.arange(T, device=h.device).expand(h.size(0), T)  # index of the last position pooled
-    if limit is not None:
-        last = torch.minimum(last, (limit - 1).clamp(min=0)[:, None])
-    pooled = sums.gather(1, last[..., None].expand(-1, -1, h.size(2)))
-    return pooled / (last + 1)[..., None].to(h.dtype)
-
-
-def running_prefix_mean(h, state, start, limit=None):
-    """prefix_mean for positions start .. start+T-1 when the positions before `start` came in earlier calls (KV-cache
-    generation): state["sum"] carries their sum (capped at `limit` as prefix_mean caps it), updated in place."""
+    O(T), no loop over positions. KV-cache generation passes positions start, start+1, ... of a longer sequence and
+    a `state` dict whose "sum" carries the (capped) sum of the positions before; it is updated in place."""
     B, T, _ = h.shape
     position = torch.arange(start, start + T, device=h.device).expand(B, T)
-    last = position if limit is None else torch.minimum(position, (limit - 1).clamp(min=0)[:, None])
-    counted = (position <= last)[..., None].to(h.dtype)  # under a limit: only the positions before it
-    sums = state.get("sum", 0) + (h * counted).cumsum(dim=1)
-    state["sum"] = sums[:, -1:]
+    last = position if limit is None else torch.minimum(position, (limit - 1).clamp(min=0)[:, None])  # last pooled
+    if state is None:  # the whole sequence: the cumsum read at each position's last pooled one
+        sums = h.cumsum(dim=1).gather(1, last[..., None].expand(-1, -1, h.size(2)))
+    else:  # positions past the limit add 0, so the carried sum stops there
+        counted = h if limit is None else h * (position <= last)[..., None].to(h.dtype)
+        sums = state.get("sum", 0) + counted.cumsum(dim=1)
+        state["sum"] = sums[:, -1:]
     return sums / (last + 1)[..., None].to(h.dtype)
 
 
@@ -87,7 +79,7 @@ class RegisterBank(nn.Module):
 
     def step(self, h, ctx, state, start):
         """KV-cache generation: the prefix mean carried as a running sum."""
-        return self.inject(h, running_prefix_mean(h, state, start, ctx["prompt_len"] if self.pool_mode == "prompt" else None), ctx)
+        return self.inject(h, prefix_mean(h, ctx["prompt_len"] if self.pool_mode == "prompt" else None, state, start), ctx)
 
     def inject(self, h, pooled, ctx):
         """H' = H + alpha W_r r_blend from pooled (B, T, C) (or (B, 1, C) for "full")."""

@@ -384,13 +384,12 @@ def train(args, explicit):
                         logits = step_model(x, ctx)
                         loss_sum, tokens = task.loss_sum(logits, y)
                         # the step's mean loss is the sum of every part's share; DDP averages over ranks: x world
-                        loss = method.objective(logits, y, loss_sum / batch_tokens)
-                        loss = loss * world if world > 1 else loss
+                        loss = method.objective(logits, y, loss_sum / batch_tokens) * world
                         aux = method.aux_loss(model)  # one per part, averaged over the parts
                         if aux is not None:
-                            loss = loss + (aux / passes if passes > 1 else aux)
+                            loss = loss + aux / passes
                     run.scaler.scale(loss).backward()
-                run.running += torch.stack([loss_sum.detach().double(), tokens.double(), torch.zeros_like(run.running[2])])
+                run.running[:2] += torch.stack([loss_sum.detach().double(), tokens.double()])
             # the method's hooks on unscaled gradients before and after clipping; step; and after it
             run.scaler.unscale_(run.optimizer)
             method.after_backward(model)
