@@ -1,13 +1,16 @@
-"""What every command line here shares, without importing torch (the data/*/prepare.py scripts use it too).
+"""What every command line here shares, without importing torch (the data/*/prepare.py scripts use
+it too).
 
-- Bad input is an `InputError`; the scripts print it as one line on stderr and exit with status 2, never a
-  traceback or a page of usage (`fail`, `Parser`, `errors_in_one_line`).
-- Files users hand us are read with errors that name the file and the line (`read_json`, `read_jsonl`), and
-  prepared folders are written all or nothing (`staged_folder`).
-- A download from the Hugging Face hub first checks, with one quick connection, that the hub can be reached at
-  all (`reach_hub`). Offline, the hub libraries retry for about 30 s with a warning per try before they fail; this
-  says so at once, in one line, and the caller names the local alternative.
-- Reports: markdown tables, mean ± std over seeds, a table written beside the JSON behind it, figures.
+- Bad input is an `InputError`; the scripts print it as one line on stderr and exit with status 2,
+  never a traceback or a page of usage (`fail`, `Parser`, `errors_in_one_line`).
+- Files users hand us are read with errors that name the file and the line (`read_json`,
+  `read_jsonl`), and prepared folders are written all or nothing (`staged_folder`).
+- A download from the Hugging Face hub first checks, with one quick connection, that the hub can be
+  reached at all (`reach_hub`). Offline, the hub libraries retry for about 30 s with a warning per
+  try before they fail; this says so at once, in one line, and the caller names the local
+  alternative.
+- Reports: markdown tables, mean ± std over seeds, a table written beside the JSON behind it,
+  figures.
 """
 
 import argparse
@@ -25,35 +28,40 @@ from contextlib import contextmanager
 
 
 class InputError(Exception):
-    """Bad input from the user (a flag, a path, a file, a checkpoint). The CLIs print it on one line, exit 2."""
+    """Bad input from the user (a flag, a path, a file, a checkpoint). The CLIs print it on one
+    line, exit 2."""
 
 
 class BadFile(InputError):
-    """A file a user handed us that is not what it should be; the message names the file (and line)."""
+    """A file a user handed us that is not what it should be; the message names the file (and
+    line)."""
 
 
 def fail(message):
-    """Bad input: one line on stderr and exit status 2 (InputError's contract), never a traceback."""
+    """Bad input: one line on stderr and exit status 2 (InputError's contract), never a
+    traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with exact flag names (no prefixes: a sweep passes the flags it does not know to train.py, and
-    --lr must reach train.py rather than be read as the sweep's --lr_b) and bad input in one line."""
+    """argparse with exact flag names (no prefixes: a sweep passes the flags it does not know to
+    train.py, and --lr must reach train.py rather than be read as the sweep's --lr_b) and bad input
+    in one line."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):  # one line and exit 2, instead of usage + message
-        script = sys.argv[0] if sys.argv[0].endswith(".py") else self.prog  # as typed: data/squad/prepare.py
+        # as typed: data/squad/prepare.py
+        script = sys.argv[0] if sys.argv[0].endswith(".py") else self.prog
         fail(f"{message} (see python {script} --help)")
 
 
 @contextmanager
 def errors_in_one_line(download="", offline=""):
-    """Around a preparation script's work: bad input ends in one line and exit 2; so does a hub that cannot be
-    reached, with `offline` saying what to do instead of downloading `download`."""
+    """Around a preparation script's work: bad input ends in one line and exit 2; so does a hub that
+    cannot be reached, with `offline` saying what to do instead of downloading `download`."""
     try:
         yield
     except HubUnreachable as e:
@@ -62,7 +70,7 @@ def errors_in_one_line(download="", offline=""):
         fail(e)
 
 
-# ---------------------------------------------------------------------------------------------------- files
+# -------------------------------------------------------------------------------------------- files
 def read_json(path):
     """The JSON value in `path`; BadFile when it cannot be read or parsed."""
     try:
@@ -73,7 +81,8 @@ def read_json(path):
 
 
 def read_jsonl(path, keys):
-    """The JSON objects of a .jsonl file, one per non-blank line, each holding `keys`; BadFile names the line."""
+    """The JSON objects of a .jsonl file, one per non-blank line, each holding `keys`; BadFile names
+    the line."""
     rows = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -103,11 +112,12 @@ def prepare_module(dataset):
 
 @contextmanager
 def staged_folder(out_dir):
-    """All-or-nothing preparation: yields an empty temporary folder beside `out_dir` to write every file into.
-    When the block succeeds, out_dir's meta.json (the mark of a complete folder) is removed, the new files move
-    in one by one (os.replace: each whole or absent) and meta.json moves in last. When the block fails, the
-    temporary folder is deleted and out_dir is left exactly as it was. A kill while the files move in leaves
-    out_dir without a meta.json, which every reader refuses as not prepared; never a mix of old and new."""
+    """All-or-nothing preparation: yields an empty temporary folder beside `out_dir` to write every
+    file into. When the block succeeds, out_dir's meta.json (the mark of a complete folder) is
+    removed, the new files move in one by one (os.replace: each whole or absent) and meta.json moves
+    in last. When the block fails, the temporary folder is deleted and out_dir is left exactly as it
+    was. A kill while the files move in leaves out_dir without a meta.json, which every reader
+    refuses as not prepared; never a mix of old and new."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise BadFile(f"--out_dir {out_dir} is a file; pass a folder")
@@ -119,7 +129,8 @@ def staged_folder(out_dir):
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(os.path.join(out_dir, "meta.json")):
             os.remove(os.path.join(out_dir, "meta.json"))
-        for name in sorted(os.listdir(stage), key=lambda name: name == "meta.json"):  # meta.json last
+        for name in sorted(os.listdir(stage), key=lambda name: name == "meta.json"):
+            # meta.json last
             os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -136,20 +147,22 @@ def first_line(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-# ---------------------------------------------------------------------------------------------------- the hub
+# ------------------------------------------------------------------------------------------ the hub
 class HubUnreachable(ConnectionError):
     """The Hugging Face hub cannot be reached (offline, HF_HUB_OFFLINE set, or its host down)."""
 
 
 def reach_hub(timeout=5.0):
-    """Return when one TCP connection to the hub's host (or to the proxy in between) opens within `timeout`;
-    else raise HubUnreachable with the reason. Honours HF_ENDPOINT, HF_HUB_OFFLINE and the *_proxy variables."""
+    """Return when one TCP connection to the hub's host (or to the proxy in between) opens within
+    `timeout`; else raise HubUnreachable with the reason. Honours HF_ENDPOINT, HF_HUB_OFFLINE and
+    the *_proxy variables."""
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise HubUnreachable("HF_HUB_OFFLINE is set")
     url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     proxies = urllib.request.getproxies()
-    if (proxy := proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+    if (proxy := proxies.get(url.scheme)
+        or proxies.get("all")) and not urllib.request.proxy_bypass(host):
         proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         host, port = proxy.hostname, proxy.port or 8080
     try:
@@ -159,25 +172,28 @@ def reach_hub(timeout=5.0):
 
 
 def gpt2_bpe():
-    """tiktoken's GPT-2 BPE. tiktoken downloads its two files once into its cache (TIKTOKEN_CACHE_DIR, else a
-    temporary folder); offline with no cached copy that is one InputError line, not a page of urllib3 retries."""
+    """tiktoken's GPT-2 BPE. tiktoken downloads its two files once into its cache
+    (TIKTOKEN_CACHE_DIR, else a temporary folder); offline with no cached copy that is one
+    InputError line, not a page of urllib3 retries."""
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
-        raise InputError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); with no internet, set "
-                         "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached copies of them") from None
+        raise InputError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); with no internet, "
+                         "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached copies of "
+                         "them") from None
 
 
 def load_hub_dataset(*args, **kwargs):
-    """datasets.load_dataset(*args, **kwargs) once the hub is known to be reachable (else HubUnreachable, at once)."""
+    """datasets.load_dataset(*args, **kwargs) once the hub is known to be reachable (else
+    HubUnreachable, at once)."""
     reach_hub()
     import datasets
     datasets.disable_progress_bars()
     return datasets.load_dataset(*args, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------- reports
+# ------------------------------------------------------------------------------------------ reports
 def markdown(header, rows, left=1):
     """A markdown table: `left` left-aligned columns, the rest right-aligned (numbers)."""
     return [f"| {' | '.join(header)} |", "|" + "---|" * left + "---:|" * (len(header) - left),
@@ -206,8 +222,11 @@ def mean_spread(values):
     if not values or any(v is None for v in values):
         return "-"
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}" if isinstance(values[0], float) else f"{mean:.0f} ± {std:.0f}"
+    std = math.sqrt(sum((v - mean) ** 2
+                        for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    if isinstance(values[0], float):
+        return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.0f} ± {std:.0f}"
 
 
 def int_list(text, flag):
@@ -218,9 +237,9 @@ def int_list(text, flag):
 
 
 def split_flags(argv, known):
-    """(our words, train.py's flags): a bare word right after a flag is its value, any other bare word is ours (a
-    run folder). So `RUNS... --memory_rank 4` and `--init_from scratch RUNS...` both split right; put run folders
-    first when a train.py flag takes no value."""
+    """(our words, train.py's flags): a bare word right after a flag is its value, any other bare
+    word is ours (a run folder). So `RUNS... --memory_rank 4` and `--init_from scratch RUNS...` both
+    split right; put run folders first when a train.py flag takes no value."""
     ours, theirs, owner = [], [], None
     for word in argv:
         if word.startswith("-"):

@@ -2,13 +2,15 @@
 
     torchrun --standalone --nproc_per_node=N train.py ...
 
-Every process (rank) builds the same model and reads the same batch order; each step, rank r trains on its share of
-the global batch of --batch_size rows, and DistributedDataParallel averages the gradients, so every rank takes the
-same optimizer step. Rank 0 alone writes files and prints. Without torchrun (WORLD_SIZE unset) every function here
-is a no-op for the one process, so train.py has one code path.
+Every process (rank) builds the same model and reads the same batch order; each step, rank r trains
+on its share of the global batch of --batch_size rows, and DistributedDataParallel averages the
+gradients, so every rank takes the same optimizer step. Rank 0 alone writes files and prints.
+Without torchrun (WORLD_SIZE unset) every function here is a no-op for the one process, so train.py
+has one code path.
 
-The communication: NCCL on CUDA (gradients, evaluation sums), plus a small gloo group on the host for what the
-host decides (has any rank been interrupted? the RNG states to checkpoint), so deciding never waits on the GPU.
+The communication: NCCL on CUDA (gradients, evaluation sums), plus a small gloo group on the host
+for what the host decides (has any rank been interrupted? the RNG states to checkpoint), so deciding
+never waits on the GPU.
 """
 
 import datetime
@@ -19,7 +21,8 @@ import torch.distributed as dist
 
 from cli import InputError
 
-_host_group = None  # the gloo group for host-side values (None: the default group is gloo already, or one process)
+# the gloo group for host-side values (None: the default group is gloo already, or one process)
+_host_group = None
 
 
 def launched():
@@ -39,7 +42,8 @@ def start(cuda):
 
 def local_device(device):
     """This rank's device: cuda:LOCAL_RANK where a CUDA run has several ranks."""
-    return f"cuda:{int(os.environ['LOCAL_RANK'])}" if launched() and device.startswith("cuda") else device
+    return (f"cuda:{int(os.environ['LOCAL_RANK'])}" if launched() and device.startswith("cuda")
+            else device)
 
 
 def stop():
@@ -94,17 +98,21 @@ def gather(obj):
 
 
 def split_batch(batch_size, grad_accum):
-    """Rows per forward of each rank: the global batch split over ranks and --grad_accum micro-steps."""
+    """Rows per forward of each rank: the global batch split over ranks and --grad_accum
+    micro-steps."""
     parts = world() * grad_accum
     if batch_size % parts:
-        raise InputError(f"--batch_size {batch_size} does not split into {world()} process(es) x --grad_accum "
-                         f"{grad_accum}; choose a multiple of {parts}")
+        raise InputError(f"--batch_size {batch_size} does not split into {world()} process(es) x "
+                         f"--grad_accum {grad_accum}; choose a multiple of {parts}")
     return batch_size // parts
 
 
 def wrap(model, device):
-    """DistributedDataParallel around the model that trains (compiled or not), when there are several ranks."""
+    """DistributedDataParallel around the model that trains (compiled or not), when there are
+    several ranks."""
     if not active():
         return model
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    return DistributedDataParallel(model,
+                                   device_ids=[torch.device(device).index]
+                                   if device.startswith("cuda") else None)

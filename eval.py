@@ -1,23 +1,25 @@
-"""Evaluate finished (or interrupted) runs with their task's own scores, side by side, and sample from them.
+"""Evaluate finished (or interrupted) runs with their task's own scores, side by side, and sample
+from them.
 
-    python eval.py out/lora-emotion                       # final weights; val/test loss table + samples
-    python eval.py out/lora-r32 out/full --which best     # several runs side by side, at their best val step
+    python eval.py out/lora-emotion                 # final weights; val/test loss table + samples
+    python eval.py out/lora-r32 out/full --which best   # several runs, at their best val step
     python eval.py out/lora-emotion --prompt "[JOY] today was" --temperature 0 --max_new_tokens 30
-    python eval.py out/regbert-squad                      # a SQuAD run: EM/F1 on the official dev file
-    python eval.py out/memft-ot-phonebook                 # a memorisation run: exact recall of its entries
-    python eval.py export out/lora-emotion out/merged     # a merged, standalone model in the hub's format
+    python eval.py out/regbert-squad                # a SQuAD run: EM/F1 on the official dev file
+    python eval.py out/memft-ot-phonebook           # a memorisation run: exact recall
+    python eval.py export out/lora-emotion out/merged   # a merged model in the hub's format
 
-Each run is rebuilt from its ckpt.pt (runs.py: load_run) and scored by its task: language modelling gives the
-val and test loss (the loss train.py logs) and samples from label prompts; SQuAD gives exact match and F1 as the
-official v1.1 script computes them; exact recall gives exact match, token accuracy and the stubborn-token
-statistics. Results also go to <run>/eval-<which>.json.
+Each run is rebuilt from its ckpt.pt (runs.py: load_run) and scored by its task: language modelling
+gives the val and test loss (the loss train.py logs) and samples from label prompts; SQuAD gives
+exact match and F1 as the official v1.1 script computes them; exact recall gives exact match, token
+accuracy and the stubborn-token statistics. Results also go to <run>/eval-<which>.json.
 
-`export` folds a run's LoRA into its weights and writes config.json + model.safetensors (GPT2LMHeadModel's layout,
-or BertForQuestionAnswering's for a regbert run without register tokens): transformers loads it, and so does
-`train.py --init_from OUT`; formats.py says what can be exported.
+`export` folds a run's LoRA into its weights and writes config.json + model.safetensors
+(GPT2LMHeadModel's layout, or BertForQuestionAnswering's for a regbert run without register tokens):
+transformers loads it, and so does `train.py --init_from OUT`; formats.py says what can be exported.
 
-The experiment sweeps live in sweeps.py (prb-table, regbert-sweep, memory-law) and the attention analysis in
-attribution.py; `eval.py prb-table ...` and the others still work and say where the command went.
+The experiment sweeps live in sweeps.py (prb-table, regbert-sweep, memory-law) and the attention
+analysis in attribution.py; `eval.py prb-table ...` and the others still work and say where the
+command went.
 """
 
 import argparse
@@ -34,24 +36,28 @@ from model import BERT, BERT_HUB_IDS, resolve_checkpoint
 from runs import autocast_for, check_range, load_run, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
-MOVED = {"prb-table": "sweeps.py", "regbert-sweep": "sweeps.py", "memory-law": "sweeps.py", "attention": "attribution.py"}
+MOVED = {"prb-table": "sweeps.py", "regbert-sweep": "sweeps.py", "memory-law": "sweeps.py",
+         "attention": "attribution.py"}
 
 
 def label_context(prompt, meta, device):
-    """{"label", "prompt_len"} when the prompt starts with a known `[LABEL]` tag, for methods that read them."""
+    """{"label", "prompt_len"} when the prompt starts with a known `[LABEL]` tag, for methods that
+    read them."""
     tag = prompt.split("]")[0].lstrip("[").lower() if prompt.startswith("[") else None
     labels = meta.get("labels", [])
     if tag not in labels:
         return {}
     label = labels.index(tag)
-    return {"label": torch.tensor([label], device=device), "prompt_len": torch.tensor([meta["prompt_tokens"][label]], device=device)}
+    return {"label": torch.tensor([label], device=device),
+            "prompt_len": torch.tensor([meta["prompt_tokens"][label]], device=device)}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in MOVED:  # the old home of the sweeps and of the attention analysis
         command = MOVED[argv[0]] + ("" if argv[0] == "attention" else f" {argv[0]}")
-        print(f"note: `python eval.py {argv[0]}` is deprecated; it is `python {command}`", file=sys.stderr)
+        print(f"note: `python eval.py {argv[0]}` is deprecated; it is `python {command}`",
+              file=sys.stderr)
         if argv[0] == "attention":
             import attribution
             return attribution.main(argv[1:])
@@ -61,15 +67,18 @@ def main(argv=None):
         return export(argv[1:])
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by train.py (--out_dir)")
-    p.add_argument("--which", choices=["final", "best"], default="final", help="final weights or best-val weights")
-    p.add_argument("--prompt", action="append", help=f"repeatable (default: {' | '.join(DEFAULT_PROMPTS)})")
+    p.add_argument("--which", choices=["final", "best"], default="final",
+                   help="final weights or best-val weights")
+    p.add_argument("--prompt", action="append",
+                   help=f"repeatable (default: {' | '.join(DEFAULT_PROMPTS)})")
     p.add_argument("--max_new_tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--eval_batch_size", type=int, default=64)
-    p.add_argument("--no_loss", action="store_true", help="language modelling: skip the val/test loss, only sample")
+    p.add_argument("--no_loss", action="store_true",
+                   help="language modelling: skip the val/test loss, only sample")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=1337)
@@ -77,7 +86,8 @@ def main(argv=None):
     try:
         check_range(a, ("eval_batch_size", "num_samples", "top_k"), lambda v: v > 0, "positive")
         check_range(a, ("max_new_tokens",), lambda v: v >= 0, ">= 0")
-        check_range(a, ("temperature",), lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: greedy)")
+        check_range(a, ("temperature",), lambda v: 0 <= v < math.inf,
+                    "a finite number >= 0 (0: greedy)")
         check_range(a, ("top_p",), lambda v: v is None or 0 < v <= 1, "in (0, 1]")
         if "" in (a.prompt or []):
             raise InputError("--prompt must not be empty; give the text to continue")
@@ -87,24 +97,30 @@ def main(argv=None):
 
 
 def export(argv):
-    p = Parser(prog="eval.py export", description="Write a run as a merged, standalone model folder in the Hugging "
-               "Face hub's format (config.json + model.safetensors), for transformers and for --init_from.")
-    p.add_argument("run", help="a run folder written by train.py (--out_dir): GPT-2 with full, lora, grit or sft "
-                   "--adapter lora; BERT with regbert and no register tokens")
+    p = Parser(prog="eval.py export",
+               description="Write a run as a merged, standalone model folder in the Hugging Face "
+                           "hub's format (config.json + model.safetensors), for transformers and "
+                           "for --init_from.")
+    p.add_argument("run",
+                   help="a run folder written by train.py (--out_dir): GPT-2 with full, lora, grit "
+                        "or sft --adapter lora; BERT with regbert and no register tokens")
     p.add_argument("out", help="the folder to write (it must not hold a model already)")
-    p.add_argument("--which", choices=["final", "best"], default="final", help="final weights or best-val weights")
+    p.add_argument("--which", choices=["final", "best"], default="final",
+                   help="final weights or best-val weights")
     a = p.parse_args(argv)
     try:
         model, args, _, step = load_run(a.run, a.which, "cpu")
         vocab = None  # a BERT ships its base's vocabulary
         if isinstance(model, BERT) and args.init_from != "scratch":
-            vocab = os.path.join(resolve_checkpoint(args.init_from, BERT_HUB_IDS, ("vocab.txt",)), "vocab.txt")
+            vocab = os.path.join(resolve_checkpoint(args.init_from, BERT_HUB_IDS, ("vocab.txt",)),
+                                 "vocab.txt")
         export_merged(model, a.out, vocab)
     except InputError as e:
         fail(e)
     kind = "BertForQuestionAnswering" if isinstance(model, BERT) else "GPT2LMHeadModel"
-    print(f"wrote {a.out}/config.json and model.safetensors: --method {args.method} at step {step}, LoRA merged; "
-          f"load it with --init_from {a.out} or transformers.{kind}.from_pretrained")
+    print(f"wrote {a.out}/config.json and model.safetensors: --method {args.method} at step "
+          f"{step}, LoRA merged; load it with --init_from {a.out} or "
+          f"transformers.{kind}.from_pretrained")
 
 
 def run(a):
@@ -137,7 +153,8 @@ def run(a):
 
 
 def samples(model, meta, a, autocast, device):
-    """--num_samples continuations of every prompt; a `[LABEL]` prompt also tells the method its label."""
+    """--num_samples continuations of every prompt; a `[LABEL]` prompt also tells the method its
+    label."""
     enc = gpt2_bpe()
     generator = torch.Generator(device).manual_seed(a.seed)
     out = []
@@ -146,8 +163,10 @@ def samples(model, meta, a, autocast, device):
         for _ in range(a.num_samples):
             with autocast:
                 tokens = model.generate(idx, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
-                                        ctx=label_context(prompt, meta, device), generator=generator)
-            out.append({"prompt": prompt, "text": enc.decode(tokens[0].tolist()).split("<|endoftext|>")[0]})
+                                        ctx=label_context(prompt, meta, device),
+                                        generator=generator)
+            out.append({"prompt": prompt,
+                        "text": enc.decode(tokens[0].tolist()).split("<|endoftext|>")[0]})
     return out
 
 

@@ -1,50 +1,60 @@
-"""GRIT: curvature-aware LoRA — rank-space K-FAC, Fisher-guided reprojection, adaptive rank (arXiv 2601.00231).
+"""GRIT: curvature-aware LoRA — rank-space K-FAC, Fisher-guided reprojection, adaptive rank (arXiv
+2601.00231).
 
-GRIT keeps LoRA's parameterisation, y = W0 x + s B A x, and changes only how A and B are optimised. Every rule and
-constant below was read in the authors' released package, grit/{autograd,manager,optim,trainer,config}.py (we read
-the copies vendored in public repositories); the file is named beside each line that follows it.
+GRIT keeps LoRA's parameterisation, y = W0 x + s B A x, and changes only how A and B are optimised.
+Every rule and constant below was read in the authors' released package,
+grit/{autograd,manager,optim,trainer,config}.py (we read the copies vendored in public
+repositories); the file is named beside each line that follows it.
 
-Statistics (autograd.py, KFACAutogradFunction), per adapted layer, in rank space (r x r, never d x d):
+Statistics (autograd.py, KFACAutogradFunction), per adapted layer, in rank space (r x r, never d x
+d):
     Sigma_a = E[(A x)(A x)^T]        A x is B's input
-    Sigma_g = E[(B^T g)(B^T g)^T]    g = dL/dy, the gradient of the layer's output (u = A x: dL/du = s B^T g)
-  cumulative means over every token row, padding included, folded in on every 15th backward of the layer.
-Inversion (manager.py, update_and_invert_factors + jit_invert_tensor_pair), every kfac_update_freq steps: Cholesky of
-  Sigma + lambda I with lambda = damping x 1, 3, 10, 30, 100, 300, the first scale at which both factors succeed; a
-  layer with fewer than 64 rows seen, or no success, keeps its previous inverses (the identity before the first).
-Damping and schedule (manager.py, step), after every optimizer step: the loss joins a history of the last 20;
-  with more than 10, damping = clip(0.001 + std(history), 1e-6, 1e-2); a frequency is base x 1.5 when the mean of
-  the newer half of 20 losses is 1% below the older half's, else base x 0.75. The released loss is the last
-  *logged* one (trainer.py, GritCallback.on_step_end reads state.log_history[-1]), appended at every step: between
-  two logs the history repeats one number. We follow it (the logged value is the mean loss of the log window).
+    Sigma_g = E[(B^T g)(B^T g)^T]    g = dL/dy, the gradient of the layer's output
+                                     (u = A x: dL/du = s B^T g)
+  cumulative means over every token row, padding included, folded in on every 15th backward of the
+  layer.
+Inversion (manager.py, update_and_invert_factors + jit_invert_tensor_pair), every kfac_update_freq
+  steps: Cholesky of Sigma + lambda I with lambda = damping x 1, 3, 10, 30, 100, 300, the first
+  scale at which both factors succeed; a layer with fewer than 64 rows seen, or no success, keeps
+  its previous inverses (the identity before the first).
+Damping and schedule (manager.py, step), after every optimizer step: the loss joins a history of the
+  last 20; with more than 10, damping = clip(0.001 + std(history), 1e-6, 1e-2); a frequency is base
+  x 1.5 when the mean of the newer half of 20 losses is 1% below the older half's, else base x 0.75.
+  The released loss is the last *logged* one (trainer.py, GritCallback.on_step_end reads
+  state.log_history[-1]), appended at every step: between two logs the history repeats one number.
+  We follow it (the logged value is the mean loss of the log window).
 Preconditioning (manager.py, precondition_gradients; optim.py wraps the optimizer's step):
     released:  grad_B <- grad_B Sigma_g^-1     grad_A <- Sigma_a^-1 grad_A
     kfac:      grad_B <- grad_B Sigma_a^-1     grad_A <- Sigma_g^-1 grad_A
-  Textbook K-FAC (Martens & Grosse 2015, §3) preconditions a weight by the covariance of its own input on the right
-  and of its output gradient on the left: B's input is A x (Sigma_a), A's output gradient is B^T g (Sigma_g). The
-  released pairing swaps them; both are r x r, so the swap is shape-silent. AdamW then runs on the preconditioned
-  gradient; its per-coordinate normalisation cancels any isotropic part of the preconditioner (a damping-dominated
-  inverse is ~ I / lambda and changes nothing), so only the anisotropy of Sigma reaches the update.
-  Clipping: transformers' Trainer clips the gradient in its loop and then calls optimizer.step(), which
-  GritOptimizer wraps; GritTrainer.optimizer_step, meant to precondition first, is never called (the Trainer has no
-  such hook). So the released order is clip, then precondition (`--grit_clip released`); `--grit_clip before`
-  preconditions first and clips the natural gradient, as the released README describes.
-Reprojection (manager.py, neural_reprojection), every reprojection_freq steps: eigenvectors of Sigma_a (and of
-  Sigma_g, "two-sided", once it has 64 rows), k = the fewest reaching 99% of Sigma_a's energy, at least 4;
-  A <- V_a V_a^T A and B <- B V_g V_g^T. A and B keep r rows and columns and the optimizer's moments are not
-  projected: the parameter count does not fall. The paper's "fewer trainable parameters" is
-  sum k (d_in + d_out) / sum r (d_in + d_out), logged here as grit_effective_params.
+  Textbook K-FAC (Martens & Grosse 2015, §3) preconditions a weight by the covariance of its own
+  input on the right and of its output gradient on the left: B's input is A x (Sigma_a), A's output
+  gradient is B^T g (Sigma_g). The released pairing swaps them; both are r x r, so the swap is
+  shape-silent. AdamW then runs on the preconditioned gradient; its per-coordinate normalisation
+  cancels any isotropic part of the preconditioner (a damping-dominated inverse is ~ I / lambda and
+  changes nothing), so only the anisotropy of Sigma reaches the update. Clipping: transformers'
+  Trainer clips the gradient in its loop and then calls optimizer.step(), which GritOptimizer wraps;
+  GritTrainer.optimizer_step, meant to precondition first, is never called (the Trainer has no such
+  hook). So the released order is clip, then precondition (`--grit_clip released`); `--grit_clip
+  before` preconditions first and clips the natural gradient, as the released README describes.
+Reprojection (manager.py, neural_reprojection), every reprojection_freq steps: eigenvectors of
+  Sigma_a (and of Sigma_g, "two-sided", once it has 64 rows), k = the fewest reaching 99% of
+  Sigma_a's energy, at least 4; A <- V_a V_a^T A and B <- B V_g V_g^T. A and B keep r rows and
+  columns and the optimizer's moments are not projected: the parameter count does not fall. The
+  paper's "fewer trainable parameters" is sum k (d_in + d_out) / sum r (d_in + d_out), logged here
+  as grit_effective_params.
 Regularisers (trainer.py, compute_loss): lambda_k [tr(A^T Sigma_a A) + tr(B Sigma_g B^T)]
-  + lambda_r [|(I - P_a) A|^2 + |B (I - P_g)|^2], P the projectors of the last reprojection (before it, from the
-  current statistics).
+  + lambda_r [|(I - P_a) A|^2 + |B (I - P_g)|^2], P the projectors of the last reprojection (before
+  it, from the current statistics).
 
-Deviations, each a choice: the statistics are kept in float32 (released: float16); they are taken from A
-dropout(x), the input B actually sees (released: A x; equal at the released dropout 0, our default here);
-float16 autocast is refused (its loss scale would enter Sigma_g).
+Deviations, each a choice: the statistics are kept in float32 (released: float16); they are taken
+from A dropout(x), the input B actually sees (released: A x; equal at the released dropout 0, our
+default here); float16 autocast is refused (its loss scale would enter Sigma_g).
 
-No host sync in the hot loop: the statistics leave the backward as the gradient of a "sink" tensor (no buffer is
-written inside a backward, so torch.compile can trace it), and folding, inversion (all damping scales at once, the
-first success picked on the device), reprojection (k as a mask, not a slice) and preconditioning are tensor ops.
-The schedule is host arithmetic on the step count and on the logged loss, read when train.py logs.
+No host sync in the hot loop: the statistics leave the backward as the gradient of a "sink" tensor
+(no buffer is written inside a backward, so torch.compile can trace it), and folding, inversion (all
+damping scales at once, the first success picked on the device), reprojection (k as a mask, not a
+slice) and preconditioning are tensor ops. The schedule is host arithmetic on the step count and on
+the logged loss, read when train.py logs.
 """
 
 import math
@@ -58,16 +68,16 @@ from lora import LoRA, LoRALinear, apply_lora
 from method import freeze
 
 # grit/config.py, GRITConfig: the released defaults
-RELEASED = {"kfac_update_freq": 50, "kfac_damping": 1e-3, "kfac_min_samples": 64, "reprojection_freq": 50,
-            "grit_cov_update_freq": 15, "rank_adaptation_threshold": 0.99, "min_lora_rank": 4,
-            "lambda_kfac": 1e-5, "lambda_reproj": 1e-4}
+RELEASED = {"kfac_update_freq": 50, "kfac_damping": 1e-3, "kfac_min_samples": 64,
+            "reprojection_freq": 50, "grit_cov_update_freq": 15, "rank_adaptation_threshold": 0.99,
+            "min_lora_rank": 4, "lambda_kfac": 1e-5, "lambda_reproj": 1e-4}
 DAMPING_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)  # manager.py, jit_invert_tensor_pair
 HISTORY = 20  # manager.py: loss_history_capacity, and the window of _get_adaptive_freq
 
 
 class RankStatistics(torch.autograd.Function):
-    """The identity on u = A x, whose backward also returns, as the gradient of a sink tensor, the sums
-    [u^T u, (dL/du)^T (dL/du), rows] flattened: autograd adds them into sink.grad."""
+    """The identity on u = A x, whose backward also returns, as the gradient of a sink tensor, the
+    sums [u^T u, (dL/du)^T (dL/du), rows] flattened: autograd adds them into sink.grad."""
 
     @staticmethod
     def forward(ctx, u, sink):
@@ -79,19 +89,23 @@ class RankStatistics(torch.autograd.Function):
         u, = ctx.saved_tensors
         flat_u, flat_g = u.reshape(-1, u.size(-1)).float(), grad_u.reshape(-1, u.size(-1)).float()
         rows = flat_u.new_full((1,), flat_u.size(0))
-        return grad_u, torch.cat([(flat_u.T @ flat_u).flatten(), (flat_g.T @ flat_g).flatten(), rows])
+        return grad_u, torch.cat([(flat_u.T @ flat_u).flatten(), (flat_g.T @ flat_g).flatten(),
+                                  rows])
 
 
 class GritLinear(LoRALinear):
-    """LoRA (lora.py) whose low-rank input u = A x passes through RankStatistics while `collect` is set."""
+    """LoRA (lora.py) whose low-rank input u = A x passes through RankStatistics while `collect` is
+    set."""
 
     def __init__(self, base, rank, alpha, dropout=0.0, rslora=False, device=None):
         super().__init__(base, rank, alpha, dropout)
-        if rslora:  # rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023), as the released examples
+        if rslora:
+            # rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023), as the released examples
             self.scaling = alpha / math.sqrt(rank)
         self.collect = False
         # a plain tensor, not a Parameter: the optimizer never sees it, autograd fills its .grad
-        self.sink = torch.zeros(2 * rank * rank + 1, device=device or base.weight.device, requires_grad=True)
+        self.sink = torch.zeros(2 * rank * rank + 1, device=device or base.weight.device,
+                                requires_grad=True)
 
     def forward(self, x):
         y = self.base(x)
@@ -104,8 +118,9 @@ class GritLinear(LoRALinear):
 
 
 def invert_damped(cov_a, cov_g, damping):
-    """(inv_a, inv_g, ok) for stacked factors (L, r, r): Cholesky inverses of Sigma + lambda I at the first damping
-    scale where both factors of a layer succeed (manager.py, jit_invert_tensor_pair), every scale tried at once."""
+    """(inv_a, inv_g, ok) for stacked factors (L, r, r): Cholesky inverses of Sigma + lambda I at
+    the first damping scale where both factors of a layer succeed (manager.py,
+    jit_invert_tensor_pair), every scale tried at once."""
     r = cov_a.size(-1)
     eye = torch.eye(r, device=cov_a.device)
     scales = damping * torch.tensor(DAMPING_SCALES, device=cov_a.device)[:, None, None]  # (S, 1, 1)
@@ -120,45 +135,55 @@ def invert_damped(cov_a, cov_g, damping):
 
 
 def top_energy_basis(cov, threshold, min_rank):
-    """(V, k): eigenvectors of each stacked cov (L, r, r) by descending eigenvalue, and k, the fewest whose
-    eigenvalues reach `threshold` of the total, clamped to [min_rank, r] (manager.py, neural_reprojection)."""
+    """(V, k): eigenvectors of each stacked cov (L, r, r) by descending eigenvalue, and k, the
+    fewest whose eigenvalues reach `threshold` of the total, clamped to [min_rank, r] (manager.py,
+    neural_reprojection)."""
     values, vectors = torch.linalg.eigh(cov)
     values, vectors = values.flip(-1), vectors.flip(-1)
     r = cov.size(-1)
     total = values.sum(-1, keepdim=True)
     below = (values.cumsum(-1) / total.clamp_min(1e-30) < threshold).sum(-1) + 1
-    k = torch.where(total.squeeze(-1) > 1e-6, below, torch.full_like(below, r))  # no energy yet: keep every direction
+    # no energy yet: keep every direction
+    k = torch.where(total.squeeze(-1) > 1e-6, below, torch.full_like(below, r))
     return vectors, k.clamp(min_rank, r)
 
 
 def projector(vectors, k):
-    """V diag(1[i < k]) V^T: the projection on each layer's first k eigenvectors, k a tensor (no slicing)."""
+    """V diag(1[i < k]) V^T: the projection on each layer's first k eigenvectors, k a tensor (no
+    slicing)."""
     keep = (torch.arange(vectors.size(-1), device=vectors.device) < k[:, None]).to(vectors.dtype)
     return (vectors * keep[:, None, :]) @ vectors.transpose(-1, -2)
 
 
-# ------------------------------------------------------------------------------------------ the method
+# --------------------------------------------------------------------------------------- the method
 def add_grit_flags(parser):
     g = parser.add_argument_group("GRIT (--method grit; the LoRA flags set r, alpha, targets)")
     g.add_argument("--grit_pairing", choices=["released", "kfac"], default="released",
-                   help="which rank-space factor preconditions which side (see grit.py): the released code's, "
-                        "or textbook K-FAC's")
+                   help="which rank-space factor preconditions which side (see grit.py): the "
+                        "released code's, or textbook K-FAC's")
     g.add_argument("--grit_clip", choices=["released", "before"], default="released",
-                   help="released: clip the raw gradient, then precondition; before: precondition, then clip")
-    g.add_argument("--grit_rslora", choices=["on", "off"], default="on", help="scale alpha / sqrt(r), as released")
-    g.add_argument("--grit_kfac_freq", type=int, default=RELEASED["kfac_update_freq"], help="steps between inversions")
+                   help="released: clip the raw gradient, then precondition; before: precondition, "
+                        "then clip")
+    g.add_argument("--grit_rslora", choices=["on", "off"], default="on",
+                   help="scale alpha / sqrt(r), as released")
+    g.add_argument("--grit_kfac_freq", type=int, default=RELEASED["kfac_update_freq"],
+                   help="steps between inversions")
     g.add_argument("--grit_reproj_freq", type=int, default=RELEASED["reprojection_freq"],
                    help="steps between reprojections (0: never)")
-    g.add_argument("--grit_reproj_warmup", type=int, default=0, help="no reprojection before this step")
+    g.add_argument("--grit_reproj_warmup", type=int, default=0,
+                   help="no reprojection before this step")
     g.add_argument("--grit_cov_freq", type=int, default=RELEASED["grit_cov_update_freq"],
                    help="fold the statistics in on every Nth backward")
     g.add_argument("--grit_damping", type=float, default=RELEASED["kfac_damping"],
                    help="damping until 11 losses have been logged")
     g.add_argument("--grit_energy", type=float, default=RELEASED["rank_adaptation_threshold"],
-                   help="reprojection keeps the fewest eigendirections reaching this share of the energy")
+                   help="reprojection keeps the fewest eigendirections reaching this share of the "
+                        "energy")
     g.add_argument("--grit_min_rank", type=int, default=RELEASED["min_lora_rank"])
-    g.add_argument("--grit_two_sided", choices=["on", "off"], default="on", help="B projected on Sigma_g's basis")
-    g.add_argument("--grit_lambda_kfac", type=float, default=RELEASED["lambda_kfac"], help="curvature regulariser")
+    g.add_argument("--grit_two_sided", choices=["on", "off"], default="on",
+                   help="B projected on Sigma_g's basis")
+    g.add_argument("--grit_lambda_kfac", type=float, default=RELEASED["lambda_kfac"],
+                   help="curvature regulariser")
     g.add_argument("--grit_lambda_reproj", type=float, default=RELEASED["lambda_reproj"],
                    help="projection-residual regulariser")
 
@@ -167,31 +192,34 @@ class Grit(LoRA):
     """--method grit: LoRA on --lora_targets, optimised with GRIT (module docstring)."""
     datasets = ("emotion", "phonebook")
     add_flags = staticmethod(add_grit_flags)
-    defaults = {"lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "grad_clip": 1.5}  # grit/config.py;
+    # grit/config.py;
+    defaults = {"lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "grad_clip": 1.5}
     # max_grad_norm 1.5: the released README's Seq2SeqTrainingArguments
     starts_from_peft = False  # its layers keep curvature statistics a PEFT adapter does not have
     splits_batches = False
-    splits_batches_not = ("its curvature statistics would differ between processes, and so would the steps (run it as "
-                          "one process, without --grad_accum)")
+    splits_batches_not = ("its curvature statistics would differ between processes, and so would "
+                          "the steps (run it as one process, without --grad_accum)")
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)
         if args.dtype == "float16":
-            raise InputError("--method grit cannot use --dtype float16: the loss scale would enter Sigma_g; "
-                             "use bfloat16 or float32")
+            raise InputError("--method grit cannot use --dtype float16: the loss scale would enter "
+                             "Sigma_g; use bfloat16 or float32")
         for flag in ("grit_kfac_freq", "grit_cov_freq", "grit_min_rank"):
             if getattr(args, flag) <= 0:
                 raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
         if not 0 < args.grit_energy <= 1:
             raise InputError(f"--grit_energy must lie in (0, 1], got {args.grit_energy}")
-        self.step, self.backwards, self.history, self.window, self.logged_loss = 0, 0, [], None, None
-        self.damping, self.last_inversion, self.last_reprojection, self.ready = args.grit_damping, 0, 0, False
+        self.step, self.backwards, self.history, self.window = 0, 0, [], None
+        self.logged_loss, self.damping, self.ready = None, args.grit_damping, False
+        self.last_inversion, self.last_reprojection = 0, 0
 
     def setup(self, model, meta):
         a = self.args
-        wrap = lambda linear: GritLinear(linear, a.lora_rank, a.lora_alpha, a.lora_dropout, a.grit_rslora == "on",
-                                         self.device)
-        apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets.split(","), wrap)
+        wrap = lambda linear: GritLinear(linear, a.lora_rank, a.lora_alpha, a.lora_dropout,
+                                         a.grit_rslora == "on", self.device)
+        apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout,
+                   a.lora_targets.split(","), wrap)
         self.layers = [m for m in model.modules() if isinstance(m, GritLinear)]
         n, r, dev = len(self.layers), a.lora_rank, self.device
         self.cov_a, self.cov_g = torch.zeros(n, r, r, device=dev), torch.zeros(n, r, r, device=dev)
@@ -199,33 +227,40 @@ class Grit(LoRA):
         self.inv_a = self.inv_g = torch.eye(r, device=dev).repeat(n, 1, 1)
         self.proj_a = self.proj_g = None  # the last reprojection's projectors
         self.k = torch.full((n,), r, device=dev)
-        self.widths = torch.tensor([m.lora_A.size(1) + m.lora_B.size(0) for m in self.layers], device=dev)
+        self.widths = torch.tensor([m.lora_A.size(1) + m.lora_B.size(0) for m in self.layers],
+                                   device=dev)
         self.set_collect()
 
     # --- the training hooks (method.py)
     def set_collect(self):
-        collect = (self.backwards + 1) % self.args.grit_cov_freq == 0  # autograd.py: every 15th backward
+        # autograd.py: every 15th backward
+        collect = (self.backwards + 1) % self.args.grit_cov_freq == 0
         for layer in self.layers:
             layer.collect = collect
 
     def objective(self, logits, targets, mean_loss):
-        window = torch.stack([mean_loss.detach().double(), torch.ones_like(mean_loss, dtype=torch.float64)])
-        self.window = window if self.window is None else self.window + window  # loss sum, steps: on the device
+        window = torch.stack([mean_loss.detach().double(),
+                              torch.ones_like(mean_loss, dtype=torch.float64)])
+        # loss sum, steps: on the device
+        self.window = window if self.window is None else self.window + window
         return mean_loss
 
     def after_backward(self, model):
         self.backwards += 1
-        if self.layers[0].collect:  # fold this backward's sums into the cumulative means (autograd.py)
+        if self.layers[0].collect:
+            # fold this backward's sums into the cumulative means (autograd.py)
             sums = torch.stack([layer.sink.grad for layer in self.layers])
             for layer in self.layers:
                 layer.sink.grad = None
             r = self.args.lora_rank
             new = sums[:, -1].double()
             total = self.rows + new
-            keep, add = (self.rows / total).float()[:, None, None], (1 / total).float()[:, None, None]
+            keep = (self.rows / total).float()[:, None, None]
+            add = (1 / total).float()[:, None, None]
             self.cov_a = self.cov_a * keep + sums[:, :r * r].view(-1, r, r) * add
             scale = self.layers[0].scaling
-            self.cov_g = self.cov_g * keep + sums[:, r * r:-1].view(-1, r, r) * add / scale ** 2  # B^T g = dL/du / s
+            # B^T g = dL/du / s
+            self.cov_g = self.cov_g * keep + sums[:, r * r:-1].view(-1, r, r) * add / scale ** 2
             self.rows = total
         if self.args.grit_clip == "before":
             self.precondition()
@@ -239,7 +274,8 @@ class Grit(LoRA):
         """manager.py, precondition_gradients: from the first inversion on, every step."""
         if not self.ready:
             return
-        right, left = (self.inv_g, self.inv_a) if self.args.grit_pairing == "released" else (self.inv_a, self.inv_g)
+        released = self.args.grit_pairing == "released"
+        right, left = (self.inv_g, self.inv_a) if released else (self.inv_a, self.inv_g)
         for layer, r_inv, l_inv in zip(self.layers, right, left):
             grad_b = (layer.lora_B.grad.float() @ r_inv).nan_to_num(0.0, 0.0, 0.0).clamp(-1e6, 1e6)
             grad_a = (l_inv @ layer.lora_A.grad.float()).nan_to_num(0.0, 0.0, 0.0).clamp(-1e6, 1e6)
@@ -265,7 +301,8 @@ class Grit(LoRA):
         self.set_collect()
 
     def adaptive(self, base, most):
-        """manager.py, _get_adaptive_freq: x1.5 while the loss falls by 1% over the window, else x0.75."""
+        """manager.py, _get_adaptive_freq: x1.5 while the loss falls by 1% over the window, else
+        x0.75."""
         if len(self.history) < HISTORY:
             return base
         older, newer = sum(self.history[:HISTORY // 2]), sum(self.history[HISTORY // 2:])
@@ -275,21 +312,26 @@ class Grit(LoRA):
     def invert(self):
         inv_a, inv_g, ok = invert_damped(self.cov_a, self.cov_g, self.damping)
         update = (ok & (self.rows >= RELEASED["kfac_min_samples"]))[:, None, None]
-        self.inv_a, self.inv_g = torch.where(update, inv_a, self.inv_a), torch.where(update, inv_g, self.inv_g)
-        self.ready = True  # manager.py: factors_are_ready after the first inversion, whatever it found
+        self.inv_a, self.inv_g = torch.where(update, inv_a,
+                                             self.inv_a), torch.where(update, inv_g, self.inv_g)
+        # manager.py: factors_are_ready after the first inversion, whatever it found
+        self.ready = True
 
     def bases(self):
-        """Projectors on the top-energy eigenvectors of Sigma_a and (two-sided, once sampled) Sigma_g, and k."""
+        """Projectors on the top-energy eigenvectors of Sigma_a and (two-sided, once sampled)
+        Sigma_g, and k."""
         a = self.args
         vec_a, k = top_energy_basis(self.cov_a, a.grit_energy, min(a.grit_min_rank, a.lora_rank))
-        vec_g = top_energy_basis(self.cov_g, a.grit_energy, 1)[0] if a.grit_two_sided == "on" else vec_a
+        vec_g = top_energy_basis(self.cov_g, a.grit_energy,
+                                 1)[0] if a.grit_two_sided == "on" else vec_a
         sampled = (self.rows >= RELEASED["kfac_min_samples"])[:, None, None]
         return projector(vec_a, k), projector(torch.where(sampled, vec_g, vec_a), k), k
 
     @torch.no_grad()
     def reproject(self):
         proj_a, proj_g, k = self.bases()
-        sampled = self.rows >= RELEASED["kfac_min_samples"]  # manager.py: a layer not yet sampled is skipped
+        # manager.py: a layer not yet sampled is skipped
+        sampled = self.rows >= RELEASED["kfac_min_samples"]
         for i, layer in enumerate(self.layers):
             new_a, new_b = proj_a[i] @ layer.lora_A.float(), layer.lora_B.float() @ proj_g[i]
             layer.lora_A.copy_(torch.where(sampled[i], new_a, layer.lora_A.float()))
@@ -305,23 +347,29 @@ class Grit(LoRA):
         curvature = residual = 0.0
         for i, layer in enumerate(self.layers):  # trainer.py, compute_loss
             A, B = layer.lora_A.float(), layer.lora_B.float()
-            curvature = curvature + ((self.cov_a[i] @ A) * A).sum() + ((B @ self.cov_g[i]) * B).sum()
-            residual = residual + (A - proj_a[i] @ A).pow(2).sum() + (B - B @ proj_g[i]).pow(2).sum()
+            curvature = curvature + ((self.cov_a[i] @ A) * A).sum()
+            curvature = curvature + ((B @ self.cov_g[i]) * B).sum()
+            residual = residual + (A - proj_a[i] @ A).pow(2).sum()
+            residual = residual + (B - B @ proj_g[i]).pow(2).sum()
         return a.grit_lambda_kfac * curvature + a.grit_lambda_reproj * residual
 
     # --- what is logged and saved
     def metrics(self, model):
-        if self.window is not None:  # the log window's mean loss: what the released history receives
+        if self.window is not None:
+            # the log window's mean loss: what the released history receives
             loss_sum, steps = self.window.tolist()
             self.logged_loss, self.window = loss_sum / steps, None
         r = self.args.lora_rank
         return {"grit_k": self.k.float().mean().item(), "grit_damping": self.damping,
-                "grit_effective_params": ((self.k * self.widths).sum() / (r * self.widths.sum())).item()}
+                "grit_effective_params":
+                    ((self.k * self.widths).sum() / (r * self.widths.sum())).item()}
 
     def state_dict(self):
-        tensors = {name: getattr(self, name) for name in ("cov_a", "cov_g", "rows", "inv_a", "inv_g", "k")}
+        tensors = {name: getattr(self, name)
+                   for name in ("cov_a", "cov_g", "rows", "inv_a", "inv_g", "k")}
         return {"tensors": {k: v.cpu() for k, v in tensors.items()},
-                "projectors": None if self.proj_a is None else [self.proj_a.cpu(), self.proj_g.cpu()],
+                "projectors": None if self.proj_a is None
+                else [self.proj_a.cpu(), self.proj_g.cpu()],
                 "window": None if self.window is None else self.window.cpu(),
                 "host": {"step": self.step, "backwards": self.backwards, "history": self.history,
                          "damping": self.damping, "last_inversion": self.last_inversion,
@@ -339,7 +387,8 @@ class Grit(LoRA):
         self.set_collect()
 
     def summary(self, model):
-        return {"grit_k": self.k.tolist(), "grit_pairing": self.args.grit_pairing, "grit_clip": self.args.grit_clip}
+        return {"grit_k": self.k.tolist(), "grit_pairing": self.args.grit_pairing,
+                "grit_clip": self.args.grit_clip}
 
 
 METHODS = {"grit": Grit}

@@ -2,9 +2,10 @@
 
     y = W0 x + (alpha / r) * B A dropout(x),   A: (r, in), B: (out, r)
 
-B starts at zero, so training starts exactly from W0. A is Kaiming-uniform(a=sqrt(5)), the default of
-nn.Linear and of peft (which the papers' seed code used). W0 is frozen; the LoRA method (`--method lora`, at the
-end) freezes the rest of the model explicitly before wrapping, so only A and B train.
+B starts at zero, so training starts exactly from W0. A is Kaiming-uniform(a=sqrt(5)), the default
+of nn.Linear and of peft (which the papers' seed code used). W0 is frozen; the LoRA method
+(`--method lora`, at the end) freezes the rest of the model explicitly before wrapping, so only A
+and B train.
 """
 
 import json
@@ -20,17 +21,20 @@ from formats import architecture, load_peft_weights, peft_targets, read_peft_con
 from method import Method, freeze, replace_modules
 from model import check_keys, read_safetensors
 
-GPT2_BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # all four: the PRB paper's setting
+# all four: the PRB paper's setting
+GPT2_BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class LoRALinear(nn.Module):
-    plain_lora = True  # computes exactly W0 x + (alpha / r) B A x, so PEFT can represent it (formats.py)
+    # computes exactly W0 x + (alpha / r) B A x, so PEFT can represent it (formats.py)
+    plain_lora = True
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         assert rank > 0, "LoRA rank must be positive"
         self.base = base.requires_grad_(False)
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank  # Hu et al. §4.1: scale by alpha / r
+        # Hu et al. §4.1: scale by alpha / r
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -44,11 +48,13 @@ class LoRALinear(nn.Module):
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     def delta_weight(self):
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (alpha / r) B A, in fp32
+        # (alpha / r) B A, in fp32
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     @torch.no_grad()
     def merge(self):
-        """W0 <- W0 + (alpha/r) B A, computed in fp32: inference then costs no more than the base model."""
+        """W0 <- W0 + (alpha/r) B A, computed in fp32: inference then costs no more than the base
+        model."""
         if not self.merged:
             w = self.base.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -63,18 +69,22 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model, rank, alpha, dropout=0.0, targets=GPT2_BLOCK_MATRICES, wrap=None):
-    """Wrap every nn.Linear whose name ends with one of `targets` in a LoRALinear (its W0 frozen), or in what
-    wrap(linear) returns (a LoRALinear subclass); returns the model. Nothing else is frozen here: a method calls
-    method.freeze(model) first when only LoRA should train. Modules attached at sites are never wrapped."""
-    is_target = lambda name, m: isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-    if not replace_modules(model, is_target, wrap or (lambda linear: LoRALinear(linear, rank, alpha, dropout))):
+    """Wrap every nn.Linear whose name ends with one of `targets` in a LoRALinear (its W0 frozen),
+    or in what wrap(linear) returns (a LoRALinear subclass); returns the model. Nothing else is
+    frozen here: a method calls method.freeze(model) first when only LoRA should train. Modules
+    attached at sites are never wrapped."""
+    is_target = lambda name, m: (isinstance(m, nn.Linear)
+                                 and any(name == t or name.endswith("." + t) for t in targets))
+    if not replace_modules(model, is_target,
+                           wrap or (lambda linear: LoRALinear(linear, rank, alpha, dropout))):
         raise InputError(f"LoRA targets {', '.join(targets)} match no Linear layer of this model")
     model.lora_settings = {"rank": rank, "alpha": alpha, "targets": list(targets)}
     return model
 
 
 def lora_state_dict(model):
-    return {name: p.detach() for name, p in model.named_parameters() if ".lora_A" in name or ".lora_B" in name}
+    return {name: p.detach() for name, p in model.named_parameters() if ".lora_A" in name
+            or ".lora_B" in name}
 
 
 def save_adapter(model, path):
@@ -85,43 +95,53 @@ def save_adapter(model, path):
 
 
 def load_adapter(model, path):
-    """Load an adapter saved by save_adapter into a model already wrapped by apply_lora with the same settings."""
+    """Load an adapter saved by save_adapter into a model already wrapped by apply_lora with the
+    same settings."""
     from safetensors import safe_open
     state = read_safetensors(path)
     with safe_open(path, "pt") as f:
         settings = json.loads((f.metadata() or {}).get("lora", "null"))
     if settings != getattr(model, "lora_settings", None):
-        raise InputError(f"adapter {path} was trained with LoRA {settings}, the model has {getattr(model, 'lora_settings', None)}")
+        raise InputError(f"adapter {path} was trained with LoRA {settings}, the model has "
+                         f"{getattr(model, 'lora_settings', None)}")
     check_keys(state, lora_state_dict(model), f"adapter {path}")
     model.load_state_dict(state, strict=False)
     return model
 
 
 def load_peft_adapter(model, folder, dropout=None):
-    """Wrap the Linear layers a PEFT adapter adapts in LoRA (rank and alpha from its config) and load its A and B:
-    the model then computes what peft computes on the same base. Freezes nothing. Returns the model."""
+    """Wrap the Linear layers a PEFT adapter adapts in LoRA (rank and alpha from its config) and
+    load its A and B: the model then computes what peft computes on the same base. Freezes nothing.
+    Returns the model."""
     settings = read_peft_config(folder)
     targets, _ = peft_targets(folder, architecture(model))
-    apply_lora(model, settings["rank"], settings["alpha"], settings["dropout"] if dropout is None else dropout, targets)
+    apply_lora(model, settings["rank"], settings["alpha"],
+               settings["dropout"] if dropout is None else dropout, targets)
     return load_peft_weights(model, folder)
 
 
-# ------------------------------------------------------------------------------------------ the method
+# --------------------------------------------------------------------------------------- the method
 def add_lora_flags(parser):
-    g = parser.add_argument_group("LoRA (--method lora, prb; regbert with --lora_rank > 0; memft --adapter lora)")
-    g.add_argument("--lora_rank", type=int, default=32, help="rank r (regbert: 0 = full fine-tuning, its default)")
-    g.add_argument("--lora_alpha", type=float, default=64.0, help="scale alpha: the update is (alpha / r) B A")
-    g.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the input of the low-rank path")
-    g.add_argument("--lora_targets", default=",".join(GPT2_BLOCK_MATRICES), help="comma-separated Linear names")
+    g = parser.add_argument_group("LoRA (--method lora, prb; regbert with --lora_rank > 0; memft "
+                                  "--adapter lora)")
+    g.add_argument("--lora_rank", type=int, default=32,
+                   help="rank r (regbert: 0 = full fine-tuning, its default)")
+    g.add_argument("--lora_alpha", type=float, default=64.0,
+                   help="scale alpha: the update is (alpha / r) B A")
+    g.add_argument("--lora_dropout", type=float, default=0.1,
+                   help="dropout on the input of the low-rank path")
+    g.add_argument("--lora_targets", default=",".join(GPT2_BLOCK_MATRICES),
+                   help="comma-separated Linear names")
     g.add_argument("--peft_adapter", default=None, metavar="DIR",
-                   help="--method lora, prb: start from a PEFT LoRA adapter folder (adapter_config.json + "
-                        "adapter_model.safetensors), trained elsewhere or by a run here; its r, alpha, dropout and "
-                        "targets become the --lora_* defaults (with --max_steps 0: just score it)")
+                   help="--method lora, prb: start from a PEFT LoRA adapter folder "
+                        "(adapter_config.json + adapter_model.safetensors), trained elsewhere or "
+                        "by a run here; its r, alpha, dropout and targets become the --lora_* "
+                        "defaults (with --max_steps 0: just score it)")
 
 
 class LoRA(Method):
-    """--method lora: the frozen model with LoRA on --lora_targets (the PRB paper's baseline, §3.1); on PhoneBook,
-    plain SFT with LoRA on every block (as `--method sft --adapter lora`)."""
+    """--method lora: the frozen model with LoRA on --lora_targets (the PRB paper's baseline, §3.1);
+    on PhoneBook, plain SFT with LoRA on every block (as `--method sft --adapter lora`)."""
     datasets = ("emotion", "phonebook")
     add_flags = staticmethod(add_lora_flags)
     aliases = {"rank": "lora_rank", "alpha": "lora_alpha"}
@@ -131,22 +151,27 @@ class LoRA(Method):
     def derived_defaults(cls, args):
         if not args.peft_adapter or not cls.starts_from_peft:
             return {}
-        settings = read_peft_config(args.peft_adapter)  # one clear line for what our LoRA cannot represent
+        # one clear line for what our LoRA cannot represent
+        settings = read_peft_config(args.peft_adapter)
         targets, _ = peft_targets(args.peft_adapter, "gpt")
-        return {"lora_rank": settings["rank"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
-                "lora_targets": ",".join(targets)}
+        return {"lora_rank": settings["rank"], "lora_alpha": settings["alpha"],
+                "lora_dropout": settings["dropout"], "lora_targets": ",".join(targets)}
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)
         if args.lora_rank <= 0:
-            raise InputError(f"--lora_rank must be positive for --method {args.method}, got {args.lora_rank}")
+            raise InputError(f"--lora_rank must be positive for --method {args.method}, got "
+                             f"{args.lora_rank}")
         if getattr(args, "peft_adapter", None) and not self.starts_from_peft:
-            raise InputError(f"--peft_adapter starts --method lora or prb, not --method {args.method}")
+            raise InputError(f"--peft_adapter starts --method lora or prb, not --method "
+                             f"{args.method}")
 
     def setup(self, model, meta):
         a = self.args
-        apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout, targets=a.lora_targets.split(","))
-        if getattr(a, "peft_adapter", None):  # the starting point; a resumed or reloaded run overwrites it
+        apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout,
+                   targets=a.lora_targets.split(","))
+        if getattr(a, "peft_adapter", None):
+            # the starting point; a resumed or reloaded run overwrites it
             load_peft_weights(model, a.peft_adapter)
 
     def export(self, model, out_dir):

@@ -1,11 +1,12 @@
 """What a method is: the one interface through which train.py runs every fine-tuning method.
 
-A method is a class with a name in the method table (runs.py: METHODS). train.py makes one instance per run,
-`method = METHODS[args.method](args, device)`, and calls it at fixed points; every hook below does nothing by
-default, so a method overrides only what it needs:
+A method is a class with a name in the method table (runs.py: METHODS). train.py makes one instance
+per run, `method = METHODS[args.method](args, device)`, and calls it at fixed points; every hook
+below does nothing by default, so a method overrides only what it needs:
 
     setup(model, meta)         change the model, explicitly: freeze(model), then attach modules at residual-stream
-                               sites (model.attach) or wrap modules (replace_modules); new modules train
+                               sites (model.attach) or wrap modules (replace_modules); new modules
+                               train
     objective(logits, y, mean) the training loss; default: the task's mean loss `mean`        (MemFT's weighting)
     aux_loss(model)            a tensor added to the objective, or None                       (router balance)
     lr_scales(model)           {parameter: learning-rate multiplier} for those not at --lr    (memory banks)
@@ -21,16 +22,17 @@ Class attributes say where and how it runs:
 
     datasets   the datasets it trains on (each belongs to a task: runs.py: TASKS)
     defaults   flag defaults of this method; explicit flags win
-               (and derived_defaults(args): defaults that follow from its other flags, e.g. PRB's full pooling
-               sets the published 128-token window)
+               (and derived_defaults(args): defaults that follow from its other flags, e.g. PRB's
+               full pooling sets the published 128-token window)
     add_flags  fn(parser): the method's CLI flag group (methods of one module may share one)
     aliases    old flag spellings -> today's flag, for this method (train.py prints a deprecation note)
-    splits_batches  False where its objective or hooks need the whole batch in one pass (torchrun, --grad_accum
-               then refuse it): objective() gets each part's share of the batch's mean loss, aux_loss() is
-               averaged over the parts, and the hooks see the summed gradients
+    splits_batches  False where its objective or hooks need the whole batch in one pass (torchrun,
+    --grad_accum
+               then refuse it): objective() gets each part's share of the batch's mean loss,
+               aux_loss() is averaged over the parts, and the hooks see the summed gradients
 
-Weight-level methods use `replace_modules` (LoRA, MemFT's MLP adapter): it is the one way to swap a module of
-the model for a wrapper, and it never touches modules attached at sites.
+Weight-level methods use `replace_modules` (LoRA, MemFT's MLP adapter): it is the one way to swap a
+module of the model for a wrapper, and it never touches modules attached at sites.
 """
 
 import os
@@ -39,17 +41,20 @@ from model import GPT
 
 
 def freeze(model):
-    """Stop every parameter of `model` from training; returns the model. Methods call this first, then add the
-    modules that train (attach, replace_modules), so what trains is explicit and independent of order."""
+    """Stop every parameter of `model` from training; returns the model. Methods call this first,
+    then add the modules that train (attach, replace_modules), so what trains is explicit and
+    independent of order."""
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
 def replace_modules(model, match, wrap):
-    """Replace every submodule for which match(name, module) is true by wrap(module), in place; returns the names.
-    Modules attached at sites ("sites.*") are never matched, so a method never wraps another method's module."""
-    chosen = [name for name, m in model.named_modules() if name and not name.startswith("sites.") and match(name, m)]
+    """Replace every submodule for which match(name, module) is true by wrap(module), in place;
+    returns the names. Modules attached at sites ("sites.*") are never matched, so a method never
+    wraps another method's module."""
+    chosen = [name for name, m in model.named_modules() if name and not name.startswith("sites.")
+              and match(name, m)]
     for name in chosen:  # collected first: wrapping while iterating would visit the wrappers
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -58,8 +63,9 @@ def replace_modules(model, match, wrap):
 
 
 def save_tensors(model, path, keep):
-    """The model's tensors whose names pass keep(name), as safetensors, written atomically: how a method exports
-    what peft cannot load (register banks, memory banks, atoms) beside the run's PEFT adapter."""
+    """The model's tensors whose names pass keep(name), as safetensors, written atomically: how a
+    method exports what peft cannot load (register banks, memory banks, atoms) beside the run's PEFT
+    adapter."""
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keep(k)}
     save_file(state, path + ".tmp", metadata={"format": "pt"})
@@ -71,7 +77,8 @@ class Method:
     defaults = {}
     add_flags = None
     aliases = {}
-    splits_batches = True  # its step is the same when a batch is split over processes or --grad_accum passes
+    # its step is the same when a batch is split over processes or --grad_accum passes
+    splits_batches = True
     splits_batches_not = ""  # why not, where it is not
 
     def __init__(self, args, device="cpu"):
@@ -120,8 +127,9 @@ class Method:
 
 
 class FullFineTuning(Method):
-    """Every weight trains; nothing is attached or frozen. A GPT trained this way saves itself in the Hugging Face
-    layout (config.json + model.safetensors), so its run folder is a base for --init_from."""
+    """Every weight trains; nothing is attached or frozen. A GPT trained this way saves itself in
+    the Hugging Face layout (config.json + model.safetensors), so its run folder is a base for
+    --init_from."""
     datasets = ("emotion", "squadtext")
 
     def export(self, model, out_dir):

@@ -1,14 +1,16 @@
-"""The Queryable LoRA paper's first experiment in miniature: noisy non-linear regression where the right correction
-depends on the input. LoRA against update atoms (memory.py part 2) at matched trainable parameters, over seeds.
+"""The Queryable LoRA paper's first experiment in miniature: noisy non-linear regression where the
+right correction depends on the input. LoRA against update atoms (memory.py part 2) at matched
+trainable parameters, over seeds.
 
     python toy.py --seeds 5                     # table, JSON and plot in out/atoms-toy
 
-The setting (ours; the paper's regression tasks cannot be read). A frozen "pretrained" MLP f0 (d_in -> width ->
-width -> 1, GELU) is fitted to a teacher g0. The adaptation target adds a correction that depends on which of four
-regions the input lies in (the signs of x_0 and x_1): g(x) = g0(x) + a_c tanh(v_c . x), c = region(x), so no single
-static low-rank update of f0 fits every region as well as a routed one could. Labels are noisy, y = g(x) + eps,
-eps ~ N(0, noise^2); the score is the MSE on clean test targets g(x). Stability: the std of the training loss over
-the last 20% of steps (per seed, then averaged), and the spread of the final test MSE across seeds.
+The setting (ours; the paper's regression tasks cannot be read). A frozen "pretrained" MLP f0 (d_in
+-> width -> width -> 1, GELU) is fitted to a teacher g0. The adaptation target adds a correction
+that depends on which of four regions the input lies in (the signs of x_0 and x_1): g(x) = g0(x) +
+a_c tanh(v_c . x), c = region(x), so no single static low-rank update of f0 fits every region as
+well as a routed one could. Labels are noisy, y = g(x) + eps, eps ~ N(0, noise^2); the score is the
+MSE on clean test targets g(x). Stability: the std of the training loss over the last 20% of steps
+(per seed, then averaged), and the spread of the final test MSE across seeds.
 """
 
 import json
@@ -30,11 +32,13 @@ LAYERS = ("0", "2", "4")  # the three Linears of the MLP (nn.Sequential indices)
 
 
 def mlp(d_in, width):
-    return nn.Sequential(nn.Linear(d_in, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+    return nn.Sequential(nn.Linear(d_in, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                         nn.Linear(width, 1))
 
 
 def the_tasks(d_in, width, seed):
-    """The teacher g0, the per-region corrections, and a frozen f0 fitted to g0 (the same for every arm of a seed)."""
+    """The teacher g0, the per-region corrections, and a frozen f0 fitted to g0 (the same for every
+    arm of a seed)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     teacher = mlp(d_in, width).requires_grad_(False)
@@ -55,7 +59,8 @@ def the_tasks(d_in, width, seed):
 
 
 def adapt(arm, base, target, g, a, seed):
-    """Fine-tune a copy of f0 with LoRA or atoms on noisy labels; returns (clean test MSE, train losses, params)."""
+    """Fine-tune a copy of f0 with LoRA or atoms on noisy labels; returns (clean test MSE, train
+    losses, params)."""
     model = mlp(a.d_in, a.width)
     model.load_state_dict(base.state_dict())
     freeze(model)
@@ -64,9 +69,10 @@ def adapt(arm, base, target, g, a, seed):
         apply_lora(model, arm["rank"], 2.0 * arm["rank"], 0.0, targets=LAYERS)
         pool = None
     else:
-        pool = apply_atoms(model, arm["rank"], 2.0 * arm["rank"], 0.0, LAYERS, arm["atoms"], a.key_dim, arm["topk"], 0.0,
-                           0.01, 0, block_of=lambda name: int(name))
-    params = [p for p in model.parameters() if p.requires_grad] + (list(pool.parameters()) if pool is not None else [])
+        pool = apply_atoms(model, arm["rank"], 2.0 * arm["rank"], 0.0, LAYERS, arm["atoms"],
+                           a.key_dim, arm["topk"], 0.0, 0.01, 0, block_of=lambda name: int(name))
+    params = [p for p in model.parameters()
+              if p.requires_grad] + (list(pool.parameters()) if pool is not None else [])
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     x_test = torch.randn(4096, a.d_in, generator=g)
     losses = []
@@ -88,8 +94,9 @@ def adapt(arm, base, target, g, a, seed):
 
 
 def main(argv=None):
-    p = Parser(description="LoRA vs update atoms on noisy non-linear regression with an input-dependent correction, "
-                           "at matched trainable parameters, over seeds: table, JSON and loss-curve plot.")
+    p = Parser(description="LoRA vs update atoms on noisy non-linear regression with an "
+                           "input-dependent correction, at matched trainable parameters, over "
+                           "seeds: table, JSON and loss-curve plot.")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--d_in", type=int, default=8)
     p.add_argument("--width", type=int, default=64)
@@ -103,46 +110,59 @@ def main(argv=None):
     p.add_argument("--noise", type=float, default=0.3, help="label noise std")
     p.add_argument("--out_dir", default="out/atoms-toy")
     a = p.parse_args(argv)
-    if min(a.seeds, a.d_in, a.width, a.rank, a.atoms, a.topk, a.key_dim, a.steps, a.batch_size) <= 0 or a.d_in < 2:
-        fail("every size must be positive and --d_in at least 2 (the regions are the signs of x_0 and x_1)")
+    if min(a.seeds, a.d_in, a.width, a.rank, a.atoms, a.topk, a.key_dim, a.steps,
+           a.batch_size) <= 0 or a.d_in < 2:
+        fail("every size must be positive and --d_in at least 2 (the regions are the signs of x_0 "
+             "and x_1)")
     if a.topk > a.atoms:
         fail(f"--topk {a.topk} exceeds --atoms {a.atoms}")
-    per_rank = (a.d_in + a.width) + 2 * a.width + (a.width + 1)  # LoRA parameters per unit of rank: r (in + out) per Linear
-    atom_params = a.rank * per_rank + a.atoms * (a.rank ** 2 + a.key_dim) + len(LAYERS) * a.key_dim * 2 * a.rank
+    # LoRA parameters per unit of rank: r (in + out) per Linear
+    per_rank = (a.d_in + a.width) + 2 * a.width + (a.width + 1)
+    atom_params = (
+        a.rank * per_rank + a.atoms * (
+            a.rank ** 2 + a.key_dim) + len(LAYERS) * a.key_dim * 2 * a.rank)
     lora_rank = max(1, round(atom_params / per_rank))
     if abs(atom_params / (lora_rank * per_rank) - 1) > 0.05:
-        fail(f"no LoRA rank comes within 5% of the atoms arm's {atom_params:,} parameters; change --rank, --atoms or "
-             "--key_dim")
+        fail(f"no LoRA rank comes within 5% of the atoms arm's {atom_params:,} parameters; change "
+             "--rank, --atoms or --key_dim")
     arms = {f"lora-r{lora_rank}": {"method": "lora", "rank": lora_rank},
-            f"atoms-r{a.rank}-M{a.atoms}-k{a.topk}": {"method": "atoms", "rank": a.rank, "atoms": a.atoms, "topk": a.topk},
-            # control: one atom, so R is a learned r x r core the same for every input (no routing), fewer parameters
+            f"atoms-r{a.rank}-M{a.atoms}-k{a.topk}": {"method": "atoms", "rank": a.rank,
+                                                      "atoms": a.atoms, "topk": a.topk},
+            # control: one atom, so R is a learned r x r core the same for every input (no routing),
+            # fewer parameters
             f"static-core-r{a.rank}": {"method": "atoms", "rank": a.rank, "atoms": 1, "topk": 1}}
     results = {name: [] for name in arms}
     for seed in tqdm(range(a.seeds), desc="seeds"):
         target, base = the_tasks(a.d_in, a.width, seed)
         for name, arm in arms.items():
-            g = torch.Generator().manual_seed(1000 + seed)  # the same batches and noise for every arm of a seed
+            # the same batches and noise for every arm of a seed
+            g = torch.Generator().manual_seed(1000 + seed)
             test, losses, n = adapt(arm, base, target, g, a, seed)
             tail = losses[int(0.8 * len(losses)):]
-            results[name].append({"seed": seed, "test_mse": test, "tail_std": statistics.stdev(tail),
-                                  "tail_mean": statistics.mean(tail), "params": n, "losses": losses})
+            results[name].append({"seed": seed, "test_mse": test,
+                                  "tail_std": statistics.stdev(tail),
+                                  "tail_mean": statistics.mean(tail), "params": n,
+                                  "losses": losses})
         with torch.no_grad():  # the frozen f0 alone, for scale
             x = torch.randn(4096, a.d_in, generator=torch.Generator().manual_seed(1000 + seed))
             results.setdefault("base (no adapter)", []).append(
                 {"seed": seed, "test_mse": F.mse_loss(base(x).squeeze(-1), target(x)).item()})
     counts = {name: runs[0]["params"] for name, runs in results.items() if "params" in runs[0]}
-    assert counts[f"lora-r{lora_rank}"] == lora_rank * per_rank and counts[f"atoms-r{a.rank}-M{a.atoms}-k{a.topk}"] == atom_params
+    assert counts[f"lora-r{lora_rank}"] == lora_rank * per_rank
+    assert counts[f"atoms-r{a.rank}-M{a.atoms}-k{a.topk}"] == atom_params
     lora = [r["test_mse"] for r in results[f"lora-r{lora_rank}"]]
     rows = [[name, f"{counts.get(name, 0):,}", mean_spread([r["test_mse"] for r in runs]),
              mean_spread([r["test_mse"] - l for r, l in zip(runs, lora)]),
              mean_spread([r["tail_mean"] for r in runs]) if name in counts else "-",
-             mean_spread([r["tail_std"] for r in runs]) if name in counts else "-"] for name, runs in results.items()]
-    lines = [f"{a.seeds} seeds (mean ± sample std); {a.steps} steps of batch {a.batch_size}, AdamW lr {a.lr:g}; label "
-             f"noise std {a.noise}; f0: {a.d_in} -> {a.width} -> {a.width} -> 1. Test MSE on 4,096 clean targets. "
-             "Paired: minus LoRA's test MSE on the same seed (same f0, batches and noise). Tail: training loss over the "
-             "last 20% of steps (its mean, and its std within a run).", "",
-             *markdown(["arm", "trainable", "test MSE", "minus LoRA's (paired)", "train loss, tail mean",
-                        "train loss, tail std"], rows)]
+             mean_spread([r["tail_std"] for r in runs]) if name in counts else "-"]
+            for name, runs in results.items()]
+    lines = [f"{a.seeds} seeds (mean ± sample std); {a.steps} steps of batch {a.batch_size}, AdamW "
+             f"lr {a.lr:g}; label noise std {a.noise}; f0: {a.d_in} -> {a.width} -> {a.width} -> "
+             "1. Test MSE on 4,096 clean targets. Paired: minus LoRA's test MSE on the same seed "
+             "(same f0, batches and noise). Tail: training loss over the last 20% of steps (its "
+             "mean, and its std within a run).", "",
+             *markdown(["arm", "trainable", "test MSE", "minus LoRA's (paired)",
+                        "train loss, tail mean", "train loss, tail std"], rows)]
     write_report(a.out_dir, "atoms-toy", lines, {"args": vars(a), "results": results})
     plt = pyplot()
     if plt is not None:
@@ -150,8 +170,10 @@ def main(argv=None):
         for color, name in zip(plt.cm.tab10.colors, arms):
             for seed, r in enumerate(results[name]):
                 window = 50
-                smooth = [statistics.mean(r["losses"][max(0, i - window):i + 1]) for i in range(0, len(r["losses"]), 10)]
-                ax.plot(range(0, len(r["losses"]), 10), smooth, color=color, alpha=0.7, label=name if seed == 0 else None)
+                smooth = [statistics.mean(r["losses"][max(0, i - window):i + 1])
+                          for i in range(0, len(r["losses"]), 10)]
+                ax.plot(range(0, len(r["losses"]), 10), smooth, color=color, alpha=0.7,
+                        label=name if seed == 0 else None)
         ax.set(xlabel="step", ylabel="training MSE (noisy labels, 50-step mean)", yscale="log",
                title="LoRA vs update atoms, every seed")
         ax.legend()

@@ -1,6 +1,7 @@
-"""BERT's uncased WordPiece tokenizer, written out by hand, with character offsets into the input text (what
-extractive QA needs to turn a predicted token span back into text). Checked token for token, offsets included,
-against the reference `tokenizers` implementation on all of SQuAD dev (tests/test_bert.py)."""
+"""BERT's uncased WordPiece tokenizer, written out by hand, with character offsets into the input
+text (what extractive QA needs to turn a predicted token span back into text). Checked token for
+token, offsets included, against the reference `tokenizers` implementation on all of SQuAD dev
+(tests/test_bert.py)."""
 
 import os
 import unicodedata
@@ -10,16 +11,21 @@ from model import BERT_HUB_IDS, resolve_checkpoint
 
 
 class BertTokenizer:
-    """BERT's uncased WordPiece tokenizer from vocab.txt, returning ids and character offsets into the input.
+    """BERT's uncased WordPiece tokenizer from vocab.txt, returning ids and character offsets into
+    the input.
 
-    Normalize (drop control chars, whitespace -> ' ', space out CJK chars, strip accents, lower-case, one char at a
-    time, keeping each output char's source position), split on whitespace and punctuation, then greedy
-    longest-match-first WordPiece with '##' continuations; a word with no complete split (or > 100 chars) is [UNK].
-    Follows the reference `tokenizers` BertNormalizer / BertPreTokenizer / WordPiece step for step."""
+    Normalize (drop control chars, whitespace -> ' ', space out CJK chars, strip accents,
+    lower-case, one char at a time, keeping each output char's source position), split on whitespace
+    and punctuation, then greedy longest-match-first WordPiece with '##' continuations; a word with
+    no complete split (or > 100 chars) is [UNK]. Follows the reference `tokenizers` BertNormalizer /
+    BertPreTokenizer / WordPiece step for step."""
 
-    WHITESPACE = set("\t\n\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000") | {chr(c) for c in range(0x2000, 0x200B)}
-    CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-           (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+    WHITESPACE = (
+        set(
+            "\t\n\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000") | {
+                chr(c) for c in range(0x2000, 0x200B)})
+    CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+           (0x2B740, 0x2B81F), (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
     def __init__(self, vocab_path, lowercase=True):
         try:
@@ -31,12 +37,14 @@ class BertTokenizer:
             if special not in self.vocab:
                 raise InputError(f"{vocab_path} has no {special}; is it a BERT vocab.txt?")
         self.lowercase = lowercase
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id = (self.vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id = (
+            self.vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
         self.id_to_token = {i: t for t, i in self.vocab.items()}
 
     @classmethod
     def from_pretrained(cls, name_or_path):
-        return cls(os.path.join(resolve_checkpoint(name_or_path, BERT_HUB_IDS, extra_files=("vocab.txt",)), "vocab.txt"))
+        return cls(os.path.join(resolve_checkpoint(name_or_path, BERT_HUB_IDS,
+                                                   extra_files=("vocab.txt",)), "vocab.txt"))
 
     def normalize(self, text):
         """-> list of (char, index of the input char it came from)."""
@@ -48,7 +56,8 @@ class BertTokenizer:
             if any(lo <= ord(c) <= hi for lo, hi in self.CJK):
                 out += [(" ", i), (c, i), (" ", i)]
                 continue
-            if self.lowercase:  # strip accents (NFD, drop combining marks), then lower-case: the reference order
+            if self.lowercase:
+                # strip accents (NFD, drop combining marks), then lower-case: the reference order
                 for d in unicodedata.normalize("NFD", c):
                     if unicodedata.category(d) != "Mn":
                         out += [(l, i) for l in d.lower()]
@@ -59,10 +68,12 @@ class BertTokenizer:
     @staticmethod
     def is_punctuation(c):
         o = ord(c)
-        return 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126 or unicodedata.category(c).startswith("P")
+        return (33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126
+                or unicodedata.category(c).startswith("P"))
 
     def words(self, text):
-        """-> list of (word, sources): sources[j] is the index in `text` of the word's j-th character."""
+        """-> list of (word, sources): sources[j] is the index in `text` of the word's j-th
+        character."""
         words, current = [], []
         for c, i in self.normalize(text) + [(" ", len(text))]:
             if c in self.WHITESPACE or self.is_punctuation(c):
@@ -76,7 +87,8 @@ class BertTokenizer:
         return [("".join(c for c, _ in w), [i for _, i in w]) for w in words]
 
     def encode(self, text):
-        """-> (ids, offsets): WordPiece ids and (start, end) character spans in `text`, no special tokens."""
+        """-> (ids, offsets): WordPiece ids and (start, end) character spans in `text`, no special
+        tokens."""
         ids, offsets = [], []
         for word, sources in self.words(text):
             pieces, begin = [], 0

@@ -1,5 +1,6 @@
-"""The README's "Adding a method" example is real: its code block, taken from the README, becomes a method by one
-entry in the method table, trains two steps, stops, resumes, and matches an uninterrupted run bit for bit."""
+"""The README's "Adding a method" example is real: its code block, taken from the README, becomes a
+method by one entry in the method table, trains two steps, stops, resumes, and matches an
+uninterrupted run bit for bit."""
 
 import json
 import os
@@ -11,10 +12,10 @@ import torch
 
 from helpers import ROOT, assert_causal
 
-TINY = ["--method", "head-bias", "--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
-        "--block_size", "128", "--batch_size", "4", "--lr", "3e-2", "--warmup", "1", "--max_steps", "4",
-        "--log_interval", "1", "--eval_interval", "2", "--eval_iters", "1", "--eval_batch_size", "32",
-        "--head_bias_init", "0.1"]
+TINY = ["--method", "head-bias", "--init_from", "scratch", "--n_layer", "1", "--n_head", "2",
+        "--n_embd", "32", "--block_size", "128", "--batch_size", "4", "--lr", "3e-2", "--warmup",
+        "1", "--max_steps", "4", "--log_interval", "1", "--eval_interval", "2", "--eval_iters", "1",
+        "--eval_batch_size", "32", "--head_bias_init", "0.1"]
 
 
 def readme_example():
@@ -29,7 +30,8 @@ def readme_example():
 
 def records(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "elapsed_s")} for l in f]
+        return [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "elapsed_s")}
+                for l in f]
 
 
 @pytest.mark.slow
@@ -38,17 +40,20 @@ def test_the_readme_method_trains_and_resumes_exactly(emotion_small_dir, tmp_pat
     import train
     LearnedHeadBias = readme_example()["LearnedHeadBias"]
 
-    class StopsAfterTwoSteps(LearnedHeadBias):  # presses Ctrl-C once, after the second optimizer step
+    class StopsAfterTwoSteps(LearnedHeadBias):
+        # presses Ctrl-C once, after the second optimizer step
         def after_step(self, model):
             self.steps = getattr(self, "steps", 0) + 1
             if self.steps == 2:
                 signal.raise_signal(signal.SIGINT)
 
     flags = [*TINY, "--data_dir", emotion_small_dir]
-    monkeypatch.setitem(runs.METHODS, "head-bias", LearnedHeadBias)  # the one entry in the method table
+    # the one entry in the method table
+    monkeypatch.setitem(runs.METHODS, "head-bias", LearnedHeadBias)
     whole = train.main([*flags, "--out_dir", str(tmp_path / "whole")])
     assert whole["params"]["trainable"] == 32  # only the bias trains ...
-    assert abs(whole["head_bias_norm"] - 0.1 * 32 ** 0.5) > 1e-3  # ... and it moved from its --head_bias_init
+    # ... and it moved from its --head_bias_init
+    assert abs(whole["head_bias_norm"] - 0.1 * 32 ** 0.5) > 1e-3
     monkeypatch.setitem(runs.METHODS, "head-bias", StopsAfterTwoSteps)
     with pytest.raises(SystemExit) as stopped:
         train.main([*flags, "--out_dir", str(tmp_path / "parts")])
@@ -56,8 +61,10 @@ def test_the_readme_method_trains_and_resumes_exactly(emotion_small_dir, tmp_pat
     assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 2
     monkeypatch.setitem(runs.METHODS, "head-bias", LearnedHeadBias)
     resumed = train.main(["--out_dir", str(tmp_path / "parts"), "--resume"])
-    assert records(tmp_path / "parts") == records(tmp_path / "whole")  # losses, val losses, lr: bit for bit
-    assert resumed["final"] == whole["final"] and resumed["head_bias_norm"] == whole["head_bias_norm"]
+    # losses, val losses, lr: bit for bit
+    assert records(tmp_path / "parts") == records(tmp_path / "whole")
+    assert resumed["final"] == whole["final"]
+    assert resumed["head_bias_norm"] == whole["head_bias_norm"]
 
 
 def test_the_readme_method_is_causal():

@@ -1,5 +1,6 @@
-"""Update atoms (memory.py part 2, Queryable LoRA): LoRA as a special case, the routing's convexity and sparsity,
-the instruction prior's two limits, symmetry under relabelling the atoms, gradients to every part, parameter counts."""
+"""Update atoms (memory.py part 2, Queryable LoRA): LoRA as a special case, the routing's convexity
+and sparsity, the instruction prior's two limits, symmetry under relabelling the atoms, gradients to
+every part, parameter counts."""
 
 import argparse
 
@@ -23,8 +24,9 @@ def tiny_gpt(seed=0):
 
 def atoms_model(n_atoms=6, top_k=2, beta=1.0, seed=0, rank=4):
     model = freeze(tiny_gpt(seed))
-    pool = apply_atoms(model, rank, 2.0 * rank, 0.0, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], n_atoms,
-                       8, top_k, beta, 0.01, 16)
+    pool = apply_atoms(model, rank, 2.0 * rank, 0.0,
+                       ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], n_atoms, 8, top_k,
+                       beta, 0.01, 16)
     model.attach("embed", pool)
     return model.eval(), pool
 
@@ -37,14 +39,16 @@ def randomise(model, std=0.5):
 
 
 def test_one_identity_atom_with_k_1_and_no_prior_is_lora():
-    """Same seed, same A init: outputs and every A/B gradient equal plain LoRA's (B set non-zero in both)."""
+    """Same seed, same A init: outputs and every A/B gradient equal plain LoRA's (B set non-zero in
+    both)."""
     lora = apply_lora(freeze(tiny_gpt()), 4, 8.0, 0.0)
     model, pool = atoms_model(n_atoms=1, top_k=1, beta=0.0)
     with torch.no_grad():
         pool.atoms.copy_(torch.eye(4)[None])
     lora_params = {n: p for n, p in lora.named_parameters() if p.requires_grad}
     atom_params = dict(model.named_parameters())
-    assert all(torch.equal(p, atom_params[n]) for n, p in lora_params.items())  # the same A, drawn in the same order
+    # the same A, drawn in the same order
+    assert all(torch.equal(p, atom_params[n]) for n, p in lora_params.items())
     torch.manual_seed(1)
     for n, p in lora_params.items():
         if ".lora_B" in n:
@@ -91,7 +95,8 @@ def test_the_prior_beta_0_ignores_the_instruction_and_a_large_beta_follows_it():
     assert torch.equal(alpha(0.0, h), alpha(0.0, other))  # beta = 0: the instruction plays no part
     assert not torch.equal(alpha(1.0, h), alpha(1.0, other))
     alpha(1e4, h)
-    chosen, expected = pool.chosen[0].sort(-1).values, pool.log_prior.topk(3, dim=-1).indices.sort(-1).values
+    chosen = pool.chosen[0].sort(-1).values
+    expected = pool.log_prior.topk(3, dim=-1).indices.sort(-1).values
     assert torch.equal(chosen, expected)  # a large beta selects TopK(pi)
 
 
@@ -126,87 +131,109 @@ def test_at_init_the_model_is_its_base():
 
 
 def test_parameters_match_a_lora_baseline_within_5_percent(capsys):
-    """The moc-table base (4 blocks, 128 wide): atoms at r 8 with 16 atoms against LoRA r 9, breakdown printed."""
-    args = build_parser().parse_args(["--method", "atoms", "--dataset", "emotion", "--lora_rank", "8"])
+    """The moc-table base (4 blocks, 128 wide): atoms at r 8 with 16 atoms against LoRA r 9,
+    breakdown printed."""
+    args = build_parser().parse_args(["--method", "atoms", "--dataset", "emotion", "--lora_rank",
+                                      "8"])
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128))
         method = METHODS["atoms"](args)
         method.setup(model, {})
-        lora = apply_lora(freeze(GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128))), 9, 18.0)
+        lora = apply_lora(freeze(GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128))),
+                          9, 18.0)
     atoms = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts = atom_parameter_counts(method.pool, model)
     assert sum(counts.values()) == atoms == 71_184
-    assert abs(atoms / sum(p.numel() for p in lora.parameters() if p.requires_grad) - 1) < 0.05  # 73,728
-    assert "atom parameters: A and B 65,536 + atoms 1,024 + keys 512 + queries 2,048 + prior 2,064" in capsys.readouterr().out
+    # 73,728
+    assert abs(atoms / sum(p.numel() for p in lora.parameters() if p.requires_grad) - 1) < 0.05
+    assert ("atom parameters: A and B 65,536 + atoms 1,024 + keys 512 + queries 2,048 + prior 2,064"
+            in capsys.readouterr().out)
 
 
 def test_bad_atom_flags():
     from cli import InputError
     parse = lambda *argv: build_parser().parse_args(["--method", "atoms", *argv])
     with pytest.raises(InputError, match="no instruction"):
-        METHODS["atoms"](argparse.Namespace(**(vars(parse("--dataset", "phonebook")) | {"atoms_beta": 1.0})))
+        METHODS["atoms"](argparse.Namespace(**(vars(parse("--dataset",
+                                                          "phonebook")) | {"atoms_beta": 1.0})))
     with pytest.raises(InputError, match="must lie in"):
         AtomPool(16, 4, n_atoms=4, n_blocks=1, key_dim=8, top_k=5, beta=0.0, init_std=0.0)
 
 
 @pytest.mark.slow
 def test_atoms_train_export_and_resume_exactly(emotion_small_dir, tmp_path, monkeypatch):
-    """train.py --method atoms: the pool learns, the routing statistics are logged and summarised, and a run stopped
-    after two steps and resumed matches an uninterrupted one bit for bit (usage counts included)."""
+    """train.py --method atoms: the pool learns, the routing statistics are logged and summarised,
+    and a run stopped after two steps and resumed matches an uninterrupted one bit for bit (usage
+    counts included)."""
     import json
 
     import train
     from helpers import stopped_then_resumed
-    flags = ["--method", "atoms", "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
-             "--block_size", "128", "--batch_size", "4", "--warmup", "1", "--max_steps", "4", "--log_interval", "1",
-             "--eval_interval", "2", "--eval_iters", "1", "--eval_batch_size", "32", "--lora_rank", "4",
-             "--atoms_count", "6", "--atoms_topk", "2", "--data_dir", emotion_small_dir]
+    flags = ["--method", "atoms", "--init_from", "scratch", "--n_layer", "2", "--n_head", "2",
+             "--n_embd", "32", "--block_size", "128", "--batch_size", "4", "--warmup", "1",
+             "--max_steps", "4", "--log_interval", "1", "--eval_interval", "2", "--eval_iters", "1",
+             "--eval_batch_size", "32", "--lora_rank", "4", "--atoms_count", "6", "--atoms_topk",
+             "2", "--data_dir", emotion_small_dir]
     whole = train.main([*flags, "--out_dir", str(tmp_path / "whole")])
-    assert len(whole["atoms_usage"]) == 2 and all(abs(sum(u) - 1) < 1e-6 for u in whole["atoms_usage"])
+    assert len(whole["atoms_usage"]) == 2 and all(abs(sum(u) - 1) < 1e-6
+                                                  for u in whole["atoms_usage"])
     assert (tmp_path / "whole" / "atoms.safetensors").is_file()
     logged = [json.loads(l) for l in open(tmp_path / "whole" / "metrics.jsonl")]
-    assert all(0 < e <= torch.log(torch.tensor(2.0)) + 1e-6 for r in logged if "atoms_entropy" in r for e in r["atoms_entropy"])
+    assert all(0 < e <= torch.log(torch.tensor(2.0)) + 1e-6 for r in logged if "atoms_entropy" in r
+               for e in r["atoms_entropy"])
 
     resumed = stopped_then_resumed(monkeypatch, "atoms", flags, tmp_path / "parts", 2)
     assert resumed["final"] == whole["final"] and resumed["atoms_usage"] == whole["atoms_usage"]
 
 
 def test_the_regression_toy_runs_at_matched_parameters(tmp_path, capsys):
-    """toy.py end to end on a tiny setting: both arms train (their loss falls below the frozen f0's), parameters
-    within 5%, the report and plot written; a setting with no LoRA rank within 5% is refused in one line."""
+    """toy.py end to end on a tiny setting: both arms train (their loss falls below the frozen
+    f0's), parameters within 5%, the report and plot written; a setting with no LoRA rank within 5%
+    is refused in one line."""
     import json
 
     import toy
     toy.main(["--seeds", "2", "--steps", "60", "--width", "16", "--out_dir", str(tmp_path)])
     data = json.load(open(tmp_path / "atoms-toy.json"))["results"]
-    lora, atoms, base = (next(v for k, v in data.items() if k.startswith(prefix)) for prefix in ("lora-r", "atoms-", "base"))
+    lora, atoms, base = (next(v for k, v in data.items() if k.startswith(prefix))
+                         for prefix in ("lora-r", "atoms-", "base"))
     assert abs(atoms[0]["params"] / lora[0]["params"] - 1) <= 0.05
     assert all(r["test_mse"] < b["test_mse"] for arm in (lora, atoms) for r, b in zip(arm, base))
-    assert (tmp_path / "atoms-toy.png").is_file() and "| atoms-r5-M6-k2 |" in (tmp_path / "atoms-toy.md").read_text()
+    assert (tmp_path / "atoms-toy.png").is_file()
+    assert "| atoms-r5-M6-k2 |" in (tmp_path / "atoms-toy.md").read_text()
     with pytest.raises(SystemExit):
-        toy.main(["--seeds", "1", "--rank", "2", "--atoms", "8", "--out_dir", str(tmp_path / "bad")])
+        toy.main(["--seeds", "1", "--rank", "2", "--atoms", "8", "--out_dir",
+                  str(tmp_path / "bad")])
     assert "within 5%" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_atom_arms_name_their_flags():
     import sweeps
-    assert sweeps.atom_arm("atoms-b0-m8-d16", "emotion")[-6:] == ["--atoms_beta", "0", "--atoms_count", "8",
-                                                                  "--atoms_key_dim", "16"]
+    assert sweeps.atom_arm("atoms-b0-m8-d16",
+                           "emotion")[-6:] == ["--atoms_beta", "0", "--atoms_count", "8",
+                                               "--atoms_key_dim", "16"]
     assert sweeps.atom_arm("lora-r9", "phonebook")[:4] == ["--method", "sft", "--adapter", "lora"]
-    assert sweeps.atom_arm("lora-r9", "emotion") == ["--method", "lora", "--lora_rank", "9", "--lora_alpha", "18"]
-    assert sweeps.atom_arm("lora-r8-a32", "phonebook")[-4:] == ["--memory_rank", "8", "--lora_alpha", "32"]
+    assert sweeps.atom_arm("lora-r9", "emotion") == ["--method", "lora", "--lora_rank", "9",
+                                                     "--lora_alpha", "18"]
+    assert sweeps.atom_arm("lora-r8-a32",
+                           "phonebook")[-4:] == ["--memory_rank", "8", "--lora_alpha", "32"]
     assert sweeps.atom_arm("lora-r8-x", "emotion") is None
-    assert sweeps.atom_arm("atoms-x3", "emotion") is None and sweeps.atom_arm("atomsb1", "emotion") is None
+    assert sweeps.atom_arm("atoms-x3",
+                           "emotion") is None and sweeps.atom_arm("atomsb1", "emotion") is None
 
 
 @pytest.mark.slow
 def test_atoms_table_end_to_end(emotion_tiny_dir, tmp_path):
     import sweeps
-    tiny = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
-            "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "1", "--warmup", "2", "--eval_batch_size", "16",
-            "--log_interval", "1", "--data_dir", emotion_tiny_dir]
-    sweeps.main(["atoms-table", "--seeds", "2", "--arms", "lora-r4,atoms-b0-m4-k2", "--out_dir", str(tmp_path), *tiny])
+    tiny = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+            "--block_size", "128", "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "1",
+            "--warmup", "2", "--eval_batch_size", "16", "--log_interval", "1", "--data_dir",
+            emotion_tiny_dir]
+    sweeps.main(["atoms-table", "--seeds", "2", "--arms", "lora-r4,atoms-b0-m4-k2", "--out_dir",
+                 str(tmp_path), *tiny])
     table = (tmp_path / "atoms-table.md").read_text()
-    assert "| lora-r4 |" in table and "| atoms-b0-m4-k2 |" in table and (tmp_path / "atoms-routing.png").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["atoms-b0-m4-k2-s0", "atoms-b0-m4-k2-s1",
-                                                                         "lora-r4-s0", "lora-r4-s1"]
+    assert "| lora-r4 |" in table and "| atoms-b0-m4-k2 |" in table
+    assert (tmp_path / "atoms-routing.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()
+                  if p.is_dir()) == ["atoms-b0-m4-k2-s0", "atoms-b0-m4-k2-s1", "lora-r4-s0",
+                                     "lora-r4-s1"]

@@ -1,6 +1,6 @@
-"""Bad input, as a new user would type it: every case ends with exit status 2 and one line on stderr that says what
-is wrong and what to do, with no traceback, and leaves every watched file as it was. The entry points run
-in-process (their main(argv)), so the table costs no interpreter start-ups."""
+"""Bad input, as a new user would type it: every case ends with exit status 2 and one line on stderr
+that says what is wrong and what to do, with no traceback, and leaves every watched file as it was.
+The entry points run in-process (their main(argv)), so the table costs no interpreter start-ups."""
 
 import hashlib
 import json
@@ -13,9 +13,11 @@ import torch
 
 from helpers import ROOT, save_tiny_hf_gpt2
 
-SCRATCH = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128"]
+SCRATCH = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+           "--block_size", "128"]
 
-# (entry point, argv, a fragment of the one error line); DATA, BASE, FILE, RUN, DEAD are filled in by the fixture
+# (entry point, argv, a fragment of the one error line); DATA, BASE, FILE, RUN, DEAD are filled in
+# by the fixture
 CASES = [
     # train.py: flags
     ("train", ["--method", "nope"], "invalid choice: 'nope'"),
@@ -42,67 +44,108 @@ CASES = [
     ("train", ["--dropout", "1.5"], "--dropout must be a probability in [0, 1)"),
     ("train", ["--lora_dropout", "2"], "--lora_dropout must be a probability in [0, 1)"),
     ("train", ["--device", "banana"], "--device must be auto, cpu, cuda or cuda:N"),
-    ("train", ["--method", "regbert", "--dataset", "emotion"], "--method regbert trains on --dataset squad"),
-    ("train", ["--method", "memft-ot", "--dataset", "emotion"], "trains on --dataset phonebook or longctx"),
+    ("train", ["--method", "regbert", "--dataset", "emotion"],
+     "--method regbert trains on --dataset squad"),
+    ("train", ["--method", "memft-ot", "--dataset", "emotion"],
+     "trains on --dataset phonebook or longctx"),
     ("train", ["--dataset", "squad", "--rank", "2"], "--rank has no meaning for --method regbert"),
-    ("train", ["--method", "lora", "--lora_rank", "0", *SCRATCH, "--data_dir", "DATA", "--out_dir", "NEW"],
+    ("train",
+     ["--method", "lora", "--lora_rank", "0", *SCRATCH, "--data_dir", "DATA", "--out_dir", "NEW"],
      "--lora_rank must be positive"),
-    ("train", ["--method", "prb", "--prb_registers", "0", *SCRATCH, "--data_dir", "DATA", "--out_dir", "NEW"],
+    ("train",
+     ["--method", "prb", "--prb_registers", "0", *SCRATCH, "--data_dir", "DATA", "--out_dir",
+      "NEW"],
      "--prb_registers and --prb_dim must be positive"),
-    ("train", ["--method", "prb", "--prb_dim", "-4", *SCRATCH, "--data_dir", "DATA", "--out_dir", "NEW"],
+    ("train",
+     ["--method", "prb", "--prb_dim", "-4", *SCRATCH, "--data_dir", "DATA", "--out_dir", "NEW"],
      "--prb_registers and --prb_dim must be positive"),
-    ("train", ["--method", "full", "--init_from", "scratch", "--n_embd", "30", "--n_head", "4", "--data_dir", "DATA",
+    ("train",
+     ["--method", "full", "--init_from", "scratch", "--n_embd", "30", "--n_head", "4", "--data_dir",
+      "DATA",
                "--out_dir", "NEW"], "--n_embd 30 must be divisible by --n_head 4"),
-    ("train", ["--method", "full", "--init_from", "scratch", "--block_size", "16", "--data_dir", "DATA", "--out_dir",
+    ("train",
+     ["--method", "full", "--init_from", "scratch", "--block_size", "16", "--data_dir", "DATA",
+      "--out_dir",
                "NEW"], "do not fit block_size 16"),
-    ("train", ["--method", "lora", "--lora_targets", "attn.q_proj", *SCRATCH, "--data_dir", "DATA", "--out_dir", "NEW"],
+    ("train",
+     ["--method", "lora", "--lora_targets", "attn.q_proj", *SCRATCH, "--data_dir", "DATA",
+      "--out_dir", "NEW"],
      "match no Linear layer"),
-    ("train", ["--method", "moc", "--moc_chapters", "5", "--moc_topk", "2", "--moc_chapter_tokens", "2", "--moc_init",
-               "DATA", *SCRATCH, "--data_dir", "DATA", "--out_dir", "NEW"], "no memory.safetensors there"),
+    ("train",
+     ["--method", "moc", "--moc_chapters", "5", "--moc_topk", "2", "--moc_chapter_tokens", "2",
+      "--moc_init",
+               "DATA", *SCRATCH, "--data_dir", "DATA", "--out_dir",
+               "NEW"], "no memory.safetensors there"),
     # train.py: the memorisation task and method
-    ("train", ["--dataset", "phonebook", "--length", "1000000000", "--out_dir", "NEW"], "--length must be in 1..1,000,000"),
-    ("train", ["--dataset", "phonebook", "--length", "0", "--out_dir", "NEW"], "--length must be in"),
+    ("train", ["--dataset", "phonebook", "--length", "1000000000", "--out_dir", "NEW"],
+     "--length must be in 1..1,000,000"),
+    ("train", ["--dataset", "phonebook", "--length", "0", "--out_dir", "NEW"],
+     "--length must be in"),
     ("train", ["--dataset", "phonebook", "--epochs", "0", "--out_dir", "NEW"], "--epochs positive"),
-    ("train", ["--dataset", "longctx", "--noise", "101", "--out_dir", "NEW"], "--noise a percentage"),
-    ("train", ["--dataset", "longctx", "--length", "64", "--data_dir", "FILEDIR", "--out_dir", "NEW"],
+    ("train", ["--dataset", "longctx", "--noise", "101", "--out_dir", "NEW"],
+     "--noise a percentage"),
+    ("train",
+     ["--dataset", "longctx", "--length", "64", "--data_dir", "FILEDIR", "--out_dir", "NEW"],
      "python data/longctx/prepare.py"),
-    ("train", ["--dataset", "phonebook", "--memft_threshold", "1.5", "--length", "60", "--data_dir", "PB",
+    ("train",
+     ["--dataset", "phonebook", "--memft_threshold", "1.5", "--length", "60", "--data_dir", "PB",
                "--out_dir", "NEW"], "--memft_threshold is a probability"),
-    ("train", ["--dataset", "phonebook", "--memory_rank", "0", "--length", "60", "--data_dir", "PB", "--out_dir", "NEW"],
+    ("train",
+     ["--dataset", "phonebook", "--memory_rank", "0", "--length", "60", "--data_dir", "PB",
+      "--out_dir", "NEW"],
      "--memory_rank must be positive"),
-    ("train", ["--method", "memft-sw", "--dataset", "phonebook", "--curriculum_ratios", "a,b", "--length", "60",
+    ("train",
+     ["--method", "memft-sw", "--dataset", "phonebook", "--curriculum_ratios", "a,b", "--length",
+      "60",
                "--data_dir", "PB", "--out_dir", "NEW"], "comma-separated numbers"),
-    ("train", ["--method", "memft-sw", "--dataset", "phonebook", "--curriculum_ratios", "0.5,1", "--length", "60",
+    ("train",
+     ["--method", "memft-sw", "--dataset", "phonebook", "--curriculum_ratios", "0.5,1", "--length",
+      "60",
                "--data_dir", "PB", "--out_dir", "NEW"], "need the same count"),
-    ("train", ["--dataset", "phonebook", "--batch_size", "1000", "--length", "60", "--data_dir", "PB", "--out_dir",
+    ("train",
+     ["--dataset", "phonebook", "--batch_size", "1000", "--length", "60", "--data_dir", "PB",
+      "--out_dir",
                "NEW"], "cannot fill one batch of 1000"),
-    ("train", ["--dataset", "phonebook", "--length", "60", "--data_dir", "BADPB", "--out_dir", "NEW"],
+    ("train",
+     ["--dataset", "phonebook", "--length", "60", "--data_dir", "BADPB", "--out_dir", "NEW"],
      "entry 2 needs a query and a target"),
-    ("train", ["--dataset", "phonebook", "--length", "60", "--data_dir", "NOTJSONPB", "--out_dir", "NEW"],
+    ("train",
+     ["--dataset", "phonebook", "--length", "60", "--data_dir", "NOTJSONPB", "--out_dir", "NEW"],
      "line 2 is not JSON"),
-    ("train", ["--dataset", "phonebook", "--layer", "7", "--length", "60", "--data_dir", "PB", *SCRATCH, "--out_dir",
+    ("train",
+     ["--dataset", "phonebook", "--layer", "7", "--length", "60", "--data_dir", "PB", *SCRATCH,
+      "--out_dir",
                "NEW"], "--layer 7 does not exist"),
     # train.py: model and run folders
-    ("train", ["--method", "lora", "--init_from", "MISSING", "--data_dir", "DATA", "--out_dir", "NEW"],
+    ("train",
+     ["--method", "lora", "--init_from", "MISSING", "--data_dir", "DATA", "--out_dir", "NEW"],
      "neither a folder nor a known model"),
-    ("train", ["--method", "full", "--init_from", "BASE", "--data_dir", "DATA", "--out_dir", "BASE"],
+    ("train",
+     ["--method", "full", "--init_from", "BASE", "--data_dir", "DATA", "--out_dir", "BASE"],
      "is the --init_from folder"),
-    ("train", ["--method", "full", *SCRATCH, "--data_dir", "DATA", "--out_dir", "BASE"], "already holds a run or a model"),
-    ("train", ["--method", "full", *SCRATCH, "--data_dir", "DATA", "--out_dir", "FILE"], "is a file"),
+    ("train", ["--method", "full", *SCRATCH, "--data_dir", "DATA", "--out_dir", "BASE"],
+     "already holds a run or a model"),
+    ("train", ["--method", "full", *SCRATCH, "--data_dir", "DATA", "--out_dir", "FILE"],
+     "is a file"),
     ("train", ["--out_dir", "NEW", "--resume"], "nothing to resume"),
     ("train", ["--out_dir", "DEAD", "--resume"], "stopped before its first checkpoint"),
     ("train", ["--out_dir", "BROKEN", "--resume"], "cannot read checkpoint"),
-    ("train", ["--method", "full", *SCRATCH, "--data_dir", "NEW", "--out_dir", "NEW2"], "is not prepared"),
+    ("train", ["--method", "full", *SCRATCH, "--data_dir", "NEW", "--out_dir", "NEW2"],
+     "is not prepared"),
     ("train", ["--out_dir", "OTHERKIND", "--resume"], "is not a train.py checkpoint"),
     # train.py: prepared data that does not match its meta.json or the vocabulary
-    *[("train", ["--method", "full", *SCRATCH, "--data_dir", damage, "--out_dir", "NEW"], fragment) for damage, fragment in (
-        ("TRUNCATED", "train split in"), ("BIGID", "token ids outside 0..50256"), ("BADLABEL", "labels do not fit"),
+    *[("train", ["--method", "full", *SCRATCH, "--data_dir", damage, "--out_dir", "NEW"], fragment)
+      for damage, fragment in (
+        ("TRUNCATED", "train split in"), ("BIGID", "token ids outside 0..50256"),
+        ("BADLABEL", "labels do not fit"),
         ("BADMETA", "cannot read"), ("HALFMETA", "meta.json is incomplete (no prompt_tokens)"),
         ("NOTEST", "cannot read the prepared test split"))],
     ("train", ["--out_dir", "NOMETRICS", "--resume"], "metrics.jsonl is missing"),
     ("train", ["--out_dir", "BADMETRICS", "--resume"], "line 1 is not a metrics record"),
-    ("train", ["--out_dir", "RUN", "--resume", "--n_layer", "3"], "was trained with --n_layer 1, not 3"),
-    ("train", [*SCRATCH, "--method", "full", "--data_dir", "DATA", "--out_dir", "RUN"], "already holds a run"),
+    ("train", ["--out_dir", "RUN", "--resume", "--n_layer", "3"],
+     "was trained with --n_layer 1, not 3"),
+    ("train", [*SCRATCH, "--method", "full", "--data_dir", "DATA", "--out_dir", "RUN"],
+     "already holds a run"),
     # eval.py
     ("eval", ["RUN", "--top_k", "0"], "--top_k must be positive"),
     ("eval", ["RUN", "--eval_batch_size", "0"], "--eval_batch_size must be positive"),
@@ -127,18 +170,22 @@ CASES = [
     ("bench", ["--lora_rank", "0"], "--lora_rank must be positive"),
     ("bench", ["--rank", "0"], "--lora_rank must be positive"),
     ("bench", ["--n_embd", "65"], "--n_embd 65 must be divisible by --n_head 12"),
-    ("bench", ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--seq_len", "5000", "--no_reference"],
+    ("bench",
+     ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--seq_len", "5000", "--no_reference"],
      "--seq_len 5000 exceeds the model's 1024 positions"),
     ("bench", ["qa", "--register_tokens", "-1"], "--register_tokens must be >= 0"),
     ("bench", ["qa", "--n_head", "0"], "--n_head must be positive"),
-    ("bench", ["qa", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--seq_len", "600", "--no_reference"],
+    ("bench",
+     ["qa", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--seq_len", "600",
+      "--no_reference"],
      "--seq_len 600 exceeds the model's 512 positions"),
     # sweeps.py
     ("sweeps", [], "name a sweep"),
     ("sweeps", ["prb-table", "--arms", "lora-r0"], "unknown arm 'lora-r0'"),
     ("sweeps", ["prb-table", "--arms", "prb-leaky"], "unknown arm 'prb-leaky'"),
     ("sweeps", ["regbert-sweep", "--ks", "a,b"], "--ks must be comma-separated integers"),
-    ("sweeps", ["memory-law", "--ranks", "x", "--lengths", "10"], "--ranks must be comma-separated integers"),
+    ("sweeps", ["memory-law", "--ranks", "x", "--lengths", "10"],
+     "--ranks must be comma-separated integers"),
     ("sweeps", ["memory-law", "--ranks", "4"], "give both --ranks and --lengths"),
     ("sweeps", ["memory-law", "NEW"], "is not a folder"),
 ]
@@ -156,12 +203,14 @@ def places(emotion_small_dir, tmp_path_factory):
     (root / "broken" / "ckpt.pt").write_bytes(b"not a checkpoint")
     (root / "pb").mkdir()
     entry = json.dumps({"query": "Ann Lee:", "target": "0123456789"}) + "\n"
-    for name, second in (("badpb", '{"query_ids": [1], "target_ids": [99999]}\n'), ("notjsonpb", "{\n")):
+    for name, second in (("badpb", '{"query_ids": [1], "target_ids": [99999]}\n'),
+                         ("notjsonpb", "{\n")):
         (root / name).mkdir()
         (root / name / "PB60.jsonl").write_text(entry + second)
     for name in ("truncated", "bigid", "badlabel", "badmeta", "halfmeta", "notest"):
         shutil.copytree(emotion_small_dir, root / name)
-    np.save(root / "truncated" / "train_offsets.npy", np.load(root / "truncated" / "train_offsets.npy")[:100])
+    np.save(root / "truncated" / "train_offsets.npy",
+            np.load(root / "truncated" / "train_offsets.npy")[:100])
     tokens = np.load(root / "bigid" / "train_tokens.npy")
     tokens[5] = 60000
     np.save(root / "bigid" / "train_tokens.npy", tokens)
@@ -177,8 +226,8 @@ def places(emotion_small_dir, tmp_path_factory):
     torch.save({"weights": torch.zeros(2)}, root / "otherkind" / "ckpt.pt")
     import train
     run = root / "run"
-    train.main([*SCRATCH, "--method", "full", "--max_steps", "2", "--eval_interval", "1", "--eval_iters", "1",
-                "--data_dir", emotion_small_dir, "--out_dir", str(run)])
+    train.main([*SCRATCH, "--method", "full", "--max_steps", "2", "--eval_interval", "1",
+                "--eval_iters", "1", "--data_dir", emotion_small_dir, "--out_dir", str(run)])
     for name in ("nometrics", "badmetrics", "nobest"):
         shutil.copytree(run, root / name)
     os.remove(root / "nometrics" / "metrics.jsonl")
@@ -186,12 +235,15 @@ def places(emotion_small_dir, tmp_path_factory):
     (root / "badmetrics" / "metrics.jsonl").write_text("{not json\n" + "".join(lines[1:]))
     torch.save(["not", "tensors"], root / "nobest" / "best.pt")
     return {"DATA": emotion_small_dir, "BASE": str(root / "base"), "FILE": str(root / "a-file"),
-            "FILEDIR": str(root / "filedir"), "DEAD": str(root / "dead"), "BROKEN": str(root / "broken"),
-            "PB": str(root / "pb"), "BADPB": str(root / "badpb"), "NOTJSONPB": str(root / "notjsonpb"), "MISSING": str(root / "missing"),
-            "NEW": str(root / "new"), "NEW2": str(root / "new2"), "OTHERKIND": str(root / "otherkind"),
-            "RUN": str(run), "NOMETRICS": str(root / "nometrics"), "BADMETRICS": str(root / "badmetrics"),
+            "FILEDIR": str(root / "filedir"), "DEAD": str(root / "dead"),
+            "BROKEN": str(root / "broken"), "PB": str(root / "pb"), "BADPB": str(root / "badpb"),
+            "NOTJSONPB": str(root / "notjsonpb"), "MISSING": str(root / "missing"),
+            "NEW": str(root / "new"), "NEW2": str(root / "new2"),
+            "OTHERKIND": str(root / "otherkind"), "RUN": str(run),
+            "NOMETRICS": str(root / "nometrics"), "BADMETRICS": str(root / "badmetrics"),
             "NOBEST": str(root / "nobest"), "root": root,
-            **{name.upper(): str(root / name) for name in ("truncated", "bigid", "badlabel", "badmeta", "halfmeta", "notest")}}
+            **{name.upper(): str(root / name)
+               for name in ("truncated", "bigid", "badlabel", "badmeta", "halfmeta", "notest")}}
 
 
 def snapshot(*folders):
@@ -204,14 +256,17 @@ def test_the_table_is_large():
     assert len(CASES) >= 60
 
 
-@pytest.mark.parametrize("entry, argv, fragment", CASES, ids=[f"{e}:{' '.join(a)[:60]}" for e, a, _ in CASES])
+@pytest.mark.parametrize("entry, argv, fragment", CASES,
+                         ids=[f"{e}:{' '.join(a)[:60]}" for e, a, _ in CASES])
 def test_bad_input_gets_one_clear_line(entry, argv, fragment, places, capsys, monkeypatch):
     import importlib
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     main = importlib.import_module(entry).main
     argv = [places.get(word, word) for word in argv]
-    watched = [places[name] for name in ("DATA", "BASE", "FILE", "DEAD", "BROKEN", "OTHERKIND", "RUN", "NOMETRICS",
-                                         "BADMETRICS", "NOBEST", "TRUNCATED", "BIGID", "NOTEST", "BADPB", "NOTJSONPB")]
+    watched = [places[name] for name in ("DATA", "BASE", "FILE", "DEAD", "BROKEN", "OTHERKIND",
+                                         "RUN",
+                                         "NOMETRICS", "BADMETRICS", "NOBEST", "TRUNCATED", "BIGID",
+                                         "NOTEST", "BADPB", "NOTJSONPB")]
     before = snapshot(*watched)
     with pytest.raises(SystemExit) as stopped:
         main(argv)
@@ -234,59 +289,82 @@ def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(places, tmp_pa
     assert (run / "metrics.jsonl").read_text() == complete and summary["final"]["step"] == 2
 
 
-# ---------------------------------------------------------------------------------------------- data/*/prepare.py
-# (dataset, argv, fragment): the preparation scripts' own inputs. OUT must never be created by a failed run.
-PREPARE_CASES = [
-    ("emotion", ["--source", "EMO_MISSING"], "validation.jsonl not found"),
-    ("emotion", ["--source", "EMO_NOTJSON"], "train.jsonl line 2 is not JSON"),
-    ("emotion", ["--source", "EMO_NOTEXT"], "train.jsonl line 1 is not an object with text, label"),
-    ("emotion", ["--source", "EMO_BADLABEL"], "row 2: text must be a string and label an integer in 0..5"),
-    ("emotion", ["--source", "EMO_EMPTY"], "test.jsonl holds no rows"),
-    ("emotion", ["--source", "EMO_BINARY"], "cannot read"),
-    ("emotion", ["--bogus"], "unrecognized arguments: --bogus"),
-    ("squad", ["--source", "SQ_BROKEN", "--vocab", "VOCAB"], "dev-v1.1.json as JSON"),
-    ("squad", ["--source", "SQ_SHAPE", "--vocab", "VOCAB"], "is not SQuAD v1.1 JSON"),
-    ("squad", ["--source", "SQ_V2", "--vocab", "VOCAB"], "question q0 has no answer found in its context"),
-    ("squad", ["--source", "SQ_MOVED", "--vocab", "VOCAB"], "question q1 has no answer found in its context"),
-    ("squad", ["--source", "SQ_ONE", "--vocab", "VOCAB"], "leaves the train split empty"),
-    ("squad", ["--source", "EMO_MISSING", "--vocab", "VOCAB"], "must hold dev-v1.1.json and a train-v1.1*.json"),
-    ("squad", ["--source", "SQ_GOOD", "--vocab", "MISSING"], "neither a folder nor a known model"),
-    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--stride", "-5"], "--stride and --limit must be >= 0"),
-    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--limit", "-1"], "--stride and --limit must be >= 0"),
-    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_query", "-1"], "--max_query (0: no cap), --stride and --limit must be >= 0"),
-    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_len", "40000"], "--max_len at most 32767"),
-    ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_len", "20", "--stride", "16"], "<= --stride 16"),
-    ("squad", ["--stride", "x"], "invalid int value: 'x'"),
-    ("squad", [], "HF_HUB_OFFLINE is set"),
-    ("tydiqa", ["--source", "SQ_GOOD", "--vocab", "VOCAB"], "tydiqa.en.train.json not found"),
-    ("tydiqa", ["--source", "TY_BROKEN", "--vocab", "VOCAB"], "tydiqa.en.dev.json as JSON"),
-    ("tydiqa", ["--source", "TY_BROKEN", "--vocab", "VOCAB", "--stride", "-1"], "--stride and --limit must be >= 0"),
-    ("tydiqa", ["--vocab", "VOCAB"], "HF_HUB_OFFLINE is set"),
-    ("squadtext", ["--source", "SQ_GOOD/dev-v1.1.json"], "is not a folder"),
-    ("squadtext", ["--source", "SQ_BROKEN"], "as JSON"),
-    ("squadtext", ["--source", "SQ_SHAPE"], "is not SQuAD v1.1 JSON"),
-    ("squadtext", ["--source", "EMO_MISSING"], "holds no SQuAD .json file"),
-    ("squadtext", ["--source", "SQ_GOOD"], "2 paragraphs; 20 or more are needed"),
-    ("squadtext", ["--source", "SQ_GOOD", "--row_tokens", "1"], "--row_tokens >= 2"),
-    ("squadtext", ["--source", "SQ_GOOD", "--directory", "10", "--directory_seed", "0"], "other than the PhoneBook seed"),
-    ("squadtext", [], "HF_HUB_OFFLINE is set"),
-    ("longctx", ["--source", "SQ_GOOD/dev-v1.1.json", "--answer_tokens", "0"], "--answer_tokens positive"),
-    ("longctx", ["--source", "SQ_GOOD/dev-v1.1.json", "--answer_tokens", "8", "--noise", "101"], "0..100"),
-    ("longctx", ["--source", "SQ_GOOD/dev-v1.1.json", "--answer_tokens", "100000"], "fewer than --answer_tokens 100000"),
-    ("longctx", ["--source", "SQ_BROKEN/dev-v1.1.json", "--answer_tokens", "8"], "as JSON"),
-    ("longctx", ["--source", "MISSING", "--answer_tokens", "8"], "cannot read"),
-    ("longctx", ["--answer_tokens", "8"], "HF_HUB_OFFLINE is set"),
-    ("longctx", [], "the following arguments are required: --answer_tokens"),
-    ("phonebook", ["--answer_tokens", "0"], "--answer_tokens must be positive"),
-    ("phonebook", ["--answer_tokens", "ten"], "invalid int value: 'ten'"),
-]
+# -------------------------------------------------------------------------------- data/*/prepare.py
+# (dataset, argv, fragment): the preparation scripts' own inputs. OUT must never be created by a
+# failed run.
+PREPARE_CASES = [("emotion", ["--source", "EMO_MISSING"], "validation.jsonl not found"),
+                 ("emotion", ["--source", "EMO_NOTJSON"], "train.jsonl line 2 is not JSON"),
+                 ("emotion", ["--source", "EMO_NOTEXT"],
+                  "train.jsonl line 1 is not an object with text, label"),
+                 ("emotion", ["--source", "EMO_BADLABEL"],
+                  "row 2: text must be a string and label an integer in 0..5"),
+                 ("emotion", ["--source", "EMO_EMPTY"], "test.jsonl holds no rows"),
+                 ("emotion", ["--source", "EMO_BINARY"], "cannot read"),
+                 ("emotion", ["--bogus"], "unrecognized arguments: --bogus"),
+                 ("squad", ["--source", "SQ_BROKEN", "--vocab", "VOCAB"], "dev-v1.1.json as JSON"),
+                 ("squad", ["--source", "SQ_SHAPE", "--vocab", "VOCAB"], "is not SQuAD v1.1 JSON"),
+                 ("squad", ["--source", "SQ_V2", "--vocab", "VOCAB"],
+                  "question q0 has no answer found in its context"),
+                 ("squad", ["--source", "SQ_MOVED", "--vocab", "VOCAB"],
+                  "question q1 has no answer found in its context"),
+                 ("squad", ["--source", "SQ_ONE", "--vocab", "VOCAB"],
+                  "leaves the train split empty"),
+                 ("squad", ["--source", "EMO_MISSING", "--vocab", "VOCAB"],
+                  "must hold dev-v1.1.json and a train-v1.1*.json"),
+                 ("squad", ["--source", "SQ_GOOD", "--vocab", "MISSING"],
+                  "neither a folder nor a known model"),
+                 ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--stride", "-5"],
+                  "--stride and --limit must be >= 0"),
+                 ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--limit", "-1"],
+                  "--stride and --limit must be >= 0"),
+                 ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_query", "-1"],
+                  "--max_query (0: no cap), --stride and --limit must be >= 0"),
+                 ("squad", ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_len", "40000"],
+                  "--max_len at most 32767"),
+                 ("squad",
+                  ["--source", "SQ_GOOD", "--vocab", "VOCAB", "--max_len", "20", "--stride", "16"],
+                  "<= --stride 16"), ("squad", ["--stride", "x"], "invalid int value: 'x'"),
+                 ("squad", [], "HF_HUB_OFFLINE is set"),
+                 ("tydiqa", ["--source", "SQ_GOOD", "--vocab", "VOCAB"],
+                  "tydiqa.en.train.json not found"),
+                 ("tydiqa", ["--source", "TY_BROKEN", "--vocab", "VOCAB"],
+                  "tydiqa.en.dev.json as JSON"),
+                 ("tydiqa", ["--source", "TY_BROKEN", "--vocab", "VOCAB", "--stride", "-1"],
+                  "--stride and --limit must be >= 0"),
+                 ("tydiqa", ["--vocab", "VOCAB"], "HF_HUB_OFFLINE is set"),
+                 ("squadtext", ["--source", "SQ_GOOD/dev-v1.1.json"], "is not a folder"),
+                 ("squadtext", ["--source", "SQ_BROKEN"], "as JSON"),
+                 ("squadtext", ["--source", "SQ_SHAPE"], "is not SQuAD v1.1 JSON"),
+                 ("squadtext", ["--source", "EMO_MISSING"], "holds no SQuAD .json file"),
+                 ("squadtext", ["--source", "SQ_GOOD"], "2 paragraphs; 20 or more are needed"),
+                 ("squadtext", ["--source", "SQ_GOOD", "--row_tokens", "1"], "--row_tokens >= 2"),
+                 ("squadtext",
+                  ["--source", "SQ_GOOD", "--directory", "10", "--directory_seed", "0"],
+                  "other than the PhoneBook seed"), ("squadtext", [], "HF_HUB_OFFLINE is set"),
+                 ("longctx", ["--source", "SQ_GOOD/dev-v1.1.json", "--answer_tokens", "0"],
+                  "--answer_tokens positive"),
+                 ("longctx",
+                  ["--source", "SQ_GOOD/dev-v1.1.json", "--answer_tokens", "8", "--noise", "101"],
+                  "0..100"),
+                 ("longctx", ["--source", "SQ_GOOD/dev-v1.1.json", "--answer_tokens", "100000"],
+                  "fewer than --answer_tokens 100000"),
+                 ("longctx", ["--source", "SQ_BROKEN/dev-v1.1.json", "--answer_tokens", "8"],
+                  "as JSON"),
+                 ("longctx", ["--source", "MISSING", "--answer_tokens", "8"], "cannot read"),
+                 ("longctx", ["--answer_tokens", "8"], "HF_HUB_OFFLINE is set"),
+                 ("longctx", [], "the following arguments are required: --answer_tokens"),
+                 ("phonebook", ["--answer_tokens", "0"], "--answer_tokens must be positive"),
+                 ("phonebook", ["--answer_tokens", "ten"], "invalid int value: 'ten'"),]
 
 
 def tiny_squad(answer="quick fox", answer_start=4, answers=True, articles=1):
-    qas = [{"id": f"q{i}", "question": "who jumps?", "answers": [{"text": answer if i else "quick fox",
-            "answer_start": answer_start if i else 4}] if answers else []} for i in range(2)]
-    return {"data": [{"title": f"t{a}", "paragraphs": [{"context": f"the quick fox jumps over the lazy dog {a}",
-                                                        "qas": qas}]} for a in range(articles)]}
+    qas = [{"id": f"q{i}", "question": "who jumps?",
+            "answers": [{"text": answer if i else "quick fox",
+                         "answer_start": answer_start if i else 4}] if answers else []}
+           for i in range(2)]
+    return {"data": [{"title": f"t{a}",
+                      "paragraphs": [{"context": f"the quick fox jumps over the lazy dog {a}",
+                                      "qas": qas}]} for a in range(articles)]}
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +372,8 @@ def prepare_places(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-prepare")
     row = json.dumps({"text": "i feel fine", "label": 1}) + "\n"
     emotion = {"EMO_MISSING": {"train": row}, "EMO_NOTJSON": {"train": row + "{broken\n"},
-               "EMO_NOTEXT": {"train": '{"label": 1}\n'}, "EMO_BADLABEL": {"train": row + '{"text": "x", "label": 7}\n'},
+               "EMO_NOTEXT": {"train": '{"label": 1}\n'},
+               "EMO_BADLABEL": {"train": row + '{"text": "x", "label": 7}\n'},
                "EMO_EMPTY": {"test": "\n"}}
     for name, files in emotion.items():
         (root / name).mkdir()
@@ -304,83 +383,104 @@ def prepare_places(tmp_path_factory):
     for split in ("train", "validation", "test"):
         (root / "EMO_BINARY" / f"{split}.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     squads = {"SQ_GOOD": json.dumps(tiny_squad()), "SQ_BROKEN": json.dumps(tiny_squad())[:40],
-              "SQ_SHAPE": json.dumps({"data": [{"title": "t"}]}), "SQ_V2": json.dumps(tiny_squad(answers=False)),
+              "SQ_SHAPE": json.dumps({"data": [{"title": "t"}]}),
+              "SQ_V2": json.dumps(tiny_squad(answers=False)),
               "SQ_MOVED": json.dumps(tiny_squad(answer_start=5)),
               "SQ_ONE": json.dumps(tiny_squad())}
     for name, text in squads.items():
         (root / name).mkdir()
         (root / name / "dev-v1.1.json").write_text(text)
-        (root / name / "train-v1.1.json").write_text(json.dumps(tiny_squad(articles=1 if name == "SQ_ONE" else 2)))
+        train_file = json.dumps(tiny_squad(articles=1 if name == "SQ_ONE" else 2))
+        (root / name / "train-v1.1.json").write_text(train_file)
     (root / "TY_BROKEN").mkdir()
     (root / "TY_BROKEN" / "tydiqa.en.train.json").write_text(json.dumps(tiny_squad(articles=2)))
     (root / "TY_BROKEN" / "tydiqa.en.dev.json").write_text("{broken")
-    (root / "VOCAB").mkdir()  # a folder that passes for a BERT checkpoint as far as its vocabulary goes
-    (root / "VOCAB" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *"abcdefghijklmnopqrstuvwxyz?"]))
+    # a folder that passes for a BERT checkpoint as far as its vocabulary goes
+    (root / "VOCAB").mkdir()
+    (root / "VOCAB" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                         *"abcdefghijklmnopqrstuvwxyz?"]))
     for f in ("config.json", "model.safetensors"):
         (root / "VOCAB" / f).write_text("{}")
-    return {name: str(root / name) for name in [*emotion, *squads, "EMO_BINARY", "VOCAB", "TY_BROKEN"]} | {
-        "MISSING": str(root / "missing"), "OUT": str(root / "out"), "root": root}
+    names = [*emotion, *squads, "EMO_BINARY", "VOCAB", "TY_BROKEN"]
+    return ({name: str(root / name) for name in names}
+            | {"MISSING": str(root / "missing"), "OUT": str(root / "out"), "root": root})
 
 
 @pytest.mark.parametrize("dataset, argv, fragment", PREPARE_CASES,
                          ids=[f"{d}:{' '.join(a)[:60]}" for d, a, _ in PREPARE_CASES])
-def test_bad_preparation_input_gets_one_clear_line(dataset, argv, fragment, prepare_places, capsys, monkeypatch):
+def test_bad_preparation_input_gets_one_clear_line(dataset, argv, fragment, prepare_places, capsys,
+                                                   monkeypatch):
     from cli import prepare_module
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test ever sends a request to the hub
-    argv = [prepare_places.get(word.split("/")[0], word.split("/")[0]) + word[len(word.split("/")[0]):] for word in argv]
+    argv = [prepare_places.get(word.split("/")[0],
+                               word.split("/")[0]) + word[len(word.split("/")[0]):]
+            for word in argv]
     before = snapshot(str(prepare_places["root"]))
     with pytest.raises(SystemExit) as stopped:
         prepare_module(dataset).main([*argv, "--out_dir", prepare_places["OUT"]])
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2, err
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
-    assert snapshot(str(prepare_places["root"])) == before and not os.path.exists(prepare_places["OUT"])
+    assert snapshot(str(prepare_places["root"])) == before
+    assert not os.path.exists(prepare_places["OUT"])
 
 
 def test_the_preparation_table_covers_every_script():
-    assert {d for d, _, _ in PREPARE_CASES} == {d for d in os.listdir(os.path.join(ROOT, "data"))
-                                                if os.path.isfile(os.path.join(ROOT, "data", d, "prepare.py"))}
+    scripts = {d for d in os.listdir(os.path.join(ROOT, "data"))
+               if os.path.isfile(os.path.join(ROOT, "data", d, "prepare.py"))}
+    assert {d for d, _, _ in PREPARE_CASES} == scripts
     assert len(CASES) + len(PREPARE_CASES) >= 135
 
 
-# ---------------------------------------------------------------------------------------------- offline
+# ------------------------------------------------------------------------------------------ offline
 def closed_port():
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens on it once the socket closes: connections are refused
+        # nothing listens on it once the socket closes: connections are refused
+        return s.getsockname()[1]
 
 
-def test_an_unreachable_hub_fails_at_once_in_one_line(emotion_small_dir, prepare_places, tmp_path, monkeypatch, capsys):
-    """Offline, a download from the hub says so in one line within seconds (the hub libraries alone retry for
-    ~30 s with a warning per try). The hub here is a closed local port: no test sends a request to the real hub."""
+def test_an_unreachable_hub_fails_at_once_in_one_line(emotion_small_dir, prepare_places, tmp_path,
+                                                      monkeypatch, capsys):
+    """Offline, a download from the hub says so in one line within seconds (the hub libraries alone
+    retry for ~30 s with a warning per try). The hub here is a closed local port: no test sends a
+    request to the real hub."""
     import subprocess
     import sys
     import time
     from cli import prepare_module
     port = closed_port()
-    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}",
+               HF_HUB_CACHE=str(tmp_path / "cache"))
     env.pop("HF_HUB_OFFLINE", None)
     reason = f"cannot reach 127.0.0.1:{port}: Connection refused"
-    for data_dir, expected in ((emotion_small_dir, f"could not download openai-community/gpt2 ({reason}); with no "
-                                "internet, pass a local folder holding config.json, model.safetensors"),
-                               (str(tmp_path / "empty"), f"is not prepared and downloading failed ({reason}); run: "
-                                "python data/emotion/prepare.py --source DIR")):
+    for data_dir, expected in ((emotion_small_dir,
+                                f"could not download openai-community/gpt2 ({reason}); with no "
+                                "internet, pass a local folder holding config.json, "
+                                "model.safetensors"),
+                               (str(tmp_path / "empty"),
+                                f"is not prepared and downloading failed ({reason}); run: python "
+                                "data/emotion/prepare.py --source DIR")):
         start = time.time()
-        out = subprocess.run([sys.executable, "train.py", "--init_from", "gpt2", "--data_dir", data_dir, "--out_dir",
-                              str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "train.py", "--init_from", "gpt2", "--data_dir",
+                              data_dir, "--out_dir", str(tmp_path / "run")], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
         err = out.stderr.strip().splitlines()
-        assert time.time() - start < 20 and out.returncode == 2 and len(err) == 1 and expected in err[0], err
+        assert time.time() - start < 20 and out.returncode == 2, err
+        assert len(err) == 1 and expected in err[0], err
         assert not os.path.exists(tmp_path / "run")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    for dataset, argv in (("emotion", []), ("squad", ["--vocab", prepare_places["VOCAB"]]), ("squadtext", []),
-                          ("longctx", ["--answer_tokens", "8"])):
+    for dataset, argv in (("emotion", []), ("squad", ["--vocab", prepare_places["VOCAB"]]),
+                          ("squadtext", []), ("longctx", ["--answer_tokens", "8"])):
         with pytest.raises(SystemExit) as stopped:
             prepare_module(dataset).main([*argv, "--out_dir", str(tmp_path / dataset)])
         err = capsys.readouterr().err.strip().splitlines()
-        assert stopped.value.code == 2 and len(err) == 1 and f"cannot reach 127.0.0.1:{port}" in err[0], err
-        assert "with no internet, pass --source" in err[0] and not os.path.exists(tmp_path / dataset)
+        assert stopped.value.code == 2, err
+        assert len(err) == 1 and f"cannot reach 127.0.0.1:{port}" in err[0], err
+        assert "with no internet, pass --source" in err[0]
+        assert not os.path.exists(tmp_path / dataset)
 
 
 def test_the_hub_probe_goes_through_a_proxy_and_succeeds_when_something_listens(monkeypatch):
@@ -396,7 +496,8 @@ def test_the_hub_probe_goes_through_a_proxy_and_succeeds_when_something_listens(
         monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{closed_port()}")
         with pytest.raises(HubUnreachable, match="Connection refused"):
             reach_hub()
-        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")  # the hub is reached through the proxy
+        # the hub is reached through the proxy
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
         monkeypatch.setenv("no_proxy", "")
         reach_hub()
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -412,8 +513,10 @@ def test_no_gpt2_bpe_files_offline_is_one_line(tmp_path, monkeypatch, capsys):
         raise ConnectionError("Max retries exceeded")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(SystemExit) as stopped:
-        prepare_module("phonebook").main(["--answer_tokens", "10", "--out_dir", str(tmp_path / "pb")])
+        prepare_module("phonebook").main(["--answer_tokens", "10", "--out_dir",
+                                          str(tmp_path / "pb")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert stopped.value.code == 2 and err == ["error: cannot load the GPT-2 BPE files (ConnectionError); with no "
-                                               "internet, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's "
+    assert stopped.value.code == 2 and err == ["error: cannot load the GPT-2 BPE files "
+                                               "(ConnectionError); with no internet, set "
+                                               "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's "
                                                "cached copies of them"]

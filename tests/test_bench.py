@@ -1,4 +1,5 @@
-"""bench.py: the FLOP count, the reference model really is the same model, and the CLI runs on a tiny config."""
+"""bench.py: the FLOP count, the reference model really is the same model, and the CLI runs on a
+tiny config."""
 
 import torch
 
@@ -20,16 +21,19 @@ def test_reference_arm_computes_the_same_function():
     require_reference("peft")
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16))
-    reference = bench.hf_reference(ours.config, ours, rank=4, alpha=8, dropout=0.0, device="cpu").eval()
+    reference = bench.hf_reference(ours.config, ours, rank=4, alpha=8, dropout=0.0,
+                                   device="cpu").eval()
     ours = apply_lora(freeze(ours), 4, 8).eval()
     idx = torch.randint(0, 97, (2, 32))
-    assert (ours(idx) - reference(input_ids=idx).logits).abs().max() <= 1e-5  # B = 0 in both: the base models
+    # B = 0 in both: the base models
+    assert (ours(idx) - reference(input_ids=idx).logits).abs().max() <= 1e-5
 
 
 def test_bench_cli_on_a_tiny_config(capsys, tmp_path):
     require_reference("peft")
-    bench.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-                "--steps", "2", "--warmup", "1", "--lora_rank", "4", "--json", str(tmp_path / "b.json")])
+    bench.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
+                "--seq_len", "16", "--steps", "2", "--warmup", "1", "--lora_rank", "4", "--json",
+                str(tmp_path / "b.json")])
     out = capsys.readouterr().out
     assert "| nanomem eager |" in out and "| transformers+peft eager |" in out
     assert "speed-up of nanomem eager over transformers+peft eager:" in out
@@ -42,38 +46,45 @@ def test_qa_reference_is_the_same_model():
     from model import BERT, BertConfig
     from registers import QAHead
     torch.manual_seed(0)
-    ours = BERT(BertConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2, intermediate_size=32))
+    ours = BERT(BertConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2,
+                           intermediate_size=32))
     ours.attach("head", QAHead(16))
     reference = bench.hf_qa_reference(ours, "cpu").eval()
     idx = torch.randint(0, 50, (2, 12))
     out = reference(input_ids=idx)
-    assert (ours.eval()(idx) - torch.stack([out.start_logits, out.end_logits], dim=1)).abs().max() <= 1e-5
+    assert (ours.eval()(idx) - torch.stack([out.start_logits, out.end_logits],
+                                           dim=1)).abs().max() <= 1e-5
 
 
 def test_bench_qa_cli(capsys):
-    bench.main(["qa", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-                "--steps", "1", "--warmup", "1", "--register_tokens", "2", "--device", "cpu"])
+    bench.main(["qa", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
+                "--seq_len", "16", "--steps", "1", "--warmup", "1", "--register_tokens", "2",
+                "--device", "cpu"])
     out = capsys.readouterr().out
     assert "nanomem k=0 eager" in out and "nanomem k=2 eager" in out
 
 
 def test_bench_memory_cli(capsys, tmp_path):
-    bench.main(["memory", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--chapters", "9,33", "--chapter_tokens",
-                "4", "--topk", "2", "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--warmup", "1",
-                "--json", str(tmp_path / "m.json")])
+    bench.main(["memory", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--chapters", "9,33",
+                "--chapter_tokens", "4", "--topk", "2", "--batch_size", "2", "--seq_len", "8",
+                "--steps", "1", "--warmup", "1", "--json", str(tmp_path / "m.json")])
     out = capsys.readouterr().out
     assert "| token | 36 |" in out and "| sequence | 132 |" in out and "working / smallest" in out
     import json
     results = json.load(open(tmp_path / "m.json"))["results"]
     assert len(results) == 4 and all(r["peak_gib"] >= r["resident_gib"] > 0 for r in results)
-    assert all(r["read_ms"] > 0 and r["update_ms"] > 0 and r["read_ms"] + r["update_ms"] <= 1.001 * r["ms_per_step"]
-               for r in results)  # one step's two parts (one measured step: the median is that step)
+    assert all(r["read_ms"] > 0 and r["update_ms"] > 0
+               and r["read_ms"] + r["update_ms"] <= 1.001 * r["ms_per_step"]
+               # one step's two parts (one measured step: the median is that step)
+               for r in results)
 
 
 def test_bench_grit_cli(capsys, tmp_path):
-    """bench.py grit on a tiny config, long enough for statistics, an inversion and a reprojection inside the timing."""
-    bench.main(["grit", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--lora_rank", "4", "--batch_size", "2",
-                "--seq_len", "8", "--steps", "55", "--warmup", "0", "--device", "cpu", "--json", str(tmp_path / "g.json")])
+    """bench.py grit on a tiny config, long enough for statistics, an inversion and a reprojection
+    inside the timing."""
+    bench.main(["grit", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--lora_rank", "4",
+                "--batch_size", "2", "--seq_len", "8", "--steps", "55", "--warmup", "0", "--device",
+                "cpu", "--json", str(tmp_path / "g.json")])
     out = capsys.readouterr().out
     assert "| LoRA |" in out and "| GRIT |" in out and "last inversion at step 50" in out
     import json
@@ -82,11 +93,14 @@ def test_bench_grit_cli(capsys, tmp_path):
 
 
 def test_bench_generate_cli(capsys, tmp_path):
-    """bench.py generate on a tiny config: four arms, each the same greedy tokens as recomputing the prefix."""
-    bench.main(["generate", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--seq_len", "4", "--new_tokens", "6",
-                "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(tmp_path / "g.json")])
+    """bench.py generate on a tiny config: four arms, each the same greedy tokens as recomputing the
+    prefix."""
+    bench.main(["generate", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--seq_len", "4",
+                "--new_tokens", "6", "--steps", "1", "--warmup", "0", "--device", "cpu", "--json",
+                str(tmp_path / "g.json")])
     out = capsys.readouterr().out
     assert "| GPT-2, KV cache |" in out and "| PRB, recompute |" in out
     import json
     results = json.load(open(tmp_path / "g.json"))["results"]
-    assert len(results) == 4 and all(r["tokens_per_s"] > 0 and r["same_tokens_as_recompute"] for r in results.values())
+    assert len(results) == 4 and all(r["tokens_per_s"] > 0 and r["same_tokens_as_recompute"]
+                                     for r in results.values())

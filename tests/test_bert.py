@@ -1,5 +1,5 @@
-"""BERT and its WordPiece tokenizer: parity with transformers / tokenizers on the real MiniLM checkpoint and the
-whole SQuAD dev file, checkpoint-name mapping, errors."""
+"""BERT and its WordPiece tokenizer: parity with transformers / tokenizers on the real MiniLM
+checkpoint and the whole SQuAD dev file, checkpoint-name mapping, errors."""
 
 import json
 import os
@@ -24,11 +24,13 @@ def encode_pair(tok, question, context):
 def test_hidden_states_match_transformers_on_minilm(minilm_dir):
     transformers = require_reference("transformers")
     ours = BERT.from_pretrained(minilm_dir).eval()  # weights stored fp16, loaded into fp32
-    ref = transformers.BertModel.from_pretrained(minilm_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ref = transformers.BertModel.from_pretrained(minilm_dir, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
     tok = BertTokenizer(os.path.join(minilm_dir, "vocab.txt"))
     a = encode_pair(tok, "Which NFL team represented the AFC at Super Bowl 50?",
-                    "Super Bowl 50 was an American football game to determine the champion of the National Football "
-                    "League (NFL) for the 2015 season. The Denver Broncos defeated the Carolina Panthers.")
+                    "Super Bowl 50 was an American football game to determine the champion of the "
+                    "National Football League (NFL) for the 2015 season. The Denver Broncos "
+                    "defeated the Carolina Panthers.")
     b = encode_pair(tok, "Where was it played?", "At Levi's Stadium in Santa Clara, California.")
     T = len(a[0])
     ids = torch.tensor([a[0], b[0] + [0] * (T - len(b[0]))])
@@ -63,33 +65,40 @@ def test_tokenizer_matches_reference_on_every_squad_dev_text(minilm_dir):
 def test_tokenizer_rules(minilm_dir):
     tok = BertTokenizer(os.path.join(minilm_dir, "vocab.txt"))
     token = lambda text: [tok.id_to_token[i] for i in tok.encode(text)[0]]
-    assert token("Héllo, WORLD!") == ["hello", ",", "world", "!"]  # accents stripped, lower-cased, punctuation split
-    assert token("unaffable") == ["una", "##ffa", "##ble"]  # greedy longest match first ("##ffa" beats "##ff")
+    # accents stripped, lower-cased, punctuation split
+    assert token("Héllo, WORLD!") == ["hello", ",", "world", "!"]
+    # greedy longest match first ("##ffa" beats "##ff")
+    assert token("unaffable") == ["una", "##ffa", "##ble"]
     assert token("北京") == ["北", "京"]  # CJK characters are words of their own
     assert token("a\u200bb\x00c") == ["abc"]  # format/control characters dropped
     assert token("x" * 101) == ["[UNK]"]  # longer than 100 characters
     text = "Ünïcode café's"
     ids, offsets = tok.encode(text)
-    assert [text[s:e] for s, e in offsets] == ["Ünïcode", "café", "'", "s"]  # offsets index the original text
+    # offsets index the original text
+    assert [text[s:e] for s, e in offsets] == ["Ünïcode", "café", "'", "s"]
 
 
 def test_legacy_names_and_prefix_load(tmp_path):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2, intermediate_size=32, dropout=0.0,
-                        attention_dropout=0.0)
+    config = BertConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2, intermediate_size=32,
+                        dropout=0.0, attention_dropout=0.0)
     source = BERT(config).eval()
-    ours_to_hf = {"embed_norm.": "embeddings.LayerNorm.", "word_": "embeddings.word_", "position_": "embeddings.position_",
-                  "token_type_": "embeddings.token_type_", "layers.": "encoder.layer.", "attn_out.": "attention.output.dense.",
+    ours_to_hf = {"embed_norm.": "embeddings.LayerNorm.", "word_": "embeddings.word_",
+                  "position_": "embeddings.position_", "token_type_": "embeddings.token_type_",
+                  "layers.": "encoder.layer.", "attn_out.": "attention.output.dense.",
                   "attn_norm.": "attention.output.LayerNorm.", "ffn_in.": "intermediate.dense.",
-                  "ffn_out.": "output.dense.", "ffn_norm.": "output.LayerNorm.", "query.": "attention.self.query.",
-                  "key.": "attention.self.key.", "value.": "attention.self.value."}
+                  "ffn_out.": "output.dense.", "ffn_norm.": "output.LayerNorm.",
+                  "query.": "attention.self.query.", "key.": "attention.self.key.",
+                  "value.": "attention.self.value."}
     legacy = {}
     for key, tensor in source.state_dict().items():
         for ours, hf in ours_to_hf.items():
             key = key.replace(ours, hf)
-        key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        key = key.replace("LayerNorm.weight",
+                          "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
         legacy["bert." + key] = tensor.half()  # original-BERT names, 'bert.' prefix, fp16 on disk
-    legacy |= {"cls.predictions.bias": torch.zeros(50), "bert.pooler.dense.weight": torch.zeros(16, 16)}
+    legacy |= {"cls.predictions.bias": torch.zeros(50),
+               "bert.pooler.dense.weight": torch.zeros(16, 16)}
     loaded = BERT(config).eval()
     loaded.load_state_dict(bert_state_from_hf(legacy, loaded))
     idx = torch.randint(0, 50, (2, 7))
@@ -112,7 +121,8 @@ def test_from_pretrained_errors(tmp_path):
 
 def test_padding_does_not_change_real_tokens():
     torch.manual_seed(0)
-    model = BERT(BertConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2, intermediate_size=32)).eval()
+    model = BERT(BertConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2,
+                            intermediate_size=32)).eval()
     idx = torch.randint(1, 50, (1, 9))
     padded = torch.cat([idx, torch.zeros(1, 5, dtype=torch.long)], dim=1)
     mask = (torch.arange(14) < 9).long()[None]

@@ -39,18 +39,21 @@ def test_split_batches_pad_and_mask(emotion_dir):
         n = split.row_len[r]
         assert (y[i, :n] != -1).all() and (y[i, n:] == -1).all()
         assert torch.equal(x[i, 1:n], y[i, :n - 1])  # y is x shifted by one
-    assert ctx["label"].tolist() == np.load(os.path.join(emotion_dir, "validation_labels.npy"))[rows].tolist()
+    assert ctx["label"].tolist() == np.load(os.path.join(emotion_dir,
+                                                         "validation_labels.npy"))[rows].tolist()
 
 
 def test_training_order_is_a_seeded_permutation_per_epoch():
     order = training_order(10, 4, 6, seed=3)  # 24 rows = 2 full epochs + 4
     assert order.shape == (6, 4)
     flat = order.flatten()
-    assert sorted(flat[:10].tolist()) == list(range(10)) and sorted(flat[10:20].tolist()) == list(range(10))
+    assert sorted(flat[:10].tolist()) == list(range(10))
+    assert sorted(flat[10:20].tolist()) == list(range(10))
     assert not torch.equal(flat[:10], flat[10:20])
     assert torch.equal(order, training_order(10, 4, 6, seed=3))
     assert not torch.equal(order, training_order(10, 4, 6, seed=4))
-    assert torch.equal(training_order(10, 4, 3, seed=3), order[:3])  # a longer run starts with the same batches
+    # a longer run starts with the same batches
+    assert torch.equal(training_order(10, 4, 3, seed=3), order[:3])
 
 
 def test_loss_is_token_weighted_over_real_targets():
@@ -58,7 +61,8 @@ def test_loss_is_token_weighted_over_real_targets():
     targets = torch.tensor([[1, 2, 3, -1, -1], [4, 5, 6, 0, 1]])
     total, count = lm_loss_sum(logits, targets)
     real = targets != -1
-    manual = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][real]
+    manual = -torch.log_softmax(logits, -1).gather(-1,
+                                                   targets.clamp(min=0)[..., None])[..., 0][real]
     assert count == 8 and torch.allclose(total / count, manual.mean())
     per_row_mean = (manual[:3].mean() + manual[3:].mean()) / 2  # not the mean of per-row means
     assert not torch.allclose(total / count, per_row_mean)
@@ -80,14 +84,16 @@ def test_evaluate_covers_every_row_once(emotion_dir):
             s, c = lm_loss_sum(model(x), y)
             total, count = total + s, count + c
     from contextlib import nullcontext
-    assert evaluate(model, split, 64, nullcontext()) == pytest.approx((total / count).item(), rel=1e-5)
+    assert evaluate(model, split, 64,
+                    nullcontext()) == pytest.approx((total / count).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("moment", ["writing", "moving in"])
 def test_a_re_prepare_killed_midway_never_leaves_a_mix(emotion_dir, tmp_path, monkeypatch, moment):
-    """Preparation writes into a temporary folder and moves the files in at the end, meta.json last: killed while
-    writing, the old folder is untouched and the temporary one is gone; killed while the files move in, the folder
-    has no meta.json and is refused as not prepared. Arrays of two preparations never pass as one folder."""
+    """Preparation writes into a temporary folder and moves the files in at the end, meta.json last:
+    killed while writing, the old folder is untouched and the temporary one is gone; killed while
+    the files move in, the folder has no meta.json and is refused as not prepared. Arrays of two
+    preparations never pass as one folder."""
     import hashlib
     import shutil
     from helpers import load_prepare_module
@@ -97,7 +103,8 @@ def test_a_re_prepare_killed_midway_never_leaves_a_mix(emotion_dir, tmp_path, mo
     shutil.copytree(emotion_dir, out)
     before = {f: hashlib.sha1((out / f).read_bytes()).hexdigest() for f in os.listdir(out)}
     module = load_prepare_module("emotion")
-    monkeypatch.setattr(module, "load_rows", lambda source: {s: {"text": ["a b"], "label": [0]} for s in module.SPLITS})
+    monkeypatch.setattr(module, "load_rows",
+                        lambda source: {s: {"text": ["a b"], "label": [0]} for s in module.SPLITS})
     calls = []
 
     def killed_on_the_second_call(real):
@@ -116,7 +123,8 @@ def test_a_re_prepare_killed_midway_never_leaves_a_mix(emotion_dir, tmp_path, mo
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["emotion"]  # the temporary folder was removed
     if moment == "writing":
-        assert {f: hashlib.sha1((out / f).read_bytes()).hexdigest() for f in os.listdir(out)} == before
+        assert {f: hashlib.sha1((out / f).read_bytes()).hexdigest()
+                for f in os.listdir(out)} == before
         assert read_meta(str(out), "emotion")["counts"]["train"] == 16000
     else:
         with pytest.raises(InputError, match="cannot read"):

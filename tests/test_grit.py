@@ -1,6 +1,7 @@
-"""GRIT (grit.py): the rank-space statistics are the hand-computed covariances, the `kfac` pairing is the exact
-natural gradient where K-FAC's assumptions hold (and the released pairing is not), the reprojection keeps the top-k
-energy, the hooks read nothing on the host, torch.compile gives the eager statistics, and a run resumes exactly."""
+"""GRIT (grit.py): the rank-space statistics are the hand-computed covariances, the `kfac` pairing
+is the exact natural gradient where K-FAC's assumptions hold (and the released pairing is not), the
+reprojection keeps the top-k energy, the hooks read nothing on the host, torch.compile gives the
+eager statistics, and a run resumes exactly."""
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from train import parse_args
 
 
 def grit(*flags):
-    args, _ = parse_args(["--method", "grit", "--init_from", "scratch", "--lora_targets", "lin", *flags])
+    args, _ = parse_args(["--method", "grit", "--init_from", "scratch", "--lora_targets", "lin",
+                          *flags])
     return Grit(args)
 
 
@@ -26,10 +28,12 @@ class OneLinear(nn.Module):
 
 
 def attached(d_in, d_out, rank, *flags, seed=0):
-    """(model, method): one Linear with GRIT at scale 1 (alpha = r, no rsLoRA), B random, statistics collected."""
+    """(model, method): one Linear with GRIT at scale 1 (alpha = r, no rsLoRA), B random, statistics
+    collected."""
     torch.manual_seed(seed)
-    model, method = OneLinear(d_in, d_out), grit("--lora_rank", str(rank), "--lora_alpha", str(rank),
-                                                 "--grit_rslora", "off", "--grit_clip", "released", *flags)
+    model, method = OneLinear(d_in, d_out), grit("--lora_rank", str(rank), "--lora_alpha",
+                                                 str(rank), "--grit_rslora", "off", "--grit_clip",
+                                                 "released", *flags)
     method.setup(model, {})
     layer = method.layers[0]
     with torch.no_grad():
@@ -39,17 +43,18 @@ def attached(d_in, d_out, rank, *flags, seed=0):
 
 
 def product_design(d_in, d_out):
-    """Every input of {±sqrt(d_in) e_i} paired with every output gradient of {±sqrt(d_out) e_j}, twice (GRIT
-    inverts only after 64 rows): E[x x^T] = I, E[g g^T] = I, and x independent of g exactly, so both Fisher blocks
-    factor as Kronecker products."""
+    """Every input of {±sqrt(d_in) e_i} paired with every output gradient of {±sqrt(d_out) e_j},
+    twice (GRIT inverts only after 64 rows): E[x x^T] = I, E[g g^T] = I, and x independent of g
+    exactly, so both Fisher blocks factor as Kronecker products."""
     xs = torch.cat([torch.eye(d_in), -torch.eye(d_in)]) * d_in ** 0.5
     gs = torch.cat([torch.eye(d_out), -torch.eye(d_out)]) * d_out ** 0.5
     return xs.repeat_interleave(len(gs), 0).repeat(2, 1), gs.repeat(2 * len(xs), 1)
 
 
 def test_statistics_are_the_rank_space_covariances():
-    """Sigma_a = mean (A x)(A x)^T and Sigma_g = mean (B^T g)(B^T g)^T over every row, g = dL/dy, folded as a
-    cumulative mean over batches of different sizes; the layer's output and gradients are plain LoRA's."""
+    """Sigma_a = mean (A x)(A x)^T and Sigma_g = mean (B^T g)(B^T g)^T over every row, g = dL/dy,
+    folded as a cumulative mean over batches of different sizes; the layer's output and gradients
+    are plain LoRA's."""
     model, method, layer = attached(5, 3, 2)
     lora = LoRALinear(nn.Linear(5, 3), 2, 2.0)
     lora.load_state_dict(layer.state_dict(), strict=False)
@@ -73,7 +78,8 @@ def test_statistics_are_the_rank_space_covariances():
 
 
 def exact_fisher_blocks(A, B, xs, gs):
-    """The empirical Fisher of (vec A, vec B) from per-example gradients: dB = g u^T, dA = (B^T g) x^T."""
+    """The empirical Fisher of (vec A, vec B) from per-example gradients: dB = g u^T, dA = (B^T g)
+    x^T."""
     u, h = xs @ A.T, gs @ B
     grads_a = torch.einsum("ni,nj->nij", h, xs).flatten(1)
     grads_b = torch.einsum("ni,nj->nij", gs, u).flatten(1)
@@ -83,47 +89,56 @@ def exact_fisher_blocks(A, B, xs, gs):
 
 @pytest.mark.parametrize("damping", [1e-3, 0.5])
 def test_kfac_pairing_is_the_exact_natural_gradient(damping, capsys):
-    """Where the Kronecker assumption holds (product_design), preconditioning with the `kfac` pairing equals the
-    exact natural-gradient step of each Fisher block, damping included: F_BB + lambda I = (Sigma_a + lambda I) x I.
-    The released pairing is off by a printed, asserted amount; so is the block-diagonal step from the full Fisher."""
+    """Where the Kronecker assumption holds (product_design), preconditioning with the `kfac`
+    pairing equals the exact natural-gradient step of each Fisher block, damping included: F_BB +
+    lambda I = (Sigma_a + lambda I) x I. The released pairing is off by a printed, asserted amount;
+    so is the block-diagonal step from the full Fisher."""
     d_in, d_out, r = 4, 3, 2
     steps = {}
     for pairing in ("kfac", "released"):
-        model, method, layer = attached(d_in, d_out, r, "--grit_pairing", pairing, "--grit_damping", str(damping))
+        model, method, layer = attached(d_in, d_out, r, "--grit_pairing", pairing, "--grit_damping",
+                                        str(damping))
         xs, gs = product_design(d_in, d_out)
         model(xs).backward(gs)
         method.after_backward(model)
         method.invert()
-        grad_a, grad_b = torch.randn(r, d_in), torch.randn(d_out, r)  # any gradient: the step is linear in it
+        # any gradient: the step is linear in it
+        grad_a, grad_b = torch.randn(r, d_in), torch.randn(d_out, r)
         layer.lora_A.grad, layer.lora_B.grad = grad_a.clone(), grad_b.clone()
         method.precondition()
         steps[pairing] = torch.cat([layer.lora_A.grad.flatten(), layer.lora_B.grad.flatten()])
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     f_aa, f_bb, full = exact_fisher_blocks(A, B, xs, gs)
-    natural = torch.cat([torch.linalg.solve(f_aa + damping * torch.eye(len(f_aa)), grad_a.flatten()),
-                         torch.linalg.solve(f_bb + damping * torch.eye(len(f_bb)), grad_b.flatten())])
+    natural = torch.cat([torch.linalg.solve(f_aa + damping * torch.eye(len(f_aa)),
+                                            grad_a.flatten()),
+                         torch.linalg.solve(f_bb + damping * torch.eye(len(f_bb)),
+                                            grad_b.flatten())])
     relative = lambda step: ((step - natural).norm() / natural.norm()).item()
-    full_step = torch.linalg.solve(full + damping * torch.eye(len(full)), torch.cat([grad_a.flatten(), grad_b.flatten()]))
-    print(f"damping {damping}: kfac {relative(steps['kfac']):.2e}, released {relative(steps['released']):.3f}, "
-          f"full Fisher vs block-diagonal {relative(full_step):.3f}")
+    full_step = torch.linalg.solve(full + damping * torch.eye(len(full)),
+                                   torch.cat([grad_a.flatten(), grad_b.flatten()]))
+    print(f"damping {damping}: kfac {relative(steps['kfac']):.2e}, released "
+          f"{relative(steps['released']):.3f}, full Fisher vs block-diagonal "
+          f"{relative(full_step):.3f}")
     assert relative(steps["kfac"]) < 1e-4
     assert relative(steps["released"]) > 0.05
 
 
 def test_damping_escalates_until_cholesky_succeeds():
-    """A factor that is not positive definite at the base damping is inverted at the first scale that works
-    (x3, x10, ...); a layer where no scale works keeps its previous inverse."""
+    """A factor that is not positive definite at the base damping is inverted at the first scale
+    that works (x3, x10, ...); a layer where no scale works keeps its previous inverse."""
     bad = -torch.eye(2) * 0.02  # needs lambda > 0.02: 1e-3 x 30
-    inv_a, _, ok = invert_damped(torch.stack([bad, torch.eye(2)]), torch.eye(2).repeat(2, 1, 1), 1e-3)
+    inv_a, _, ok = invert_damped(torch.stack([bad, torch.eye(2)]), torch.eye(2).repeat(2, 1, 1),
+                                 1e-3)
     assert ok.tolist() == [True, True]
     assert torch.allclose(inv_a[0], torch.inverse(bad + 0.03 * torch.eye(2)), rtol=1e-4)
-    _, _, ok = invert_damped(-torch.eye(2)[None], torch.eye(2)[None], 1e-3)  # needs lambda > 1: never
+    # needs lambda > 1: never
+    _, _, ok = invert_damped(-torch.eye(2)[None], torch.eye(2)[None], 1e-3)
     assert ok.tolist() == [False]
 
 
 def test_reprojection_keeps_the_top_energy_and_a_full_rank_update():
-    """k is the fewest eigendirections reaching 99% of the energy; A <- P_k A keeps exactly A's component in them;
-    with k = r the projector is the identity and the update B A is unchanged."""
+    """k is the fewest eigendirections reaching 99% of the energy; A <- P_k A keeps exactly A's
+    component in them; with k = r the projector is the identity and the update B A is unchanged."""
     torch.manual_seed(0)
     basis = torch.linalg.qr(torch.randn(4, 4))[0]
     cov = basis @ torch.diag(torch.tensor([10.0, 5.0, 0.1, 0.01])) @ basis.T
@@ -131,8 +146,10 @@ def test_reprojection_keeps_the_top_energy_and_a_full_rank_update():
     assert k.tolist() == [2]  # 15 / 15.11 = 0.993 >= 0.99 after two
     proj = projector(vectors, k)[0]
     A = torch.randn(4, 6)
-    assert torch.allclose(basis[:, :2].T @ (proj @ A), basis[:, :2].T @ A, atol=1e-5)  # top-k energy kept
-    assert torch.allclose(basis[:, 2:].T @ (proj @ A), torch.zeros(2, 6), atol=1e-5)  # the rest removed
+    # top-k energy kept
+    assert torch.allclose(basis[:, :2].T @ (proj @ A), basis[:, :2].T @ A, atol=1e-5)
+    # the rest removed
+    assert torch.allclose(basis[:, 2:].T @ (proj @ A), torch.zeros(2, 6), atol=1e-5)
     model, method, layer = attached(6, 5, 4, "--grit_energy", "1.0")
     model(torch.randn(30, 6)).backward(torch.randn(30, 5))
     method.after_backward(model)
@@ -142,9 +159,11 @@ def test_reprojection_keeps_the_top_energy_and_a_full_rank_update():
 
 
 def test_the_hooks_read_nothing_on_the_host(monkeypatch):
-    """60 steps of folding, inverting, reprojecting and preconditioning with every host read of a tensor
-    forbidden (item, tolist, bool, float, int, numpy): the hot loop never waits on the device."""
-    model, method, layer = attached(8, 6, 4, "--grit_kfac_freq", "5", "--grit_reproj_freq", "7", "--grit_cov_freq", "2")
+    """60 steps of folding, inverting, reprojecting and preconditioning with every host read of a
+    tensor forbidden (item, tolist, bool, float, int, numpy): the hot loop never waits on the
+    device."""
+    model, method, layer = attached(8, 6, 4, "--grit_kfac_freq", "5", "--grit_reproj_freq", "7",
+                                    "--grit_cov_freq", "2")
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a host read of a tensor inside a GRIT hook")
@@ -169,12 +188,14 @@ def test_the_hooks_read_nothing_on_the_host(monkeypatch):
 
 @pytest.mark.slow
 def test_torch_compile_gives_the_eager_statistics():
-    """The sink's gradient (the rank-space sums) and the LoRA gradients under torch.compile equal eager mode."""
+    """The sink's gradient (the rank-space sums) and the LoRA gradients under torch.compile equal
+    eager mode."""
     from model import GPT, GPTConfig
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+        model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32,
+                              dropout=0.0))
         method = grit("--lora_targets", "attn.c_attn,mlp.c_fc", "--lora_rank", "4")
         method.setup(model, {})
         with torch.no_grad():
@@ -184,7 +205,8 @@ def test_torch_compile_gives_the_eager_statistics():
         forward = torch.compile(model, dynamic=False) if compiled else model
         torch.manual_seed(1)
         forward(torch.randint(0, 64, (2, 16)), {}).logsumexp(-1).mean().backward()
-        results.append([t.grad.clone() for layer in method.layers for t in (layer.sink, layer.lora_A)])
+        results.append([t.grad.clone() for layer in method.layers
+                        for t in (layer.sink, layer.lora_A)])
     for eager, compiled in zip(*results):
         assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
 
@@ -201,19 +223,22 @@ def test_bad_grit_flags():
 
 @pytest.mark.slow
 def test_grit_trains_and_resumes_exactly(emotion_small_dir, tmp_path, monkeypatch):
-    """train.py --method grit: statistics, inversions and reprojections happen inside the run (k and the effective
-    parameter share are logged), and a run stopped after 7 steps and resumed matches an uninterrupted one."""
+    """train.py --method grit: statistics, inversions and reprojections happen inside the run (k and
+    the effective parameter share are logged), and a run stopped after 7 steps and resumed matches
+    an uninterrupted one."""
     import json
 
     import train
     from helpers import stopped_then_resumed
-    flags = ["--method", "grit", "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
-             "--block_size", "128", "--batch_size", "4", "--warmup", "1", "--max_steps", "12", "--log_interval", "2",
-             "--eval_interval", "6", "--eval_iters", "1", "--eval_batch_size", "32", "--lora_rank", "8",
-             "--grit_cov_freq", "2", "--grit_kfac_freq", "4", "--grit_reproj_freq", "5", "--data_dir", emotion_small_dir]
+    flags = ["--method", "grit", "--init_from", "scratch", "--n_layer", "2", "--n_head", "2",
+             "--n_embd", "32", "--block_size", "128", "--batch_size", "4", "--warmup", "1",
+             "--max_steps", "12", "--log_interval", "2", "--eval_interval", "6", "--eval_iters",
+             "1", "--eval_batch_size", "32", "--lora_rank", "8", "--grit_cov_freq", "2",
+             "--grit_kfac_freq", "4", "--grit_reproj_freq", "5", "--data_dir", emotion_small_dir]
     whole = train.main([*flags, "--out_dir", str(tmp_path / "whole")])
     logged = [json.loads(l) for l in open(tmp_path / "whole" / "metrics.jsonl")]
-    assert any(r.get("grit_effective_params", 1) < 1 for r in logged)  # a reprojection cut some directions
+    # a reprojection cut some directions
+    assert any(r.get("grit_effective_params", 1) < 1 for r in logged)
     assert (tmp_path / "whole" / "adapter.safetensors").is_file()
 
     resumed = stopped_then_resumed(monkeypatch, "grit", flags, tmp_path / "parts", 7)
@@ -222,32 +247,35 @@ def test_grit_trains_and_resumes_exactly(emotion_small_dir, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_grit_with_nothing_to_do_trains_as_lora(emotion_small_dir, tmp_path):
-    """GRIT before its first inversion and without reprojection or regularisers is LoRA at the same scale: the
-    statistics pass through the forward and backward without changing a number."""
+    """GRIT before its first inversion and without reprojection or regularisers is LoRA at the same
+    scale: the statistics pass through the forward and backward without changing a number."""
     import train
-    flags = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
-             "--batch_size", "4", "--warmup", "1", "--max_steps", "6", "--eval_interval", "6", "--eval_iters", "1",
-             "--eval_batch_size", "32", "--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.1",
-             "--grad_clip", "1.0", "--data_dir", emotion_small_dir]
+    flags = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+             "--block_size", "128", "--batch_size", "4", "--warmup", "1", "--max_steps", "6",
+             "--eval_interval", "6", "--eval_iters", "1", "--eval_batch_size", "32", "--lora_rank",
+             "4", "--lora_alpha", "8", "--lora_dropout", "0.1", "--grad_clip", "1.0", "--data_dir",
+             emotion_small_dir]
     lora = train.main(["--method", "lora", *flags, "--out_dir", str(tmp_path / "lora")])
-    inert = train.main(["--method", "grit", *flags, "--grit_rslora", "off", "--grit_cov_freq", "2", "--grit_kfac_freq",
-                        "100", "--grit_reproj_freq", "0", "--grit_lambda_kfac", "0", "--grit_lambda_reproj", "0",
-                        "--out_dir", str(tmp_path / "grit")])
+    inert = train.main(["--method", "grit", *flags, "--grit_rslora", "off", "--grit_cov_freq", "2",
+                        "--grit_kfac_freq", "100", "--grit_reproj_freq", "0", "--grit_lambda_kfac",
+                        "0", "--grit_lambda_reproj", "0", "--out_dir", str(tmp_path / "grit")])
     assert inert["final"] == lora["final"]
 
 
 @pytest.mark.slow
 def test_grit_table_end_to_end(emotion_tiny_dir, squadtext_tiny_dir, tmp_path):
-    """sweeps.py grit-table on a tiny base trained on SQuAD text: every arm's row, the drift columns measured
-    against the base's own validation text, and the effective-rank plot."""
+    """sweeps.py grit-table on a tiny base trained on SQuAD text: every arm's row, the drift columns
+    measured against the base's own validation text, and the effective-rank plot."""
     import sweeps
     import train
-    train.main(["--method", "full", "--dataset", "squadtext", "--data_dir", squadtext_tiny_dir, "--init_from", "scratch",
-                "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "128", "--max_steps", "2",
-                "--warmup", "1", "--eval_interval", "2", "--eval_iters", "1", "--out_dir", str(tmp_path / "base")])
-    sweeps.main(["grit-table", "--seeds", "1", "--out_dir", str(tmp_path / "table"), "--init_from", str(tmp_path / "base"),
-                 "--max_steps", "8", "--eval_interval", "4", "--eval_iters", "1", "--warmup", "1", "--log_interval", "2",
-                 "--eval_batch_size", "16", "--grit_cov_freq", "2", "--grit_kfac_freq", "3", "--grit_reproj_freq", "4",
+    train.main(["--method", "full", "--dataset", "squadtext", "--data_dir", squadtext_tiny_dir,
+                "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+                "--block_size", "128", "--max_steps", "2", "--warmup", "1", "--eval_interval", "2",
+                "--eval_iters", "1", "--out_dir", str(tmp_path / "base")])
+    sweeps.main(["grit-table", "--seeds", "1", "--out_dir", str(tmp_path / "table"), "--init_from",
+                 str(tmp_path / "base"), "--max_steps", "8", "--eval_interval", "4", "--eval_iters",
+                 "1", "--warmup", "1", "--log_interval", "2", "--eval_batch_size", "16",
+                 "--grit_cov_freq", "2", "--grit_kfac_freq", "3", "--grit_reproj_freq", "4",
                  "--lora_rank", "8", "--data_dir", emotion_tiny_dir])
     table = (tmp_path / "table" / "grit-table.md").read_text()
     assert all(f"| {arm} |" in table for arm in ("lora", "grit", "grit-kfac"))

@@ -1,4 +1,5 @@
-"""LoRA: identity at init, merge, parameter counts of the PRB paper, parity with peft, adapter files."""
+"""LoRA: identity at init, merge, parameter counts of the PRB paper, parity with peft, adapter
+files."""
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from model import GPT, GPTConfig
 
 def tiny_gpt(seed=0, **kw):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{"block_size": 16, "vocab_size": 60, "n_layer": 2, "n_head": 2, "n_embd": 16} | kw)).eval()
+    return GPT(GPTConfig(**{"block_size": 16, "vocab_size": 60, "n_layer": 2, "n_head": 2,
+                            "n_embd": 16} | kw)).eval()
 
 
 def randomize_b(model, seed=1):
@@ -36,7 +38,8 @@ def test_zero_b_is_the_base_model_and_only_lora_trains():
 
 
 def test_apply_lora_freezes_only_the_wrapped_weights():
-    """Freezing is explicit: apply_lora freezes each W0 it wraps and nothing else (methods call freeze first)."""
+    """Freezing is explicit: apply_lora freezes each W0 it wraps and nothing else (methods call
+    freeze first)."""
     model = apply_lora(tiny_gpt(), rank=4, alpha=8)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "h.0.ln_1.weight" in trainable and "wte.weight" in trainable
@@ -65,7 +68,8 @@ def test_merge_matches_unmerged_forward():
 def test_gpt2_small_parameter_counts(rank, expected):
     with torch.device("meta"):  # GPT-2 small's shapes, no memory
         model = apply_lora(freeze(GPT(GPTConfig())), rank=rank, alpha=2 * rank)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected == rank * 147_456
+    assert sum(p.numel() for p in model.parameters()
+               if p.requires_grad) == expected == rank * 147_456
 
 
 def test_targets_that_match_nothing_are_an_error():
@@ -78,11 +82,14 @@ def test_parity_with_peft(tmp_path):
     hf = save_tiny_hf_gpt2(tmp_path, vocab_size=80, n_layer=2, n_head=2, n_embd=16, n_positions=20)
     ours = apply_lora(freeze(GPT.from_pretrained(str(tmp_path)).eval()), rank=4, alpha=8)
     randomize_b(ours)
-    ref = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
-                                                  target_modules=["c_attn", "c_proj", "c_fc"])).eval()
+    ref = peft.get_peft_model(hf,
+                              peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                              fan_in_fan_out=True,
+                                              target_modules=["c_attn", "c_proj", "c_fc"])).eval()
     ref_params = dict(ref.named_parameters())
-    ref_name = lambda n: "base_model.model.transformer." + n.replace(".lora_A", ".lora_A.default.weight").replace(
-        ".lora_B", ".lora_B.default.weight")
+    ref_name = lambda n: ("base_model.model.transformer."
+                          + n.replace(".lora_A", ".lora_A.default.weight")
+                          .replace(".lora_B", ".lora_B.default.weight"))
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if p.requires_grad:

@@ -1,5 +1,6 @@
-"""Mixture of Chapters (memory.py): the published computation, the paper's parameter counts, causal routing (and the
-leak of the published one), the router's auxiliary losses, and the sparse per-position read against a dense one."""
+"""Mixture of Chapters (memory.py): the published computation, the paper's parameter counts, causal
+routing (and the leak of the published one), the router's auxiliary losses, and the sparse
+per-position read against a dense one."""
 
 import argparse
 import math
@@ -21,13 +22,14 @@ def moc_args(*argv, **overrides):
     return argparse.Namespace(**(vars(args) | overrides))
 
 
-def tiny_moc(route="token", chapters=9, tokens=4, top_k=3, shared=1, seed=0, randomise=True, vocab=64, **flags):
-    """A 2-block scratch GPT with a memory layer after block 1; every trainable tensor randomised if asked (W_O = 0
-    would make any routing look causal)."""
+def tiny_moc(route="token", chapters=9, tokens=4, top_k=3, shared=1, seed=0, randomise=True,
+             vocab=64, **flags):
+    """A 2-block scratch GPT with a memory layer after block 1; every trainable tensor randomised if
+    asked (W_O = 0 would make any routing look causal)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16))
-    args = moc_args(moc_route=route, moc_chapters=chapters, moc_chapter_tokens=tokens, moc_topk=top_k,
-                    moc_shared=shared, moc_layers="1", dataset="emotion", **flags)
+    args = moc_args(moc_route=route, moc_chapters=chapters, moc_chapter_tokens=tokens,
+                    moc_topk=top_k, moc_shared=shared, moc_layers="1", dataset="emotion", **flags)
     method = METHODS["moc"](args)
     method.setup(model, {})
     if randomise:
@@ -42,12 +44,15 @@ CTX = {"prompt_len": torch.tensor([4, 3])}
 
 
 def test_paper_parameter_counts():
-    counts = parameter_counts(768, 4097, 64, 4)  # paper Table 5 / A.4.1: a 201.38M bank, 22.04M memory layers
+    # paper Table 5 / A.4.1: a 201.38M bank, 22.04M memory layers
+    counts = parameter_counts(768, 4097, 64, 4)
     assert counts == {"bank": 201_375_744, "memory layers": 22_042_628}
-    assert 262_208 * 768 == counts["bank"] and 4 * (4 * 768 ** 2 + 768 * 4097 + 4097 + 768) == counts["memory layers"]
+    assert 262_208 * 768 == counts["bank"]
+    assert 4 * (4 * 768 ** 2 + 768 * 4097 + 4097 + 768) == counts["memory layers"]
     model, method = tiny_moc(randomise=False)
     layer_params = sum(p.numel() for layer in method.layers for p in layer.parameters())
-    assert parameter_counts(16, 9, 4, 1) == {"bank": method.bank.weight.numel(), "memory layers": layer_params}
+    assert parameter_counts(16, 9, 4, 1) == {"bank": method.bank.weight.numel(),
+                                             "memory layers": layer_params}
 
 
 def test_gpt2_small_sites_follow_the_paper_stride(capsys):
@@ -80,7 +85,8 @@ def test_the_shared_chapter_is_never_routed():
     model, method = tiny_moc(route="sequence")
     layer = method.layers[0]
     with torch.no_grad():
-        layer.router.bias[0] = 100.0  # the router loves chapter 0: it is still read once, as the shared chapter
+        # the router loves chapter 0: it is still read once, as the shared chapter
+        layer.router.bias[0] = 100.0
     idx, omega, probs, routed = layer.select(layer.router(torch.randn(4, 16)))
     assert (routed >= 1).all() and (idx[:, 0] == 0).all() and (idx[:, 1:] == routed).all()
     assert probs[:, 0].min() > 0.99 and torch.allclose(omega.sum(-1), torch.ones(4))
@@ -88,11 +94,13 @@ def test_the_shared_chapter_is_never_routed():
 
 def test_auxiliary_losses_at_balance_and_at_zero_logits():
     layer = MemoryLayer(8, 2, chapters=5, chapter_tokens=2, top_k=2, n_shared=1)
-    routed = torch.tensor([[1, 2], [3, 4], [2, 1], [4, 3]])  # every routed chapter chosen equally often
+    # every routed chapter chosen equally often
+    routed = torch.tensor([[1, 2], [3, 4], [2, 1], [4, 3]])
     logits = torch.zeros(4, 5)
     layer.account(logits, F.softmax(logits, -1), routed)
     balance, z = layer.aux
-    assert math.isclose(balance.item(), 2.0, rel_tol=1e-6)  # C sum_i f_i P_i = k = 2 (f_0 = 0: chapter 0 is shared)
+    # C sum_i f_i P_i = k = 2 (f_0 = 0: chapter 0 is shared)
+    assert math.isclose(balance.item(), 2.0, rel_tol=1e-6)
     layer.account(logits, torch.full((4, 5), 1 / 5), torch.tensor([[1, 2], [3, 4], [1, 2], [3, 4]]))
     assert math.isclose(z.item(), math.log(5) ** 2, rel_tol=1e-6)
     layer = MemoryLayer(8, 2, chapters=4, chapter_tokens=2, top_k=2, n_shared=0)
@@ -125,15 +133,17 @@ def test_the_published_sequence_route_leaks_the_future():
 
 
 def dense_read(layer, bank, h, ctx):
-    """The published computation, materialised: gather every selected row per position, RMS-normalise, scale by
-    omega, project with W_K and W_V, one softmax over all rows, W_O, residual."""
+    """The published computation, materialised: gather every selected row per position,
+    RMS-normalise, scale by omega, project with W_K and W_V, one softmax over all rows, W_O,
+    residual."""
     B, L, C = h.shape
     H, dh = layer.n_head, C // layer.n_head
     pool = layer.pool(h, ctx)
     idx, omega, _, _ = layer.select(layer.router(pool))
     if idx.dim() == 2:
         idx, omega = idx[:, None].expand(B, L, -1), omega[:, None].expand(B, L, -1)
-    rows = rms_normalize(gather_chapters(bank, idx, layer.T)) * omega[..., None, None]  # (B, L, S, T, C)
+    # (B, L, S, T, C)
+    rows = rms_normalize(gather_chapters(bank, idx, layer.T)) * omega[..., None, None]
     rows = rows.flatten(2, 3)
     q = layer.q(layer.norm(h)).view(B, L, H, dh)
     k, v = layer.k(rows).view(B, L, -1, H, dh), layer.v(rows).view(B, L, -1, H, dh)
@@ -144,9 +154,11 @@ def dense_read(layer, bank, h, ctx):
 # 2: fewer reads than chapters; 6 with a bank above the gather budget: one chapter per chunk
 @pytest.mark.parametrize("length,big_bank", [(6, False), (2, False), (6, True)])
 @pytest.mark.parametrize("route", ["token", "prompt", "sequence"])
-def test_the_read_equals_the_materialised_computation_with_its_gradients(route, length, big_bank, monkeypatch):
+def test_the_read_equals_the_materialised_computation_with_its_gradients(
+    route, length, big_bank, monkeypatch):
     torch.manual_seed(1)
-    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route=route).double()
+    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1,
+                        route=route).double()
     bank = ChapterBank(16, 9, 4).double()
     with torch.no_grad():
         for p in [*layer.parameters(), bank.weight]:
@@ -154,7 +166,8 @@ def test_the_read_equals_the_materialised_computation_with_its_gradients(route, 
     batch = 2 if length == 6 else 1
     h = torch.randn(batch, length, 16, dtype=torch.float64)
     ctx = {"moc_bank": bank, "prompt_len": torch.tensor([4, 2])[:batch]}
-    # one slot per chunk: the chunked loop is exercised (and the bank, 9 * 4 * 16, is above a budget of 4 * 16)
+    # one slot per chunk: the chunked loop is exercised (and the bank, 9 * 4 * 16, is above a budget
+    # of 4 * 16)
     monkeypatch.setattr(memory, "GATHER_BUDGET", 4 * 16 if big_bank else batch * length * 4 * 16)
     grads = []
     for read in (lambda: layer(h, ctx), lambda: dense_read(layer, bank.weight, h, ctx)):
@@ -177,18 +190,23 @@ def test_sparse_reads_pass_gradcheck():
     idx = torch.randint(0, 6, (2, 3, 3))
     omega = F.softmax(torch.randn(2, 3, 3, dtype=torch.float64), -1).requires_grad_()
     attn = F.softmax(torch.randn(2, 3, 2, 3, 2, dtype=torch.float64), -1).requires_grad_()
-    scale = lambda b: torch.rsqrt(b.detach().pow(2).mean(-1) + memory.ROW_EPS)  # each row's 1/rms, as the layer passes it
-    # b * 1: a bank computed from the parameter takes the functional path (a leaf's gradient goes straight to .grad)
-    assert torch.autograd.gradcheck(lambda q, b, w: memory._RoutedScores.apply(q, b * 1, idx, w, 2, scale(b)), (q, bank, omega))
-    assert torch.autograd.gradcheck(lambda a, b, w: memory._RoutedMix.apply(a, b * 1, idx, w, 2, scale(b)), (attn, bank, omega))
+    # each row's 1/rms, as the layer passes it
+    scale = lambda b: torch.rsqrt(b.detach().pow(2).mean(-1) + memory.ROW_EPS)
+    # b * 1: a bank computed from the parameter takes the functional path (a leaf's gradient goes
+    # straight to .grad)
+    assert torch.autograd.gradcheck(
+        lambda q, b, w: memory._RoutedScores.apply(q, b * 1, idx, w, 2, scale(b)), (q, bank, omega))
+    assert torch.autograd.gradcheck(
+        lambda a, b, w: memory._RoutedMix.apply(a, b * 1, idx, w, 2, scale(b)), (attn, bank, omega))
     assert torch.autograd.gradcheck(lambda b: memory._Gather.apply(b * 1, idx, 2), (bank,))
 
 
 def test_the_bank_gradient_accumulates_in_place():
-    """Eager reads add their gradient straight into the bank's .grad: one buffer, no bank-sized temporary per read;
-    a second backward adds to the first exactly."""
+    """Eager reads add their gradient straight into the bank's .grad: one buffer, no bank-sized
+    temporary per read; a second backward adds to the first exactly."""
     for route in ("token", "sequence"):
-        model, method = tiny_moc(route=route, chapters=257)  # more chapters than reads: rows normalised where read
+        # more chapters than reads: rows normalised where read
+        model, method = tiny_moc(route=route, chapters=257)
         idx = torch.randint(0, 64, (1, 3))
         model.train()
         model(idx, dict(CTX)).sum().backward()
@@ -212,8 +230,8 @@ def test_with_omega_detached_the_router_learns_nothing_from_the_language_model_l
 
 
 def test_a_token_route_that_agrees_everywhere_is_the_sequence_read():
-    """With a router that ignores its input every position picks the same chapters: the per-position path must then
-    compute exactly what the published per-row path computes."""
+    """With a router that ignores its input every position picks the same chapters: the per-position
+    path must then compute exactly what the published per-row path computes."""
     torch.manual_seed(3)
     layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route="token")
     bank = ChapterBank(16, 9, 4)
@@ -235,10 +253,11 @@ def test_memory_and_bank_learning_rates(tmp_path):
     assert not frozen.bank.weight.requires_grad
 
 
-MOC_RUN = ["train.py", "--method", "moc", "--moc_base", "lora", "--lora_rank", "4", "--init_from", "scratch",
-           "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "128", "--moc_chapters", "33",
-           "--moc_chapter_tokens", "4", "--moc_topk", "4", "--max_steps", "80", "--eval_interval", "40",
-           "--eval_iters", "1", "--log_interval", "10", "--batch_size", "4"]
+MOC_RUN = ["train.py", "--method", "moc", "--moc_base", "lora", "--lora_rank", "4", "--init_from",
+           "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
+           "--moc_chapters", "33", "--moc_chapter_tokens", "4", "--moc_topk", "4", "--max_steps",
+           "80", "--eval_interval", "40", "--eval_iters", "1", "--log_interval", "10",
+           "--batch_size", "4"]
 
 
 @pytest.mark.slow
@@ -249,62 +268,74 @@ def test_moc_trains_from_the_cli_and_resumes_exactly(emotion_small_dir, tmp_path
     import sys
     from helpers import ROOT, interrupt_run
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    run = subprocess.run([sys.executable, *MOC_RUN, "--data_dir", emotion_small_dir, "--out_dir", whole], cwd=ROOT,
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, *MOC_RUN, "--data_dir", emotion_small_dir, "--out_dir",
+                          whole], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "MoC parameters: bank 4,224 (33 chapters x 4 tokens x 32) + memory layers after blocks [1] 5,217 + LoRA 4,096" in run.stdout
+    assert ("MoC parameters: bank 4,224 (33 chapters x 4 tokens x 32) + memory layers after blocks "
+            "[1] 5,217 + LoRA 4,096" in run.stdout)
     summary = json.load(open(os.path.join(whole, "summary.json")))
     assert summary["moc_blocks"] == [1] and len(summary["moc_usage"][0]) == 32
     assert os.path.isfile(os.path.join(whole, "adapter.safetensors"))
     interrupt_run([*MOC_RUN, "--data_dir", emotion_small_dir, "--out_dir", cut], cut, 4)
-    resumed = subprocess.run([sys.executable, "train.py", "--out_dir", cut, "--resume"], cwd=ROOT, capture_output=True, text=True)
+    resumed = subprocess.run([sys.executable, "train.py", "--out_dir", cut, "--resume"], cwd=ROOT,
+                             capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    lines = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "elapsed_s")}
+    lines = lambda d: [{k: v for k, v in json.loads(l).items()
+                        if k not in ("tokens_per_s", "elapsed_s")}
                        for l in open(os.path.join(d, "metrics.jsonl"))]
-    assert lines(cut) == lines(whole) and any("moc_balance" in r for r in lines(whole))  # bit-identical, router stats too
+    # bit-identical, router stats too
+    assert lines(cut) == lines(whole) and any("moc_balance" in r for r in lines(whole))
     assert json.load(open(os.path.join(cut, "summary.json")))["moc_usage"] == summary["moc_usage"]
 
 
 @pytest.mark.slow
 def test_moc_table_sweep_end_to_end(emotion_tiny_dir, tmp_path):
-    """sweeps.py moc-table on a tiny scratch model: LoRA and the published sequence routing train, the sequence run is
-    also scored with causal routing, and the table and the router-health plot appear."""
+    """sweeps.py moc-table on a tiny scratch model: LoRA and the published sequence routing train,
+    the sequence run is also scored with causal routing, and the table and the router-health plot
+    appear."""
     import json
     import os
     import sweeps
     out = str(tmp_path / "moc")
-    sweeps.main(["moc-table", "--seeds", "1", "--arms", "lora-r2,moc-sequence", "--out_dir", out, "--init_from",
-                 "scratch", "--n_layer", "3", "--n_head", "2", "--n_embd", "32", "--block_size", "128", "--max_steps",
-                 "6", "--warmup", "1", "--lr", "0.05", "--eval_interval", "6", "--eval_iters", "1", "--eval_batch_size", "32", "--data_dir", emotion_tiny_dir])
+    sweeps.main(["moc-table", "--seeds", "1", "--arms", "lora-r2,moc-sequence", "--out_dir", out,
+                 "--init_from", "scratch", "--n_layer", "3", "--n_head", "2", "--n_embd", "32",
+                 "--block_size", "128", "--max_steps", "6", "--warmup", "1", "--lr", "0.05",
+                 "--eval_interval", "6", "--eval_iters", "1", "--eval_batch_size", "32",
+                 "--data_dir", emotion_tiny_dir])
     table = open(os.path.join(out, "moc-table.md")).read()
     assert "| lora-r2 | 3,072 |" in table and "| moc-sequence |" in table and " → " in table
     report = json.load(open(os.path.join(out, "moc-table.json")))
-    val_sequence, val_token = (report["sequence_vs_token"]["moc-sequence"][0][r][0] for r in ("sequence", "token"))
+    val_sequence, val_token = (report["sequence_vs_token"]["moc-sequence"][0][r][0]
+                               for r in ("sequence", "token"))
     assert val_sequence != val_token  # the same weights, routed two ways
     assert os.path.isfile(os.path.join(out, "router-health.png"))
 
 
 @pytest.mark.slow
 def test_moc_scratch_sweep_end_to_end(squadtext_tiny_dir, emotion_tiny_dir, tmp_path):
-    """sweeps.py moc-scratch on a tiny model: phase A trains backbone, iso-FLOP dense and memory arms from scratch,
-    phase B continues each on emotion (the memory arm from its own bank and memory layers), and the SQuAD-text loss
-    is scored before and after."""
+    """sweeps.py moc-scratch on a tiny model: phase A trains backbone, iso-FLOP dense and memory
+    arms from scratch, phase B continues each on emotion (the memory arm from its own bank and
+    memory layers), and the SQuAD-text loss is scored before and after."""
     import json
     import os
     import sweeps
     from safetensors.torch import load_file
     out = str(tmp_path / "scratch")
-    sweeps.main(["moc-scratch", "--seeds", "1", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--steps_b", "3",
-                 "--data_a", squadtext_tiny_dir, "--data_b", emotion_tiny_dir, "--out_dir", out, "--max_steps", "4",
-                 "--warmup", "1", "--lr", "0.01", "--eval_interval", "4", "--eval_iters", "1", "--eval_batch_size", "32"])
+    sweeps.main(["moc-scratch", "--seeds", "1", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+                 "--steps_b", "3", "--data_a", squadtext_tiny_dir, "--data_b", emotion_tiny_dir,
+                 "--out_dir", out, "--max_steps", "4", "--warmup", "1", "--lr", "0.01",
+                 "--eval_interval", "4", "--eval_iters", "1", "--eval_batch_size", "32"])
     report = json.load(open(os.path.join(out, "moc-scratch.json")))
-    assert report["iso_blocks"] > 2 and set(report["phase_a_after"]) == {
-        "B-backbone", f"B-dense-{report['iso_blocks']}L", "B-memory-bank-1", "B-memory-bank-low", "B-memory-bank-frozen"}
+    assert report["iso_blocks"] > 2 and set(
+        report["phase_a_after"]) == {"B-backbone", f"B-dense-{report['iso_blocks']}L",
+                                     "B-memory-bank-1", "B-memory-bank-low", "B-memory-bank-frozen"}
     memory_a = load_file(os.path.join(out, "memory-s0", "memory.safetensors"))
     frozen_b = load_file(os.path.join(out, "B-memory-bank-frozen-s0", "memory.safetensors"))
     trained_b = load_file(os.path.join(out, "B-memory-bank-1-s0", "memory.safetensors"))
     bank = "sites.embed.weight"
-    assert torch.equal(frozen_b[bank], memory_a[bank]) and not torch.equal(trained_b[bank], memory_a[bank])
-    before, after = report["phase_a_before"]["memory"][0], report["phase_a_after"]["B-memory-bank-1"][0]
+    assert torch.equal(frozen_b[bank],
+                       memory_a[bank]) and not torch.equal(trained_b[bank], memory_a[bank])
+    before = report["phase_a_before"]["memory"][0]
+    after = report["phase_a_after"]["B-memory-bank-1"][0]
     assert before != after and "forgetting" in open(os.path.join(out, "moc-scratch.md")).read()
     assert os.path.isfile(os.path.join(out, "forgetting.png"))

@@ -1,4 +1,5 @@
-"""GPT-2: parity with transformers, generation, checkpoint loading and its errors, the extension point."""
+"""GPT-2: parity with transformers, generation, checkpoint loading and its errors, the extension
+point."""
 
 import os
 import subprocess
@@ -14,8 +15,10 @@ from model import GPT, GPTConfig
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):
-    require_reference("transformers")  # the reference implementation; the other tests here run without it
-    hf = save_tiny_hf_gpt2(tmp_path / "tiny", vocab_size=101, n_layer=2, n_head=4, n_embd=32, n_positions=40)
+    # the reference implementation; the other tests here run without it
+    require_reference("transformers")
+    hf = save_tiny_hf_gpt2(tmp_path / "tiny", vocab_size=101, n_layer=2, n_head=4, n_embd=32,
+                           n_positions=40)
     return str(tmp_path / "tiny"), hf
 
 
@@ -32,7 +35,8 @@ def test_parity_logits_and_gradients_with_transformers(tiny_ckpt):
     hf_params = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
         ref = hf_params.get("transformer." + name, hf_params.get(name))
-        grad_ref = ref.grad.t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else ref.grad
+        grad_ref = ref.grad.t() if name.endswith(("c_attn.weight", "c_proj.weight",
+                                                  "c_fc.weight")) else ref.grad
         assert (p.grad - grad_ref).abs().max() <= 1e-5, name
 
 
@@ -40,7 +44,8 @@ def test_greedy_generation_matches_transformers(tiny_ckpt):
     path, hf = tiny_ckpt
     ours = GPT.from_pretrained(path).eval()
     idx = torch.randint(0, 101, (2, 5))
-    ref = hf.generate(idx, max_new_tokens=12, do_sample=False, pad_token_id=100, attention_mask=torch.ones_like(idx))
+    ref = hf.generate(idx, max_new_tokens=12, do_sample=False, pad_token_id=100,
+                      attention_mask=torch.ones_like(idx))
     assert torch.equal(ours.generate(idx, 12, temperature=0), ref)
 
 
@@ -50,17 +55,20 @@ def test_sampling_options(tiny_ckpt):
     greedy = model.generate(idx, 8, temperature=0)
     assert torch.equal(model.generate(idx, 8, temperature=1.0, top_k=1), greedy)
     assert torch.equal(model.generate(idx, 8, temperature=1.0, top_p=1e-6), greedy)
-    draw = lambda: model.generate(idx, 8, temperature=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    draw = lambda: model.generate(idx, 8, temperature=1.5, top_k=20, top_p=0.9,
+                                  generator=torch.Generator().manual_seed(3))
     first = draw()
     assert torch.equal(first, draw()) and first.shape == (2, 12)
-    long_prompt = torch.randint(0, 101, (1, 45))  # longer than block_size 40: cropped, still generates
+    # longer than block_size 40: cropped, still generates
+    long_prompt = torch.randint(0, 101, (1, 45))
     assert model.generate(long_prompt, 3, temperature=0).shape == (1, 48)
 
 
 def test_config_read_from_config_json(tiny_ckpt):
     model = GPT.from_pretrained(tiny_ckpt[0], dropout=0.1)
     c = model.config
-    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, c.dropout) == (2, 4, 32, 40, 101, 0.1)
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size,
+            c.dropout) == (2, 4, 32, 40, 101, 0.1)
     assert model.lm_head.weight is model.wte.weight
 
 
@@ -74,7 +82,8 @@ def _edit_checkpoint(path, edit):
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.pop("transformer.h.1.mlp.c_fc.weight"), "missing: h.1.mlp.c_fc.weight"),
     (lambda s: s.update({"transformer.h.0.extra": torch.zeros(2)}), "unexpected: h.0.extra"),
-    (lambda s: s.update({"transformer.wpe.weight": torch.zeros(41, 32)}), "wrong shape: wpe.weight (41, 32) != (40, 32)"),
+    (lambda s: s.update({"transformer.wpe.weight": torch.zeros(41, 32)}),
+     "wrong shape: wpe.weight (41, 32) != (40, 32)"),
 ])
 def test_checkpoint_key_errors(tiny_ckpt, edit, message):
     _edit_checkpoint(tiny_ckpt[0], edit)
@@ -97,7 +106,8 @@ def test_truncated_and_missing_files(tiny_ckpt, tmp_path):
 
 
 def test_hub_names_resolve_through_the_huggingface_cache(tiny_ckpt, tmp_path):
-    """The real download path (hf_hub_download), served from a hub cache we lay out ourselves, offline."""
+    """The real download path (hf_hub_download), served from a hub cache we lay out ourselves,
+    offline."""
     snapshot = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     for f in ("config.json", "model.safetensors"):
@@ -107,11 +117,14 @@ def test_hub_names_resolve_through_the_huggingface_cache(tiny_ckpt, tmp_path):
     code = ("from model import GPT; import torch; m = GPT.from_pretrained('gpt2'); "
             "print(m.config.n_embd, m(torch.zeros(1, 3, dtype=torch.long)).shape)")
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["32", "torch.Size([1,", "3,", "101])"]
-    code = "from model import GPT; GPT.from_pretrained('gpt2-medium')"  # not in the cache: a clear error
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    # not in the cache: a clear error
+    code = "from model import GPT; GPT.from_pretrained('gpt2-medium')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
     assert "could not download openai-community/gpt2-medium" in out.stderr
 
 
@@ -139,8 +152,10 @@ def test_extension_point_sites_and_context():
     with pytest.raises(ValueError, match="already has a module"):
         model.attach("head", Recorder("x", calls))
     shifted = GPT(model.config).eval()
-    shifted.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("sites.")})
-    shifted.attach("head", Recorder("head", [], shift=1.0))  # adding 1 before the head adds the row sums of W
+    shifted.load_state_dict({k: v for k, v in model.state_dict().items()
+                             if not k.startswith("sites.")})
+    # adding 1 before the head adds the row sums of W
+    shifted.attach("head", Recorder("head", [], shift=1.0))
     assert torch.allclose(shifted(idx), plain + model.wte.weight.sum(1), atol=1e-5)
 
 
@@ -161,8 +176,8 @@ def test_causality_check_catches_a_leak():
 
 
 def test_save_pretrained_round_trips_and_transformers_reads_it(tiny_ckpt, tmp_path):
-    """A model trained here becomes a base for --init_from: our save_pretrained writes the Hugging Face layout
-    that both from_pretrained and transformers read back to the same logits."""
+    """A model trained here becomes a base for --init_from: our save_pretrained writes the Hugging
+    Face layout that both from_pretrained and transformers read back to the same logits."""
     transformers = require_reference("transformers")
     model = GPT.from_pretrained(tiny_ckpt[0]).eval()
     with torch.no_grad():  # move every weight away from the file it came from

@@ -1,5 +1,5 @@
-"""sweeps.py prb-table end to end on tiny models: every arm x seed trains, the table, plot and consistency appear,
-and a second call reuses the finished runs."""
+"""sweeps.py prb-table end to end on tiny models: every arm x seed trains, the table, plot and
+consistency appear, and a second call reuses the finished runs."""
 
 import json
 import os
@@ -8,8 +8,9 @@ import pytest
 
 import sweeps
 
-TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
-        "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "1", "--warmup", "2", "--eval_batch_size", "16"]
+TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+        "--block_size", "128", "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "1",
+        "--warmup", "2", "--eval_batch_size", "16"]
 
 
 def test_mean_spread():
@@ -19,22 +20,28 @@ def test_mean_spread():
 
 
 def test_the_arms_are_the_paper_s_and_ours(monkeypatch):
-    """The seed-faithful arms carry every published choice (no EOS target, the 128 window, alpha = 2r, fp16 on
-    CUDA only); the paper's numbers stand only beside them."""
+    """The seed-faithful arms carry every published choice (no EOS target, the 128 window, alpha =
+    2r, fp16 on CUDA only); the paper's numbers stand only beside them."""
     import torch
     assert sweeps.PRB_ARMS["lora-r37"][-2:] == ["--lora_alpha", "74"]
-    assert sweeps.arm_flags("seed-prb", ["--device", "cpu"])[-4:] == ["--eos_target", "off", "--pad_to", "128"]
+    assert sweeps.arm_flags("seed-prb",
+                            ["--device", "cpu"])[-4:] == ["--eos_target", "off", "--pad_to", "128"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert sweeps.arm_flags("seed-prb", [])[-2:] == ["--dtype", "float16"]
-    assert "--dtype" not in sweeps.arm_flags("seed-lora-r32", []) and "--dtype" not in sweeps.arm_flags("lora-r37", [])
+    assert "--dtype" not in sweeps.arm_flags("seed-lora-r32",
+                                             []) and "--dtype" not in sweeps.arm_flags(
+                                                 "lora-r37", [])
     assert sweeps.arm_flags("seed-prb", ["--device=cpu"])[-1] == "128"
     assert set(sweeps.PRB_PAPER) == set(sweeps.SEED_ARMS)
-    assert sweeps.arm_flags("lora-r42", []) == ["--method", "lora", "--lora_rank", "42", "--lora_alpha", "84"]
-    assert sweeps.known_arm("lora-r42") and not sweeps.known_arm("lora-r0") and not sweeps.known_arm("lora-rx")
+    assert sweeps.arm_flags("lora-r42", []) == ["--method", "lora", "--lora_rank", "42",
+                                                "--lora_alpha", "84"]
+    assert sweeps.known_arm(
+        "lora-r42") and not sweeps.known_arm("lora-r0") and not sweeps.known_arm("lora-rx")
 
 
 def test_a_sweep_passes_on_flags_it_does_not_know_exactly(monkeypatch):
-    """No prefix matching: --lr goes to train.py, not into moc-scratch's own --lr_b (argparse's default would take it)."""
+    """No prefix matching: --lr goes to train.py, not into moc-scratch's own --lr_b (argparse's
+    default would take it)."""
     class Stop(Exception):
         pass
 
@@ -65,22 +72,27 @@ def test_lora_control_parameter_counts(rank, trainable):
 @pytest.mark.slow
 def test_prb_table_runs_every_arm_and_seed(emotion_tiny_dir, tmp_path, capsys):
     out = str(tmp_path / "table")
-    argv = ["prb-table", "--seeds", "2", "--arms", "lora-r32,seed-prb", "--samples", "3", "--max_new_tokens",
-            "4", "--out_dir", out, "--threshold", "11", *TINY, "--data_dir", emotion_tiny_dir]
+    argv = ["prb-table", "--seeds", "2", "--arms", "lora-r32,seed-prb", "--samples", "3",
+            "--max_new_tokens", "4", "--out_dir", out, "--threshold", "11", *TINY, "--data_dir",
+            emotion_tiny_dir]
     sweeps.main(argv)
     table = open(os.path.join(out, "prb-table.md")).read()
-    rows = [l for l in table.splitlines() if l.startswith("| lora-r32") or l.startswith("| seed-prb")]
+    rows = [l for l in table.splitlines() if l.startswith("| lora-r32")
+            or l.startswith("| seed-prb")]
     assert len(rows) == 2 and "3.357" not in rows[0] and "2.974 / 2.991" in rows[1]
     assert " → " in rows[1] and "| - |" in rows[0]  # full pooling is also scored causally
     assert all(os.path.isfile(os.path.join(out, f"{arm}-s{s}", "summary.json"))
                for arm in ("lora-r32", "seed-prb") for s in (0, 1))
     assert os.path.isfile(os.path.join(out, "loss-curves.png"))
     result = json.load(open(os.path.join(out, "prb-table.json")))
-    assert result["classifier_test_accuracy"] > 0.6  # a real classifier: chance is about 0.35 (majority class)
+    # a real classifier: chance is about 0.35 (majority class)
+    assert result["classifier_test_accuracy"] > 0.6
     assert all(0 <= c["mean"] <= 1 for runs in result["consistency"].values() for c in runs)
-    assert set(result["full_vs_causal"]) == {"seed-prb"} and len(result["full_vs_causal"]["seed-prb"]) == 2
+    assert set(
+        result["full_vs_causal"]) == {"seed-prb"} and len(result["full_vs_causal"]["seed-prb"]) == 2
     lora = result["summaries"]["lora-r32"][0]
-    assert lora["params"]["trainable"] == 32 * 16 * 32  # r * 16 C (all four block matrices) * 1 layer
+    # r * 16 C (all four block matrices) * 1 layer
+    assert lora["params"]["trainable"] == 32 * 16 * 32
     capsys.readouterr()
     sweeps.main(argv)  # everything finished: no training, the same table
     assert "== lora-r32" not in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Parametric Register Banks: the paper's parameter count, causality of every pooling, consistent generation."""
+"""Parametric Register Banks: the paper's parameter count, causality of every pooling, consistent
+generation."""
 
 import argparse
 import subprocess
@@ -25,11 +26,13 @@ def test_paper_parameter_count(capsys):
     with torch.device("meta"):
         model = GPT(GPTConfig())
         METHODS["prb"](prb_args(prb_label_bias="on")).setup(model, META)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4_718_592 + 375_175 == 5_093_767
+    assert sum(p.numel() for p in model.parameters()
+               if p.requires_grad) == 4_718_592 + 375_175 == 5_093_767
     assert "registers 375,175" in capsys.readouterr().out
     with torch.device("meta"):
         model = GPT(GPTConfig())
-        METHODS["prb"](prb_args()).setup(model, META)  # no label embeddings E (6 x 64) without the label bias
+        # no label embeddings E (6 x 64) without the label bias
+        METHODS["prb"](prb_args()).setup(model, META)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5_093_767 - 384
 
 
@@ -46,8 +49,10 @@ def test_prefix_mean_matches_a_loop():
 def tiny_prb(pool, label_bias, seed=0):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
-    METHODS["prb"](prb_args(lora_rank=4, prb_pool=pool, prb_label_bias=label_bias, prb_dim=8)).setup(model, META)
-    with torch.no_grad():  # move LoRA B off zero and the bank's write-back up, so every path carries signal
+    METHODS["prb"](prb_args(lora_rank=4, prb_pool=pool, prb_label_bias=label_bias,
+                            prb_dim=8)).setup(model, META)
+    with torch.no_grad():
+        # move LoRA B off zero and the bank's write-back up, so every path carries signal
         for name, p in model.named_parameters():
             if ".lora_B" in name or name.startswith("sites.head.write"):
                 p.normal_(0, 0.5)
@@ -66,7 +71,8 @@ def test_causal_poolings_are_causal(pool, label_bias):
 
 
 def test_full_pooling_leaks_the_future():
-    """The published pooling: changing a later token moves earlier logits. Kept only to reproduce the paper."""
+    """The published pooling: changing a later token moves earlier logits. Kept only to reproduce
+    the paper."""
     model = tiny_prb("full", "off")
     with pytest.raises(AssertionError, match="earlier positions"):
         assert_causal(lambda idx: model(idx, CTX), torch.randint(0, 64, (2, 12)), 64)
@@ -74,8 +80,8 @@ def test_full_pooling_leaks_the_future():
 
 @pytest.mark.parametrize("pool, consistent", [("causal", True), ("prompt", True), ("full", False)])
 def test_generation_uses_the_registers_as_training_does(pool, consistent):
-    """At every generation step the model scores the next token as the training-time forward over the finished
-    sequence scores that position, exactly when the pooling is causal."""
+    """At every generation step the model scores the next token as the training-time forward over
+    the finished sequence scores that position, exactly when the pooling is causal."""
     model = tiny_prb(pool, "on")
     ctx = {k: v[:1] for k, v in CTX.items()}
     prompt = torch.randint(0, 64, (1, 5))
@@ -89,13 +95,15 @@ def test_generation_uses_the_registers_as_training_does(pool, consistent):
     plain = GPT(model.config).eval()  # the same weights without the bank generate something else
     plain.load_state_dict({k.replace(".base", ""): v for k, v in model.state_dict().items()
                            if not k.startswith("sites.") and "lora_" not in k})
-    assert not torch.equal(model.generate(prompt, 10, temperature=0, ctx=ctx), plain.generate(prompt, 10, temperature=0))
+    assert not torch.equal(model.generate(prompt, 10, temperature=0, ctx=ctx),
+                           plain.generate(prompt, 10, temperature=0))
 
 
 def test_prb_trains_from_the_cli(emotion_small_dir, tmp_path):
-    run = subprocess.run([sys.executable, "train.py", "--method", "prb", "--init_from", "scratch", "--n_layer", "1",
-                          "--n_head", "2", "--n_embd", "32", "--block_size", "128", "--lora_rank", "4", "--prb_dim", "8",
-                          "--prb_label_bias", "on", "--max_steps", "6", "--eval_interval", "3", "--eval_iters", "1",
+    run = subprocess.run([sys.executable, "train.py", "--method", "prb", "--init_from", "scratch",
+                          "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size",
+                          "128", "--lora_rank", "4", "--prb_dim", "8", "--prb_label_bias", "on",
+                          "--max_steps", "6", "--eval_interval", "3", "--eval_iters", "1",
                           "--data_dir", emotion_small_dir, "--out_dir", str(tmp_path / "prb")],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -104,14 +112,18 @@ def test_prb_trains_from_the_cli(emotion_small_dir, tmp_path):
     assert "sites.head.registers" in state and "sites.head.alpha" in state
 
 
-# ---------------------------------------------------------------------------------- the published full pooling
+# ----------------------------------------------------------------------- the published full pooling
 def published_prb_logits(hf, bank, input_ids, attention_mask, emotion_ids):
-    """LoRAWithRegisters.forward of the published prb.py (khalic-lab/prb-lora-exploration, ~L79-127), transcribed
-    line by line onto our bank's parameters (register_bank = R, register_gate = W_g, register_update = f_i,
-    register_proj = W_r, emotion_embeddings = E, register_scale = alpha)."""
+    """LoRAWithRegisters.forward of the published prb.py (khalic-lab/prb-lora-exploration,
+    ~L79-127), transcribed line by line onto our bank's parameters (register_bank = R, register_gate
+    = W_g, register_update = f_i, register_proj = W_r, emotion_embeddings = E, register_scale =
+    alpha)."""
     B = input_ids.size(0)
-    hidden_states = hf(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
-    registers = bank.registers[None].expand(B, -1, -1) + 0.1 * bank.label_embedding(emotion_ids).unsqueeze(1)
+    hidden_states = hf(input_ids=input_ids, attention_mask=attention_mask,
+                       output_hidden_states=True).hidden_states[-1]
+    registers = bank.registers[None].expand(B, -1,
+                                            -1) + 0.1 * bank.label_embedding(
+                                                emotion_ids).unsqueeze(1)
     seq_mean = hidden_states.mean(dim=1)  # over all 128 positions, pads included
     gate = torch.sigmoid(bank.gate(seq_mean))
     new_registers = []
@@ -125,9 +137,10 @@ def published_prb_logits(hf, bank, input_ids, attention_mask, emotion_ids):
 
 
 def test_full_pooling_is_the_published_computation(tmp_path):
-    """Two emotion rows, right-padded to 128 with <|endoftext|> under an attention mask, through the published
-    forward (on transformers' GPT-2) and through ours: the same logits at every position, pads included, and the
-    same loss under the published collator (every pad/EOS label masked) as ours with --eos_target off."""
+    """Two emotion rows, right-padded to 128 with <|endoftext|> under an attention mask, through the
+    published forward (on transformers' GPT-2) and through ours: the same logits at every position,
+    pads included, and the same loss under the published collator (every pad/EOS label masked) as
+    ours with --eos_target off."""
     transformers = require_reference("transformers")
     from cli import gpt2_bpe
     from registers import PUBLISHED_WINDOW
@@ -146,7 +159,8 @@ def test_full_pooling_is_the_published_computation(tmp_path):
             p.normal_(std=0.3)
     model.eval()
     enc = gpt2_bpe()
-    rows = [enc.encode_ordinary("[SADNESS] i didnt feel humiliated"), enc.encode_ordinary("[JOY] i feel fine")]
+    rows = [enc.encode_ordinary("[SADNESS] i didnt feel humiliated"),
+            enc.encode_ordinary("[JOY] i feel fine")]
     labels = torch.tensor([0, 1])
     ids = torch.full((2, 128), enc.eot_token)
     mask = torch.zeros(2, 128, dtype=torch.long)
@@ -156,20 +170,25 @@ def test_full_pooling_is_the_published_computation(tmp_path):
         theirs = published_prb_logits(hf, bank, ids, mask, labels)
         ours = model(ids, {"label": labels, "key_mask": mask.bool()})
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
-    hf_labels = ids.masked_fill(ids == enc.eot_token, -100)  # DataCollatorForLanguageModeling(mlm=False), pad = EOS
-    published_loss = torch.nn.functional.cross_entropy(theirs[:, :-1].flatten(0, 1), hf_labels[:, 1:].flatten())
-    targets = hf_labels[:, 1:].masked_fill(hf_labels[:, 1:] == -100, -1)  # ours: y = next token, -1 = no target
+    # DataCollatorForLanguageModeling(mlm=False), pad = EOS
+    hf_labels = ids.masked_fill(ids == enc.eot_token, -100)
+    published_loss = torch.nn.functional.cross_entropy(theirs[:, :-1].flatten(0, 1),
+                                                       hf_labels[:, 1:].flatten())
+    # ours: y = next token, -1 = no target
+    targets = hf_labels[:, 1:].masked_fill(hf_labels[:, 1:] == -100, -1)
     total, count = lm_loss_sum(ours[:, :-1], targets)
-    assert count == sum(len(r) - 1 for r in rows) and torch.allclose(total / count, published_loss, atol=1e-5)
+    assert count == sum(len(r) - 1
+                        for r in rows) and torch.allclose(total / count, published_loss, atol=1e-5)
 
 
 def test_full_pooling_loss_does_not_depend_on_the_evaluation_batch_size(emotion_tiny_dir):
     from runs import build_model
     from tasks import LanguageModeling
-    args = prb_args(prb_pool="full", lora_rank=4, init_from="scratch", n_layer=1, n_head=2, n_embd=32,
-                    block_size=128, dataset="emotion", data_dir=emotion_tiny_dir)
+    args = prb_args(prb_pool="full", lora_rank=4, init_from="scratch", n_layer=1, n_head=2,
+                    n_embd=32, block_size=128, dataset="emotion", data_dir=emotion_tiny_dir)
     losses = {}
-    for pad_to in (128, 0):  # the published fixed window; each batch's own padded length (what `full` used to be)
+    for pad_to in (128, 0):
+        # the published fixed window; each batch's own padded length (what `full` used to be)
         args.pad_to = pad_to
         task = LanguageModeling(args, "cpu")
         model = build_model(args, task, METHODS["prb"](args))
@@ -178,10 +197,11 @@ def test_full_pooling_loss_does_not_depend_on_the_evaluation_batch_size(emotion_
                 p.normal_(std=0.3)  # a bank that reads its pooled input strongly ...
             model.sites["head"].alpha.fill_(30.0)  # ... and writes it strongly
         validation = task.split("validation")
-        losses[pad_to] = [task.evaluate(model, validation, torch.autocast("cpu", enabled=False), batch_size)
-                          for batch_size in (8, 64)]
+        losses[pad_to] = [task.evaluate(model, validation, torch.autocast("cpu", enabled=False),
+                                        batch_size) for batch_size in (8, 64)]
     assert losses[128][0] == pytest.approx(losses[128][1], rel=1e-6)
-    assert abs(losses[0][0] - losses[0][1]) > 1e-3  # without the window, the batch decides the pooled statistics
+    # without the window, the batch decides the pooled statistics
+    assert abs(losses[0][0] - losses[0][1]) > 1e-3
 
 
 def test_eos_target_off_masks_exactly_the_closing_token(emotion_small_dir):
