@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from cli import InputError, Parser, fail
 from lora import apply_lora
 from method import freeze
-from model import GPT, GPT2_HUB_IDS, GPTConfig, resolve_checkpoint
+from checkpoints import GPT2_HUB_IDS, resolve_checkpoint
+from model import GPT, GPTConfig
 from registers import POOLS, RegisterBank
 from runs import autocast_for, check_range, rename_flags, resolve_system
 
@@ -357,7 +358,7 @@ def hf_qa_reference(ours, device):
                                 type_vocab_size=c.type_vocab_size, layer_norm_eps=c.layer_norm_eps,
                                 hidden_dropout_prob=c.dropout,
                                 attention_probs_dropout_prob=c.attention_dropout))
-    from model import bert_name
+    from checkpoints import bert_name
     mine = ours.state_dict()
     # HF name <- our tensor
     state = {k: mine[bert_name(k)] for k in hf.state_dict() if k.startswith("bert.")}

@@ -32,7 +32,8 @@ import torch
 
 from cli import InputError, Parser, fail, gpt2_bpe
 from formats import export_merged
-from model import BERT, BERT_HUB_IDS, resolve_checkpoint
+from checkpoints import BERT_HUB_IDS, resolve_checkpoint
+from model import BERT
 from runs import autocast_for, check_range, load_run, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples

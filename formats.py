@@ -29,7 +29,9 @@ import re
 import shutil
 
 from cli import InputError
-from model import GPT, bert_name, check_float, check_keys, read_safetensors, write_weights_and_config
+from checkpoints import (bert_name, check_float, check_keys, read_safetensors,
+                         write_weights_and_config)
+from model import GPT
 
 BERT_MODULES = {"query": "attention.self.query", "key": "attention.self.key",
                 "value": "attention.self.value", "attn_out": "attention.output.dense",
@@ -119,7 +121,7 @@ def save_run_adapter(model, out_dir, init_from, dropout):
 def base_model_name(init_from):
     """adapter_config.json's base_model_name_or_path: a hub id, an absolute folder, or None for a
     scratch base."""
-    from model import BERT_HUB_IDS, GPT2_HUB_IDS
+    from checkpoints import BERT_HUB_IDS, GPT2_HUB_IDS
     if init_from == "scratch":
         return None
     return (GPT2_HUB_IDS | BERT_HUB_IDS).get(init_from) or (os.path.abspath(init_from)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from cli import InputError
 from formats import architecture, load_peft_weights, peft_targets, read_peft_config
 from method import Method, freeze, replace_modules
-from model import check_keys, read_safetensors
+from checkpoints import check_keys, read_safetensors
 
 # all four: the PRB paper's setting
 GPT2_BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from cli import InputError
 from lora import LoRALinear, apply_lora, save_adapter
 from method import Method, freeze, replace_modules, save_tensors
-from model import check_keys, read_safetensors
+from checkpoints import check_keys, read_safetensors
 from registers import prefix_mean
 
 ROUTES = ("token", "prompt", "sequence")

@@ -1,8 +1,8 @@
 """GPT-2 and BERT, written out by hand, loadable from the published checkpoints.
 
-Read top to bottom: GPT-2 (config -> attention -> MLP -> block -> GPT with forward, generate,
-from_pretrained), its checkpoint helpers, then BERT (config -> encoder layer -> BERT). BERT's
-tokenizer is in wordpiece.py.
+Read top to bottom: GPT-2 (config -> attention -> MLP -> block -> GPT with forward and generate),
+the KV cache, then BERT (config -> encoder layer -> BERT). Reading and checking checkpoint files is
+in checkpoints.py, BERT's tokenizer in wordpiece.py.
 
 The extension point
 -------------------
@@ -14,6 +14,10 @@ Methods (register banks, memory banks, ...) never edit this file. They attach a 
 - "embed"   : after token + position embeddings (and embedding dropout), before block 0;
 - "block{i}": after transformer block i (0-indexed);
 - "head"    : after the final LayerNorm, right before the LM head.
+
+or to the attention of block i, "attn{i}" (prefix tuning): `keys, values = module(ctx)`, each
+(P, C) or (B, P, C), are P keys and values in front of the sequence's own that every query of that
+layer may read. They are no position of the sequence, so they keep the model causal.
 
 An attached module is called as `h = module(h, ctx)`: `h` is the (B, T, C) residual stream and `ctx`
 the dict passed as `model(idx, ctx=...)` (a condition id, an attention mask, ... whatever the method
@@ -27,7 +31,8 @@ by defining `h = module.step(h, ctx, state, start)`: h holds positions start, st
 sequence, `state` is a dict the module keeps across the calls of one generation (a running sum,
 ...); it may define can_step() -> False for a configuration that cannot step (a whole-sequence
 pooling). A module without step() makes generation fall back to recomputing the whole prefix at
-every token. Modules swapped in by a method (LoRA, ...) act per position and need nothing.
+every token. Modules swapped in by a method (LoRA, ...) act per position and need nothing, but may
+also say can_step() -> False; an attention site's keys and values are read again at every step.
 
 BERT has the same extension point with sites "embed" (after the embedding LayerNorm and dropout),
 "layer{i}" and "head" (after the last layer). BERT reads the padding mask from ctx["attention_mask"]
@@ -38,16 +43,15 @@ logits).
 This file imports no method module.
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import HubUnreachable, InputError, reach_hub
+from checkpoints import (BERT_HUB_IDS, GPT2_HUB_IDS, bert_config, bert_weights, gpt2_config,
+                         gpt2_folder, gpt2_weights, resolve_checkpoint, write_weights_and_config)
 
 
 @dataclass
@@ -71,14 +75,16 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0):
+    def forward(self, x, attn_mask=None, cache=None, layer=0, prefix=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # softmax(q k^T / sqrt(d_head) + causal mask) v, fused (flash / memory-efficient kernels on
         # CUDA)
         dropout = self.dropout if self.training else 0.0
-        if cache is not None and cache.pos > 0:
+        if prefix is not None:  # an attention site's keys and values (prefix tuning, ...)
+            y = self.attend_with_prefix(q, k, v, prefix, attn_mask, cache, layer, dropout)
+        elif cache is not None and cache.pos > 0:
             # new queries attend to every cached key and to their own prefix
             # one new query (the decoding step) may read every key: no mask
             k, v = cache.update(layer, k, v)
@@ -96,6 +102,24 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attend_with_prefix(self, q, k, v, prefix, attn_mask, cache, layer, dropout):
+        """Attention over P extra keys and values in front of the sequence's own: every query reads
+        all P of them (they are no token of the sequence, so nothing causal is lost) and the
+        sequence's keys causally, with the cache's keys when generating."""
+        B, H, T, D = q.shape
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # the keys of positions < pos + T
+        prefix_k, prefix_v = (p.to(q.dtype).expand(B, -1, -1).reshape(B, -1, H, D).transpose(1, 2)
+                              for p in prefix)
+        S, P = k.size(2), prefix_k.size(2)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # causal
+        if attn_mask is not None:  # causal and padding, built by GPT.forward
+            mask = attn_mask
+        mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
+        return F.scaled_dot_product_attention(q, torch.cat([prefix_k, k], 2),
+                                              torch.cat([prefix_v, v], 2), attn_mask=mask,
+                                              dropout_p=dropout)
 
 
 class MLP(nn.Module):
@@ -118,8 +142,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0):  # pre-LN: x + f(LN(x))
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+    def forward(self, x, attn_mask=None, cache=None, layer=0, prefix=None):  # pre-LN: x + f(LN(x))
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, prefix)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -151,12 +175,16 @@ class GPT(nn.Module):
 
     # ---- the extension point ----
     def site_names(self):
+        """The residual-stream sites, in the order a forward passes them."""
         return ["embed"] + [f"block{i}" for i in range(self.config.n_layer)] + ["head"]
 
+    def attention_site_names(self):
+        return [f"attn{i}" for i in range(self.config.n_layer)]
+
     def attach(self, site, module):
-        if site not in self.site_names():
-            raise ValueError(f"unknown site {site!r}; sites are 'embed', "
-                             f"'block0'..'block{self.config.n_layer - 1}', 'head'")
+        names = self.site_names() + self.attention_site_names()
+        if site not in names:
+            raise ValueError(f"unknown site {site!r}; sites are {', '.join(names)}")
         if site in self.sites:
             raise ValueError(f"site {site!r} already has a module attached")
         self.sites[site] = module
@@ -170,10 +198,12 @@ class GPT(nn.Module):
         return self.sites[site].step(h, ctx, cache.states.setdefault(site, {}), cache.pos)
 
     def steps_incrementally(self):
-        """Whether every attached module can take part in KV-cache generation (see the module
-        docstring)."""
-        return all(hasattr(m, "step") and getattr(m, "can_step", lambda: True)()
-                   for m in self.sites.values())
+        """Whether KV-cache generation can run (see the module docstring): every module at a
+        residual-stream site has step(), and no module of the model, attached or wrapped in by a
+        method, says can_step() is False."""
+        stream = [m for site, m in self.sites.items() if not site.startswith("attn")]
+        return (all(hasattr(m, "step") for m in stream)
+                and all(m.can_step() for m in self.modules() if hasattr(m, "can_step")))
 
     # ---- forward ----
     def forward(self, idx, ctx=None, cache=None):
@@ -193,7 +223,8 @@ class GPT(nn.Module):
             attn_mask = torch.ones(T, T, dtype=torch.bool,
                                    device=idx.device).tril() & ctx["key_mask"][:, None, None, :]
         for i, block in enumerate(self.h):
-            h = self._at(f"block{i}", block(h, attn_mask, cache, i), ctx, cache)
+            prefix = self.sites[f"attn{i}"](ctx) if f"attn{i}" in self.sites else None
+            h = self._at(f"block{i}", block(h, attn_mask, cache, i, prefix), ctx, cache)
         h = self._at("head", self.ln_f(h), ctx, cache)
         if cache is not None:
             cache.pos += T
@@ -238,28 +269,15 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_id], dim=1)
         return idx
 
-    # ---- loading published checkpoints ----
+    # ---- loading published checkpoints (checkpoints.py reads and checks the files) ----
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides):
         """GPT-2 from a hub name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or
         'openai-community/...') or a local directory holding config.json + model.safetensors.
         overrides: e.g. dropout=0.1."""
         folder = resolve_checkpoint(name_or_path, GPT2_HUB_IDS)
-        hf = read_config(folder, "GPT-2",
-                         dict.fromkeys(("n_positions", "vocab_size", "n_layer", "n_head",
-                                        "n_embd")), {"layer_norm_epsilon": 1e-5},
-                         GPT2_AS_IMPLEMENTED)
-        if hf["n_embd"] % hf["n_head"]:
-            raise InputError(f"{folder}/config.json: n_embd {hf['n_embd']} is not divisible by "
-                             f"n_head {hf['n_head']}")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           layer_norm_epsilon=hf["layer_norm_epsilon"], **overrides)
-        state = read_safetensors(os.path.join(folder, "model.safetensors"))
-        check_layer_count(state, r"(?:transformer\.)?h\.(\d+)\.", config.n_layer, folder)
-        with torch.device("meta"):
-            # names and shapes checked against the config before anything is allocated
-            state = gpt2_state_from_hf(state, cls(config))
+        config = GPTConfig(**gpt2_config(folder), **overrides)
+        state = gpt2_weights(folder, config, cls)  # checked on the meta device first
         model = cls(config)
         model.load_state_dict(state, strict=True)
         return model
@@ -269,29 +287,8 @@ class GPT(nn.Module):
         from_pretrained reads, and transformers too): a model trained here becomes a base for
         --init_from. Attached method modules are not saved; the files are written beside and renamed
         into place, so a reader never sees half a checkpoint."""
-        c = self.config
-        config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-                  "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd,
-                  "n_layer": c.n_layer, "n_head": c.n_head,
-                  "layer_norm_epsilon": c.layer_norm_epsilon}
-        state = {"transformer." + k: (v.t() if k.endswith(CONV1D_WEIGHTS)
-                                      else v).detach().cpu().contiguous()
-                 for k, v in self.state_dict().items() if not k.startswith("sites.")
-                 and k != "lm_head.weight"}
-        write_weights_and_config(folder, "model.safetensors", state, "config.json", config)
-
-
-def write_weights_and_config(folder, weights_name, state, config_name, config):
-    """A tensor dict as safetensors and a dict as JSON into `folder`, both written beside and then
-    renamed into place, so a reader never sees half a checkpoint (a model folder, a PEFT adapter
-    folder)."""
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    save_file(state, os.path.join(folder, weights_name + ".tmp"), metadata={"format": "pt"})
-    with open(os.path.join(folder, config_name + ".tmp"), "w") as f:
-        json.dump(config, f, indent=1)
-    for name in (weights_name, config_name):
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+        tensors, hf_config = gpt2_folder(self.state_dict(), self.config)
+        write_weights_and_config(folder, "model.safetensors", tensors, "config.json", hf_config)
 
 
 class KVCache:
@@ -312,145 +309,6 @@ class KVCache:
         end = self.pos + k.size(2)
         self.keys[layer][:, :, self.pos:end], self.values[layer][:, :, self.pos:end] = k, v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-
-GPT2_HUB_IDS = {n: f"openai-community/{n}"
-                for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                  "mlp.c_proj.weight")
-
-
-def gpt2_state_from_hf(state, model):
-    """Map a Hugging Face GPT-2 state dict onto ours: strip the 'transformer.' prefix, drop the
-    causal-mask buffers (attn.bias, attn.masked_bias) and the tied lm_head, transpose Conv1D weights
-    (stored in x out)."""
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("sites.")
-            and k != "lm_head.weight"}
-    mapped = {}
-    for key, tensor in state.items():
-        key = key.removeprefix("transformer.")
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-            continue
-        # else: check_keys says
-        mapped[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2 else tensor
-    check_keys(mapped, ours, "checkpoint")
-    check_float(mapped, "checkpoint")
-    mapped = {k: v.to(ours[k].dtype) for k, v in mapped.items()}
-    return mapped | {"lm_head.weight": mapped["wte.weight"]}
-
-
-def check_keys(loaded, expected, what):
-    """Raise InputError naming the missing, unexpected and misshapen tensors of `loaded` against
-    `expected`."""
-    missing = sorted(set(expected) - set(loaded))
-    extra = sorted(set(loaded) - set(expected))
-    shapes = [f"{k} {tuple(loaded[k].shape)} != {tuple(expected[k].shape)}"
-              for k in sorted(set(loaded) & set(expected)) if loaded[k].shape != expected[k].shape]
-    problems = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-                for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", shapes)) if items]
-    if problems:
-        raise InputError(f"{what} does not fit this model ({'; '.join(problems)})")
-
-
-def resolve_checkpoint(name_or_path, hub_ids, extra_files=()):
-    """A local folder as is; a known hub name downloaded (config.json, model.safetensors,
-    extra_files) through huggingface_hub into its cache. Returns the folder."""
-    files = ("config.json", "model.safetensors", *extra_files)
-    if os.path.isdir(name_or_path):
-        for f in files:
-            if not os.path.isfile(os.path.join(name_or_path, f)):
-                raise InputError(f"{name_or_path} has no {f}; a checkpoint folder needs "
-                                 f"{', '.join(files)}")
-        return name_or_path
-    repo_id = hub_ids.get(name_or_path, name_or_path if name_or_path in hub_ids.values() else None)
-    if repo_id is None:
-        raise InputError(f"{name_or_path!r} is neither a folder nor a known model "
-                         f"({', '.join(hub_ids)})")
-    from huggingface_hub import hf_hub_download  # installed with `datasets`
-    try:  # already in the hub cache: no network at all
-        return os.path.dirname([hf_hub_download(repo_id, f, local_files_only=True)
-                                for f in files][0])
-    except Exception:
-        pass
-    try:
-        reach_hub()  # offline: one line now, not 30 s of retry warnings
-        paths = [hf_hub_download(repo_id, f) for f in files]
-    except Exception as e:  # offline, hub down, ...: one clear line
-        reason = str(e) if isinstance(e, HubUnreachable) else type(e).__name__
-        raise InputError(f"could not download {repo_id} ({reason}); with no internet, pass a local "
-                         f"folder holding {', '.join(files)}") from None
-    return os.path.dirname(paths[0])
-
-
-def read_safetensors(path):
-    """Read a .safetensors file into a dict of CPU tensors (never unpickles)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"cannot read {path}: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (truncated or "
-                         "corrupt download? delete it and fetch it again)") from None
-    return state
-
-
-def check_float(state, what):
-    """The weights a model uses must be real floating point, so that nothing is cast into a float
-    parameter without a word: an int, bool, fp8 or complex tensor is refused."""
-    if bad := [f"{k} is {v.dtype}" for k, v in state.items() if v.dtype not in FLOAT_DTYPES]:
-        raise InputError(f"{what} holds weights that are not floating point "
-                         f"({', '.join(bad[:3])}); it is not a checkpoint of this model")
-
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# config keys that would change the model if they held another value (None: absent)
-GPT2_AS_IMPLEMENTED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-                       "tie_word_embeddings": (True,), "n_inner": (None,),
-                       "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
-                       "add_cross_attention": (False,)}
-
-
-def read_config(folder, kind, sizes, floats, as_implemented):
-    """config.json checked before it builds anything: each of `sizes` (name -> default, None:
-    required) a positive integer below 2**20 (a bool is not a size), each of `floats` (name ->
-    default) a positive finite number, each key of `as_implemented` absent or one of the values this
-    file implements. Returns the dict, defaults filled in."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {path} ({type(e).__name__}: {e}); is this a {kind} "
-                         "checkpoint?") from None
-    if not isinstance(hf, dict):
-        raise InputError(f"{path} is not a JSON object; is this a {kind} checkpoint?")
-    for key in sizes:
-        if key not in hf and sizes[key] is None:
-            raise InputError(f"{path} lacks {key!r}; is this a {kind} checkpoint?")
-        hf[key] = hf.get(key, sizes[key])
-        if type(hf[key]) is not int or not 0 < hf[key] < 2 ** 20:
-            raise InputError(f"{path}: {key} must be a positive integer, got {hf[key]!r}")
-    for key, default in floats.items():
-        hf[key] = hf.get(key, default)
-        if type(hf[key]) not in (int, float) or not 0 < hf[key] < math.inf:
-            raise InputError(f"{path}: {key} must be a positive number, got {hf[key]!r}")
-    for key, allowed in as_implemented.items():
-        if key in hf and hf[key] not in allowed:
-            raise InputError(f"{path}: {key} = {hf[key]!r} is not what this {kind} implements "
-                             f"({' or '.join(map(repr, allowed))}); loading it would give another "
-                             "model")
-    return hf
-
-
-def check_layer_count(state, pattern, n_layer, folder):
-    """A config that claims more (or fewer) layers than the file holds is refused before any layer
-    is built."""
-    import re
-    found = {m.group(1) for k in state if (m := re.match(pattern, k))}
-    if len(found) != n_layer:
-        raise InputError(f"{folder}: config.json says {n_layer} layers, model.safetensors holds "
-                         f"{len(found)}")
 
 
 # ============================================================================================= BERT
@@ -535,6 +393,9 @@ class BERT(nn.Module):
     def site_names(self):
         return ["embed"] + [f"layer{i}" for i in range(self.config.n_layer)] + ["head"]
 
+    def attention_site_names(self):
+        return []  # BERT's attention takes no extra keys and values
+
     attach, _at = GPT.attach, GPT._at  # the same extension point as GPT (see the module docstring)
 
     def embed(self, idx, ctx):
@@ -578,72 +439,12 @@ class BERT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides):
-        """BERT from a hub name (see BERT_HUB_IDS) or a folder with config.json + model.safetensors
-        + vocab.txt. Any float dtype on disk (e.g. fp16) loads into fp32 parameters. overrides: e.g.
-        dropout=0.0."""
+        """BERT from a hub name (see checkpoints.BERT_HUB_IDS) or a folder with config.json +
+        model.safetensors + vocab.txt. Any float dtype on disk (e.g. fp16) loads into fp32
+        parameters. overrides: e.g. dropout=0.0."""
         folder = resolve_checkpoint(name_or_path, BERT_HUB_IDS, extra_files=("vocab.txt",))
-        sizes = dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers",
-                               "num_attention_heads", "intermediate_size",
-                               "max_position_embeddings")) | {"type_vocab_size": 2}
-        hf = read_config(folder, "BERT", sizes, {"layer_norm_eps": 1e-12}, BERT_AS_IMPLEMENTED)
-        dropouts = {k: hf.get(k, 0.1)
-                    for k in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
-        if not all(type(p) in (int, float) and 0 <= p < 1
-                   for p in dropouts.values()) or hf["hidden_size"] % hf["num_attention_heads"]:
-            raise InputError(f"{folder}/config.json: dropouts must be in [0, 1) and hidden_size "
-                             "divisible by num_attention_heads")
-        config = BertConfig(**{"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
-                               "n_layer": hf["num_hidden_layers"],
-                               "n_head": hf["num_attention_heads"],
-                               "intermediate_size": hf["intermediate_size"],
-                               "max_position_embeddings": hf["max_position_embeddings"],
-                               "type_vocab_size": hf["type_vocab_size"],
-                               "layer_norm_eps": hf["layer_norm_eps"],
-                               "dropout": dropouts["hidden_dropout_prob"],
-                               "attention_dropout": dropouts["attention_probs_dropout_prob"]} | overrides)
-        state = read_safetensors(os.path.join(folder, "model.safetensors"))
-        check_layer_count(state, r"(?:bert\.)?encoder\.layer\.(\d+)\.", config.n_layer, folder)
-        with torch.device("meta"):
-            # names and shapes checked against the config before anything is allocated
-            state = bert_state_from_hf(state, cls(config))
+        config = BertConfig(**(bert_config(folder) | overrides))
+        state = bert_weights(folder, config, cls)  # checked on the meta device first
         model = cls(config)
         model.load_state_dict(state)
         return model
-
-
-BERT_HUB_IDS = {"bert-base-uncased": "google-bert/bert-base-uncased",
-                "bert-large-uncased": "google-bert/bert-large-uncased",
-                "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
-BERT_AS_IMPLEMENTED = {"hidden_act": ("gelu",), "position_embedding_type": ("absolute",),
-                       "is_decoder": (False,), "add_cross_attention": (False,)}
-# Hugging Face / original-BERT names -> ours (applied in order, as substring replacements)
-BERT_RENAMES = [("embeddings.LayerNorm.", "embed_norm."), ("embeddings.word_", "word_"),
-                ("embeddings.position_", "position_"), ("embeddings.token_type_", "token_type_"),
-                ("encoder.layer.", "layers."), ("attention.self.", ""),
-                ("attention.output.dense.", "attn_out."),
-                ("attention.output.LayerNorm.", "attn_norm."), ("intermediate.dense.", "ffn_in."),
-                ("output.dense.", "ffn_out."), ("output.LayerNorm.", "ffn_norm.")]
-
-
-def bert_name(key):
-    """A BERT checkpoint's tensor name -> ours; None for what a bare encoder does not use (pooler,
-    pre-training heads `cls.*`, a QA head `qa_outputs.*`, the position_ids buffer). Handles an
-    optional 'bert.' prefix and legacy LayerNorm gamma/beta."""
-    key = key.removeprefix("bert.")
-    if key.startswith(("pooler.", "cls.", "qa_outputs.")) or key.endswith("position_ids"):
-        return None
-    key = key.replace("LayerNorm.gamma",
-                      "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-    for old, new in BERT_RENAMES:
-        key = key.replace(old, new)
-    return key
-
-
-def bert_state_from_hf(state, model):
-    """Map a BERT checkpoint's state dict onto ours (see bert_name), checking every name and
-    shape."""
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("sites.")}
-    mapped = {bert_name(k): v for k, v in state.items() if bert_name(k) is not None}
-    check_keys(mapped, ours, "checkpoint")
-    check_float(mapped, "checkpoint")
-    return {k: v.to(ours[k].dtype) for k, v in mapped.items()}

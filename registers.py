@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from cli import InputError
 from lora import LoRA, apply_lora, save_adapter
 from method import Method, freeze, save_tensors
-from model import BERT_HUB_IDS, check_keys, resolve_checkpoint
+from checkpoints import BERT_HUB_IDS, check_keys, resolve_checkpoint
 
 POOLS = ("causal", "full", "prompt")
 # every row padded to 128 tokens: the published prb.py's tokenizer call (max_length=128, ~L287-292)

@@ -22,7 +22,8 @@ import memory
 import registers
 from cli import InputError
 from method import FullFineTuning
-from model import BERT, GPT, BertConfig, GPTConfig, check_keys
+from checkpoints import check_keys
+from model import BERT, GPT, BertConfig, GPTConfig
 from recall import ExactRecall
 from squad import ExtractiveQA
 from tasks import LanguageModeling

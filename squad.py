@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import InputError
-from model import BERT_HUB_IDS, resolve_checkpoint
+from checkpoints import BERT_HUB_IDS, resolve_checkpoint
 from tasks import Split, Task, check_rows, prepare_if_missing, read_meta, training_order
 
 

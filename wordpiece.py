@@ -7,7 +7,7 @@ import os
 import unicodedata
 
 from cli import InputError
-from model import BERT_HUB_IDS, resolve_checkpoint
+from checkpoints import BERT_HUB_IDS, resolve_checkpoint
 
 
 class BertTokenizer:

@@ -11,7 +11,8 @@ from helpers import require_reference
 
 from conftest import SQUAD
 from cli import InputError
-from model import BERT, BertConfig, bert_state_from_hf
+from checkpoints import bert_state_from_hf
+from model import BERT, BertConfig
 from wordpiece import BertTokenizer
 
 

@@ -16,7 +16,8 @@ from formats import export_merged, hf_bert_name, peft_adapter, read_peft_config,
 from helpers import require_reference, save_tiny_hf_gpt2
 from lora import apply_lora, load_peft_adapter
 from method import freeze
-from model import BERT, GPT, BertConfig, bert_name
+from checkpoints import bert_name
+from model import BERT, GPT, BertConfig
 from registers import BERT_MATRICES, QAHead, RegisterTokens
 from runs import load_run
 

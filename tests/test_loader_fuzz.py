@@ -17,7 +17,8 @@ import torch
 from helpers import require_reference
 
 from cli import InputError
-from model import BERT, GPT, GPTConfig, bert_name
+from checkpoints import bert_name
+from model import BERT, GPT, GPTConfig
 
 VALUES = [None, "12", 0, -1, 1.5, True, False, 10 ** 12, 1e12, [], {}, "relu", "gelu_new",
           float("nan")]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from helpers import ROOT, require_reference
-from model import BERT, BertConfig, read_safetensors
+from checkpoints import read_safetensors
+from model import BERT, BertConfig
 from wordpiece import BertTokenizer
 from registers import QAHead, RegisterTokens
 from runs import load_run

@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 from cli import (BadFile, InputError, Parser, errors_in_one_line, load_hub_dataset,  # noqa: E402
                  read_json, staged_folder)
-from model import resolve_checkpoint, BERT_HUB_IDS  # noqa: E402
+from checkpoints import BERT_HUB_IDS, resolve_checkpoint  # noqa: E402
 from wordpiece import BertTokenizer  # noqa: E402
 
 
