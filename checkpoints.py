@@ -124,8 +124,9 @@ def check_keys(loaded, expected, what):
     extra = sorted(set(loaded) - set(expected))
     shapes = [f"{k} {tuple(loaded[k].shape)} != {tuple(expected[k].shape)}"
               for k in sorted(set(loaded) & set(expected)) if loaded[k].shape != expected[k].shape]
+    found = (("missing", missing), ("unexpected", extra), ("wrong shape", shapes))
     problems = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-                for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", shapes)) if items]
+                for label, items in found if items]
     if problems:
         raise InputError(f"{what} does not fit this model ({'; '.join(problems)})")
 
