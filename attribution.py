@@ -24,7 +24,8 @@ import torch
 
 from cli import InputError, Parser, fail
 from wordpiece import BertTokenizer
-from runs import load_run, pyplot, resolve_system
+from cli import pyplot
+from runs import load_run, resolve_system
 from squad import ExtractiveQA, QASplit
 
 

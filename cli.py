@@ -52,6 +52,14 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
+    def parse_explicit(self, argv):
+        """(args, names of the flags given on the command line): a second parse into a namespace
+        pre-filled with a marker tells which values argparse set."""
+        unset = object()
+        unset_args = argparse.Namespace(**dict.fromkeys(vars(self.parse_args([])), unset))
+        given = self.parse_args(argv, unset_args)
+        return self.parse_args(argv), {k for k, v in vars(given).items() if v is not unset}
+
     def error(self, message):  # one line and exit 2, instead of usage + message
         # as typed: data/squad/prepare.py
         script = sys.argv[0] if sys.argv[0].endswith(".py") else self.prog
@@ -250,3 +258,15 @@ def split_flags(argv, known):
             (owner if owner is not None else ours).append(word)
             owner = None
     return ours, theirs
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is not installed
+    (plots are optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

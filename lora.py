@@ -144,7 +144,6 @@ class LoRA(Method):
     on PhoneBook, plain SFT with LoRA on every block (as `--method sft --adapter lora`)."""
     datasets = ("emotion", "phonebook")
     add_flags = staticmethod(add_lora_flags)
-    aliases = {"rank": "lora_rank", "alpha": "lora_alpha"}
     starts_from_peft = True  # --peft_adapter: a subclass that builds other layers (GRIT) sets False
 
     @classmethod

@@ -4,19 +4,25 @@ A method is a class with a name in the method table (runs.py: METHODS). train.py
 per run, `method = METHODS[args.method](args, device)`, and calls it at fixed points; every hook
 below does nothing by default, so a method overrides only what it needs:
 
-    setup(model, meta)         change the model, explicitly: freeze(model), then attach modules at residual-stream
-                               sites (model.attach) or wrap modules (replace_modules); new modules
-                               train
-    objective(logits, y, mean) the training loss; default: the task's mean loss `mean`        (MemFT's weighting)
-    aux_loss(model)            a tensor added to the objective, or None                       (router balance)
-    lr_scales(model)           {parameter: learning-rate multiplier} for those not at --lr    (memory banks)
-    after_backward(model)      gradients are unscaled; clipping and the optimizer step follow (K-FAC preconditioning)
-    before_step(model)         gradients are clipped; the optimizer step follows     (GRIT's released precondition)
-    after_step(model)          right after the optimizer step                                  (reprojection)
-    state_dict / load_state_dict   the method's own training state, saved in ckpt.pt          (exact resume)
-    metrics(model)             extra fields for each metrics.jsonl line with a train loss     (router health)
-    summary(model)             extra fields for summary.json
-    export(model, out_dir)     files a finished run leaves behind                              (adapter.safetensors)
+    setup(model, meta)        change the model, explicitly: freeze(model), then attach modules at
+                              sites (model.attach) or wrap modules (replace_modules); what is
+                              added trains
+    objective(logits, y, mean)  the training loss; default: the task's mean loss `mean`
+                              (MemFT's token weightings)
+    aux_loss(model)           a tensor added to the objective, or None (MoC's router losses)
+    lr_scales(model)          {parameter: learning-rate multiplier} for those not at --lr
+                              (memory banks)
+    after_backward(model)     gradients are unscaled; clipping and the optimizer step follow
+                              (GRIT's statistics; K-FAC preconditioning before clipping)
+    before_step(model)        gradients are clipped; the optimizer step follows (GRIT's released
+                              preconditioning)
+    after_step(model)         right after the optimizer step (GRIT's inversion, reprojection)
+    state_dict() / load_state_dict(state)   the method's own training state, saved in ckpt.pt
+                              (exact resume)
+    metrics(model)            extra fields for each metrics.jsonl line with a train loss (router
+                              health)
+    summary(model)            extra fields for summary.json
+    export(model, out_dir)    files a finished run leaves behind (adapter.safetensors)
 
 Class attributes say where and how it runs:
 
@@ -25,11 +31,12 @@ Class attributes say where and how it runs:
                (and derived_defaults(args): defaults that follow from its other flags, e.g. PRB's
                full pooling sets the published 128-token window)
     add_flags  fn(parser): the method's CLI flag group (methods of one module may share one)
-    aliases    old flag spellings -> today's flag, for this method (train.py prints a deprecation note)
-    splits_batches  False where its objective or hooks need the whole batch in one pass (torchrun,
-    --grad_accum
-               then refuse it): objective() gets each part's share of the batch's mean loss,
-               aux_loss() is averaged over the parts, and the hooks see the summed gradients
+    splits_batches  False where its objective or hooks need the whole batch in one pass
+               (torchrun, --grad_accum then refuse it): objective() gets each part's share of the
+               batch's mean loss, aux_loss() is averaged over the parts, and the hooks see the
+               summed gradients
+
+Old flag spellings of a method (--rank, --alpha, ...) live in compat.py, not here.
 
 Weight-level methods use `replace_modules` (LoRA, MemFT's MLP adapter): it is the one way to swap a
 module of the model for a wrapper, and it never touches modules attached at sites.
@@ -76,7 +83,6 @@ class Method:
     datasets = ()
     defaults = {}
     add_flags = None
-    aliases = {}
     # its step is the same when a batch is split over processes or --grad_accum passes
     splits_batches = True
     splits_batches_not = ""  # why not, where it is not

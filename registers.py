@@ -263,7 +263,6 @@ class RegisterBERT(Method):
     datasets = ("squad", "tydiqa")
     defaults = {"lora_rank": 0}
     add_flags = staticmethod(add_regbert_flags)
-    aliases = {"n_registers": "register_tokens", "alpha": "lora_alpha"}
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from cli import InputError, Parser, fail, markdown, mean_spread, save_figure, write_report
 from lora import apply_lora
-from memory import apply_atoms
+from atoms import apply_atoms
 from method import freeze
-from runs import pyplot
+from cli import pyplot
 
 LAYERS = ("0", "2", "4")  # the three Linears of the MLP (nn.Sequential indices)
 

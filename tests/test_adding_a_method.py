@@ -1,6 +1,7 @@
-"""The README's "Adding a method" example is real: its code block, taken from the README, becomes a
-method by one entry in the method table, trains two steps, stops, resumes, and matches an
-uninterrupted run bit for bit."""
+"""The two worked examples of docs/extending.md are real methods: the code the page shows is the code
+of head_bias.py and prefix.py, each is reached through --method like any other method, trains,
+stops on Ctrl-C, resumes, and ends bit for bit where an uninterrupted run ends. (Their causality and
+their cached generation are checked with every method: test_layout.py, test_generate.py.)"""
 
 import json
 import os
@@ -8,71 +9,59 @@ import re
 import signal
 
 import pytest
-import torch
 
-from helpers import ROOT, assert_causal
+from helpers import ROOT, interrupt_run
 
-TINY = ["--method", "head-bias", "--init_from", "scratch", "--n_layer", "1", "--n_head", "2",
-        "--n_embd", "32", "--block_size", "128", "--batch_size", "4", "--lr", "3e-2", "--warmup",
-        "1", "--max_steps", "4", "--log_interval", "1", "--eval_interval", "2", "--eval_iters", "1",
-        "--eval_batch_size", "32", "--head_bias_init", "0.1"]
+TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+        "--block_size", "128", "--batch_size", "4", "--lr", "3e-2", "--warmup", "1",
+        "--max_steps", "40", "--log_interval", "1", "--eval_interval", "10", "--eval_iters", "1",
+        "--eval_batch_size", "32", "--dropout", "0"]
+EXAMPLES = {"head-bias": ("head_bias.py", ["--head_bias_init", "0.1"]),
+            "prefix": ("prefix.py", ["--prefix_length", "4"])}
 
 
-def readme_example():
-    """The namespace defined by the python block under '## Adding a method' in README.md."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme.split("## Adding a method", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace = {}
-    exec(compile(code, "README.md: Adding a method", "exec"), namespace)
-    return namespace
+def code_blocks(path):
+    return re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, path)).read(), re.S)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_the_page_shows_the_code_of_the_file(name):
+    """docs/extending.md quotes each example file from its first import to its method table: the
+    page cannot drift from the code that the tests run."""
+    source = open(os.path.join(ROOT, EXAMPLES[name][0])).read()
+    code = source[source.index("\nimport ") + 1:]
+    assert code in code_blocks("docs/extending.md")
+
+
+def test_the_examples_are_in_the_method_table():
+    from runs import METHODS
+    from train import build_parser
+    assert set(EXAMPLES) <= set(METHODS)
+    method_flag = next(a for a in build_parser()._actions if a.dest == "method")
+    assert set(EXAMPLES) <= set(method_flag.choices)
 
 
 def records(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "elapsed_s")}
-                for l in f]
+        return [{k: v for k, v in json.loads(line).items()
+                 if k not in ("tokens_per_s", "elapsed_s")} for line in f]
 
 
 @pytest.mark.slow
-def test_the_readme_method_trains_and_resumes_exactly(emotion_small_dir, tmp_path, monkeypatch):
-    import runs
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_an_example_trains_stops_and_resumes_exactly(name, emotion_small_dir, tmp_path):
     import train
-    LearnedHeadBias = readme_example()["LearnedHeadBias"]
-
-    class StopsAfterTwoSteps(LearnedHeadBias):
-        # presses Ctrl-C once, after the second optimizer step
-        def after_step(self, model):
-            self.steps = getattr(self, "steps", 0) + 1
-            if self.steps == 2:
-                signal.raise_signal(signal.SIGINT)
-
-    flags = [*TINY, "--data_dir", emotion_small_dir]
-    # the one entry in the method table
-    monkeypatch.setitem(runs.METHODS, "head-bias", LearnedHeadBias)
+    flags = ["--method", name, *TINY, *EXAMPLES[name][1], "--data_dir", emotion_small_dir]
     whole = train.main([*flags, "--out_dir", str(tmp_path / "whole")])
-    assert whole["params"]["trainable"] == 32  # only the bias trains ...
-    # ... and it moved from its --head_bias_init
-    assert abs(whole["head_bias_norm"] - 0.1 * 32 ** 0.5) > 1e-3
-    monkeypatch.setitem(runs.METHODS, "head-bias", StopsAfterTwoSteps)
-    with pytest.raises(SystemExit) as stopped:
-        train.main([*flags, "--out_dir", str(tmp_path / "parts")])
-    assert stopped.value.code == 130  # interrupted: 128 + SIGINT, like a Ctrl-C
-    assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 2
-    monkeypatch.setitem(runs.METHODS, "head-bias", LearnedHeadBias)
-    resumed = train.main(["--out_dir", str(tmp_path / "parts"), "--resume"])
-    # losses, val losses, lr: bit for bit
-    assert records(tmp_path / "parts") == records(tmp_path / "whole")
+    parts = str(tmp_path / "parts")
+    stdout = interrupt_run(["train.py", *flags, "--out_dir", parts], parts, 3, signal.SIGINT)
+    stopped_at = int(stdout.split("interrupted at step ")[1].split(";")[0])
+    assert 2 <= stopped_at < 40  # it trained at least two steps before Ctrl-C stopped it
+    resumed = train.main(["--out_dir", parts, "--resume"])
+    assert records(parts) == records(tmp_path / "whole")  # losses, val losses, lr: bit for bit
     assert resumed["final"] == whole["final"]
-    assert resumed["head_bias_norm"] == whole["head_bias_norm"]
-
-
-def test_the_readme_method_is_causal():
-    from model import GPT, GPTConfig
-    LearnedHeadBias = readme_example()["LearnedHeadBias"]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=16))
-    method = LearnedHeadBias(type("Args", (), {"head_bias_init": 0.5})())
-    method.setup(model, {})
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["sites.head.bias"]
-    assert_causal(model.eval(), torch.randint(0, 40, (2, 10)), 40)
+    trainable = {"head-bias": 32, "prefix": 2 * 4 * 32}[name]  # only what the method attached
+    assert whole["params"]["trainable"] == trainable
+    if name == "head-bias":  # the bias moved from its --head_bias_init, and resumed to the same
+        assert abs(whole["head_bias_norm"] - 0.1 * 32 ** 0.5) > 1e-3
+        assert resumed["head_bias_norm"] == whole["head_bias_norm"]

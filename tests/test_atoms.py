@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora import apply_lora
-from memory import AtomPool, apply_atoms, atom_parameter_counts
+from atoms import AtomPool, apply_atoms, atom_parameter_counts
 from method import freeze
 from model import GPT, GPTConfig
 from runs import METHODS
@@ -208,18 +208,16 @@ def test_the_regression_toy_runs_at_matched_parameters(tmp_path, capsys):
 
 
 def test_atom_arms_name_their_flags():
-    import sweeps
-    assert sweeps.atom_arm("atoms-b0-m8-d16",
-                           "emotion")[-6:] == ["--atoms_beta", "0", "--atoms_count", "8",
-                                               "--atoms_key_dim", "16"]
-    assert sweeps.atom_arm("lora-r9", "phonebook")[:4] == ["--method", "sft", "--adapter", "lora"]
-    assert sweeps.atom_arm("lora-r9", "emotion") == ["--method", "lora", "--lora_rank", "9",
-                                                     "--lora_alpha", "18"]
-    assert sweeps.atom_arm("lora-r8-a32",
-                           "phonebook")[-4:] == ["--memory_rank", "8", "--lora_alpha", "32"]
-    assert sweeps.atom_arm("lora-r8-x", "emotion") is None
-    assert sweeps.atom_arm("atoms-x3",
-                           "emotion") is None and sweeps.atom_arm("atomsb1", "emotion") is None
+    from experiments.atoms import atom_arm
+    assert atom_arm("atoms-b0-m8-d16", "emotion")[-6:] == ["--atoms_beta", "0", "--atoms_count",
+                                                           "8", "--atoms_key_dim", "16"]
+    assert atom_arm("lora-r9", "phonebook")[:4] == ["--method", "sft", "--adapter", "lora"]
+    assert atom_arm("lora-r9", "emotion") == ["--method", "lora", "--lora_rank", "9",
+                                              "--lora_alpha", "18"]
+    assert atom_arm("lora-r8-a32", "phonebook")[-4:] == ["--memory_rank", "8", "--lora_alpha",
+                                                         "32"]
+    assert atom_arm("lora-r8-x", "emotion") is None
+    assert atom_arm("atoms-x3", "emotion") is None and atom_arm("atomsb1", "emotion") is None
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ tiny config."""
 import torch
 
 import bench
+from benches import lm, qa
 from helpers import require_reference
 from lora import apply_lora
 from method import freeze
@@ -14,14 +15,14 @@ def test_lora_flops_by_hand():
     config = GPTConfig(n_layer=1, n_embd=4, vocab_size=10)
     # frozen: 12*16 + 40 = 232 weights; LoRA r=2: 2*(4+12 + 4+4 + 4+16 + 16+4) = 128; N = 2*3 tokens
     expected = 4 * 232 * 6 + 6 * 128 * 6 + 3 * 4 * 1 * 2 * 9 * 4
-    assert bench.lora_flops(config, batch=2, seq_len=3, rank=2) == expected
+    assert lm.lora_flops(config, batch=2, seq_len=3, rank=2) == expected
 
 
 def test_reference_arm_computes_the_same_function():
     require_reference("peft")
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16))
-    reference = bench.hf_reference(ours.config, ours, rank=4, alpha=8, dropout=0.0,
+    reference = lm.hf_reference(ours.config, ours, rank=4, alpha=8, dropout=0.0,
                                    device="cpu").eval()
     ours = apply_lora(freeze(ours), 4, 8).eval()
     idx = torch.randint(0, 97, (2, 32))
@@ -49,7 +50,7 @@ def test_qa_reference_is_the_same_model():
     ours = BERT(BertConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2,
                            intermediate_size=32))
     ours.attach("head", QAHead(16))
-    reference = bench.hf_qa_reference(ours, "cpu").eval()
+    reference = qa.hf_qa_reference(ours, "cpu").eval()
     idx = torch.randint(0, 50, (2, 12))
     out = reference(input_ids=idx)
     assert (ours.eval()(idx) - torch.stack([out.start_logits, out.end_logits],

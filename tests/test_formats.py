@@ -272,7 +272,7 @@ def test_a_bert_qa_model_exports_as_bert_for_question_answering(tmp_path):
 
 
 def test_atoms_are_not_a_peft_adapter():
-    from memory import apply_atoms
+    from atoms import apply_atoms
     from model import GPTConfig
     model = freeze(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=1, n_head=2, n_embd=8)))
     apply_atoms(model, 2, 4, 0.0, ["attn.c_attn"], 3, 4, 1, 0.0, 0.01, 8)

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import memory
+import memory_fused
 from helpers import assert_causal
-from memory import ChapterBank, MemoryLayer, gather_chapters, mixing_weights, parameter_counts, rms_normalize, set_route
+from memory import (ChapterBank, MemoryLayer, gather_chapters, mixing_weights, parameter_counts,
+                    rms_normalize, set_route)
 from model import GPT, GPTConfig
 from runs import METHODS
 from train import build_parser
@@ -154,11 +156,14 @@ def dense_read(layer, bank, h, ctx):
 # 2: fewer reads than chapters; 6 with a bank above the gather budget: one chapter per chunk
 @pytest.mark.parametrize("length,big_bank", [(6, False), (2, False), (6, True)])
 @pytest.mark.parametrize("route", ["token", "prompt", "sequence"])
+@pytest.mark.parametrize("read", ["fused", "plain"])
 def test_the_read_equals_the_materialised_computation_with_its_gradients(
-    route, length, big_bank, monkeypatch):
+        read, route, length, big_bank, monkeypatch):
+    """Both reads, the plain one (the equations as written) and the fused one (memory_fused.py),
+    give the values and every gradient of the materialised computation, in float64."""
     torch.manual_seed(1)
-    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1,
-                        route=route).double()
+    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route=route,
+                        read=read).double()
     bank = ChapterBank(16, 9, 4).double()
     with torch.no_grad():
         for p in [*layer.parameters(), bank.weight]:
@@ -168,7 +173,8 @@ def test_the_read_equals_the_materialised_computation_with_its_gradients(
     ctx = {"moc_bank": bank, "prompt_len": torch.tensor([4, 2])[:batch]}
     # one slot per chunk: the chunked loop is exercised (and the bank, 9 * 4 * 16, is above a budget
     # of 4 * 16)
-    monkeypatch.setattr(memory, "GATHER_BUDGET", 4 * 16 if big_bank else batch * length * 4 * 16)
+    monkeypatch.setattr(memory_fused, "GATHER_BUDGET",
+                        4 * 16 if big_bank else batch * length * 4 * 16)
     grads = []
     for read in (lambda: layer(h, ctx), lambda: dense_read(layer, bank.weight, h, ctx)):
         out = read()
@@ -194,11 +200,11 @@ def test_sparse_reads_pass_gradcheck():
     scale = lambda b: torch.rsqrt(b.detach().pow(2).mean(-1) + memory.ROW_EPS)
     # b * 1: a bank computed from the parameter takes the functional path (a leaf's gradient goes
     # straight to .grad)
-    assert torch.autograd.gradcheck(
-        lambda q, b, w: memory._RoutedScores.apply(q, b * 1, idx, w, 2, scale(b)), (q, bank, omega))
-    assert torch.autograd.gradcheck(
-        lambda a, b, w: memory._RoutedMix.apply(a, b * 1, idx, w, 2, scale(b)), (attn, bank, omega))
-    assert torch.autograd.gradcheck(lambda b: memory._Gather.apply(b * 1, idx, 2), (bank,))
+    scores = lambda q, b, w: memory_fused._RoutedScores.apply(q, b * 1, idx, w, 2, scale(b))
+    assert torch.autograd.gradcheck(scores, (q, bank, omega))
+    mix = lambda a, b, w: memory_fused._RoutedMix.apply(a, b * 1, idx, w, 2, scale(b))
+    assert torch.autograd.gradcheck(mix, (attn, bank, omega))
+    assert torch.autograd.gradcheck(lambda b: memory_fused._Gather.apply(b * 1, idx, 2), (bank,))
 
 
 def test_the_bank_gradient_accumulates_in_place():
@@ -215,7 +221,7 @@ def test_the_bank_gradient_accumulates_in_place():
         assert method.bank.weight.grad is buffer and torch.allclose(buffer, 2 * first, atol=1e-5)
 
 
-def test_with_omega_detached_the_router_learns_nothing_from_the_language_model_loss():
+def test_with_omega_detached_the_router_learns_nothing_from_the_language_model_loss(monkeypatch):
     model, method = tiny_moc()
     layer = method.layers[0]
     idx = torch.randint(0, 64, (2, 12))
@@ -223,7 +229,9 @@ def test_with_omega_detached_the_router_learns_nothing_from_the_language_model_l
     model(idx, dict(CTX)).sum().backward()
     assert layer.router.weight.grad.abs().sum() > 0  # through omega
     layer.router.weight.grad = None
-    layer.detach_omega = True
+    select = layer.select
+    detached = lambda logits: (lambda i, w, p, r: (i, w.detach(), p, r))(*select(logits))
+    monkeypatch.setattr(layer, "select", detached)
     model(idx, dict(CTX)).sum().backward()
     assert layer.router.weight.grad is None or layer.router.weight.grad.abs().sum() == 0
     assert method.aux_loss(model) is not None  # the auxiliary losses still reach it

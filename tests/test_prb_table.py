@@ -14,46 +14,39 @@ TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd",
 
 
 def test_mean_spread():
-    assert sweeps.mean_spread([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
-    assert sweeps.mean_spread([100, 300]) == "200 ± 141"
-    assert sweeps.mean_spread([1.0, None]) == "-"
+    from cli import mean_spread
+    assert mean_spread([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
+    assert mean_spread([100, 300]) == "200 ± 141"
+    assert mean_spread([1.0, None]) == "-"
 
 
 def test_the_arms_are_the_paper_s_and_ours(monkeypatch):
     """The seed-faithful arms carry every published choice (no EOS target, the 128 window, alpha =
     2r, fp16 on CUDA only); the paper's numbers stand only beside them."""
     import torch
-    assert sweeps.PRB_ARMS["lora-r37"][-2:] == ["--lora_alpha", "74"]
-    assert sweeps.arm_flags("seed-prb",
-                            ["--device", "cpu"])[-4:] == ["--eos_target", "off", "--pad_to", "128"]
+    from experiments.common import known_arm
+    from experiments.prb import PRB_ARMS, PRB_PAPER, SEED_ARMS, arm_flags
+    assert PRB_ARMS["lora-r37"][-2:] == ["--lora_alpha", "74"]
+    seed = ["--eos_target", "off", "--pad_to", "128"]
+    assert arm_flags("seed-prb", ["--device", "cpu"])[-4:] == seed
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert sweeps.arm_flags("seed-prb", [])[-2:] == ["--dtype", "float16"]
-    assert "--dtype" not in sweeps.arm_flags("seed-lora-r32",
-                                             []) and "--dtype" not in sweeps.arm_flags(
-                                                 "lora-r37", [])
-    assert sweeps.arm_flags("seed-prb", ["--device=cpu"])[-1] == "128"
-    assert set(sweeps.PRB_PAPER) == set(sweeps.SEED_ARMS)
-    assert sweeps.arm_flags("lora-r42", []) == ["--method", "lora", "--lora_rank", "42",
-                                                "--lora_alpha", "84"]
-    assert sweeps.known_arm(
-        "lora-r42") and not sweeps.known_arm("lora-r0") and not sweeps.known_arm("lora-rx")
+    assert arm_flags("seed-prb", [])[-2:] == ["--dtype", "float16"]
+    assert "--dtype" not in arm_flags("seed-lora-r32", [])
+    assert "--dtype" not in arm_flags("lora-r37", [])
+    assert arm_flags("seed-prb", ["--device=cpu"])[-1] == "128"
+    assert set(PRB_PAPER) == set(SEED_ARMS)
+    assert arm_flags("lora-r42", []) == ["--method", "lora", "--lora_rank", "42",
+                                         "--lora_alpha", "84"]
+    assert known_arm("lora-r42", PRB_ARMS)
+    assert not known_arm("lora-r0", PRB_ARMS) and not known_arm("lora-rx", PRB_ARMS)
 
 
-def test_a_sweep_passes_on_flags_it_does_not_know_exactly(monkeypatch):
+def test_a_sweep_passes_on_flags_it_does_not_know_exactly():
     """No prefix matching: --lr goes to train.py, not into moc-scratch's own --lr_b (argparse's
     default would take it)."""
-    class Stop(Exception):
-        pass
-
-    def first_grid(out_dir, arms, seeds, train_flags):
-        seen.append(train_flags)
-        raise Stop
-
-    seen = []
-    monkeypatch.setattr(sweeps, "run_grid", first_grid)
-    with pytest.raises(Stop):
-        sweeps.moc_scratch(["--lr", "3e-3", "--lr_b", "1e-4"])
-    assert seen[0][:2] == ["--lr", "3e-3"] and "1e-4" not in seen[0]
+    _, args, train_flags = sweeps.parse_command(["moc-scratch", "--lr", "3e-3", "--lr_b", "1e-4"])
+    assert train_flags[:2] == ["--lr", "3e-3"] and "1e-4" not in train_flags
+    assert args.lr_b == 1e-4
 
 
 @pytest.mark.parametrize("rank, trainable", [(32, 4_718_592), (35, 5_160_960), (37, 5_455_872)])

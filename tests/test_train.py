@@ -195,19 +195,21 @@ def test_defaults_come_in_layers():
 
 
 def test_runs_saved_under_the_old_flag_names_load():
-    from runs import ADDED_FLAGS, upgrade_args
+    from compat import ADDED_FLAGS, upgrade_args
+    from runs import METHODS
     old = {"method": "prb", "rank": 8, "alpha": 16.0, "lora_dropout": 0.1}
-    assert upgrade_args(old) == ADDED_FLAGS | {"method": "prb", "lora_rank": 8, "lora_alpha": 16.0,
-                                               "lora_dropout": 0.1}
+    assert upgrade_args(old, METHODS) == ADDED_FLAGS | {"method": "prb", "lora_rank": 8,
+                                                        "lora_alpha": 16.0, "lora_dropout": 0.1}
     assert ADDED_FLAGS == {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30,
-                           "moc_init": None,
-                           "peft_adapter": None, "grad_accum": 1}  # as they ran
-    memory = upgrade_args({"method": "memft-sw", "rank": 4, "curriculum": "auto"})
+                           "moc_init": None, "peft_adapter": None, "grad_accum": 1,
+                           "moc_read": "fused"}  # as they ran
+    memory = upgrade_args({"method": "memft-sw", "rank": 4, "curriculum": "auto"}, METHODS)
     assert memory == ADDED_FLAGS | {"method": "memft-sw", "memory_rank": 4, "curriculum": "on",
                                     "memft_loss": "sliding"}
-    assert upgrade_args({"method": "sft", "rank": 4, "curriculum": "auto"})["curriculum"] == "off"
+    sft = upgrade_args({"method": "sft", "rank": 4, "curriculum": "auto"}, METHODS)
+    assert sft["curriculum"] == "off"
     assert upgrade_args({"method": "regbert", "n_registers": 2,
-                         "lora_rank": 0})["register_tokens"] == 2
+                         "lora_rank": 0}, METHODS)["register_tokens"] == 2
 
 
 def test_a_new_run_never_overwrites_a_model_or_a_run(emotion_small_dir, tmp_path):

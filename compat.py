@@ -1,0 +1,78 @@
+"""Old flag spellings and old run folders, in one place, so that nothing else needs to know them.
+
+Flags were renamed as methods were added (one flag, one meaning): `--rank` is `--lora_rank`, or
+`--memory_rank` for the MemFT methods; `--alpha` is `--lora_alpha`; `--n_registers` is
+`--register_tokens`. The old spellings still work, with a one-line deprecation note. A run folder
+written before a flag existed (or was renamed) still resumes and evaluates: its saved flags are
+upgraded to today's names, and a flag it never had takes the value the run trained with.
+"""
+
+import argparse
+import sys
+
+from cli import InputError
+
+LORA = {"rank": "lora_rank", "alpha": "lora_alpha"}
+MEMFT = ("sft", "memft-ot", "memft-sw", "memft-window")
+# --method -> {old flag: today's flag}; a method not listed gives the old flags no meaning
+RENAMED_FLAGS = {"lora": LORA, "prb": LORA, "grit": LORA,
+                 "regbert": {"n_registers": "register_tokens", "alpha": "lora_alpha"},
+                 **dict.fromkeys(MEMFT, {"rank": "memory_rank", "alpha": "lora_alpha"})}
+BENCH_RENAMED = {"rank": "lora_rank", "alpha": "lora_alpha", "n_registers": "register_tokens"}
+OLD_FLAGS = sorted({old for renames in RENAMED_FLAGS.values() for old in renames})
+# flags newer than some saved runs: the value those runs trained with
+ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30,
+               "moc_init": None, "peft_adapter": None, "grad_accum": 1, "moc_read": "fused"}
+# the token weighting of a MemFT run saved before --memft_loss (when memft-sw did not yet run the
+# released scripts' weighting): memft-sw and memft-window were the sliding window
+MEMFT_LOSS = {"sft": "sft", "memft-ot": "ot"}
+
+
+def add_old_flags(parser):
+    """Every old spelling as a hidden flag, so that argparse accepts it (today_spelling renames)."""
+    for old in OLD_FLAGS:
+        parser.add_argument(f"--{old}", dest=f"renamed_{old}", help=argparse.SUPPRESS)
+
+
+def today_spelling(argv, method):
+    """argv with the old flags in today's spelling for `method` (one note each on stderr)."""
+    if not any(word.partition("=")[0] in {f"--{old}" for old in OLD_FLAGS} for word in argv):
+        return argv
+    renames = {old: RENAMED_FLAGS.get(method, {}).get(old) for old in OLD_FLAGS}
+    return rename_flags(argv, renames, f"for --method {method}")
+
+
+def drop_old_flags(args):
+    for old in OLD_FLAGS:
+        delattr(args, f"renamed_{old}")
+    return args
+
+
+def rename_flags(argv, renames, where):
+    """argv with renamed flags in today's spelling (renames: old -> new, None where the old flag
+    means nothing here), and one deprecation note on stderr for each."""
+    out = []
+    for word in argv:
+        flag, eq, value = word.partition("=")
+        if flag.startswith("--") and flag[2:] in renames:
+            if renames[flag[2:]] is None:
+                raise InputError(f"{flag} has no meaning {where} (see --help)")
+            print(f"note: {flag} is deprecated; it is --{renames[flag[2:]]} {where}",
+                  file=sys.stderr)
+            word = f"--{renames[flag[2:]]}{eq}{value}"
+        out.append(word)
+    return out
+
+
+def upgrade_args(saved, methods):
+    """The flags of a saved run in today's names (methods: the method table, for the curriculum's
+    old `auto`, which became the method's default)."""
+    saved = dict(saved)
+    for old, new in RENAMED_FLAGS.get(saved.get("method"), {}).items():
+        if old in saved and new not in saved:
+            saved[new] = saved.pop(old)
+    if saved.get("curriculum") == "auto" and saved.get("method") in methods:
+        saved["curriculum"] = methods[saved["method"]].defaults.get("curriculum", "off")
+    if saved.get("method") in MEMFT and "memft_loss" not in saved:
+        saved["memft_loss"] = MEMFT_LOSS.get(saved["method"], "sliding")
+    return ADDED_FLAGS | saved

@@ -1,0 +1,2 @@
+"""The experiment grids behind docs/: one module per paper, dispatched by sweeps.py."""
+

@@ -1,0 +1,283 @@
+"""A run folder on disk (train.py --out_dir), and the bookkeeping that keeps it safe and resumable,
+beside the training loop rather than in it:
+
+    metrics.jsonl   one line per log step (train loss, val loss, lr, ...): log_and_checkpoint
+    ckpt.pt         the latest state: flags, tensors, optimizer, RNG states, the log window
+    best.pt         the tensors at the best val loss
+    summary.json, loss.png, and what the method exports
+
+- A new run never overwrites anything of value (check_new_run_folder); a run that died before its
+  first checkpoint starts again.
+- Checkpoints are written to a temporary file and renamed (atomic_torch_save), hold only the
+  trainable tensors when the frozen base can be loaded again (saved_state), and a resumed run
+  continues bit for bit: its RNG states and the log window's sums are part of ckpt.pt
+  (checkpoint_state, restore_checkpoint), and metrics.jsonl is cut back to the checkpoint's step.
+- Ctrl-C or SIGTERM finishes the current step, saves, and exits 128 + the signal (Interrupts).
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+
+import distributed
+from checkpoints import check_keys
+from cli import InputError, pyplot
+
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "scaler", "rng_cpu", "running", "best_val",
+                   "best_step", "elapsed", "args")
+KEEPS = ("ckpt.pt", "summary.json", "model.safetensors", "adapter.safetensors", "config.json")
+# what a run leaves before its first ckpt.pt
+DEAD_START = ("metrics.jsonl", "best.pt", "ckpt.pt.tmp", "best.pt.tmp", "metrics.jsonl.tmp")
+RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "compile", "data_dir"}  # not the math
+
+
+# ------------------------------------------------------------------------------ starting a run
+def check_new_run_folder(args, remove=True):
+    """A new run never overwrites anything of value: refuse an --out_dir that is a file, is the
+    --init_from folder, or holds a checkpoint, weights or a summary. A run that died before its
+    first checkpoint (its metrics.jsonl, a step-0 best.pt, half-written files) is started again,
+    with a note."""
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out_dir {out} is a file, not a folder; choose another --out_dir")
+    if (os.path.isdir(out) and os.path.isdir(args.init_from)
+            and os.path.samefile(out, args.init_from)):
+        raise InputError(f"--out_dir {out} is the --init_from folder, whose weights the run would "
+                         "overwrite; choose another --out_dir")
+    if found := [name for name in KEEPS if os.path.exists(os.path.join(out, name))]:
+        raise InputError(f"{out} already holds a run or a model ({', '.join(found)}); pass "
+                         "--resume to continue a run, or choose another --out_dir")
+    dead = [name for name in DEAD_START if os.path.isfile(os.path.join(out, name))]
+    if remove and dead:
+        print(f"note: {out} holds a run that stopped before its first checkpoint; starting it "
+              "again", file=sys.stderr)
+        for name in dead:
+            os.remove(os.path.join(out, name))
+
+
+def checkpoint_to_resume(out_dir):
+    """The path of the ckpt.pt that --resume continues, or one line saying why there is none."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        if any(os.path.isfile(os.path.join(out_dir, name)) for name in DEAD_START):
+            raise InputError(f"{out_dir} stopped before its first checkpoint, so there is nothing "
+                             "to resume; run the same command without --resume to start it again")
+        raise InputError(f"nothing to resume: {path} does not exist")
+    return path
+
+
+def resume_args(args, explicit, saved, defaults):
+    """The saved run's flags (in today's names: compat.upgrade_args), with the explicit flags that
+    do not change the math; any other explicit flag must equal the saved one. `defaults`: today's
+    parser defaults, for flags newer than the run."""
+    for name in sorted(explicit - RESUME_MAY_CHANGE):
+        if getattr(args, name) != saved.get(name):
+            raise InputError(f"{args.out_dir} was trained with --{name} {saved.get(name)}, not "
+                             f"{getattr(args, name)}; resume without that flag, or start a new run "
+                             "in another --out_dir")
+    changed = (explicit & RESUME_MAY_CHANGE) | {"resume", "out_dir"}
+    return argparse.Namespace(**(defaults | saved | {k: getattr(args, k) for k in changed}))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def saved_state(model, args):
+    """What a checkpoint must hold to rebuild the model: everything when every weight trains or the
+    base is a scratch init, only the trainable tensors when the frozen base is a checkpoint that
+    can be loaded again."""
+    if args.init_from == "scratch" or all(p.requires_grad for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def load_saved_state(model, state, what):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{what} does not hold model tensors; it is corrupt or not ours")
+    expected = model.state_dict()
+    if len(state) < len(expected):  # trainable tensors only
+        expected = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    check_keys(state, expected, what)
+    model.load_state_dict(state, strict=False)
+
+
+def atomic_torch_save(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def rng_state(device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device)
+                                   if device.startswith("cuda") else None)
+
+
+def checkpoint_state(run):
+    """ckpt.pt of a Run (train.py). Every rank takes part (the RNG states of all ranks, the log
+    window summed over ranks); rank 0 writes it."""
+    rng = distributed.gather(rng_state(run.device))
+    window = run.window.as_tensor()
+    distributed.sum_(window[:2])
+    return {"step": run.step, "model": saved_state(run.model, run.args),
+            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+            "rng_cpu": rng[0][0], "rng_cuda": rng[0][1], "rng_ranks": rng,
+            "method_state": run.method.state_dict(), "running": window.cpu(),
+            "best_val": run.best_val, "best_step": run.best_step, "elapsed": run.wall(),
+            "args": vars(run.args)}
+
+
+def save_checkpoint(run):
+    state = checkpoint_state(run)
+    if distributed.is_main():
+        atomic_torch_save(state, run.path)
+    run.saved_step = run.step
+
+
+def restore_checkpoint(run, ckpt, path):
+    """A Run where ckpt.pt left it: tensors, optimizer, method state, this rank's RNG states, the
+    log window (rank 0 carries the window's sums over every rank), step and best val loss."""
+    load_saved_state(run.model, ckpt["model"], path)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.method.load_state_dict(ckpt.get("method_state", ckpt.get("objective", {})))
+    ranks = ckpt.get("rng_ranks", [(ckpt["rng_cpu"], ckpt["rng_cuda"])])
+    if len(ranks) != distributed.world():
+        raise InputError(f"{path} was written by {len(ranks)} process(es), this run has "
+                         f"{distributed.world()}; resume with torchrun "
+                         f"--nproc_per_node={len(ranks)}" if len(ranks) > 1 else
+                         f"{path} was written by one process; resume it without torchrun")
+    rng_cpu, rng_cuda = ranks[distributed.rank()]
+    torch.set_rng_state(rng_cpu)
+    if run.device.startswith("cuda") and rng_cuda is not None:
+        torch.cuda.set_rng_state(rng_cuda, run.device)
+    run.window.load(ckpt["running"], keep_sums=distributed.is_main())
+    run.step, run.best_val = ckpt["step"], ckpt["best_val"]
+    run.best_step, run.elapsed = ckpt["best_step"], ckpt["elapsed"]
+    run.saved_step = run.step
+
+
+# ------------------------------------------------------------------------------ metrics.jsonl
+def log_and_checkpoint(run, task, val_split, lr):
+    """Append one line to metrics.jsonl: the train loss over the window since the last line, and
+    every --eval_interval steps the val loss (best.pt and ckpt.pt follow it). Returns the line
+    (None if this step is logged already)."""
+    a, step = run.args, run.step
+    if step == run.logged_step:
+        return None
+    record = {"step": step, "train_loss": None, "val_loss": None, "lr": lr}
+    window = run.window.as_tensor()
+    distributed.sum_(window[:2])  # the window's loss and tokens over every rank
+    loss_sum, tokens, steps = window.tolist()
+    if steps > 0:
+        record["train_loss"] = loss_sum / tokens
+        check_finite(run, record["train_loss"], "train loss")
+        record |= task.throughput(tokens / (time.time() - run.t_window))
+        record |= run.method.metrics(run.model)
+    if step % a.eval_interval == 0 or step == a.max_steps:
+        record["val_loss"] = task.evaluate(run.model, val_split, run.autocast, a.eval_batch_size,
+                                           a.eval_iters)
+        check_finite(run, record["val_loss"], "val loss")
+        if record["val_loss"] < run.best_val:
+            run.best_val, run.best_step = record["val_loss"], step
+            if distributed.is_main():
+                atomic_torch_save(saved_state(run.model, a), os.path.join(a.out_dir, "best.pt"))
+    record["elapsed_s"] = run.wall()
+    if distributed.is_main():
+        with open(os.path.join(a.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    run.window.zero()
+    run.t_window = time.time()
+    if record["val_loss"] is not None:
+        save_checkpoint(run)
+    return record
+
+
+def check_finite(run, value, what):
+    if not math.isfinite(value):
+        kept = (f"the checkpoint of step {run.saved_step} is kept"
+                if run.saved_step is not None else "no checkpoint was written")
+        raise InputError(f"{what} is {value} at step {run.step}: training diverged ({kept}); "
+                         "lower --lr, raise --warmup or use --dtype float32")
+
+
+def read_metrics(path, upto_step):
+    """The lines of a run's metrics.jsonl up to `upto_step`, for resuming. The last line may have
+    been cut short by a crash while it was written (it is after the checkpoint, so it is dropped);
+    any other damage is an error."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} is missing, so the run cannot continue exactly; start a new run "
+                         "in another --out_dir")
+    lines, keep = open(path).read().splitlines(), []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (ValueError, TypeError, KeyError):
+            if i == len(lines) - 1:
+                break
+            raise InputError(f"{path} line {i + 1} is not a metrics record; restore the file or "
+                             "start a new run in another --out_dir") from None
+        if step <= upto_step:
+            keep.append(line + "\n")
+    return keep
+
+
+def start_metrics(out_dir, step):
+    """metrics.jsonl as it stood at `step` (None: a new run, an empty file), written atomically:
+    what was logged after the checkpoint we resume from is dropped."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    keep = [] if step is None else read_metrics(path, step)
+    if distributed.is_main():
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def plot_losses(out_dir):
+    """loss.png: the train and val loss of metrics.jsonl against the step."""
+    plt = pyplot()
+    if plt is None:
+        return
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("train_loss", "val_loss"):
+        points = [(r["step"], r[key]) for r in rows if r[key] is not None]
+        ax.plot(*zip(*points), label=key.replace("_", " "),
+                marker="o" if key == "val_loss" else None, ms=3)
+    ax.set(xlabel="step", ylabel="loss (token-weighted CE)",
+           title=os.path.basename(os.path.abspath(out_dir)))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ signals
+class Interrupts:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM (what job schedulers send) only records
+    itself: the loop finishes its step, saves ckpt.pt and exits. A second signal of the same kind
+    acts at once."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signal, self.previous = None, {s: signal.signal(s, self.record) for s in self.SIGNALS}
+        return self
+
+    def record(self, signum, frame):
+        self.signal = signum
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, default)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after saving ckpt.pt; train.main exits with 128 + the signal's
+    number."""
