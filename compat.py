@@ -22,7 +22,8 @@ BENCH_RENAMED = {"rank": "lora_rank", "alpha": "lora_alpha", "n_registers": "reg
 OLD_FLAGS = sorted({old for renames in RENAMED_FLAGS.values() for old in renames})
 # flags newer than some saved runs: the value those runs trained with
 ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30,
-               "moc_init": None, "peft_adapter": None, "grad_accum": 1, "moc_read": "fused"}
+               "moc_init": None, "peft_adapter": None, "grad_accum": 1, "moc_read": "fused",
+               "grit_statistics": "fused"}
 # the token weighting of a MemFT run saved before --memft_loss (when memft-sw did not yet run the
 # released scripts' weighting): memft-sw and memft-window were the sliding window
 MEMFT_LOSS = {"sft": "sft", "memft-ot": "ot"}

@@ -50,11 +50,14 @@ Deviations, each a choice: the statistics are kept in float32 (released: float16
 from A dropout(x), the input B actually sees (released: A x; equal at the released dropout 0, our
 default here); float16 autocast is refused (its loss scale would enter Sigma_g).
 
-No host sync in the hot loop: the statistics leave the backward as the gradient of a "sink" tensor
-(no buffer is written inside a backward, so torch.compile can trace it), and folding, inversion (all
-damping scales at once, the first success picked on the device), reprojection (k as a mask, not a
-slice) and preconditioning are tensor ops. The schedule is host arithmetic on the step count and on
-the logged loss, read when train.py logs.
+The statistics, plain and fused: record_statistics (--grit_statistics plain) is the plain version,
+a tensor hook on u = A x that adds the sums into a "sink" tensor's .grad; RankStatistics (the
+default) returns the same sums as the sink's gradient from an autograd function, so no buffer is
+written inside a backward and torch.compile can trace it (tests/test_grit.py: the same sums and the
+same gradients). No host sync in the hot loop: folding, inversion (all damping scales at once, the
+first success picked on the device), reprojection (k as a mask, not a slice) and preconditioning
+are tensor ops. The schedule is host arithmetic on the step count and on the logged loss, read when
+train.py logs.
 """
 
 import math
@@ -75,9 +78,31 @@ DAMPING_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)  # manager.py, jit_invert_
 HISTORY = 20  # manager.py: loss_history_capacity, and the window of _get_adaptive_freq
 
 
+STATISTICS = ("fused", "plain")
+
+
+def record_statistics(u, sink):
+    """The plain way to collect the statistics of u = A x: u^T u now, and (dL/du)^T (dL/du) when
+    the backward reaches u, through a tensor hook that adds both, with the row count, into
+    sink.grad (the sums Sigma_a and Sigma_g are folded from). Eager only: torch.compile cannot
+    trace a hook that writes .grad. RankStatistics computes the same without the hook."""
+    flat_u = u.detach().reshape(-1, u.size(-1)).float()
+
+    def add_to_sink(grad_u):
+        flat_g = grad_u.reshape(-1, u.size(-1)).float()
+        rows = flat_u.new_full((1,), flat_u.size(0))
+        sums = torch.cat([(flat_u.T @ flat_u).flatten(), (flat_g.T @ flat_g).flatten(), rows])
+        sums = sums.to(sink.dtype)  # as autograd casts the fused version's to the sink's dtype
+        sink.grad = sums if sink.grad is None else sink.grad + sums
+
+    u.register_hook(add_to_sink)
+    return u
+
+
 class RankStatistics(torch.autograd.Function):
-    """The identity on u = A x, whose backward also returns, as the gradient of a sink tensor, the
-    sums [u^T u, (dL/du)^T (dL/du), rows] flattened: autograd adds them into sink.grad."""
+    """The fused way: the identity on u = A x, whose backward also returns, as the gradient of a
+    sink tensor, the sums [u^T u, (dL/du)^T (dL/du), rows] flattened: autograd adds them into
+    sink.grad. No buffer is written inside a backward, so torch.compile traces it."""
 
     @staticmethod
     def forward(ctx, u, sink):
@@ -94,11 +119,14 @@ class RankStatistics(torch.autograd.Function):
 
 
 class GritLinear(LoRALinear):
-    """LoRA (lora.py) whose low-rank input u = A x passes through RankStatistics while `collect` is
-    set."""
+    """LoRA (lora.py) whose low-rank input u = A x has its statistics collected (RankStatistics, or
+    record_statistics with statistics="plain") while `collect` is set."""
 
-    def __init__(self, base, rank, alpha, dropout=0.0, rslora=False, device=None):
+    def __init__(self, base, rank, alpha, dropout=0.0, rslora=False, device=None,
+                 statistics="fused"):
         super().__init__(base, rank, alpha, dropout)
+        assert statistics in STATISTICS
+        self.statistics = statistics
         if rslora:
             # rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023), as the released examples
             self.scaling = alpha / math.sqrt(rank)
@@ -112,7 +140,9 @@ class GritLinear(LoRALinear):
         if self.merged:
             return y
         u = F.linear(self.lora_dropout(x), self.lora_A)
-        if self.collect and self.training:
+        if self.collect and self.training and self.statistics == "plain":
+            u = record_statistics(u, self.sink)
+        elif self.collect and self.training:
             u = RankStatistics.apply(u, self.sink)
         return y + F.linear(u, self.lora_B) * self.scaling
 
@@ -158,6 +188,9 @@ def projector(vectors, k):
 # --------------------------------------------------------------------------------------- the method
 def add_grit_flags(parser):
     g = parser.add_argument_group("GRIT (--method grit; the LoRA flags set r, alpha, targets)")
+    g.add_argument("--grit_statistics", choices=STATISTICS, default="fused",
+                   help="fused: collected by an autograd function, no host sync, compiles "
+                        "(default); plain: by a tensor hook (eager only), the same sums")
     g.add_argument("--grit_pairing", choices=["released", "kfac"], default="released",
                    help="which rank-space factor preconditions which side (see grit.py): the "
                         "released code's, or textbook K-FAC's")
@@ -205,6 +238,12 @@ class Grit(LoRA):
         if args.dtype == "float16":
             raise InputError("--method grit cannot use --dtype float16: the loss scale would enter "
                              "Sigma_g; use bfloat16 or float32")
+        compiled = getattr(args, "compile", None)
+        if compiled is None:  # train.py's default: compiled on CUDA
+            compiled = str(device).startswith("cuda")
+        if args.grit_statistics == "plain" and compiled:
+            raise InputError("--grit_statistics plain collects through a tensor hook, which "
+                             "torch.compile cannot trace; add --no-compile or use the fused one")
         for flag in ("grit_kfac_freq", "grit_cov_freq", "grit_min_rank"):
             if getattr(args, flag) <= 0:
                 raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
@@ -217,7 +256,7 @@ class Grit(LoRA):
     def setup(self, model, meta):
         a = self.args
         wrap = lambda linear: GritLinear(linear, a.lora_rank, a.lora_alpha, a.lora_dropout,
-                                         a.grit_rslora == "on", self.device)
+                                         a.grit_rslora == "on", self.device, a.grit_statistics)
         apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout,
                    a.lora_targets.split(","), wrap)
         self.layers = [m for m in model.modules() if isinstance(m, GritLinear)]

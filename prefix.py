@@ -14,6 +14,7 @@ import os
 import torch
 import torch.nn as nn
 
+from cli import InputError
 from method import Method, freeze, save_tensors
 
 
@@ -39,6 +40,11 @@ class PrefixTuning(Method):
     """--method prefix: a learned prefix in every layer's attention; the model frozen."""
     datasets = ("emotion",)
     add_flags = staticmethod(add_prefix_flags)
+
+    def __init__(self, args, device="cpu"):
+        super().__init__(args, device)
+        if args.prefix_length <= 0:
+            raise InputError(f"--prefix_length must be positive, got {args.prefix_length}")
 
     def setup(self, model, meta):
         freeze(model)  # only what we attach trains

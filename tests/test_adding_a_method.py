@@ -1,5 +1,5 @@
-"""The two worked examples of docs/extending.md are real methods: the code the page shows is the code
-of head_bias.py and prefix.py, each is reached through --method like any other method, trains,
+"""The two worked examples of docs/extending.md are real methods: the code the page shows is the
+code of head_bias.py and prefix.py, each is reached through --method like any other method, trains,
 stops on Ctrl-C, resumes, and ends bit for bit where an uninterrupted run ends. (Their causality and
 their cached generation are checked with every method: test_layout.py, test_generate.py.)"""
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from grit import Grit, invert_damped, projector, top_energy_basis
+from cli import InputError
+from grit import Grit, GritLinear, invert_damped, projector, top_energy_basis
 from lora import LoRALinear
 from train import parse_args
 
@@ -51,11 +52,12 @@ def product_design(d_in, d_out):
     return xs.repeat_interleave(len(gs), 0).repeat(2, 1), gs.repeat(2 * len(xs), 1)
 
 
-def test_statistics_are_the_rank_space_covariances():
+@pytest.mark.parametrize("statistics", ["fused", "plain"])
+def test_statistics_are_the_rank_space_covariances(statistics):
     """Sigma_a = mean (A x)(A x)^T and Sigma_g = mean (B^T g)(B^T g)^T over every row, g = dL/dy,
     folded as a cumulative mean over batches of different sizes; the layer's output and gradients
-    are plain LoRA's."""
-    model, method, layer = attached(5, 3, 2)
+    are plain LoRA's. Both ways of collecting them."""
+    model, method, layer = attached(5, 3, 2, "--grit_statistics", statistics)
     lora = LoRALinear(nn.Linear(5, 3), 2, 2.0)
     lora.load_state_dict(layer.state_dict(), strict=False)
     batches = [torch.randn(4, 7, 5), torch.randn(3, 5)]
@@ -75,6 +77,36 @@ def test_statistics_are_the_rank_space_covariances():
     assert torch.allclose(method.cov_a[0], u.T @ u / len(u), atol=1e-5)
     assert torch.allclose(method.cov_g[0], h.T @ h / len(h), atol=1e-5)
     assert method.rows[0] == 31
+
+
+def test_the_plain_and_the_fused_statistics_are_the_same_sums_and_gradients():
+    """record_statistics (a tensor hook) and RankStatistics (an autograd function) add the same sums
+    into the sink over two backwards, and leave every gradient (input, A, B) the same, in float64."""
+    torch.manual_seed(3)
+    layers = {}
+    for statistics in ("fused", "plain"):
+        torch.manual_seed(0)
+        layers[statistics] = GritLinear(nn.Linear(6, 4), 3, 3.0, statistics=statistics).double()
+        layers[statistics].sink = torch.zeros(2 * 9 + 1, dtype=torch.float64, requires_grad=True)
+        with torch.no_grad():
+            layers[statistics].lora_B.normal_()
+        layers[statistics].collect = True
+    xs = [torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(7, 6, dtype=torch.float64)]
+    grads = {}
+    for statistics, layer in layers.items():
+        inputs = [x.clone().requires_grad_() for x in xs]
+        for x in inputs:
+            (layer(x) * torch.linspace(-1, 1, 4, dtype=torch.float64)).sum().backward()
+        grads[statistics] = [layer.sink.grad, layer.lora_A.grad, layer.lora_B.grad,
+                             *(x.grad for x in inputs)]
+    assert grads["fused"][0][-1] == 2 * 5 + 7  # rows
+    for fused, plain in zip(grads["fused"], grads["plain"]):
+        assert torch.allclose(fused, plain, atol=1e-12)
+
+
+def test_plain_statistics_refuse_torch_compile():
+    with pytest.raises(InputError, match="torch.compile cannot trace"):
+        grit("--grit_statistics", "plain", "--compile")
 
 
 def exact_fisher_blocks(A, B, xs, gs):

@@ -202,7 +202,7 @@ def test_runs_saved_under_the_old_flag_names_load():
                                                         "lora_alpha": 16.0, "lora_dropout": 0.1}
     assert ADDED_FLAGS == {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30,
                            "moc_init": None, "peft_adapter": None, "grad_accum": 1,
-                           "moc_read": "fused"}  # as they ran
+                           "moc_read": "fused", "grit_statistics": "fused"}  # as they ran
     memory = upgrade_args({"method": "memft-sw", "rank": 4, "curriculum": "auto"}, METHODS)
     assert memory == ADDED_FLAGS | {"method": "memft-sw", "memory_rank": 4, "curriculum": "on",
                                     "memft_loss": "sliding"}

@@ -1,0 +1,155 @@
+"""The documentation holds: a README a person reads in ten minutes, a page per paper and per topic,
+each opening with its contents; every relative link resolves (files and anchors); every `python ...`
+command line parses its flags (no training: the scripts' own parsers); and every measured table of a
+paper's page is the one in docs/results.md."""
+
+import os
+import re
+import shlex
+
+import pytest
+
+from helpers import ROOT, load_prepare_module
+
+PAGES = ["prb", "regbert", "memft", "moc", "atoms", "grit", "extending", "ecosystem", "failures",
+         "results", "training"]
+DOCS = ["README.md", *(f"docs/{page}.md" for page in PAGES)]
+
+
+def read(path):
+    return open(os.path.join(ROOT, path), encoding="utf-8").read()
+
+
+def slug(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(path):
+    text = re.sub(r"```.*?```", "", read(path), flags=re.S)
+    return {slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+
+
+def test_the_readme_reads_in_ten_minutes():
+    assert len(read("README.md").encode()) <= 20_000
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_every_page_opens_with_its_contents(path):
+    lines = read(path).splitlines()
+    assert lines[0].startswith("# ")
+    start = lines.index("Contents:")
+    assert start < 15, f"{path}: the contents list is not at the top"
+    entries = []
+    for line in lines[start + 1:]:
+        if entries and not line.strip():
+            break
+        if line.strip():
+            entries.append(line)
+    assert len(entries) >= 2 and all(re.match(r"\s*- \[.+\]\(#[\w-]+\)$", e) for e in entries)
+
+
+def links(path):
+    text = re.sub(r"```.*?```", "", read(path), flags=re.S)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_every_relative_link_resolves(path):
+    folder = os.path.dirname(path)
+    for link in links(path):
+        if re.match(r"[a-z]+://", link):
+            continue
+        target, _, anchor = link.partition("#")
+        target_path = os.path.normpath(os.path.join(folder, target)) if target else path
+        assert os.path.exists(os.path.join(ROOT, target_path)), f"{path}: {link} does not exist"
+        if anchor:
+            assert anchor in anchors(target_path), f"{path}: {link} names no heading there"
+
+
+# ------------------------------------------------------------------------------ command lines
+def command_lines(path):
+    """Every `python ...` command of a page: the lines of its code blocks (continuations joined,
+    comments dropped) and its inline code spans."""
+    text = read(path)
+    found = []
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("python "):
+                found.append(line)
+    found += [span for span in re.findall(r"`(python [^`]+)`", re.sub(r"```.*?```", "", text,
+                                                                      flags=re.S))]
+    return [c for c in found if not c.startswith(("python -m", "python -c"))]
+
+
+class Parsed(Exception):
+    pass
+
+
+def parse_command(words, monkeypatch):
+    """Parse one command line with its script's parser, and stop there."""
+    script, argv = words[1], words[2:]
+    if script == "train.py":
+        import train
+        if "--peft_adapter" in argv:  # reading the adapter is not parsing: argparse alone
+            return train.build_parser().parse_args(argv)
+        return train.parse_args(argv)
+    if script == "sweeps.py":
+        import sweeps
+        import train
+        _, _, train_flags = sweeps.parse_command(argv)
+        return train.build_parser().parse_args(train_flags)
+    if script == "bench.py":
+        import bench
+        return bench.parse_command(argv)
+    import cli
+    real = cli.Parser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(real(self, args, namespace))
+    monkeypatch.setattr(cli.Parser, "parse_args", parse_then_stop)
+    if script.startswith("data/"):
+        module = load_prepare_module(script.split("/")[1])
+    else:
+        module = __import__(script.removesuffix(".py"))
+    with pytest.raises(Parsed):
+        module.main(argv)
+
+
+def all_commands():
+    return sorted({(path, command) for path in DOCS for command in command_lines(path)})
+
+
+def test_the_pages_have_commands():
+    assert len(all_commands()) >= 60
+
+
+@pytest.mark.parametrize("path, command", all_commands())
+def test_every_command_line_parses(path, command, monkeypatch, capsys):
+    words = shlex.split(command)
+    assert os.path.isfile(os.path.join(ROOT, words[1])), f"{path}: no script {words[1]}"
+    try:
+        parse_command(words, monkeypatch)
+    except SystemExit:
+        pytest.fail(f"{path}: `{command}` does not parse: {capsys.readouterr().err.strip()}")
+
+
+# ------------------------------------------------------------------------------ measured tables
+def result_tables(path):
+    """The markdown table rows under a page's `## Results` heading (up to the next `## `)."""
+    text = read(path)
+    if "\n## Results\n" not in text:
+        return []
+    section = text.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.parametrize("page", ["prb", "regbert", "memft", "moc", "atoms", "grit"])
+def test_every_measured_table_is_in_the_results_page(page):
+    rows = result_tables(f"docs/{page}.md")
+    assert rows, f"docs/{page}.md has no measured table under ## Results"
+    results = read("docs/results.md").splitlines()
+    missing = [row for row in rows if row not in results]
+    assert not missing, f"docs/{page}.md rows not in docs/results.md: {missing[:2]}"
