@@ -6,24 +6,24 @@ Every rule and constant below was read in the authors' released package,
 grit/{autograd,manager,optim,trainer,config}.py (we read the copies vendored in public
 repositories); the file is named beside each line that follows it.
 
-Statistics (autograd.py, KFACAutogradFunction), per adapted layer, in rank space (r x r, never d x
-d):
+Statistics (grit/autograd.py, KFACAutogradFunction), per adapted layer, in rank space (r x r, never
+d x d):
     Sigma_a = E[(A x)(A x)^T]        A x is B's input
     Sigma_g = E[(B^T g)(B^T g)^T]    g = dL/dy, the gradient of the layer's output
                                      (u = A x: dL/du = s B^T g)
   cumulative means over every token row, padding included, folded in on every 15th backward of the
   layer.
-Inversion (manager.py, update_and_invert_factors + jit_invert_tensor_pair), every kfac_update_freq
-  steps: Cholesky of Sigma + lambda I with lambda = damping x 1, 3, 10, 30, 100, 300, the first
-  scale at which both factors succeed; a layer with fewer than 64 rows seen, or no success, keeps
-  its previous inverses (the identity before the first).
-Damping and schedule (manager.py, step), after every optimizer step: the loss joins a history of the
-  last 20; with more than 10, damping = clip(0.001 + std(history), 1e-6, 1e-2); a frequency is base
-  x 1.5 when the mean of the newer half of 20 losses is 1% below the older half's, else base x 0.75.
-  The released loss is the last *logged* one (trainer.py, GritCallback.on_step_end reads
-  state.log_history[-1]), appended at every step: between two logs the history repeats one number.
-  We follow it (the logged value is the mean loss of the log window).
-Preconditioning (manager.py, precondition_gradients; optim.py wraps the optimizer's step):
+Inversion (grit/manager.py, update_and_invert_factors + jit_invert_tensor_pair), every
+  kfac_update_freq steps: Cholesky of Sigma + lambda I with lambda = damping x 1, 3, 10, 30, 100,
+  300, the first scale at which both factors succeed; a layer with fewer than 64 rows seen, or no
+  success, keeps its previous inverses (the identity before the first).
+Damping and schedule (grit/manager.py, step), after every optimizer step: the loss joins a history
+  of the last 20; with more than 10, damping = clip(0.001 + std(history), 1e-6, 1e-2); a frequency
+  is base x 1.5 when the mean of the newer half of 20 losses is 1% below the older half's, else base
+  x 0.75. The released loss is the last *logged* one (grit/trainer.py, GritCallback.on_step_end
+  reads state.log_history[-1]), appended at every step: between two logs the history repeats one
+  number. We follow it (the logged value is the mean loss of the log window).
+Preconditioning (grit/manager.py, precondition_gradients; grit/optim.py wraps the optimizer's step):
     released:  grad_B <- grad_B Sigma_g^-1     grad_A <- Sigma_a^-1 grad_A
     kfac:      grad_B <- grad_B Sigma_a^-1     grad_A <- Sigma_g^-1 grad_A
   Textbook K-FAC (Martens & Grosse 2015, §3) preconditions a weight by the covariance of its own
@@ -36,13 +36,13 @@ Preconditioning (manager.py, precondition_gradients; optim.py wraps the optimize
   GritTrainer.optimizer_step, meant to precondition first, is never called (the Trainer has no such
   hook). So the released order is clip, then precondition (`--grit_clip released`); `--grit_clip
   before` preconditions first and clips the natural gradient, as the released README describes.
-Reprojection (manager.py, neural_reprojection), every reprojection_freq steps: eigenvectors of
+Reprojection (grit/manager.py, neural_reprojection), every reprojection_freq steps: eigenvectors of
   Sigma_a (and of Sigma_g, "two-sided", once it has 64 rows), k = the fewest reaching 99% of
   Sigma_a's energy, at least 4; A <- V_a V_a^T A and B <- B V_g V_g^T. A and B keep r rows and
   columns and the optimizer's moments are not projected: the parameter count does not fall. The
   paper's "fewer trainable parameters" is sum k (d_in + d_out) / sum r (d_in + d_out), logged here
   as grit_effective_params.
-Regularisers (trainer.py, compute_loss): lambda_k [tr(A^T Sigma_a A) + tr(B Sigma_g B^T)]
+Regularisers (grit/trainer.py, compute_loss): lambda_k [tr(A^T Sigma_a A) + tr(B Sigma_g B^T)]
   + lambda_r [|(I - P_a) A|^2 + |B (I - P_g)|^2], P the projectors of the last reprojection (before
   it, from the current statistics).
 
@@ -74,8 +74,8 @@ from method import freeze
 RELEASED = {"kfac_update_freq": 50, "kfac_damping": 1e-3, "kfac_min_samples": 64,
             "reprojection_freq": 50, "grit_cov_update_freq": 15, "rank_adaptation_threshold": 0.99,
             "min_lora_rank": 4, "lambda_kfac": 1e-5, "lambda_reproj": 1e-4}
-DAMPING_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)  # manager.py, jit_invert_tensor_pair
-HISTORY = 20  # manager.py: loss_history_capacity, and the window of _get_adaptive_freq
+DAMPING_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)  # grit/manager.py, jit_invert_tensor_pair
+HISTORY = 20  # grit/manager.py: loss_history_capacity, and the window of _get_adaptive_freq
 
 
 STATISTICS = ("fused", "plain")
@@ -149,7 +149,7 @@ class GritLinear(LoRALinear):
 
 def invert_damped(cov_a, cov_g, damping):
     """(inv_a, inv_g, ok) for stacked factors (L, r, r): Cholesky inverses of Sigma + lambda I at
-    the first damping scale where both factors of a layer succeed (manager.py,
+    the first damping scale where both factors of a layer succeed (grit/manager.py,
     jit_invert_tensor_pair), every scale tried at once."""
     r = cov_a.size(-1)
     eye = torch.eye(r, device=cov_a.device)
@@ -166,8 +166,8 @@ def invert_damped(cov_a, cov_g, damping):
 
 def top_energy_basis(cov, threshold, min_rank):
     """(V, k): eigenvectors of each stacked cov (L, r, r) by descending eigenvalue, and k, the
-    fewest whose eigenvalues reach `threshold` of the total, clamped to [min_rank, r] (manager.py,
-    neural_reprojection)."""
+    fewest whose eigenvalues reach `threshold` of the total, clamped to [min_rank, r]
+    (grit/manager.py, neural_reprojection)."""
     values, vectors = torch.linalg.eigh(cov)
     values, vectors = values.flip(-1), vectors.flip(-1)
     r = cov.size(-1)
@@ -272,7 +272,7 @@ class Grit(LoRA):
 
     # --- the training hooks (method.py)
     def set_collect(self):
-        # autograd.py: every 15th backward
+        # grit/autograd.py: every 15th backward
         collect = (self.backwards + 1) % self.args.grit_cov_freq == 0
         for layer in self.layers:
             layer.collect = collect
@@ -287,7 +287,7 @@ class Grit(LoRA):
     def after_backward(self, model):
         self.backwards += 1
         if self.layers[0].collect:
-            # fold this backward's sums into the cumulative means (autograd.py)
+            # fold this backward's sums into the cumulative means (grit/autograd.py)
             sums = torch.stack([layer.sink.grad for layer in self.layers])
             for layer in self.layers:
                 layer.sink.grad = None
@@ -310,7 +310,7 @@ class Grit(LoRA):
 
     @torch.no_grad()
     def precondition(self):
-        """manager.py, precondition_gradients: from the first inversion on, every step."""
+        """grit/manager.py, precondition_gradients: from the first inversion on, every step."""
         if not self.ready:
             return
         released = self.args.grit_pairing == "released"
@@ -322,7 +322,7 @@ class Grit(LoRA):
             layer.lora_A.grad.copy_(grad_a)
 
     def after_step(self, model):
-        """manager.py, step: the loss history, damping, and when to invert and reproject."""
+        """grit/manager.py, step: the loss history, damping, and when to invert and reproject."""
         a = self.args
         self.step += 1
         if self.logged_loss is not None:
@@ -340,8 +340,8 @@ class Grit(LoRA):
         self.set_collect()
 
     def adaptive(self, base, most):
-        """manager.py, _get_adaptive_freq: x1.5 while the loss falls by 1% over the window, else
-        x0.75."""
+        """grit/manager.py, _get_adaptive_freq: x1.5 while the loss falls by 1% over the window,
+        else x0.75."""
         if len(self.history) < HISTORY:
             return base
         older, newer = sum(self.history[:HISTORY // 2]), sum(self.history[HISTORY // 2:])
@@ -353,7 +353,7 @@ class Grit(LoRA):
         update = (ok & (self.rows >= RELEASED["kfac_min_samples"]))[:, None, None]
         self.inv_a, self.inv_g = torch.where(update, inv_a,
                                              self.inv_a), torch.where(update, inv_g, self.inv_g)
-        # manager.py: factors_are_ready after the first inversion, whatever it found
+        # grit/manager.py: factors_are_ready after the first inversion, whatever it found
         self.ready = True
 
     def bases(self):
@@ -369,7 +369,7 @@ class Grit(LoRA):
     @torch.no_grad()
     def reproject(self):
         proj_a, proj_g, k = self.bases()
-        # manager.py: a layer not yet sampled is skipped
+        # grit/manager.py: a layer not yet sampled is skipped
         sampled = self.rows >= RELEASED["kfac_min_samples"]
         for i, layer in enumerate(self.layers):
             new_a, new_b = proj_a[i] @ layer.lora_A.float(), layer.lora_B.float() @ proj_g[i]
@@ -384,7 +384,7 @@ class Grit(LoRA):
             return None
         proj_a, proj_g = (self.proj_a, self.proj_g) if self.proj_a is not None else self.bases()[:2]
         curvature = residual = 0.0
-        for i, layer in enumerate(self.layers):  # trainer.py, compute_loss
+        for i, layer in enumerate(self.layers):  # grit/trainer.py, compute_loss
             A, B = layer.lora_A.float(), layer.lora_B.float()
             curvature = curvature + ((self.cov_a[i] @ A) * A).sum()
             curvature = curvature + ((B @ self.cov_g[i]) * B).sum()

@@ -16,25 +16,25 @@ from tasks import emotion_consistency, train_classifier
 # arm -> train.py flags; everything else identical across arms. Two settings side by side:
 # corrected (ours): every arm the same data (the <|endoftext|> target kept), precision and
 # evaluation; seed-faithful: every choice of the published code (khalic-lab/prb-lora-exploration) at
-# once. prb.py ~L287-292 (pad to 128) and its collator (EOS labels masked)
+# once: prb-lora-exploration/prb.py ~L287-292 (pad to 128) and its collator (EOS labels masked)
 SEED = ["--eos_target", "off", "--pad_to", "128"]
 PRB_ARMS = {
     "lora-r32": ["--method", "lora", "--lora_rank", "32", "--lora_alpha", "64"],
     # parameter-matched: 5,160,960
     "lora-r35": ["--method", "lora", "--lora_rank", "35", "--lora_alpha", "70"],
-    # the paper's control (control.py
+    # the paper's control (prb-lora-exploration/control.py ~L158-176: r from find_matching_rank,
+    # alpha = 2r); 5,455,872, 7% more than PRB's 5,093,767
     "lora-r37": ["--method", "lora", "--lora_rank", "37", "--lora_alpha", "74"],
-    # ~L158-176: r from find_matching_rank, alpha = 2r); 5,455,872, 7% more than PRB's 5,093,767
     # ours: no future tokens, no gold label
     "prb-causal": ["--method", "prb", "--prb_pool", "causal"],
     "prb-causal-label": ["--method", "prb", "--prb_pool", "causal", "--prb_label_bias", "on"],
     # the published pooling alone (leaks the future)
     "prb-full": ["--method", "prb", "--prb_pool", "full"],
-    # baseline.py: fp32
+    # prb-lora-exploration/baseline.py: fp32
     "seed-lora-r32": ["--method", "lora", "--lora_rank", "32", "--lora_alpha", "64", *SEED],
-    # control.py
+    # prb-lora-exploration/control.py
     "seed-lora-r37": ["--method", "lora", "--lora_rank", "37", "--lora_alpha", "74", *SEED, "FP16"],
-    # prb.py
+    # prb-lora-exploration/prb.py
     "seed-prb": ["--method", "prb", "--prb_pool", "full", "--prb_label_bias", "on", *SEED, "FP16"],
 }
 SEED_ARMS = ("seed-lora-r32", "seed-lora-r37", "seed-prb")

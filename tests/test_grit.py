@@ -81,7 +81,8 @@ def test_statistics_are_the_rank_space_covariances(statistics):
 
 def test_the_plain_and_the_fused_statistics_are_the_same_sums_and_gradients():
     """record_statistics (a tensor hook) and RankStatistics (an autograd function) add the same sums
-    into the sink over two backwards, and leave every gradient (input, A, B) the same, in float64."""
+    into the sink over two backwards, and leave every gradient (input, A, B) the same, in
+    float64."""
     torch.manual_seed(3)
     layers = {}
     for statistics in ("fused", "plain"):
