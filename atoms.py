@@ -53,9 +53,8 @@ class AtomPool(nn.Module):
         if not 1 <= top_k <= n_atoms:
             raise InputError(f"--atoms_topk {top_k} must lie in 1..--atoms_count ({n_atoms})")
         self.rank, self.top_k, self.beta, self.key_dim = rank, top_k, beta, key_dim
-        self.atoms = nn.Parameter(torch.eye(rank).expand(n_atoms, rank,
-                                                         rank) + init_std * torch.randn(
-                                                             n_atoms, rank, rank))
+        identity = torch.eye(rank).expand(n_atoms, rank, rank)
+        self.atoms = nn.Parameter(identity + init_std * torch.randn(n_atoms, rank, rank))
         self.keys = nn.Parameter(torch.randn(n_atoms, key_dim))
         self.query = nn.Parameter(torch.randn(n_blocks, key_dim, 2 * rank) / (2 * rank) ** 0.5)
         # W_I; none without an instruction (beta = 0)
@@ -153,9 +152,8 @@ def apply_atoms(model, rank, alpha, dropout, targets, n_atoms, key_dim, top_k, b
     atom, k = 1 and beta = 0 this is LoRA), group them into blocks of `layers_per_block` transformer
     blocks, and build the pool. Returns the pool (the caller attaches it where its forward runs
     before the adapted layers)."""
-    is_target = lambda name, m: isinstance(m,
-                                           nn.Linear) and any(
-                                               name == t or name.endswith("." + t) for t in targets)
+    is_target = lambda name, m: (isinstance(m, nn.Linear)
+                                 and any(name == t or name.endswith("." + t) for t in targets))
     names = replace_modules(model, is_target,
                             lambda linear: AtomLinear(linear, rank, alpha, dropout))
     if not names:

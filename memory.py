@@ -227,12 +227,10 @@ class MemoryLayer(nn.Module):
         sync)."""
         n_chapters = probs.size(-1)
         decisions = routed.reshape(-1, self.top_k)
-        f = torch.zeros(n_chapters,
-                        device=probs.device).index_add_(0, decisions.flatten(),
-                                                        torch.ones(
-                                                            decisions.numel(),
-                                                            device=probs.device)) / decisions.size(
-                                                                0)
+        ones = torch.ones(decisions.numel(), device=probs.device)
+        counts = torch.zeros(n_chapters, device=probs.device)
+        counts.index_add_(0, decisions.flatten(), ones)
+        f = counts / decisions.size(0)
         P = probs.reshape(-1, n_chapters).mean(0)
         # C sum_i f_i P_i (Switch Transformer), = k at perfect balance
         balance = n_chapters * (f * P).sum()
@@ -259,8 +257,8 @@ def parameter_counts(n_embd, chapters, chapter_tokens, n_memory_layers):
     """Bank and memory-layer parameters: C*T*d, and per layer q/k/v/o (4 d^2) + router (d C + C) +
     query norm (d)."""
     return {"bank": chapters * chapter_tokens * n_embd,
-            "memory layers": n_memory_layers * (
-                4 * n_embd ** 2 + n_embd * chapters + chapters + n_embd)}
+            "memory layers":
+                n_memory_layers * (4 * n_embd ** 2 + n_embd * chapters + chapters + n_embd)}
 
 
 def forward_flops_per_token(n_embd, n_head, chapters, chapter_tokens, top_k, n_shared, seq_len,
@@ -293,10 +291,10 @@ def added_flops_per_token(config, args):
     lora = 2 * args.lora_rank * n_layer * sum(sum(shapes[t]) for t in args.lora_targets.split(","))
     if args.method != "moc":
         return lora
-    memory = len(memory_sites(args.moc_layers,
-                              n_layer)) * forward_flops_per_token(
-                                  d, config.n_head, args.moc_chapters, args.moc_chapter_tokens,
-                                  args.moc_topk, args.moc_shared, args.pad_to or 64, args.moc_route)
+    per_layer = forward_flops_per_token(d, config.n_head, args.moc_chapters,
+                                        args.moc_chapter_tokens, args.moc_topk, args.moc_shared,
+                                        args.pad_to or 64, args.moc_route)
+    memory = len(memory_sites(args.moc_layers, n_layer)) * per_layer
     return (lora if args.moc_base == "lora" else 0) + memory
 
 

@@ -72,10 +72,8 @@ class _Gather(torch.autograd.Function):
         bank, idx = ctx.saved_tensors
         d_bank, returned = _bank_grad(ctx, bank, ctx.needs_input_grad[0])
         if d_bank is not None:
-            d_bank.view(-1, ctx.T,
-                        bank.size(-1)).index_add_(0, idx.flatten(),
-                                                  grad.reshape(
-                                                      -1, ctx.T, bank.size(-1)).to(d_bank.dtype))
+            rows = grad.reshape(-1, ctx.T, bank.size(-1)).to(d_bank.dtype)
+            d_bank.view(-1, ctx.T, bank.size(-1)).index_add_(0, idx.flatten(), rows)
         return returned, None, None
 
 
@@ -122,9 +120,8 @@ class _RoutedScores(torch.autograd.Function):
     def backward(ctx, grad):
         q, bank, idx, omega, row_scale = ctx.saved_tensors
         T, (B, L, H, d) = ctx.T, q.shape
-        (d_bank, returned), d_q, d_omega = _bank_grad(ctx, bank,
-                                                      ctx.needs_input_grad[1]), torch.zeros_like(
-                                                          q), torch.zeros_like(omega)
+        d_bank, returned = _bank_grad(ctx, bank, ctx.needs_input_grad[1])
+        d_q, d_omega = torch.zeros_like(q), torch.zeros_like(omega)
         coeff = row_scale.new_zeros(bank.size(0) // T, T)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):
             raw, scale = _rows(bank, idx[..., sl], T, q.dtype, row_scale)
@@ -132,8 +129,8 @@ class _RoutedScores(torch.autograd.Function):
             g_omega = grad[..., sl, :].to(q.dtype) * omega[:, :, None, sl, None].to(q.dtype)
             q_dot_x = torch.einsum("blhd,blctd->blhct", q, raw)
             d_q += torch.einsum("blhct,blctd->blhd", g_omega * scale_h, raw)
-            d_omega[..., sl] = (
-                grad[..., sl, :].to(q.dtype) * q_dot_x * scale_h).sum((2, 4)).to(omega.dtype)
+            d_scores = grad[..., sl, :].to(q.dtype) * q_dot_x * scale_h
+            d_omega[..., sl] = d_scores.sum((2, 4)).to(omega.dtype)
             _scatter(d_bank, coeff, idx[..., sl], raw, scale, g_omega, q, q_dot_x)
         _finish(d_bank, coeff, bank)
         return d_q, returned, None, d_omega, None, None
@@ -161,9 +158,8 @@ class _RoutedMix(torch.autograd.Function):
         attn, bank, idx, omega, row_scale = ctx.saved_tensors
         T, (B, L, H) = ctx.T, attn.shape[:3]
         d = bank.size(-1)
-        (d_bank, returned), d_attn, d_omega = _bank_grad(ctx, bank,
-                                                         ctx.needs_input_grad[1]), torch.zeros_like(
-                                                             attn), torch.zeros_like(omega)
+        d_bank, returned = _bank_grad(ctx, bank, ctx.needs_input_grad[1])
+        d_attn, d_omega = torch.zeros_like(attn), torch.zeros_like(omega)
         coeff = row_scale.new_zeros(bank.size(0) // T, T)
         grad = grad.to(attn.dtype)
         for sl in _slot_chunks(idx.size(-1), B * L * T * d):

@@ -118,9 +118,8 @@ def main(argv=None):
         fail(f"--topk {a.topk} exceeds --atoms {a.atoms}")
     # LoRA parameters per unit of rank: r (in + out) per Linear
     per_rank = (a.d_in + a.width) + 2 * a.width + (a.width + 1)
-    atom_params = (
-        a.rank * per_rank + a.atoms * (
-            a.rank ** 2 + a.key_dim) + len(LAYERS) * a.key_dim * 2 * a.rank)
+    atom_params = (a.rank * per_rank + a.atoms * (a.rank ** 2 + a.key_dim)
+                   + len(LAYERS) * a.key_dim * 2 * a.rank)
     lora_rank = max(1, round(atom_params / per_rank))
     if abs(atom_params / (lora_rank * per_rank) - 1) > 0.05:
         fail(f"no LoRA rank comes within 5% of the atoms arm's {atom_params:,} parameters; change "

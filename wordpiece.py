@@ -20,10 +20,8 @@ class BertTokenizer:
     no complete split (or > 100 chars) is [UNK]. Follows the reference `tokenizers` BertNormalizer /
     BertPreTokenizer / WordPiece step for step."""
 
-    WHITESPACE = (
-        set(
-            "\t\n\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000") | {
-                chr(c) for c in range(0x2000, 0x200B)})
+    WHITESPACE = (set("\t\n\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000")
+                  | {chr(c) for c in range(0x2000, 0x200B)})
     CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
            (0x2B740, 0x2B81F), (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
