@@ -4,7 +4,8 @@ Flags were renamed as methods were added (one flag, one meaning): `--rank` is `-
 `--memory_rank` for the MemFT methods; `--alpha` is `--lora_alpha`; `--n_registers` is
 `--register_tokens`. The old spellings still work, with a one-line deprecation note. A run folder
 written before a flag existed (or was renamed) still resumes and evaluates: its saved flags are
-upgraded to today's names, and a flag it never had takes the value the run trained with.
+upgraded to today's names, and a flag it never had takes the value the run trained with. Commands
+that moved out of eval.py are forwarded to their new script.
 """
 
 import argparse
@@ -27,6 +28,9 @@ ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len"
 # the token weighting of a MemFT run saved before --memft_loss (when memft-sw did not yet run the
 # released scripts' weighting): memft-sw and memft-window were the sliding window
 MEMFT_LOSS = {"sft": "sft", "memft-ot": "ot"}
+# `python eval.py NAME` commands that moved to another script (eval.py forwards them, with a note)
+MOVED_COMMANDS = {"prb-table": "sweeps.py", "regbert-sweep": "sweeps.py", "memory-law": "sweeps.py",
+                  "attention": "attribution.py"}
 
 
 def add_old_flags(parser):

@@ -30,17 +30,14 @@ import sys
 
 import torch
 
-from cli import InputError, Parser, fail, gpt2_bpe
-from formats import export_merged
 from checkpoints import BERT_HUB_IDS, resolve_checkpoint
+from cli import InputError, Parser, fail, gpt2_bpe
+from compat import MOVED_COMMANDS
+from formats import export_merged
 from model import BERT
 from runs import autocast_for, check_range, load_run, resolve_system
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
-MOVED = {"prb-table": "sweeps.py", "regbert-sweep": "sweeps.py", "memory-law": "sweeps.py",
-         "attention": "attribution.py"}
-
-
 def label_context(prompt, meta, device):
     """{"label", "prompt_len"} when the prompt starts with a known `[LABEL]` tag, for methods that
     read them."""
@@ -55,8 +52,8 @@ def label_context(prompt, meta, device):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in MOVED:  # the old home of the sweeps and of the attention analysis
-        command = MOVED[argv[0]] + ("" if argv[0] == "attention" else f" {argv[0]}")
+    if argv[:1] and argv[0] in MOVED_COMMANDS:  # the old home of the sweeps and the attention maps
+        command = MOVED_COMMANDS[argv[0]] + ("" if argv[0] == "attention" else f" {argv[0]}")
         print(f"note: `python eval.py {argv[0]}` is deprecated; it is `python {command}`",
               file=sys.stderr)
         if argv[0] == "attention":
