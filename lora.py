@@ -140,8 +140,8 @@ def add_lora_flags(parser):
 
 
 class LoRA(Method):
-    """--method lora: the frozen model with LoRA on --lora_targets (the PRB paper's baseline, §3.1);
-    on PhoneBook, plain SFT with LoRA on every block (as `--method sft --adapter lora`)."""
+    """--method lora: the frozen model with LoRA on --lora_targets (the PRB paper's baseline,
+    §3.1); on PhoneBook, plain SFT with LoRA on every block (as `--method sft --adapter lora`)."""
     datasets = ("emotion", "phonebook")
     add_flags = staticmethod(add_lora_flags)
     starts_from_peft = True  # --peft_adapter: a subclass that builds other layers (GRIT) sets False

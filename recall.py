@@ -192,8 +192,8 @@ def recall_metrics(model, queries, answers):
 def recall_summary(per_entry):
     """Totals over entries: exact-match rate, token accuracy and loss (token-weighted, answer tokens
     only), and Spearman's rho between the earliest stubborn position and the first free-run failure
-    over the entries that fail (paper §4: 0.908; None where either side is constant, e.g. fewer than
-    2 failures)."""
+    over the entries that fail (paper §4: 0.908; None where either side is constant, e.g. fewer
+    than 2 failures)."""
     tokens = sum(len(r["p_target"]) for r in per_entry)
     failed = [r for r in per_entry if r["first_failure"] >= 0]
     stubborn, failure = [r["first_stubborn"] for r in failed], [r["first_failure"] for r in failed]

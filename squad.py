@@ -181,9 +181,9 @@ class ExtractiveQA(Task):
     architecture = "bert"
     loss_description = "mean of start and end cross-entropy over features"
     add_flags = staticmethod(add_qa_flags)
-    # SQuAD: lr and batch of Devlin et al. 2019 §4.2 (5e-5, 32), a short run of 700 steps (not their
-    # 3 epochs) with warm-up and cosine decay (not their linear decay); a stand-in that trains in
-    # minutes
+    # SQuAD: lr and batch of Devlin et al. 2019 §4.2 (5e-5, 32), a short run of 700 steps (not
+    # their 3 epochs) with warm-up and cosine decay (not their linear decay); a stand-in that
+    # trains in minutes
     defaults = {"method": "regbert", "init_from": "bert-base-uncased", "lr": 5e-5, "batch_size": 32,
                 "max_steps": 700, "warmup": 70, "weight_decay": 0.01, "eval_interval": 100,
                 "log_interval": 10, "pad_multiple": 64}

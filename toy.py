@@ -155,11 +155,11 @@ def main(argv=None):
              mean_spread([r["tail_mean"] for r in runs]) if name in counts else "-",
              mean_spread([r["tail_std"] for r in runs]) if name in counts else "-"]
             for name, runs in results.items()]
-    lines = [f"{a.seeds} seeds (mean ± sample std); {a.steps} steps of batch {a.batch_size}, AdamW "
-             f"lr {a.lr:g}; label noise std {a.noise}; f0: {a.d_in} -> {a.width} -> {a.width} -> "
-             "1. Test MSE on 4,096 clean targets. Paired: minus LoRA's test MSE on the same seed "
-             "(same f0, batches and noise). Tail: training loss over the last 20% of steps (its "
-             "mean, and its std within a run).", "",
+    lines = [f"{a.seeds} seeds (mean ± sample std); {a.steps} steps of batch {a.batch_size}, "
+             f"AdamW lr {a.lr:g}; label noise std {a.noise}; f0: {a.d_in} -> {a.width} -> "
+             f"{a.width} -> 1. Test MSE on 4,096 clean targets. Paired: minus LoRA's test MSE on "
+             "the same seed (same f0, batches and noise). Tail: training loss over the last 20% of "
+             "steps (its mean, and its std within a run).", "",
              *markdown(["arm", "trainable", "test MSE", "minus LoRA's (paired)",
                         "train loss, tail mean", "train loss, tail std"], rows)]
     write_report(a.out_dir, "atoms-toy", lines, {"args": vars(a), "results": results})

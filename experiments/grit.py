@@ -31,8 +31,8 @@ def grit_arm(arm):
 
 @torch.no_grad()
 def drift(run_dir, heldout, device):
-    """(‖Delta W‖, held-out loss): the norm of every adapted layer's update, stacked, and the final
-    model's loss on the base model's own validation text (heldout: the base run's task)."""
+    """(‖Delta W‖, held-out loss): the norm of every adapted layer's update, stacked, and the
+    final model's loss on the base model's own validation text (heldout: the base run's task)."""
     model = load_run(run_dir, "final", device)[0]
     norm = sum(m.delta_weight().pow(2).sum() for m in model.modules()
                if hasattr(m, "delta_weight")) ** 0.5
@@ -42,8 +42,8 @@ def drift(run_dir, heldout, device):
 def parse_grit_table(argv):
     p = Parser(description="GRIT (both pairings) against LoRA at the same rank over seeds on "
                            "emotion or PhoneBook (unknown flags go to train.py for every arm): "
-                           "grit-table.md/.json with ‖Delta W‖ and the base's held-out text loss "
-                           "after fine-tuning; grit-rank.png with the effective rank over "
+                           "grit-table.md/.json with ‖Delta W‖ and the base's held-out text "
+                           "loss after fine-tuning; grit-rank.png with the effective rank over "
                            "training.")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--dataset", choices=["emotion", "phonebook"], default="emotion")
@@ -75,7 +75,8 @@ def grit_table(a, train_flags):
              f"{first['device']}, dataset {a.dataset}. k: mean kept rank at the end; effective "
              "params: sum k (d_in + d_out) / sum r (d_in + d_out), the paper's parameter count; "
              "the tensors keep rank r.", "",
-             *markdown([*header, "k", "effective params", "‖ΔW‖", "held-out loss change"], rows)]
+             *markdown([*header, "k", "effective params", "‖ΔW‖", "held-out loss change"],
+                       rows)]
     write_report(a.out_dir, "grit-table", lines,
                  {"summaries": done, "drift": drifts, "heldout_before": before})
     plt = pyplot()

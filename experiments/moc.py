@@ -62,8 +62,8 @@ def moc_table(a, train_flags):
     lines = [f"Base: `{first['init_from']}`, {first['steps']} steps, {a.seeds} seeds (mean ± "
              f"sample std), device {first['device']}. Loss: {first['loss']}. Extra FLOPs/token: "
              "forward FLOPs the method adds to the frozen base (LoRA's low-rank matmuls; the "
-             "memory layer's projections, router and read). Sequence → token: whole-split val loss "
-             "of the final weights with the published routing they trained with, then routed "
+             "memory layer's projections, router and read). Sequence → token: whole-split val "
+             "loss of the final weights with the published routing they trained with, then routed "
              "causally (per-position prefix mean; what generation can use). Dead: routed chapters "
              "never chosen in training, summed over memory layers.", "",
              *markdown(["arm", "trainable", "extra FLOPs/token", "val (final)", "test (final)",
@@ -102,8 +102,8 @@ MOC_SCRATCH = ["--method", "moc", "--moc_base", "full", "--moc_chapters", "257",
 # squadtext rows (data/squadtext/prepare.py --max_len): the attention length of the FLOP count
 ROW_TOKENS = 128
 # phase B bank lr scales: as in pretraining (1, no protection), the paper's IFT ratio (bank 5e-6 /
-# base 3e-5, §6), frozen. The memory layers train at the base lr in every arm, so only the bank's lr
-# differs.
+# base 3e-5, §6), frozen. The memory layers train at the base lr in every arm, so only the bank's
+# lr differs.
 BANK_IN_B = {"1": "1", "low": str(1 / 6), "frozen": "0"}
 
 
@@ -176,9 +176,9 @@ def moc_scratch(a, train_flags):
     rows_b = [[arm, mean_spread(before[origin[arm]]), mean_spread(retention[arm]),
                mean_spread(forgetting[arm]), column(done_b[arm], "val_loss")] for arm in runs_b]
     first, first_b = done["backbone"][0], done_b["B-backbone"][0]
-    lines = [f"Phase A: {first['steps']} steps from scratch on SQuAD text, {a.seeds} seeds (mean ± "
-             f"sample std), device {first['device']}; every arm the same batches and tokens. "
-             f"FLOPs/token: forward matmul FLOPs of the blocks and memory layer at "
+    lines = [f"Phase A: {first['steps']} steps from scratch on SQuAD text, {a.seeds} seeds "
+             f"(mean ± sample std), device {first['device']}; every arm the same batches and "
+             f"tokens. FLOPs/token: forward matmul FLOPs of the blocks and memory layer at "
              f"{ROW_TOKENS}-token rows (the {a.n_embd}-wide 50,257-way head, "
              f"{2 * a.n_embd * 50257:,}, is the same in every arm and left out).", "",
              *markdown(["arm", "parameters", "FLOPs/token", "val (final)", "test (final)"], rows_a),
