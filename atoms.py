@@ -10,7 +10,9 @@ the low-rank bottleneck; the routing logits are augmented with a language-induce
 (instruction regularisation).
 
   u = A x              every adapted Linear keeps its own A (r x in) and B (out x r), as LoRA
-  z_g = rms_normalize(u) of block g's first adapted layer, per token                        [ours]
+  z_g = rms_normalize(A x) of block g's first adapted layer, per token, on the input without
+        LoRA dropout, so training and evaluation route alike (--atoms_route_input; `dropped`
+        routes on A dropout(x), our first reading)                                          [ours]
   c_g = sum_{g'<g} softmax_g'(z_g . z_g' / sqrt r) z_g'                                      [ours]
                        a depth summary over the same token's earlier blocks
   q = W_q,g [z_g; c_g];   s_m = q . key_m / sqrt(d_k) + beta log pi_m,   pi = softmax(W_I e)
@@ -35,6 +37,8 @@ from lora import LoRALinear
 from memory import rms_normalize
 from method import Method, freeze, replace_modules, save_tensors
 from registers import prefix_mean
+
+ROUTE_INPUTS = ("clean", "dropped")
 
 
 def at_least_fp32(x):
@@ -125,15 +129,22 @@ class AtomLinear(LoRALinear):
     block's first layer)."""
     plain_lora = False  # R depends on the input: neither PEFT nor a merge can represent it
 
-    def __init__(self, base, rank, alpha, dropout=0.0):
+    def __init__(self, base, rank, alpha, dropout=0.0, route_input="clean"):
         super().__init__(base, rank, alpha, dropout)
+        assert route_input in ROUTE_INPUTS
         # set by apply_atoms; the pool is a reference, saved at its site
         self.block, self.first, self._pool = 0, False, []
+        self.route_clean = route_input == "clean" and dropout > 0
 
     def forward(self, x):
         u = F.linear(self.lora_dropout(x), self.lora_A)
         pool = self._pool[0]
-        R = pool.route(self.block, u) if self.first else pool.operators[self.block]
+        if self.first:
+            # the router's state: A x without dropout (in evaluation dropout is off: the same u)
+            state = F.linear(x, self.lora_A) if self.route_clean and self.training else u
+            R = pool.route(self.block, state)
+        else:
+            R = pool.operators[self.block]
         return self.base(x) + F.linear(torch.einsum("...ij,...j->...i", R, u),
                                        self.lora_B) * self.scaling
 
@@ -147,7 +158,7 @@ def gpt_block(name):
 
 
 def apply_atoms(model, rank, alpha, dropout, targets, n_atoms, key_dim, top_k, beta, init_std,
-                n_embd, layers_per_block=1, block_of=gpt_block):
+                n_embd, layers_per_block=1, block_of=gpt_block, route_input="clean"):
     """Wrap the target Linears as apply_lora does (same A init, same RNG order: with one identity
     atom, k = 1 and beta = 0 this is LoRA), group them into blocks of `layers_per_block` transformer
     blocks, and build the pool. Returns the pool (the caller attaches it where its forward runs
@@ -155,7 +166,7 @@ def apply_atoms(model, rank, alpha, dropout, targets, n_atoms, key_dim, top_k, b
     is_target = lambda name, m: (isinstance(m, nn.Linear)
                                  and any(name == t or name.endswith("." + t) for t in targets))
     names = replace_modules(model, is_target,
-                            lambda linear: AtomLinear(linear, rank, alpha, dropout))
+                            lambda linear: AtomLinear(linear, rank, alpha, dropout, route_input))
     if not names:
         raise InputError(f"targets {', '.join(targets)} match no Linear layer of this model")
     blocks = sorted({block_of(n) // layers_per_block for n in names})
@@ -192,6 +203,9 @@ def add_atom_flags(parser):
                         "the default where a dataset has no instruction)")
     g.add_argument("--atoms_init_std", type=float, default=0.01,
                    help="atoms start at I + N(0, std^2)")
+    g.add_argument("--atoms_route_input", choices=ROUTE_INPUTS, default="clean",
+                   help="clean: route on A x without LoRA dropout (default: training and "
+                        "evaluation choose alike); dropped: on A dropout(x), as B's input")
 
 
 class Atoms(Method):
@@ -219,7 +233,7 @@ class Atoms(Method):
         self.pool = apply_atoms(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout,
                                 a.lora_targets.split(","), a.atoms_count, a.atoms_key_dim,
                                 a.atoms_topk, a.atoms_beta, a.atoms_init_std, model.config.n_embd,
-                                a.atoms_block)
+                                a.atoms_block, route_input=a.atoms_route_input)
         model.attach("embed", self.pool)
         counts = atom_parameter_counts(self.pool, model)
         parts = " + ".join(f"{k} {v:,}" for k, v in counts.items())

@@ -2,10 +2,12 @@
 
 Flags were renamed as methods were added (one flag, one meaning): `--rank` is `--lora_rank`, or
 `--memory_rank` for the MemFT methods; `--alpha` is `--lora_alpha`; `--n_registers` is
-`--register_tokens`. The old spellings still work, with a one-line deprecation note. A run folder
-written before a flag existed (or was renamed) still resumes and evaluates: its saved flags are
-upgraded to today's names, and a flag it never had takes the value the run trained with. Commands
-that moved out of eval.py are forwarded to their new script.
+`--register_tokens`. The old spellings still work, with a one-line deprecation note. One value
+was renamed: `--moc_route token` was our prefix-mean routing, now `prefix`; `token` is now the
+published token routing (a run saved before is read as `prefix`). A run folder written before a
+flag existed (or was renamed) still resumes and evaluates: its saved flags are upgraded to today's
+names, and a flag it never had takes the value the run trained with. Commands that moved out of
+eval.py are forwarded to their new script.
 """
 
 import argparse
@@ -24,7 +26,11 @@ OLD_FLAGS = sorted({old for renames in RENAMED_FLAGS.values() for old in renames
 # flags newer than some saved runs: the value those runs trained with
 ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30,
                "moc_init": None, "peft_adapter": None, "grad_accum": 1, "moc_read": "fused",
-               "grit_statistics": "fused"}
+               "grit_statistics": "fused", "beta2": 0.999, "decay_start": 0.85,
+               "grit_schedule": "library", "grit_min_samples": 64, "grit_ng_warmup": 0,
+               "grit_reg_warmup": 0, "grit_rank_start": 0, "atoms_route_input": "dropped",
+               # the loss GRIT read before it had its own window: the log window's
+               "grit_loss_window": 0}
 # the token weighting of a MemFT run saved before --memft_loss (when memft-sw did not yet run the
 # released scripts' weighting): memft-sw and memft-window were the sliding window
 MEMFT_LOSS = {"sft": "sft", "memft-ot": "ot"}
@@ -78,6 +84,8 @@ def upgrade_args(saved, methods):
             saved[new] = saved.pop(old)
     if saved.get("curriculum") == "auto" and saved.get("method") in methods:
         saved["curriculum"] = methods[saved["method"]].defaults.get("curriculum", "off")
+    if saved.get("moc_route") == "token" and "beta2" not in saved:
+        saved["moc_route"] = "prefix"  # saved before the published token routing was added
     if saved.get("method") in MEMFT and "memft_loss" not in saved:
         saved["memft_loss"] = MEMFT_LOSS.get(saved["method"], "sliding")
     return ADDED_FLAGS | saved

@@ -15,14 +15,16 @@ d x d):
   layer.
 Inversion (grit/manager.py, update_and_invert_factors + jit_invert_tensor_pair), every
   kfac_update_freq steps: Cholesky of Sigma + lambda I with lambda = damping x 1, 3, 10, 30, 100,
-  300, the first scale at which both factors succeed; a layer with fewer than 64 rows seen, or no
-  success, keeps its previous inverses (the identity before the first).
+  300, the first scale at which both factors succeed; a layer with fewer than kfac_min_samples
+  rows seen (64), or no success, keeps its previous inverses (the identity before the first).
 Damping and schedule (grit/manager.py, step), after every optimizer step: the loss joins a history
   of the last 20; with more than 10, damping = clip(0.001 + std(history), 1e-6, 1e-2); a frequency
   is base x 1.5 when the mean of the newer half of 20 losses is 1% below the older half's, else base
   x 0.75. The released loss is the last *logged* one (grit/trainer.py, GritCallback.on_step_end
   reads state.log_history[-1]), appended at every step: between two logs the history repeats one
-  number. We follow it (the logged value is the mean loss of the log window).
+  number, and before the first log (the Trainer's logging_steps, 500 by default and in every
+  example script) nothing is appended. GRIT keeps its own loss window (--grit_loss_window, 500), so
+  the optimiser does not change with train.py's --log_interval; 0 reads the logged loss instead.
 Preconditioning (grit/manager.py, precondition_gradients; grit/optim.py wraps the optimizer's step):
     released:  grad_B <- grad_B Sigma_g^-1     grad_A <- Sigma_a^-1 grad_A
     kfac:      grad_B <- grad_B Sigma_a^-1     grad_A <- Sigma_g^-1 grad_A
@@ -38,13 +40,23 @@ Preconditioning (grit/manager.py, precondition_gradients; grit/optim.py wraps th
   before` preconditions first and clips the natural gradient, as the released README describes.
 Reprojection (grit/manager.py, neural_reprojection), every reprojection_freq steps: eigenvectors of
   Sigma_a (and of Sigma_g, "two-sided", once it has 64 rows), k = the fewest reaching 99% of
-  Sigma_a's energy, at least 4; A <- V_a V_a^T A and B <- B V_g V_g^T. A and B keep r rows and
+  Sigma_a's energy, at least 4 (before rank_adaptation_start_step: k = reprojection_k, 8);
+  A <- V_a V_a^T A and B <- B V_g V_g^T. A and B keep r rows and
   columns and the optimizer's moments are not projected: the parameter count does not fall. The
   paper's "fewer trainable parameters" is sum k (d_in + d_out) / sum r (d_in + d_out), logged here
   as grit_effective_params.
 Regularisers (grit/trainer.py, compute_loss): lambda_k [tr(A^T Sigma_a A) + tr(B Sigma_g B^T)]
   + lambda_r [|(I - P_a) A|^2 + |B (I - P_g)|^2], P the projectors of the last reprojection (before
-  it, from the current statistics).
+  it, from the current statistics), ramped in linearly over regularizer_warmup_steps.
+Warm-ups (grit/manager.py; all 0 in grit/config.py): no preconditioning before ng_warmup_steps, no
+  reprojection before reprojection_warmup_steps.
+
+The schedule (--grit_schedule). `library` is grit/config.py's GRITConfig. Every released example
+script overrides it (examples/train_dolly.py: K-FAC every 150 steps, 256 minimum samples, damping
+0.003, reprojection every 300 steps from step 500, rank adaptation from step 500, minimum rank 8,
+natural-gradient warm-up 300, regulariser warm-up 500; examples/train_alpaca.py and
+train_gsm8k.py: the same K-FAC and reprojection settings with damping 0.005 and no warm-ups);
+`scripts` selects train_dolly.py's values as a whole (SCRIPTS below). Its lr of 1e-4 is --lr's.
 
 Deviations, each a choice: the statistics are kept in float32 (released: float16); they are taken
 from A dropout(x), the input B actually sees (released: A x; equal at the released dropout 0, our
@@ -76,6 +88,12 @@ RELEASED = {"kfac_update_freq": 50, "kfac_damping": 1e-3, "kfac_min_samples": 64
             "min_lora_rank": 4, "lambda_kfac": 1e-5, "lambda_reproj": 1e-4}
 DAMPING_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)  # grit/manager.py, jit_invert_tensor_pair
 HISTORY = 20  # grit/manager.py: loss_history_capacity, and the window of _get_adaptive_freq
+LOG_STEPS = 500  # transformers' TrainingArguments.logging_steps default, which no script overrides
+FIXED_K = 8  # grit/config.py, reprojection_k: the rank before rank_adaptation_start_step
+# examples/train_dolly.py: the released example scripts' schedule (see the module docstring)
+SCRIPTS = {"grit_kfac_freq": 150, "grit_min_samples": 256, "grit_damping": 0.003,
+           "grit_reproj_freq": 300, "grit_reproj_warmup": 500, "grit_rank_start": 500,
+           "grit_min_rank": 8, "grit_ng_warmup": 300, "grit_reg_warmup": 500}
 
 
 STATISTICS = ("fused", "plain")
@@ -199,8 +217,21 @@ def add_grit_flags(parser):
                         "then clip")
     g.add_argument("--grit_rslora", choices=["on", "off"], default="on",
                    help="scale alpha / sqrt(r), as released")
+    g.add_argument("--grit_schedule", choices=["library", "scripts"], default="library",
+                   help="library: grit/config.py's defaults (default); scripts: the released "
+                        "example scripts' values (examples/train_dolly.py) for every flag below "
+                        "not given explicitly")
+    g.add_argument("--grit_loss_window", type=int, default=LOG_STEPS,
+                   help="steps per loss the damping and the adaptive intervals read (the "
+                        "Trainer's logging_steps, 500); 0: train.py's --log_interval window")
     g.add_argument("--grit_kfac_freq", type=int, default=RELEASED["kfac_update_freq"],
                    help="steps between inversions")
+    g.add_argument("--grit_min_samples", type=int, default=RELEASED["kfac_min_samples"],
+                   help="rows a layer needs before it is inverted or reprojected")
+    g.add_argument("--grit_ng_warmup", type=int, default=0,
+                   help="no preconditioning before this step")
+    g.add_argument("--grit_reg_warmup", type=int, default=0,
+                   help="the regularisers ramp in linearly over this many steps")
     g.add_argument("--grit_reproj_freq", type=int, default=RELEASED["reprojection_freq"],
                    help="steps between reprojections (0: never)")
     g.add_argument("--grit_reproj_warmup", type=int, default=0,
@@ -213,6 +244,9 @@ def add_grit_flags(parser):
                    help="reprojection keeps the fewest eigendirections reaching this share of the "
                         "energy")
     g.add_argument("--grit_min_rank", type=int, default=RELEASED["min_lora_rank"])
+    g.add_argument("--grit_rank_start", type=int, default=0,
+                   help=f"rank adaptation from this step; before it, reprojection keeps k = "
+                        f"{FIXED_K} (reprojection_k)")
     g.add_argument("--grit_two_sided", choices=["on", "off"], default="on",
                    help="B projected on Sigma_g's basis")
     g.add_argument("--grit_lambda_kfac", type=float, default=RELEASED["lambda_kfac"],
@@ -233,6 +267,10 @@ class Grit(LoRA):
     splits_batches_not = ("its curvature statistics would differ between processes, and so would "
                           "the steps (run it as one process, without --grad_accum)")
 
+    @classmethod
+    def derived_defaults(cls, args):
+        return dict(SCRIPTS) if args.grit_schedule == "scripts" else {}
+
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)
         if args.dtype == "float16":
@@ -244,9 +282,12 @@ class Grit(LoRA):
         if args.grit_statistics == "plain" and compiled:
             raise InputError("--grit_statistics plain collects through a tensor hook, which "
                              "torch.compile cannot trace; add --no-compile or use the fused one")
-        for flag in ("grit_kfac_freq", "grit_cov_freq", "grit_min_rank"):
+        for flag in ("grit_kfac_freq", "grit_cov_freq", "grit_min_rank", "grit_min_samples"):
             if getattr(args, flag) <= 0:
                 raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
+        for flag in ("grit_loss_window", "grit_ng_warmup", "grit_reg_warmup", "grit_rank_start"):
+            if getattr(args, flag) < 0:
+                raise InputError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
         if not 0 < args.grit_energy <= 1:
             raise InputError(f"--grit_energy must lie in (0, 1], got {args.grit_energy}")
         self.step, self.backwards, self.history, self.window = 0, 0, [], None
@@ -311,7 +352,7 @@ class Grit(LoRA):
     @torch.no_grad()
     def precondition(self):
         """grit/manager.py, precondition_gradients: from the first inversion on, every step."""
-        if not self.ready:
+        if not self.ready or self.step < self.args.grit_ng_warmup:  # ng_warmup_steps
             return
         released = self.args.grit_pairing == "released"
         right, left = (self.inv_g, self.inv_a) if released else (self.inv_a, self.inv_g)
@@ -337,7 +378,15 @@ class Grit(LoRA):
                 self.step - self.last_reprojection >= self.adaptive(a.grit_reproj_freq, 2000):
             self.reproject()
             self.last_reprojection = self.step
+        if a.grit_loss_window and self.step % a.grit_loss_window == 0:
+            self.read_loss_window()  # the Trainer logs after this step's callback: next step's
         self.set_collect()
+
+    def read_loss_window(self):
+        """The mean loss of the steps since the last read: what the released history receives."""
+        if self.window is not None:
+            loss_sum, steps = self.window.tolist()
+            self.logged_loss, self.window = loss_sum / steps, None
 
     def adaptive(self, base, most):
         """grit/manager.py, _get_adaptive_freq: x1.5 while the loss falls by 1% over the window,
@@ -350,7 +399,7 @@ class Grit(LoRA):
     @torch.no_grad()
     def invert(self):
         inv_a, inv_g, ok = invert_damped(self.cov_a, self.cov_g, self.damping)
-        update = (ok & (self.rows >= RELEASED["kfac_min_samples"]))[:, None, None]
+        update = (ok & (self.rows >= self.args.grit_min_samples))[:, None, None]
         self.inv_a, self.inv_g = torch.where(update, inv_a,
                                              self.inv_a), torch.where(update, inv_g, self.inv_g)
         # grit/manager.py: factors_are_ready after the first inversion, whatever it found
@@ -361,16 +410,18 @@ class Grit(LoRA):
         Sigma_g, and k."""
         a = self.args
         vec_a, k = top_energy_basis(self.cov_a, a.grit_energy, min(a.grit_min_rank, a.lora_rank))
+        if self.step < a.grit_rank_start:  # no rank adaptation yet: reprojection_k directions
+            k = torch.full_like(k, min(FIXED_K, a.lora_rank))
         vec_g = top_energy_basis(self.cov_g, a.grit_energy,
                                  1)[0] if a.grit_two_sided == "on" else vec_a
-        sampled = (self.rows >= RELEASED["kfac_min_samples"])[:, None, None]
+        sampled = (self.rows >= a.grit_min_samples)[:, None, None]
         return projector(vec_a, k), projector(torch.where(sampled, vec_g, vec_a), k), k
 
     @torch.no_grad()
     def reproject(self):
         proj_a, proj_g, k = self.bases()
         # grit/manager.py: a layer not yet sampled is skipped
-        sampled = self.rows >= RELEASED["kfac_min_samples"]
+        sampled = self.rows >= self.args.grit_min_samples
         for i, layer in enumerate(self.layers):
             new_a, new_b = proj_a[i] @ layer.lora_A.float(), layer.lora_B.float() @ proj_g[i]
             layer.lora_A.copy_(torch.where(sampled[i], new_a, layer.lora_A.float()))
@@ -390,14 +441,14 @@ class Grit(LoRA):
             curvature = curvature + ((B @ self.cov_g[i]) * B).sum()
             residual = residual + (A - proj_a[i] @ A).pow(2).sum()
             residual = residual + (B - B @ proj_g[i]).pow(2).sum()
-        return a.grit_lambda_kfac * curvature + a.grit_lambda_reproj * residual
+        # grit/trainer.py, compute_loss: regularizer_warmup_steps ramps both weights in linearly
+        ramp = min(1.0, self.step / a.grit_reg_warmup) if a.grit_reg_warmup else 1.0
+        return ramp * (a.grit_lambda_kfac * curvature + a.grit_lambda_reproj * residual)
 
     # --- what is logged and saved
     def metrics(self, model):
-        if self.window is not None:
-            # the log window's mean loss: what the released history receives
-            loss_sum, steps = self.window.tolist()
-            self.logged_loss, self.window = loss_sum / steps, None
+        if not self.args.grit_loss_window:
+            self.read_loss_window()  # the log window's mean loss (--grit_loss_window 0)
         r = self.args.lora_rank
         return {"grit_k": self.k.float().mean().item(), "grit_damping": self.damping,
                 "grit_effective_params":

@@ -28,7 +28,7 @@ block output h. The bank is attached at the "embed" site, which passes the strea
 and hands the bank to later sites in ctx.
 
 Routing (--moc_route) is the honest choice:
-  token     each position t routes on the prefix mean of h_<=t (default). The prefix mean is the
+  prefix    each position t routes on the prefix mean of h_<=t (default). The prefix mean is the
             causal counterpart of the published whole-sequence mean: at the last position of an
             unpadded row it *is* that mean, so a router trained with `sequence` can be evaluated
             causally without a shift of its inputs.
@@ -37,7 +37,12 @@ Routing (--moc_route) is the honest choice:
   sequence  the published routing (routing_strategy: sequence): one decision per row from the
             plain mean over all L positions, padding included. Every position reads chapters
             chosen with the future in view: it leaks.
-The paper's other routing modes (rolling windows, token routing at inference) are not reproduced.
+  token     the published routing_strategy: token, a different computation (read_token): each
+            position routes on h_t alone; the shared chapters are attended densely, each selected
+            chapter gets its own softmax, and the router's weights w mix the chapters' reads
+            (Memory/router.py, route_token_level; Memory/memory_attention.py,
+            _forward_token_routed_attention). Causal by construction.
+The paper's rolling-window routing (inference only) is not reproduced.
 
 The read (--moc_read). MemoryLayer.read_plain is the equations above, as written: each position's
 selected rows gathered, normalised, scaled, projected and attended, a (B, L, (n_shared + k) T, d)
@@ -58,7 +63,7 @@ from memory_fused import _Gather, _RoutedMix, _RoutedScores
 from method import Method, freeze, save_tensors
 from registers import prefix_mean
 
-ROUTES = ("token", "prompt", "sequence")
+ROUTES = ("prefix", "prompt", "sequence", "token")
 # RMS of the selected memory rows: shared_routed_norm_eps in the paper's configs
 # (Memory/outputs/*/config.yaml)
 ROW_EPS = 1e-5
@@ -110,7 +115,7 @@ class MemoryLayer(nn.Module):
     Memory/router.py)."""
 
     def __init__(self, n_embd, n_head, chapters, chapter_tokens, top_k, n_shared=1,
-                 routed_scale=2.5, route="token", read="fused"):
+                 routed_scale=2.5, route="prefix", read="fused"):
         super().__init__()
         if not 0 <= n_shared < chapters or not 1 <= top_k <= chapters - n_shared:
             raise InputError(f"top-k {top_k} of {chapters - n_shared} routed chapters ({chapters} "
@@ -139,6 +144,8 @@ class MemoryLayer(nn.Module):
         if self.route == "sequence":
             # the published mean over all L positions, padding included: sees the future
             return h.mean(dim=1)
+        if self.route == "token":
+            return h  # the published token routing: h_t alone
         return prefix_mean(h, ctx["prompt_len"] if self.route == "prompt" else None)
 
     def select(self, logits):
@@ -148,17 +155,21 @@ class MemoryLayer(nn.Module):
         # fp32 under autocast
         probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         w, idx = probs[..., self.n_shared:].topk(self.top_k, dim=-1)
-        w, idx = w / w.sum(-1, keepdim=True), idx + self.n_shared
+        # floored as published: a router with all its mass on the shared chapters leaves routed
+        # probabilities that underflow to 0, and 0 / 0 is NaN (Memory/router.py, clamp_min(1e-12))
+        w, idx = w / w.sum(-1, keepdim=True).clamp_min(1e-12), idx + self.n_shared
         shared = torch.arange(self.n_shared,
                               device=idx.device).expand(*idx.shape[:-1], self.n_shared)
-        return torch.cat([shared, idx],
-                         dim=-1), mixing_weights(w, self.n_shared, self.routed_scale), probs, idx
+        return torch.cat([shared, idx], dim=-1), (w if self.route == "token" else mixing_weights(
+            w, self.n_shared, self.routed_scale)), probs, idx
 
     def can_step(self):
         return self.route != "sequence"  # the whole-sequence mean changes with every new token
 
     def step(self, h, ctx, state, start):
         """KV-cache generation: the router's prefix mean carried as a running sum."""
+        if self.route == "token":
+            return self.forward(h, ctx)
         return self.forward(h, ctx,
                             prefix_mean(h, ctx["prompt_len"] if self.route == "prompt" else None,
                                         state, start))
@@ -173,6 +184,8 @@ class MemoryLayer(nn.Module):
         q = self.q(self.norm(h)).view(B, L, self.n_head, C // self.n_head)  # Q = RMSNorm(H) W_Q
         if self.route == "sequence":
             read = self.read_rows(q, ctx["moc_bank"], idx, omega)
+        elif self.route == "token":
+            read = self.read_token(q, ctx["moc_bank"], idx[..., self.n_shared:], omega)
         elif self.read == "plain":
             read = self.read_plain(q, ctx["moc_bank"], idx, omega)
         else:
@@ -203,6 +216,29 @@ class MemoryLayer(nn.Module):
         v = self.v(memory).view(B, -1, H, dh).transpose(1, 2)
         read = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype))
         return read.transpose(1, 2).reshape(B, L, H * dh)
+
+    def read_token(self, q, bank, routed, w):
+        """The published `routing_strategy: token` (Memory/memory_attention.py,
+        _forward_token_routed_attention, chapter weights given): keys and values of every bank row
+        (normalised), the shared rows attended with one softmax, each selected routed chapter c
+        with its own softmax, then
+            read = attn(q, shared) + routed_scale * sum_c w_c attn(q, chapter c)
+        No omega: the router's weights mix the chapters' outputs, not their rows."""
+        B, L, H, dh = q.shape
+        S, T = self.n_shared * self.T, self.T
+        # the published projects the whole bank once per forward, then gathers
+        rows = rms_normalize(bank.weight)
+        k = self.k(rows).view(-1, H, dh).to(q.dtype)
+        v = self.v(rows).view(-1, H, dh).to(q.dtype)
+        read = q.new_zeros(B, L, H, dh)
+        if S:
+            shared = torch.einsum("blhd,nhd->blhn", q, k[:S]) * dh ** -0.5
+            read = torch.einsum("blhn,nhd->blhd", F.softmax(shared, dim=-1), v[:S])
+        k_c, v_c = k.view(-1, T, H, dh)[routed], v.view(-1, T, H, dh)[routed]  # (B, L, k, T, H, dh)
+        scores = torch.einsum("blhd,blcthd->blhct", q, k_c) * dh ** -0.5
+        per_chapter = torch.einsum("blhct,blcthd->blhcd", F.softmax(scores, dim=-1), v_c)
+        mixed = torch.einsum("blhcd,blc->blhd", per_chapter, w.to(q.dtype))
+        return (read + self.routed_scale * mixed).reshape(B, L, H * dh)
 
     def read_fused(self, q, bank, idx, omega, ctx):
         """read_plain's values and gradients at a cost in k*T (memory_fused.py): W_K absorbed into
@@ -261,51 +297,15 @@ def parameter_counts(n_embd, chapters, chapter_tokens, n_memory_layers):
                 n_memory_layers * (4 * n_embd ** 2 + n_embd * chapters + chapters + n_embd)}
 
 
-def forward_flops_per_token(n_embd, n_head, chapters, chapter_tokens, top_k, n_shared, seq_len,
-                            route):
-    """Forward FLOPs per token of one memory layer (matmuls only, 2 per multiply-add, as the paper's
-    estimator): the query and output projections, the router, and the read of (n_shared + k) T
-    rows."""
-    d, rows = n_embd, (n_shared + top_k) * chapter_tokens
-    if route == "sequence":  # router and K/V projections once per row of seq_len tokens
-        return 2 * 2 * d * d + (2 * d * chapters + 2 * 2 * rows * d * d) / seq_len + 4 * rows * d
-    # per position: router, q~ = W_K^T q (d^2), scores and mixing over H heads of d-wide raw rows,
-    # then W_V (d^2)
-    return 2 * 2 * d * d + 2 * d * chapters + 2 * 2 * d * d + 4 * n_head * rows * d
-
-
-def dense_block_flops_per_token(n_embd, seq_len):
-    """Forward FLOPs per token of one GPT block, same convention: 12 d^2 weights, and scores and
-    mixing over the (seq_len + 1) / 2 keys a causal position sees on average. The unit of an
-    iso-FLOP dense baseline."""
-    return 2 * 12 * n_embd ** 2 + 2 * 2 * n_embd * (seq_len + 1) / 2
-
-
-def added_flops_per_token(config, args):
-    """Forward FLOPs per token a run adds to its frozen GPT (config): LoRA's 2 r (in + out) per
-    adapted matrix, and the memory layers' (forward_flops_per_token; per-row routing amortised over
-    --pad_to, else 64 tokens)."""
-    n_layer, d = config.n_layer, config.n_embd
-    shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d),
-              "mlp.c_proj": (4 * d, d)}
-    lora = 2 * args.lora_rank * n_layer * sum(sum(shapes[t]) for t in args.lora_targets.split(","))
-    if args.method != "moc":
-        return lora
-    per_layer = forward_flops_per_token(d, config.n_head, args.moc_chapters,
-                                        args.moc_chapter_tokens, args.moc_topk, args.moc_shared,
-                                        args.pad_to or 64, args.moc_route)
-    memory = len(memory_sites(args.moc_layers, n_layer)) * per_layer
-    return (lora if args.moc_base == "lora" else 0) + memory
-
-
 # --------------------------------------------------------------------------------------- the method
 def add_moc_flags(parser):
     g = parser.add_argument_group("Mixture of Chapters memory (--method moc; the LoRA flags apply "
                                   "with --moc_base lora)")
-    g.add_argument("--moc_route", choices=ROUTES, default="token",
-                   help="token: each position routes on its prefix mean (default, causal); prompt: "
-                        "on the [EMOTION] tag (causal); sequence: the published whole-row mean, "
-                        "padding included (leaks the future)")
+    g.add_argument("--moc_route", choices=ROUTES, default="prefix",
+                   help="prefix: each position routes on its prefix mean (default, causal); "
+                        "prompt: on the [EMOTION] tag (causal); sequence: the published whole-row "
+                        "mean, padding included (leaks the future); token: the published token "
+                        "routing, on h_t alone, a softmax per chapter (causal)")
     g.add_argument("--moc_read", choices=READS, default="fused",
                    help="fused: the reads of memory_fused.py (default); plain: the equations as "
                         "written, every position's rows materialised (same values, more memory)")

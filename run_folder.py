@@ -160,6 +160,33 @@ def restore_checkpoint(run, ckpt, path):
 
 
 # ------------------------------------------------------------------------------ metrics.jsonl
+class LogWindow:
+    """The sums of the current log window, kept on the device (reading them when a line is logged
+    is the loop's only host sync): the loss summed over target tokens, the target tokens, the
+    optimizer steps. ckpt.pt keeps them as one tensor, "running"."""
+
+    def __init__(self, device):
+        self.loss_sum, self.tokens, self.steps = torch.zeros(3, dtype=torch.float64,
+                                                             device=device).unbind()
+
+    def add(self, loss_sum, tokens):
+        self.loss_sum += loss_sum.detach().double()
+        self.tokens += tokens.double()
+
+    def as_tensor(self):
+        return torch.stack([self.loss_sum, self.tokens, self.steps])
+
+    def load(self, running, keep_sums=True):
+        self.loss_sum, self.tokens, self.steps = running.to(self.steps.device).clone().unbind()
+        if not keep_sums:  # another rank carries them
+            self.loss_sum.zero_()
+            self.tokens.zero_()
+
+    def zero(self):
+        for value in (self.loss_sum, self.tokens, self.steps):
+            value.zero_()
+
+
 def log_and_checkpoint(run, task, val_split, lr):
     """Append one line to metrics.jsonl: the train loss over the window since the last line, and
     every --eval_interval steps the val loss (best.pt and ckpt.pt follow it). Returns the line

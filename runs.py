@@ -47,6 +47,12 @@ def build_model(args, task, method):
     torch.manual_seed(args.seed)  # scratch init and LoRA's A init depend on the seed
     build = build_bert if task.architecture == "bert" else build_gpt
     model = build(args, task.meta)
+    vocab = model.config.vocab_size
+    if task.meta["vocab_size"] > vocab:  # an embedding lookup past the table: IndexError mid-run
+        raise InputError(f"--init_from {args.init_from} has a vocabulary of {vocab:,} tokens, but "
+                         f"the {args.dataset} data was tokenized with {task.meta['vocab_size']:,} "
+                         f"(ids up to {task.meta['vocab_size'] - 1:,}); use a base with the "
+                         "data's vocabulary")
     method.setup(model, task.meta)
     task.check_model(model)
     return model

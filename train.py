@@ -40,7 +40,7 @@ import distributed
 from cli import InputError, Parser, fail
 from compat import add_old_flags, drop_old_flags, today_spelling, upgrade_args
 from formats import save_run_adapter
-from run_folder import (CHECKPOINT_KEYS, Interrupted, Interrupts, check_finite,
+from run_folder import (CHECKPOINT_KEYS, Interrupted, Interrupts, LogWindow, check_finite,
                         check_new_run_folder, checkpoint_to_resume, load_saved_state,
                         log_and_checkpoint, plot_losses, restore_checkpoint, resume_args,
                         save_checkpoint, start_metrics)
@@ -83,10 +83,14 @@ def build_parser():
                    help="optimizer steps (0: score the starting model)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--min_lr", type=float, default=0.0)
-    g.add_argument("--decay", choices=["cosine", "linear"], default="cosine",
-                   help="after warm-up, down to --min_lr")
+    g.add_argument("--decay", choices=["cosine", "linear", "wsd"], default="cosine",
+                   help="after warm-up, down to --min_lr; wsd (warm-up, stable, decay): held at "
+                        "--lr until --decay_start, then cosine (the MoC paper's schedule)")
+    g.add_argument("--decay_start", type=float, default=0.85,
+                   help="wsd: the share of --max_steps where the decay starts (MoC: 0.85)")
     g.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay on matrices")
+    g.add_argument("--beta2", type=float, default=0.999, help="AdamW's beta2 (MoC paper: 0.95)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0: off)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval_interval", type=int, default=500, help="steps between val evaluations")
@@ -137,7 +141,9 @@ def parse_args(argv):
     check_range(args, ("lr",), lambda v: 0 < v < math.inf, "a positive finite number")
     check_range(args, ("max_steps", "warmup", "eval_iters", "min_lr", "weight_decay", "grad_clip"),
                 lambda v: 0 <= v < math.inf, "a finite number >= 0")
-    check_range(args, ("dropout", "lora_dropout"), lambda v: 0 <= v < 1, "a probability in [0, 1)")
+    check_range(args, ("dropout", "lora_dropout", "beta2"), lambda v: 0 <= v < 1,
+                "a probability in [0, 1)")
+    check_range(args, ("decay_start",), lambda v: 0 <= v <= 1, "a share in [0, 1]")
     return args, explicit
 
 
@@ -146,43 +152,22 @@ def parser_defaults():
 
 
 def lr_at(step, args):
-    """Linear warm-up to --lr, then cosine (or linear) decay to --min_lr at --max_steps."""
+    """Linear warm-up to --lr, then cosine (or linear) decay to --min_lr at --max_steps; wsd holds
+    --lr until --decay_start of the run, then decays as cosine (Memory/memory_transformer/utils.py,
+    get_wsd_schedule_with_warmup)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.max_steps - args.warmup)
+    start = max(args.warmup, int(args.decay_start * args.max_steps)) if args.decay == "wsd" \
+        else args.warmup
+    if step < start:
+        return args.lr
+    progress = (step - start) / max(1, args.max_steps - start)
     if args.decay == "linear":
         return args.lr + progress * (args.min_lr - args.lr)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
 # ------------------------------------------------------------------------------------- the run
-class LogWindow:
-    """The sums of the current log window, kept on the device (reading them when a line is logged
-    is the loop's only host sync): the loss summed over target tokens, the target tokens, the
-    optimizer steps. ckpt.pt keeps them as one tensor, "running"."""
-
-    def __init__(self, device):
-        self.loss_sum, self.tokens, self.steps = torch.zeros(3, dtype=torch.float64,
-                                                             device=device).unbind()
-
-    def add(self, loss_sum, tokens):
-        self.loss_sum += loss_sum.detach().double()
-        self.tokens += tokens.double()
-
-    def as_tensor(self):
-        return torch.stack([self.loss_sum, self.tokens, self.steps])
-
-    def load(self, running, keep_sums=True):
-        self.loss_sum, self.tokens, self.steps = running.to(self.steps.device).clone().unbind()
-        if not keep_sums:  # another rank carries them
-            self.loss_sum.zero_()
-            self.tokens.zero_()
-
-    def zero(self):
-        for value in (self.loss_sum, self.tokens, self.steps):
-            value.zero_()
-
-
 class Run:
     """One training run: its flags, model, method, optimizer, and where it stands (step, best val
     loss, time, the log window). run_folder.py logs it, writes it to ckpt.pt and continues it
@@ -206,7 +191,8 @@ class Run:
                     groups.append({"params": chosen, "weight_decay": decay, "lr_scale": scale})
         # fused: one kernel over every tensor (on a CPU too: 9x faster than foreach on the
         # 201M-parameter bank)
-        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2),
+                                           fused=True)
         self.scaler = torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu",
                                            enabled=dtype == torch.float16)
         self.window = LogWindow(device)

@@ -6,31 +6,34 @@ import argparse
 import os
 from contextlib import nullcontext
 
+import torch
+
 import train
 from cli import InputError, Parser, markdown, mean_spread, pyplot, save_figure, write_report
 from experiments.common import (column, known_arm, logged, lora_arm, losses_by_mode, run_grid,
                                 summaries, val_curves)
-from memory import added_flops_per_token, dense_block_flops_per_token, set_route
-from runs import load_run, resolve_system
+from costs import added_flops_per_token, dense_block_flops_per_token
+from memory import set_route
+from runs import autocast_for, load_run, resolve_system
 
 MOC_MEMORY = ["--method", "moc", "--moc_base", "lora", "--lora_rank", "8", "--lora_alpha", "16",
               "--moc_chapters", "65",
               # a small base's bank; LoRA r8 brings it to ~LoRA r33
               "--moc_chapter_tokens", "16", "--moc_topk", "8"]
-MOC_ARMS = {"moc-token": [*MOC_MEMORY, "--moc_route", "token"],
+MOC_ARMS = {"moc-prefix": [*MOC_MEMORY, "--moc_route", "prefix"],
             "moc-prompt": [*MOC_MEMORY, "--moc_route", "prompt"],
-            # the published routing (leaks the future)
-            "moc-sequence": [*MOC_MEMORY, "--moc_route", "sequence"]}
+            # the published routings: sequence (leaks the future), token (causal)
+            "moc-sequence": [*MOC_MEMORY, "--moc_route", "sequence"],
+            "moc-token": [*MOC_MEMORY, "--moc_route", "token"]}
 
 
 def parse_moc_table(argv):
-    p = Parser(description="Fine-tune memory + LoRA (token, prompt and the published sequence "
-                           "routing) against LoRA over seeds (unknown flags go to train.py for "
-                           "every arm): moc-table.md/.json, router-health.png.")
+    p = Parser(description="Fine-tune memory + LoRA (prefix, prompt and the published sequence "
+                           "and token routings) against LoRA over seeds (unknown flags go to "
+                           "train.py for every arm): moc-table.md/.json, router-health.png.")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--arms", default="lora-r33,lora-r35,moc-token,moc-prompt,moc-sequence",
-                   help="comma-separated: moc-token, moc-prompt, moc-sequence and lora-rN for any "
-                        "rank N")
+    p.add_argument("--arms", default="lora-r33,lora-r35,moc-prefix,moc-prompt,moc-sequence",
+                   help=f"comma-separated: {', '.join(MOC_ARMS)} and lora-rN for any rank N")
     p.add_argument("--out_dir", default="out/moc-table")
     return p.parse_known_args(argv)
 
@@ -45,8 +48,10 @@ def moc_table(a, train_flags):
                     a.seeds, train_flags)
     done = summaries(runs)
     device, _, _ = resolve_system(dtype="float32", compile=False)
-    causal = {arm: [losses_by_mode(d, device, set_route, ("sequence", "token")) for d in runs[arm]]
+    causal = {arm: [losses_by_mode(d, device, set_route, ("sequence", "prefix")) for d in runs[arm]]
               for arm in arms if arm == "moc-sequence"}
+    padding = {arm: [padding_effect(d, device) for d in runs[arm]]
+               for arm in arms if arm == "moc-sequence"}
     rows = []
     for arm in arms:
         model, args = load_run(runs[arm][0], "final", "cpu")[:2]
@@ -55,21 +60,55 @@ def moc_table(a, train_flags):
                      column(done[arm], "val_loss"), column(done[arm], "test_loss"),
                      "-" if arm not in causal else " → ".join(
                          mean_spread([c[r][0] for c in causal[arm]])
-                         for r in ("sequence", "token")),
+                         for r in ("sequence", "prefix")),
                      mean_spread([sum(s.get("moc_dead_chapters", [0])) for s in done[arm]])
                      if arm in MOC_ARMS else "-"])
     first = done[arms[0]][0]
     lines = [f"Base: `{first['init_from']}`, {first['steps']} steps, {a.seeds} seeds (mean ± "
              f"sample std), device {first['device']}. Loss: {first['loss']}. Extra FLOPs/token: "
              "forward FLOPs the method adds to the frozen base (LoRA's low-rank matmuls; the "
-             "memory layer's projections, router and read). Sequence → token: whole-split val "
+             "memory layer's projections, router and read). Sequence → prefix: whole-split val "
              "loss of the final weights with the published routing they trained with, then routed "
              "causally (per-position prefix mean; what generation can use). Dead: routed chapters "
              "never chosen in training, summed over memory layers.", "",
              *markdown(["arm", "trainable", "extra FLOPs/token", "val (final)", "test (final)",
-                        "val sequence → token", "dead chapters"], rows)]
-    write_report(a.out_dir, "moc-table", lines, {"summaries": done, "sequence_vs_token": causal})
+                        "val sequence → prefix", "dead chapters"], rows)]
+    if padding:
+        lines += ["", "The sequence → prefix change, split in two (val loss, whole split; "
+                  "padding: the sequence mean over rows padded as in training, then over each "
+                  "row's own tokens; leak: that whole-row mean, then the prefix mean):", "",
+                  *markdown(["arm", *PADDING_MODES, "padding (2 - 1)", "leak (3 - 2)"],
+                            [[arm, *(mean_spread([p[m] for p in padding[arm]])
+                                     for m in PADDING_MODES),
+                              mean_spread([p[PADDING_MODES[1]] - p[PADDING_MODES[0]]
+                                           for p in padding[arm]]),
+                              mean_spread([p[PADDING_MODES[2]] - p[PADDING_MODES[1]]
+                                           for p in padding[arm]])]
+                             for arm in padding])]
+    write_report(a.out_dir, "moc-table", lines, {"summaries": done, "sequence_vs_prefix": causal,
+                                                 "padding_vs_leak": padding})
     plot_router_health(a.out_dir, {arm: runs[arm][0] for arm in arms if arm in MOC_ARMS}, done)
+
+
+PADDING_MODES = ("1. sequence, padded", "2. sequence, unpadded", "3. prefix, unpadded")
+
+
+@torch.no_grad()
+def padding_effect(run_dir, device):
+    """The val loss of a `sequence`-trained run three ways: as trained (rows padded to --pad_to, the
+    mean over mostly padding), then one row at a time unpadded (the mean over the row's own tokens:
+    still its future), then causally (the prefix mean). The first step is the padding, the second
+    the leak."""
+    model, args, task, _ = load_run(run_dir, "final", device)
+    autocast = autocast_for(device, torch.float32)
+    losses = {PADDING_MODES[0]: task.evaluate(model, task.split("validation"), autocast,
+                                               args.eval_batch_size)}
+    args.pad_to, args.pad_multiple = 0, 1  # one row a batch, no padding at all
+    unpadded = task.split("validation")  # the task reads these flags
+    for mode, route in zip(PADDING_MODES[1:], ("sequence", "prefix")):
+        set_route(model, route)
+        losses[mode] = task.evaluate(model, unpadded, autocast, 1)
+    return losses
 
 
 def plot_router_health(out_dir, first_runs, done):
@@ -105,6 +144,15 @@ ROW_TOKENS = 128
 # base 3e-5, §6), frozen. The memory layers train at the base lr in every arm, so only the bank's
 # lr differs.
 BANK_IN_B = {"1": "1", "low": str(1 / 6), "frozen": "0"}
+# --recipe paper: the published runs' optimiser for every arm. Phase A as
+# Memory/outputs/base_small_run12_02/checkpoint-9600/config.yaml (adam_beta2 0.95, weight_decay
+# 0.1, scheduler WSD from decay_start_step 8160 of 9600 = 0.85, min_lr_ratio 0.1, routing_strategy
+# sequence); phase B as Memory/outputs/base_small_ift_run1/checkpoint-3200/config.yaml (the same
+# beta2 and decay, cosine to min_lr_ratio 0.1, memory_lr 1.5e-5 = 0.5 x base_model_lr 3e-5).
+# Published weight decay applies to every parameter; ours to matrices only (train.py).
+PAPER_OPTIMIZER = ["--beta2", "0.95", "--weight_decay", "0.1"]
+PAPER_A = ["--decay", "wsd", "--decay_start", "0.85"]
+PAPER_MEMORY_LR_B = "0.5"
 
 
 def parse_moc_scratch(argv):
@@ -124,11 +172,18 @@ def parse_moc_scratch(argv):
     p.add_argument("--lr_b", type=float, default=1e-3, help="phase B learning rate")
     p.add_argument("--data_a", default="data/squadtext", help="phase A's prepared SQuAD text")
     p.add_argument("--data_b", default="data/emotion", help="phase B's prepared emotion data")
+    p.add_argument("--recipe", choices=["ours", "paper"], default="ours",
+                   help="ours: AdamW beta2 0.999, no weight decay, cosine to 0, causal prefix "
+                        "routing, memory layers at 1x in phase B; paper: the published runs' beta2 "
+                        "0.95, weight decay 0.1, WSD (phase A) and cosine (B) to 0.1 x lr, "
+                        "sequence routing, memory layers at 0.5x in phase B")
     p.add_argument("--out_dir", default="out/moc-scratch")
     return p.parse_known_args(argv)
 
 
 def moc_scratch(a, train_flags):
+    # the same three architectures in both recipes: the FLOPs (and the dense arm's depth) are
+    # counted with causal per-position routing
     memory_args = train.build_parser().parse_args([*train_flags, *MOC_SCRATCH, "--n_layer",
                                                    str(a.n_layer)])
     shape = argparse.Namespace(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
@@ -137,23 +192,32 @@ def moc_scratch(a, train_flags):
     # the dense arm: as many more blocks as the memory's FLOPs
     iso = a.n_layer + max(1, round(memory / block))
     dense = f"dense-{iso}L"
-    scratch = [*train_flags, "--dataset", "squadtext", "--data_dir", a.data_a, "--init_from",
-               "scratch", "--n_head", str(a.n_head), "--n_embd", str(a.n_embd), "--block_size",
-               str(ROW_TOKENS)]
+    recipe_a, recipe_b, route, memory_lr_b = [], [], [], "1"
+    if a.recipe == "paper":
+        lr_a = train.build_parser().parse_args(train_flags).lr
+        train_flags = [*train_flags, *PAPER_OPTIMIZER]
+        recipe_a = [*PAPER_A, "--min_lr", str(0.1 * lr_a)]
+        recipe_b = ["--min_lr", str(0.1 * a.lr_b)]
+        route, memory_lr_b = ["--moc_route", "sequence"], PAPER_MEMORY_LR_B
+    scratch = [*train_flags, *recipe_a, "--dataset", "squadtext", "--data_dir", a.data_a,
+               "--init_from", "scratch", "--n_head", str(a.n_head), "--n_embd", str(a.n_embd),
+               "--block_size", str(ROW_TOKENS)]
     runs = run_grid(a.out_dir,
                     {"backbone": ["--method", "full", "--n_layer", str(a.n_layer)],
                      dense: ["--method", "full", "--n_layer", str(iso)],
-                     "memory": [*MOC_SCRATCH, "--n_layer", str(a.n_layer)]}, a.seeds, scratch)
-    phase_b = [*train_flags, "--dataset", "emotion", "--data_dir", a.data_b, "--max_steps",
-               str(a.steps_b), "--lr", str(a.lr_b), "--warmup", str(a.steps_b // 10),
+                     "memory": [*MOC_SCRATCH, *route, "--n_layer", str(a.n_layer)]}, a.seeds,
+                    scratch)
+    phase_b = [*train_flags, *recipe_b, "--dataset", "emotion", "--data_dir", a.data_b,
+               "--max_steps", str(a.steps_b), "--lr", str(a.lr_b), "--warmup", str(a.steps_b // 10),
                "--eval_interval", str(max(a.steps_b // 4, 1))]
     after = lambda arm, extra: lambda seed: ["--init_from", runs[arm][seed], *extra]
     runs_b = run_grid(a.out_dir,
                       {"B-backbone": after("backbone", ["--method", "full"]),
                        f"B-{dense}": after(dense, ["--method", "full"]),
                        **{f"B-memory-bank-{name}": lambda seed,
-                          scale=scale: [*after("memory", MOC_SCRATCH)(seed), "--moc_init",
-                                        runs["memory"][seed], "--moc_lr_scale", "1",
+                          scale=scale: [*after("memory", [*MOC_SCRATCH, *route])(seed),
+                                        "--moc_init", runs["memory"][seed],
+                                        "--moc_lr_scale", memory_lr_b,
                                         "--moc_bank_lr_scale", scale]
                           for name, scale in BANK_IN_B.items()}}, a.seeds, phase_b)
     device, _, _ = resolve_system(dtype="float32", compile=False)

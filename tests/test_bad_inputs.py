@@ -42,6 +42,15 @@ CASES = [
     ("train", ["--weight_decay", "-0.1"], "--weight_decay must be a finite number >= 0"),
     ("train", ["--grad_clip", "-1"], "--grad_clip must be a finite number >= 0"),
     ("train", ["--dropout", "1.5"], "--dropout must be a probability in [0, 1)"),
+    ("train", ["--beta2", "1"], "--beta2 must be a probability in [0, 1)"),
+    ("train", ["--decay", "wsd", "--decay_start", "1.5"],
+     "--decay_start must be a share in [0, 1]"),
+    ("train", ["--method", "lora", "--init_from", "SMALLVOCAB", "--data_dir", "DATA", "--out_dir",
+               "NEW"], "vocabulary of 1,000 tokens, but the emotion data was tokenized"),
+    ("train", ["--method", "grit", "--grit_loss_window", "-1", *SCRATCH, "--data_dir", "DATA",
+               "--out_dir", "NEW"], "--grit_loss_window must be >= 0"),
+    ("train", ["--method", "grit", "--grit_min_samples", "0", *SCRATCH, "--data_dir", "DATA",
+               "--out_dir", "NEW"], "--grit_min_samples must be positive"),
     ("train", ["--lora_dropout", "2"], "--lora_dropout must be a probability in [0, 1)"),
     ("train", ["--device", "banana"], "--device must be auto, cpu, cuda or cuda:N"),
     ("train", ["--method", "regbert", "--dataset", "emotion"],
@@ -195,6 +204,7 @@ CASES = [
 def places(emotion_small_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
     save_tiny_hf_gpt2(root / "base", n_layer=1, n_head=2, n_embd=32)
+    save_tiny_hf_gpt2(root / "smallvocab", vocab_size=1000, n_layer=1, n_head=2, n_embd=32)
     (root / "a-file").write_text("keep me")
     (root / "filedir").mkdir()
     (root / "dead").mkdir()
@@ -241,7 +251,7 @@ def places(emotion_small_dir, tmp_path_factory):
             "NEW": str(root / "new"), "NEW2": str(root / "new2"),
             "OTHERKIND": str(root / "otherkind"), "RUN": str(run),
             "NOMETRICS": str(root / "nometrics"), "BADMETRICS": str(root / "badmetrics"),
-            "NOBEST": str(root / "nobest"), "root": root,
+            "NOBEST": str(root / "nobest"), "SMALLVOCAB": str(root / "smallvocab"), "root": root,
             **{name.upper(): str(root / name)
                for name in ("truncated", "bigid", "badlabel", "badmeta", "halfmeta", "notest")}}
 

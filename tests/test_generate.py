@@ -12,6 +12,7 @@ from test_layout import gpt_methods
 CASES = [(name, ()) for name in gpt_methods()] + [("prb", ("--prb_pool", "prompt")),
                                                   ("prb", ("--prb_pool", "full")),
                                                   ("moc", ("--moc_route", "prompt")),
+                                                  ("moc", ("--moc_route", "token")),
                                                   ("moc", ("--moc_route", "sequence"))]
 # whole-sequence pooling
 CANNOT_STEP = {("prb", ("--prb_pool", "full")), ("moc", ("--moc_route", "sequence"))}

@@ -24,7 +24,7 @@ def moc_args(*argv, **overrides):
     return argparse.Namespace(**(vars(args) | overrides))
 
 
-def tiny_moc(route="token", chapters=9, tokens=4, top_k=3, shared=1, seed=0, randomise=True,
+def tiny_moc(route="prefix", chapters=9, tokens=4, top_k=3, shared=1, seed=0, randomise=True,
              vocab=64, **flags):
     """A 2-block scratch GPT with a memory layer after block 1; every trainable tensor randomised if
     asked (W_O = 0 would make any routing look causal)."""
@@ -120,7 +120,7 @@ def test_at_init_the_model_is_its_base():
         assert torch.equal(model(idx, dict(CTX)), base(idx))
 
 
-@pytest.mark.parametrize("route", ["token", "prompt"])
+@pytest.mark.parametrize("route", ["prefix", "prompt", "token"])
 def test_causal_routes_are_causal(route):
     model, _ = tiny_moc(route=route)
     assert_causal(lambda idx: model(idx, dict(CTX)), torch.randint(0, 64, (2, 12)), 64)
@@ -130,8 +130,74 @@ def test_the_published_sequence_route_leaks_the_future():
     model, _ = tiny_moc(route="sequence")
     with pytest.raises(AssertionError, match="moved logits at earlier positions"):
         assert_causal(lambda idx: model(idx, dict(CTX)), torch.randint(0, 64, (2, 12)), 64)
-    set_route(model, "token")  # the same weights, routed causally
+    set_route(model, "prefix")  # the same weights, routed causally
     assert_causal(lambda idx: model(idx, dict(CTX)), torch.randint(0, 64, (2, 12)), 64)
+
+
+def test_a_router_with_all_its_mass_on_the_shared_chapter_gives_finite_weights():
+    """The routed probabilities underflow to 0; renormalising them without a floor gave 0/0 = NaN
+    (the published router clamps the sum at 1e-12)."""
+    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1)
+    logits = torch.zeros(2, 5, 9)
+    logits[..., 0] = 1e4  # everything on the shared chapter
+    _, omega, probs, _ = layer.select(logits)
+    assert (probs[..., 1:] == 0).all()
+    assert torch.isfinite(omega).all() and torch.allclose(omega[..., 0], torch.ones(2, 5))
+
+
+def published_token_forward(layer, bank, h):
+    """The published `routing_strategy: token`, transcribed line by line: Memory/router.py
+    route_token_level; the token branch of Memory/model.py (shared and routed rows normalised
+    separately); Memory/memory_attention.py _forward_token_routed_attention with chapter weights,
+    its emulated sparse path (_token_routed_sparse_attention_emulated, one chapter per call)."""
+    B, L, C = h.shape
+    H, dh, T, n_shared = layer.n_head, C // layer.n_head, layer.T, layer.n_shared
+    scale = dh ** -0.5
+    logits = layer.router(h)  # router.route_token_level
+    probs = F.softmax(logits, dim=-1)
+    routed_probs = probs[..., n_shared:]
+    routed_probs = routed_probs / routed_probs.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    weights, local = torch.topk(routed_probs, k=layer.top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    shared, routed = bank[:n_shared * T], bank[n_shared * T:]  # model.py
+    shared = shared / shared.pow(2).mean(dim=-1, keepdim=True).add(memory.ROW_EPS).sqrt()
+    routed = routed / routed.pow(2).mean(dim=-1, keepdim=True).add(memory.ROW_EPS).sqrt()
+    x = layer.norm(h)  # adapter.py: memory_layernorm before the attention
+    q = layer.q(x).view(B, L, H, dh)
+    k_s, v_s = layer.k(shared).view(-1, H, dh), layer.v(shared).view(-1, H, dh)
+    attn = F.softmax(torch.einsum("blhd,nhd->bhln", q, k_s) * scale, dim=-1)  # dense, shared
+    combined = torch.einsum("bhln,nhd->blhd", attn, v_s).reshape(B, L, C)
+    k_r, v_r = layer.k(routed).view(-1, H, dh), layer.v(routed).view(-1, H, dh)
+    accumulated = torch.zeros(B, L, H, dh, dtype=h.dtype)
+    for i in range(layer.top_k):  # one chapter per call, weighted
+        out = torch.zeros(B, L, H, dh, dtype=h.dtype)
+        for b in range(B):
+            tok = (local[b, :, i:i + 1] * T + torch.arange(T)).reshape(L, -1)
+            for head in range(H):
+                gathered_k, gathered_v = k_r[:, head][tok], v_r[:, head][tok]  # (L, T, dh)
+                scores = (q[b, :, head, None, :] * gathered_k).sum(dim=-1) * scale
+                out[b, :, head] = (F.softmax(scores, dim=-1)[..., None] * gathered_v).sum(dim=1)
+        accumulated = accumulated + out * weights[:, :, i, None, None]
+    combined = combined + accumulated.reshape(B, L, C) * layer.routed_scale
+    return h + layer.o(combined)  # _project_output, then the residual (adapter.py)
+
+
+def test_the_published_token_route_matches_a_transcription_of_the_published_forward():
+    torch.manual_seed(0)
+    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1,
+                        route="token").double()
+    bank = ChapterBank(16, 9, 4).double()
+    with torch.no_grad():
+        for p in [*layer.parameters(), *bank.parameters()]:
+            p.normal_(0, 0.5)
+    h = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    ours = layer(h, {"moc_bank": bank})
+    theirs = published_token_forward(layer, bank.weight, h)
+    assert torch.allclose(ours, theirs, atol=1e-12)
+    grads = lambda out: torch.autograd.grad(out.square().sum(),
+                                            [h, bank.weight, *layer.parameters()])
+    for mine, published in zip(grads(ours), grads(theirs)):
+        assert torch.allclose(mine, published, atol=1e-10)
 
 
 def dense_read(layer, bank, h, ctx):
@@ -155,7 +221,7 @@ def dense_read(layer, bank, h, ctx):
 
 # 2: fewer reads than chapters; 6 with a bank above the gather budget: one chapter per chunk
 @pytest.mark.parametrize("length,big_bank", [(6, False), (2, False), (6, True)])
-@pytest.mark.parametrize("route", ["token", "prompt", "sequence"])
+@pytest.mark.parametrize("route", ["prefix", "prompt", "sequence"])
 @pytest.mark.parametrize("read", ["fused", "plain"])
 def test_the_read_equals_the_materialised_computation_with_its_gradients(
         read, route, length, big_bank, monkeypatch):
@@ -210,7 +276,7 @@ def test_sparse_reads_pass_gradcheck():
 def test_the_bank_gradient_accumulates_in_place():
     """Eager reads add their gradient straight into the bank's .grad: one buffer, no bank-sized
     temporary per read; a second backward adds to the first exactly."""
-    for route in ("token", "sequence"):
+    for route in ("prefix", "sequence"):
         # more chapters than reads: rows normalised where read
         model, method = tiny_moc(route=route, chapters=257)
         idx = torch.randint(0, 64, (1, 3))
@@ -241,7 +307,7 @@ def test_a_token_route_that_agrees_everywhere_is_the_sequence_read():
     """With a router that ignores its input every position picks the same chapters: the per-position
     path must then compute exactly what the published per-row path computes."""
     torch.manual_seed(3)
-    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route="token")
+    layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route="prefix")
     bank = ChapterBank(16, 9, 4)
     with torch.no_grad():
         for p in [*layer.parameters(), bank.weight]:
@@ -313,9 +379,14 @@ def test_moc_table_sweep_end_to_end(emotion_tiny_dir, tmp_path):
     table = open(os.path.join(out, "moc-table.md")).read()
     assert "| lora-r2 | 3,072 |" in table and "| moc-sequence |" in table and " → " in table
     report = json.load(open(os.path.join(out, "moc-table.json")))
-    val_sequence, val_token = (report["sequence_vs_token"]["moc-sequence"][0][r][0]
-                               for r in ("sequence", "token"))
-    assert val_sequence != val_token  # the same weights, routed two ways
+    val_sequence, val_prefix = (report["sequence_vs_prefix"]["moc-sequence"][0][r][0]
+                                for r in ("sequence", "prefix"))
+    assert val_sequence != val_prefix  # the same weights, routed two ways
+    # the change split into padding and leak: three scores of the same weights
+    padding = report["padding_vs_leak"]["moc-sequence"][0]
+    assert padding["1. sequence, padded"] == pytest.approx(val_sequence)
+    assert padding["3. prefix, unpadded"] == pytest.approx(val_prefix, rel=1e-5)
+    assert "| moc-sequence |" in table.split("split in two")[1]
     assert os.path.isfile(os.path.join(out, "router-health.png"))
 
 

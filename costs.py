@@ -1,0 +1,76 @@
+"""What a method costs beside what it scores: forward FLOPs per token.
+
+Two ways, kept side by side. The formulas (MoC's memory layer, a dense GPT block, LoRA's matmuls)
+size an iso-FLOP baseline before anything is built, as the MoC paper's estimator does: matmuls
+only, 2 FLOPs per multiply-add. measured_added_flops counts what a built model actually runs
+(torch.utils.flop_counter, the same convention) on one batch of real rows, minus what the same
+model without its method runs on that batch: no formula to keep in sync with the code, and it
+covers every method (the tables of sweeps.py compare and atoms-table use it).
+"""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from memory import memory_sites
+from model import GPT
+
+
+def forward_flops_per_token(n_embd, n_head, chapters, chapter_tokens, top_k, n_shared, seq_len,
+                            route, batch_tokens=None):
+    """Forward FLOPs per token of one memory layer (memory.py): the query and output projections,
+    the router, and the read of (n_shared + k) T rows. `token` (the published token routing)
+    projects the whole bank to keys and values once per forward, amortised over batch_tokens."""
+    d, rows = n_embd, (n_shared + top_k) * chapter_tokens
+    if route == "sequence":  # router and K/V projections once per row of seq_len tokens
+        return 2 * 2 * d * d + (2 * d * chapters + 2 * 2 * rows * d * d) / seq_len + 4 * rows * d
+    if route == "token":
+        bank_kv = 2 * 2 * chapters * chapter_tokens * d * d / (batch_tokens or seq_len)
+        return 2 * 2 * d * d + 2 * d * chapters + bank_kv + 4 * rows * d
+    # per position: router, q~ = W_K^T q (d^2), scores and mixing over H heads of d-wide raw rows,
+    # then W_V (d^2)
+    return 2 * 2 * d * d + 2 * d * chapters + 2 * 2 * d * d + 4 * n_head * rows * d
+
+
+def dense_block_flops_per_token(n_embd, seq_len):
+    """Forward FLOPs per token of one GPT block, same convention: 12 d^2 weights, and scores and
+    mixing over the (seq_len + 1) / 2 keys a causal position sees on average. The unit of an
+    iso-FLOP dense baseline."""
+    return 2 * 12 * n_embd ** 2 + 2 * 2 * n_embd * (seq_len + 1) / 2
+
+
+def added_flops_per_token(config, args):
+    """Forward FLOPs per token a run adds to its frozen GPT (config): LoRA's 2 r (in + out) per
+    adapted matrix, and the memory layers' (forward_flops_per_token; per-row routing amortised over
+    --pad_to, else 64 tokens)."""
+    n_layer, d = config.n_layer, config.n_embd
+    shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d),
+              "mlp.c_proj": (4 * d, d)}
+    lora = 2 * args.lora_rank * n_layer * sum(sum(shapes[t]) for t in args.lora_targets.split(","))
+    if args.method != "moc":
+        return lora
+    per_layer = forward_flops_per_token(d, config.n_head, args.moc_chapters,
+                                        args.moc_chapter_tokens, args.moc_topk, args.moc_shared,
+                                        args.pad_to or 64, args.moc_route,
+                                        args.batch_size * (args.pad_to or 64))
+    memory = len(memory_sites(args.moc_layers, n_layer)) * per_layer
+    return (lora if args.moc_base == "lora" else 0) + memory
+
+
+@torch.no_grad()
+def counted_flops(model, x, ctx):
+    """Forward FLOPs of model(x, ctx), counted by torch (matmuls, attention; 2 per multiply-add)."""
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(x, ctx)
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+def measured_added_flops(model, split, rows=8):
+    """Forward FLOPs per position that `model` (a GPT with its method) runs beyond the same GPT
+    without it, on the first `rows` rows of `split`, padded as in evaluation."""
+    picked = torch.arange(min(rows, split.n), device=split.x.device)
+    x, _, ctx = split.batch(picked, split.padded_length(picked.cpu().numpy()))
+    bare = GPT(model.config).to(x.device)  # the same shapes: the same FLOPs without the method
+    return (counted_flops(model, x, ctx) - counted_flops(bare, x, ctx)) / x.numel()
