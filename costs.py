@@ -57,12 +57,13 @@ def added_flops_per_token(config, args):
 
 
 @torch.no_grad()
-def counted_flops(model, x, ctx):
-    """Forward FLOPs of model(x, ctx), counted by torch (matmuls, attention; 2 per multiply-add)."""
+def counted_flops(model, *inputs):
+    """Forward FLOPs of model(*inputs) in evaluation mode, counted by torch (matmuls, attention; 2
+    per multiply-add)."""
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter:
-        model(x, ctx)
+        model(*inputs)
     model.train(was_training)
     return counter.get_total_flops()
 

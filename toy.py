@@ -3,17 +3,20 @@ right correction depends on the input. LoRA against update atoms (memory.py part
 trainable parameters, over seeds.
 
     python toy.py --seeds 5                     # table, JSON and plot in out/atoms-toy
+    python toy.py --seeds 5 --correction uniform --out_dir out/atoms-toy-uniform
 
 The setting (ours; the paper's regression tasks cannot be read). A frozen "pretrained" MLP f0 (d_in
 -> width -> width -> 1, GELU) is fitted to a teacher g0. The adaptation target adds a correction
 that depends on which of four regions the input lies in (the signs of x_0 and x_1): g(x) = g0(x) +
 a_c tanh(v_c . x), c = region(x), so no single static low-rank update of f0 fits every region as
-well as a routed one could. Labels are noisy, y = g(x) + eps, eps ~ N(0, noise^2); the score is the
+well as a routed one could. That favours routing by construction; --correction uniform is the
+control where one correction, g(x) = g0(x) + a tanh(v . x), holds everywhere (LoRA's home
+ground). Labels are noisy, y = g(x) + eps, eps ~ N(0, noise^2); the score is the
 MSE on clean test targets g(x). Stability: the std of the training loss over the last 20% of steps
-(per seed, then averaged), and the spread of the final test MSE across seeds.
+(per seed, then averaged), and the spread of the final test MSE across seeds. Cost: the forward
+FLOPs per example each adapter adds to f0 (costs.py, counted), beside its parameters.
 """
 
-import json
 import os
 import statistics
 
@@ -22,11 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import InputError, Parser, fail, markdown, mean_spread, save_figure, write_report
-from lora import apply_lora
 from atoms import apply_atoms
+from cli import InputError, Parser, fail, markdown, mean_spread, pyplot, save_figure, write_report
+from costs import counted_flops
+from lora import apply_lora
 from method import freeze
-from cli import pyplot
 
 LAYERS = ("0", "2", "4")  # the three Linears of the MLP (nn.Sequential indices)
 
@@ -36,9 +39,9 @@ def mlp(d_in, width):
                          nn.Linear(width, 1))
 
 
-def the_tasks(d_in, width, seed):
-    """The teacher g0, the per-region corrections, and a frozen f0 fitted to g0 (the same for every
-    arm of a seed)."""
+def the_tasks(d_in, width, seed, correction="region"):
+    """The teacher g0, the corrections (one per region, or region 0's everywhere), and a frozen f0
+    fitted to g0 (the same for every arm of a seed)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     teacher = mlp(d_in, width).requires_grad_(False)
@@ -46,6 +49,8 @@ def the_tasks(d_in, width, seed):
 
     def target(x):
         region = (x[:, 0] > 0).long() * 2 + (x[:, 1] > 0).long()
+        if correction == "uniform":
+            region = torch.zeros_like(region)
         return teacher(x).squeeze(-1) + a[region] * torch.tanh((x * v[region]).sum(-1))
     base = mlp(d_in, width)
     opt = torch.optim.Adam(base.parameters(), lr=3e-3)
@@ -60,7 +65,7 @@ def the_tasks(d_in, width, seed):
 
 def adapt(arm, base, target, g, a, seed):
     """Fine-tune a copy of f0 with LoRA or atoms on noisy labels; returns (clean test MSE, train
-    losses, params)."""
+    losses, params, forward FLOPs per example added to f0)."""
     model = mlp(a.d_in, a.width)
     model.load_state_dict(base.state_dict())
     freeze(model)
@@ -75,6 +80,9 @@ def adapt(arm, base, target, g, a, seed):
               if p.requires_grad] + (list(pool.parameters()) if pool is not None else [])
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     x_test = torch.randn(4096, a.d_in, generator=g)
+    if pool is not None:
+        pool.reset()
+    flops = (counted_flops(model, x_test) - counted_flops(base, x_test)) / len(x_test)
     losses = []
     for step in range(a.steps):
         x = torch.randn(a.batch_size, a.d_in, generator=g)
@@ -90,7 +98,7 @@ def adapt(arm, base, target, g, a, seed):
         if pool is not None:
             pool.reset()
         test = F.mse_loss(model(x_test).squeeze(-1), target(x_test)).item()
-    return test, losses, sum(p.numel() for p in params)
+    return test, losses, sum(p.numel() for p in params), flops
 
 
 def main(argv=None):
@@ -108,6 +116,9 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--noise", type=float, default=0.3, help="label noise std")
+    p.add_argument("--correction", choices=["region", "uniform"], default="region",
+                   help="region: the correction depends on the input's region (routing's home "
+                        "ground); uniform: one correction everywhere (LoRA's)")
     p.add_argument("--out_dir", default="out/atoms-toy")
     a = p.parse_args(argv)
     if min(a.seeds, a.d_in, a.width, a.rank, a.atoms, a.topk, a.key_dim, a.steps,
@@ -132,15 +143,16 @@ def main(argv=None):
             f"static-core-r{a.rank}": {"method": "atoms", "rank": a.rank, "atoms": 1, "topk": 1}}
     results = {name: [] for name in arms}
     for seed in tqdm(range(a.seeds), desc="seeds"):
-        target, base = the_tasks(a.d_in, a.width, seed)
+        target, base = the_tasks(a.d_in, a.width, seed, a.correction)
         for name, arm in arms.items():
             # the same batches and noise for every arm of a seed
             g = torch.Generator().manual_seed(1000 + seed)
-            test, losses, n = adapt(arm, base, target, g, a, seed)
+            test, losses, n, flops = adapt(arm, base, target, g, a, seed)
             tail = losses[int(0.8 * len(losses)):]
             results[name].append({"seed": seed, "test_mse": test,
                                   "tail_std": statistics.stdev(tail),
                                   "tail_mean": statistics.mean(tail), "params": n,
+                                  "flops_per_example": flops,
                                   "losses": losses})
         with torch.no_grad():  # the frozen f0 alone, for scale
             x = torch.randn(4096, a.d_in, generator=torch.Generator().manual_seed(1000 + seed))
@@ -150,17 +162,21 @@ def main(argv=None):
     assert counts[f"lora-r{lora_rank}"] == lora_rank * per_rank
     assert counts[f"atoms-r{a.rank}-M{a.atoms}-k{a.topk}"] == atom_params
     lora = [r["test_mse"] for r in results[f"lora-r{lora_rank}"]]
-    rows = [[name, f"{counts.get(name, 0):,}", mean_spread([r["test_mse"] for r in runs]),
+    rows = [[name, f"{counts.get(name, 0):,}",
+             f"{runs[0]['flops_per_example']:,.0f}" if name in counts else "0",
+             mean_spread([r["test_mse"] for r in runs]),
              mean_spread([r["test_mse"] - l for r, l in zip(runs, lora)]),
              mean_spread([r["tail_mean"] for r in runs]) if name in counts else "-",
              mean_spread([r["tail_std"] for r in runs]) if name in counts else "-"]
             for name, runs in results.items()]
-    lines = [f"{a.seeds} seeds (mean ± sample std); {a.steps} steps of batch {a.batch_size}, "
+    lines = [f"Correction: {a.correction}. {a.seeds} seeds (mean ± sample std); {a.steps} steps "
+             f"of batch {a.batch_size}, "
              f"AdamW lr {a.lr:g}; label noise std {a.noise}; f0: {a.d_in} -> {a.width} -> "
              f"{a.width} -> 1. Test MSE on 4,096 clean targets. Paired: minus LoRA's test MSE on "
              "the same seed (same f0, batches and noise). Tail: training loss over the last 20% of "
-             "steps (its mean, and its std within a run).", "",
-             *markdown(["arm", "trainable", "test MSE", "minus LoRA's (paired)",
+             "steps (its mean, and its std within a run). FLOPs: forward FLOPs per example added "
+             "to f0 (counted).", "",
+             *markdown(["arm", "trainable", "FLOPs/example", "test MSE", "minus LoRA's (paired)",
                         "train loss, tail mean", "train loss, tail std"], rows)]
     write_report(a.out_dir, "atoms-toy", lines, {"args": vars(a), "results": results})
     plt = pyplot()

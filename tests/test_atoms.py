@@ -201,10 +201,38 @@ def test_the_regression_toy_runs_at_matched_parameters(tmp_path, capsys):
     assert all(r["test_mse"] < b["test_mse"] for arm in (lora, atoms) for r, b in zip(arm, base))
     assert (tmp_path / "atoms-toy.png").is_file()
     assert "| atoms-r5-M6-k2 |" in (tmp_path / "atoms-toy.md").read_text()
+    # LoRA's counted FLOPs: 2 r (in + out) per adapted Linear of 8 -> 16 -> 16 -> 1
+    rank = int(next(k for k in data if k.startswith("lora-r")).removeprefix("lora-r"))
+    assert lora[0]["flops_per_example"] == 2 * rank * ((8 + 16) + (16 + 16) + (16 + 1))
+    assert atoms[0]["flops_per_example"] > lora[0]["flops_per_example"]  # R u and the routing
+    toy.main(["--seeds", "1", "--steps", "60", "--width", "16", "--correction", "uniform",
+              "--out_dir", str(tmp_path / "uniform")])
+    assert "Correction: uniform" in (tmp_path / "uniform" / "atoms-toy.md").read_text()
     with pytest.raises(SystemExit):
         toy.main(["--seeds", "1", "--rank", "2", "--atoms", "8", "--out_dir",
                   str(tmp_path / "bad")])
     assert "within 5%" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_the_router_reads_the_input_without_dropout_unless_asked():
+    """--atoms_route_input clean: with LoRA dropout on, the top-k choice in training is the one
+    evaluation makes on the same input; `dropped` routes on A dropout(x), so the choices differ."""
+    chosen = {}
+    for route_input in ("clean", "dropped"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+        pool = apply_atoms(freeze(model), 4, 8.0, 0.5, ["attn.c_attn", "mlp.c_fc"], 6, 8, 2, 0.0,
+                           0.01, 16, route_input=route_input)
+        model.attach("embed", pool)
+        idx = torch.randint(0, 64, (4, 16))
+        for mode in ("train", "eval"):
+            getattr(model, mode)()
+            model(idx, {})
+            chosen[route_input, mode] = [pool.chosen[b].sort(-1).values
+                                         for b in sorted(pool.chosen)]
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))
+    assert same(chosen["clean", "train"], chosen["clean", "eval"])
+    assert not same(chosen["dropped", "train"], chosen["dropped", "eval"])
 
 
 def test_atom_arms_name_their_flags():
