@@ -14,19 +14,21 @@ ATOM_FLAGS = {"b": "--atoms_beta", "m": "--atoms_count", "k": "--atoms_topk",
 
 
 def atom_arm(arm, dataset):
-    """train.py flags of an atoms-table arm: atoms[-bBETA][-mM][-kK][-dDK] (r 8, alpha 16; the rest
-    as named, else the defaults) or lora-rN[-aALPHA] (alpha 2N unless named; emotion: --method lora;
+    """train.py flags of an atoms-table arm: atoms[-bBETA][-mM][-kK][-dDK][-drop] (r 8, alpha 16;
+    the rest as named, else the defaults; -drop: routed on A dropout(x), the first reading) or
+    lora-rN[-aALPHA] (alpha 2N unless named; emotion: --method lora;
     phonebook: SFT with LoRA on every block). None if unknown."""
     if lora := re.fullmatch(r"lora-r([1-9]\d*)(?:-a(\d+(?:\.\d+)?))?", arm):
         rank, alpha = lora[1], lora[2] or str(2 * int(lora[1]))
         method = (["--method", "sft", "--adapter", "lora", "--memory_rank"]
                   if dataset == "phonebook" else ["--method", "lora", "--lora_rank"])
         return [*method, rank, "--lora_alpha", alpha]
-    if not re.fullmatch(r"atoms(-[bmkd]\d+(\.\d+)?)*", arm):
+    if not re.fullmatch(r"atoms(-[bmkd]\d+(\.\d+)?)*(-drop)?", arm):
         return None
-    named = [(ATOM_FLAGS[part[0]], part[1:]) for part in arm.split("-")[1:]]
+    named = [(ATOM_FLAGS[part[0]], part[1:]) for part in arm.removesuffix("-drop").split("-")[1:]]
     return ["--method", "atoms", "--lora_rank", "8", "--lora_alpha", "16",
-            *(w for pair in named for w in pair)]
+            *(w for pair in named for w in pair), "--atoms_route_input",
+            "dropped" if arm.endswith("-drop") else "clean"]
 
 
 def parse_atoms_table(argv):
@@ -37,7 +39,7 @@ def parse_atoms_table(argv):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--dataset", choices=["emotion", "phonebook"], default="emotion")
     p.add_argument("--arms", default="lora-r8,lora-r9,atoms,atoms-b0,atoms-b3",
-                   help="comma-separated: lora-rN[-aALPHA], atoms[-bBETA][-mM][-kK][-dDK]")
+                   help="comma-separated: lora-rN[-aALPHA], atoms[-bBETA][-mM][-kK][-dDK][-drop]")
     p.add_argument("--out_dir", default="out/atoms-table")
     return p.parse_known_args(argv)
 
@@ -46,7 +48,7 @@ def atoms_table(a, train_flags):
     arms = {arm: atom_arm(arm, a.dataset) for arm in a.arms.split(",")}
     if unknown := [arm for arm, flags in arms.items() if flags is None]:
         raise InputError(f"unknown arm {unknown[0]!r}; arms are lora-rN[-aALPHA] and "
-                         "atoms[-bBETA][-mM][-kK][-dDK]")
+                         "atoms[-bBETA][-mM][-kK][-dDK][-drop]")
     runs = run_grid(a.out_dir, arms, a.seeds, [*train_flags, "--dataset", a.dataset])
     done = summaries(runs)
 

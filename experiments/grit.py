@@ -17,16 +17,18 @@ GRIT_COMMON = ["--lora_rank", "16", "--lora_alpha", "32", "--lora_dropout", "0",
 
 
 def grit_arm(arm):
-    """train.py flags of a grit-table arm: lora, or grit[-kfac][-before] (the released pairing and
-    clipping order unless named), at GRIT_COMMON (later flags win); GRIT at LoRA's scale alpha / r
-    (rsLoRA's alpha / sqrt(r) is a larger lr). None if unknown."""
+    """train.py flags of a grit-table arm: lora, or grit[-kfac][-before][-scripts] (the released
+    pairing, clipping order and library schedule unless named; -scripts: the example scripts'
+    schedule), at GRIT_COMMON (later flags win); GRIT at LoRA's scale alpha / r (rsLoRA's
+    alpha / sqrt(r) is a larger lr). None if unknown."""
     if arm == "lora":
         return ["--method", "lora"]
-    if not re.fullmatch(r"grit(-kfac)?(-before)?", arm):
+    if not re.fullmatch(r"grit(-kfac)?(-before)?(-scripts)?", arm):
         return None
     return ["--method", "grit", "--grit_rslora", "off", "--grit_pairing",
             "kfac" if "-kfac" in arm else "released", "--grit_clip",
-            "before" if arm.endswith("-before") else "released"]
+            "before" if "-before" in arm else "released", "--grit_schedule",
+            "scripts" if arm.endswith("-scripts") else "library"]
 
 
 @torch.no_grad()
@@ -40,15 +42,16 @@ def drift(run_dir, heldout, device):
 
 
 def parse_grit_table(argv):
-    p = Parser(description="GRIT (both pairings) against LoRA at the same rank over seeds on "
+    p = Parser(description="GRIT (both pairings, the library's and the example scripts' "
+                           "schedules) against LoRA at the same rank over seeds on "
                            "emotion or PhoneBook (unknown flags go to train.py for every arm): "
                            "grit-table.md/.json with ‖Delta W‖ and the base's held-out text "
                            "loss after fine-tuning; grit-rank.png with the effective rank over "
                            "training.")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--dataset", choices=["emotion", "phonebook"], default="emotion")
-    p.add_argument("--arms", default="lora,grit,grit-kfac",
-                   help="comma-separated: lora, grit[-kfac][-before]")
+    p.add_argument("--arms", default="lora,grit,grit-scripts,grit-kfac",
+                   help="comma-separated: lora, grit[-kfac][-before][-scripts]")
     p.add_argument("--out_dir", default="out/grit-table")
     return p.parse_known_args(argv)
 
@@ -56,7 +59,8 @@ def parse_grit_table(argv):
 def grit_table(a, train_flags):
     arms = {arm: grit_arm(arm) for arm in a.arms.split(",")}
     if unknown := [arm for arm, flags in arms.items() if flags is None]:
-        raise InputError(f"unknown arm {unknown[0]!r}; arms are lora and grit[-kfac][-before]")
+        raise InputError(f"unknown arm {unknown[0]!r}; arms are lora and "
+                         "grit[-kfac][-before][-scripts]")
     runs = run_grid(a.out_dir, arms, a.seeds, [*GRIT_COMMON, *train_flags, "--dataset", a.dataset])
     done = summaries(runs)
     device, _, _ = resolve_system(dtype="float32", compile=False)

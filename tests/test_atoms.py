@@ -237,8 +237,11 @@ def test_the_router_reads_the_input_without_dropout_unless_asked():
 
 def test_atom_arms_name_their_flags():
     from experiments.atoms import atom_arm
-    assert atom_arm("atoms-b0-m8-d16", "emotion")[-6:] == ["--atoms_beta", "0", "--atoms_count",
-                                                           "8", "--atoms_key_dim", "16"]
+    assert atom_arm("atoms-b0-m8-d16", "emotion")[-8:] == ["--atoms_beta", "0", "--atoms_count",
+                                                           "8", "--atoms_key_dim", "16",
+                                                           "--atoms_route_input", "clean"]
+    assert atom_arm("atoms-m8-drop", "emotion")[-4:] == ["--atoms_count", "8",
+                                                         "--atoms_route_input", "dropped"]
     assert atom_arm("lora-r9", "phonebook")[:4] == ["--method", "sft", "--adapter", "lora"]
     assert atom_arm("lora-r9", "emotion") == ["--method", "lora", "--lora_rank", "9",
                                               "--lora_alpha", "18"]

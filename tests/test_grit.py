@@ -311,7 +311,7 @@ def test_grit_table_end_to_end(emotion_tiny_dir, squadtext_tiny_dir, tmp_path):
                  "--grit_cov_freq", "2", "--grit_kfac_freq", "3", "--grit_reproj_freq", "4",
                  "--lora_rank", "8", "--data_dir", emotion_tiny_dir])
     table = (tmp_path / "table" / "grit-table.md").read_text()
-    assert all(f"| {arm} |" in table for arm in ("lora", "grit", "grit-kfac"))
+    assert all(f"| {arm} |" in table for arm in ("lora", "grit", "grit-scripts", "grit-kfac"))
     data = __import__("json").load(open(tmp_path / "table" / "grit-table.json"))
     assert all(norm > 0 for arm in data["drift"].values() for norm, _ in arm)
     assert (tmp_path / "table" / "grit-rank.png").is_file()
