@@ -9,10 +9,21 @@ covers every method (the tables of sweeps.py compare and atoms-table use it).
 """
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from memory import memory_sites
 from model import GPT
+
+# torch counts the CUDA attention kernels but not the CPU one: the same formula for it (scores and
+# mixing, 2 FLOPs per multiply-add, every query against every key as torch counts the others)
+CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if CPU_ATTENTION not in flop_counter.flop_registry:
+    @flop_counter.register_flop_formula(CPU_ATTENTION)
+    def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        batch, heads, queries, head_dim = query_shape
+        keys, value_dim = key_shape[-2], value_shape[-1]
+        return 2 * batch * heads * queries * keys * (head_dim + value_dim)
 
 
 def forward_flops_per_token(n_embd, n_head, chapters, chapter_tokens, top_k, n_shared, seq_len,
