@@ -18,10 +18,10 @@ def test_compare_sizes_every_method_to_the_budget_and_counts_its_flops(emotion_t
                  "--eval_batch_size", "16", "--data_dir", emotion_tiny_dir])
     report = json.loads((out / "compare.json").read_text())
     trainable = {arm: s[0]["params"]["trainable"] for arm, s in report["summaries"].items()}
-    assert flops["prefix"] > 0 and flops["head-bias"] == 0  # 48 more keys a layer; an addition
+    assert trainable["lora"] == 6144 and trainable["prefix"] == 6144  # rank 6; 48 prefix vectors
     assert trainable["head-bias"] == 32
     flops = report["flops_per_token"]
     assert flops["lora"] == 2 * 6 * 2 * (32 * 4 + 32 * 2 + 32 * 5 + 128 + 32)  # 2 r (in + out)
-    assert flops["prefix"] > 0 and flops["head-bias"] == 0  # 96 more keys per layer; an addition
+    assert flops["prefix"] > 0 and flops["head-bias"] == 0  # 48 more keys a layer; an addition
     assert "lora-flops-moc" in trainable and "lora-flops-head-bias" not in trainable
     assert "| moc |" in (out / "compare.md").read_text() and (out / "compare.png").is_file()
