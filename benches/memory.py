@@ -58,7 +58,7 @@ def parser():
                         "262K-token runs at T = 64")
     p.add_argument("--chapter_tokens", type=int, default=64)
     p.add_argument("--topk", type=int, default=64)
-    p.add_argument("--routes", default="token,sequence")
+    p.add_argument("--routes", default="prefix,sequence")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)

@@ -2,8 +2,9 @@
 compare`, docs/results.md): which of them helps, on the same data and the same steps?
 
 Each method is sized to the budget by its own knob (LoRA's rank, the prefix length; for PRB, MoC
-and the update atoms, the rank of the LoRA that trains beside or inside them): trainable parameters
-grow linearly in the knob, so two counts on the built model give the knob that comes closest.
+and the update atoms, the rank of the LoRA that trains beside or inside them; alpha = 2 r at every
+rank): trainable parameters grow linearly in the knob, so two counts on the built model give the
+knob that comes closest.
 Each runs at its corrected default and, where one exists, the published choice (`-paper`). A method
 that runs more forward FLOPs per token than budget-LoRA (counted on the built model, costs.py)
 gets a FLOP-matched LoRA beside it (`lora-flops-<arm>`). Writes compare.md, compare.json and
@@ -57,6 +58,7 @@ PHONEBOOK_ARMS = {
     "memft-paper": (["--method", "memft-sw", "--adapter", "lora"], "memory_rank"),
 }
 ARMS = {"emotion": EMOTION_ARMS, "phonebook": PHONEBOOK_ARMS}
+RANKS = ("lora_rank", "memory_rank")  # alpha = 2 r at every rank, as every LoRA control here
 
 
 def parse_compare(argv):
@@ -90,9 +92,10 @@ def sized(flags, knob, budget, train_flags, dataset):
     """flags with the knob that brings the trainable count closest to budget (linear in it)."""
     if knob is None:
         return flags
-    one, two = (trainable([*flags, f"--{knob}", str(v)], train_flags, dataset) for v in (1, 2))
-    value = max(1, round((budget - (2 * one - two)) / (two - one)))
-    return [*flags, f"--{knob}", str(value)]
+    with_knob = lambda v: [*flags, f"--{knob}", str(v),
+                           *(["--lora_alpha", str(2 * v)] if knob in RANKS else [])]
+    one, two = (trainable(with_knob(v), train_flags, dataset) for v in (1, 2))
+    return with_knob(max(1, round((budget - (2 * one - two)) / (two - one))))
 
 
 def compare(a, train_flags):
@@ -108,15 +111,16 @@ def compare(a, train_flags):
     flops = {}
     for name, flags in arms.items():
         model, _, task = built(flags, train_flags, a.dataset)
-        flops[name] = measured_added_flops(model, task.split("validation"))
+        flops[name] = measured_added_flops(model, task.splits()[1])
     budget_lora = sized(lora_flags, lora_knob, budget, train_flags, a.dataset)
     model, _, task = built(budget_lora, train_flags, a.dataset)
-    lora_flops = measured_added_flops(model, task.split("validation"))
-    per_rank = lora_flops / int(budget_lora[-1])
+    lora_flops = measured_added_flops(model, task.splits()[1])
+    per_rank = lora_flops / int(budget_lora[budget_lora.index(f"--{lora_knob}") + 1])
     for name in list(arms):
         if flops[name] > 1.1 * lora_flops:  # more compute than LoRA at the budget: match it too
             rank = str(max(1, round(flops[name] / per_rank)))
-            arms[f"lora-flops-{name}"] = [*lora_flags, f"--{lora_knob}", rank]
+            arms[f"lora-flops-{name}"] = [*lora_flags, f"--{lora_knob}", rank, "--lora_alpha",
+                                          str(2 * int(rank))]
             flops[f"lora-flops-{name}"] = per_rank * int(rank)
     runs = run_grid(a.out_dir, arms, a.seeds, [*train_flags, "--dataset", a.dataset])
     done = summaries(runs)
