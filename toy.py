@@ -63,26 +63,37 @@ def the_tasks(d_in, width, seed, correction="region"):
     return target, freeze(base)
 
 
-def adapt(arm, base, target, g, a, seed):
-    """Fine-tune a copy of f0 with LoRA or atoms on noisy labels; returns (clean test MSE, train
-    losses, params, forward FLOPs per example added to f0)."""
+def adapted(arm, base, a, seed=None):
+    """A copy of f0 with the arm's adapter (LoRA or atoms), initialised from `seed`: (model, the
+    atoms' pool or None)."""
     model = mlp(a.d_in, a.width)
     model.load_state_dict(base.state_dict())
     freeze(model)
-    torch.manual_seed(seed)  # the adapter init
+    if seed is not None:
+        torch.manual_seed(seed)  # the adapter init
     if arm["method"] == "lora":
         apply_lora(model, arm["rank"], 2.0 * arm["rank"], 0.0, targets=LAYERS)
-        pool = None
-    else:
-        pool = apply_atoms(model, arm["rank"], 2.0 * arm["rank"], 0.0, LAYERS, arm["atoms"],
-                           a.key_dim, arm["topk"], 0.0, 0.01, 0, block_of=lambda name: int(name))
+        return model, None
+    return model, apply_atoms(model, arm["rank"], 2.0 * arm["rank"], 0.0, LAYERS, arm["atoms"],
+                              a.key_dim, arm["topk"], 0.0, 0.01, 0, block_of=lambda name: int(name))
+
+
+def added_flops(model, pool, base, x):
+    """Forward FLOPs per example the adapter adds to f0 (counted)."""
+    if pool is not None:
+        pool.reset()
+    return (counted_flops(model, x) - counted_flops(base, x)) / len(x)
+
+
+def adapt(arm, base, target, g, a, seed):
+    """Fine-tune a copy of f0 with LoRA or atoms on noisy labels; returns (clean test MSE, train
+    losses, params, forward FLOPs per example added to f0)."""
+    model, pool = adapted(arm, base, a, seed)
     params = [p for p in model.parameters()
               if p.requires_grad] + (list(pool.parameters()) if pool is not None else [])
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     x_test = torch.randn(4096, a.d_in, generator=g)
-    if pool is not None:
-        pool.reset()
-    flops = (counted_flops(model, x_test) - counted_flops(base, x_test)) / len(x_test)
+    flops = added_flops(model, pool, base, x_test)
     losses = []
     for step in range(a.steps):
         x = torch.randn(a.batch_size, a.d_in, generator=g)
@@ -141,6 +152,14 @@ def main(argv=None):
             # control: one atom, so R is a learned r x r core the same for every input (no routing),
             # fewer parameters
             f"static-core-r{a.rank}": {"method": "atoms", "rank": a.rank, "atoms": 1, "topk": 1}}
+    # LoRA at the atoms' forward FLOPs (2 r (in + out) per example and rank r), when that is
+    # another rank
+    atoms_arm = arms[f"atoms-r{a.rank}-M{a.atoms}-k{a.topk}"]
+    atoms_model, pool = adapted(atoms_arm, mlp(a.d_in, a.width), a)
+    flop_rank = round(added_flops(atoms_model, pool, mlp(a.d_in, a.width),
+                                  torch.randn(64, a.d_in)) / (2 * per_rank))
+    if flop_rank != lora_rank:
+        arms[f"lora-r{flop_rank} (FLOP-matched)"] = {"method": "lora", "rank": flop_rank}
     results = {name: [] for name in arms}
     for seed in tqdm(range(a.seeds), desc="seeds"):
         target, base = the_tasks(a.d_in, a.width, seed, a.correction)
