@@ -7,7 +7,9 @@ import re
 import statistics
 
 from cli import InputError, Parser, markdown, mean_spread, pyplot, save_figure, write_report
+from costs import measured_added_flops
 from experiments.common import against_lora, first_cells, logged, run_grid, summaries, val_curves
+from runs import load_run
 
 ATOM_FLAGS = {"b": "--atoms_beta", "m": "--atoms_count", "k": "--atoms_topk",
               "d": "--atoms_key_dim"}
@@ -55,16 +57,22 @@ def atoms_table(a, train_flags):
     def entropy(run_dir):  # the final log window's routing entropy, averaged over blocks
         last = logged(run_dir, "atoms_entropy")
         return statistics.fmean(last[-1][1]) if last else None
+    def flops(run_dir):  # forward FLOPs per token added to the base, counted on the final model
+        model, _, task, _ = load_run(run_dir, "final", "cpu")
+        return measured_added_flops(model, task.splits()[1])
     scores, header = against_lora(a.dataset)
-    rows = [[*first_cells(arm, runs, done, scores), mean_spread([entropy(d) for d in runs[arm]])]
-            for arm in arms]
+    counted = {arm: flops(runs[arm][0]) for arm in arms}
+    rows = [[*first_cells(arm, runs, done, scores), f"{counted[arm]:,.0f}",
+             mean_spread([entropy(d) for d in runs[arm]])] for arm in arms]
     first = done[next(iter(arms))][0]
     lines = [f"Base: `{first['init_from']}`, {first['steps']} steps, {a.seeds} seeds (mean ± "
              f"sample std), device {first['device']}, dataset {a.dataset}. Tail std: the logged "
              "training loss's std over the last 20% of the run. Entropy: the routing entropy "
-             "(nats) of the final log window, averaged over blocks (ln k at a uniform top-k).", "",
-             *markdown([*header, "routing entropy"], rows)]
-    write_report(a.out_dir, "atoms-table", lines, {"summaries": done})
+             "(nats) of the final log window, averaged over blocks (ln k at a uniform top-k). "
+             "FLOPs/token: forward FLOPs the adapter adds to the frozen base, counted on one "
+             "validation batch (costs.py).", "",
+             *markdown([*header, "FLOPs/token", "routing entropy"], rows)]
+    write_report(a.out_dir, "atoms-table", lines, {"summaries": done, "flops_per_token": counted})
     plt = pyplot()
     # one atom: nothing is routed
     atom_arms = [arm for arm in arms if done[arm][0].get("atoms_count", 1) > 1]

@@ -253,6 +253,8 @@ def test_atom_arms_name_their_flags():
 
 @pytest.mark.slow
 def test_atoms_table_end_to_end(emotion_tiny_dir, tmp_path):
+    import json
+
     import sweeps
     tiny = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
             "--block_size", "128", "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "1",
@@ -262,6 +264,10 @@ def test_atoms_table_end_to_end(emotion_tiny_dir, tmp_path):
                  str(tmp_path), *tiny])
     table = (tmp_path / "atoms-table.md").read_text()
     assert "| lora-r4 |" in table and "| atoms-b0-m4-k2 |" in table
+    flops = json.loads((tmp_path / "atoms-table.json").read_text())["flops_per_token"]
+    # LoRA: 2 r (in + out) over the four matrices of two 32-wide blocks; the atoms add R u
+    assert flops["lora-r4"] == 2 * 4 * 2 * (128 + 64 + 160 + 160)
+    assert flops["atoms-b0-m4-k2"] > 2 * 8 * 2 * (128 + 64 + 160 + 160)  # r 8
     assert (tmp_path / "atoms-routing.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()
                   if p.is_dir()) == ["atoms-b0-m4-k2-s0", "atoms-b0-m4-k2-s1", "lora-r4-s0",
