@@ -8,7 +8,7 @@ knob that comes closest.
 Each runs at its corrected default and, where one exists, the published choice (`-paper`). A method
 that runs more forward FLOPs per token than budget-LoRA (counted on the built model, costs.py)
 gets a FLOP-matched LoRA beside it (`lora-flops-<arm>`). Writes compare.md, compare.json and
-compare.png (the score of every arm against its counted FLOPs).
+compare.png (the score of every arm, its counted FLOPs beside its name).
 """
 
 import os
@@ -64,7 +64,8 @@ RANKS = ("lora_rank", "memory_rank")  # alpha = 2 r at every rank, as every LoRA
 def parse_compare(argv):
     p = Parser(description="Every GPT-side method at one trainable-parameter budget on one task "
                            "and base, over seeds (unknown flags go to train.py for every arm): "
-                           "compare.md/.json and compare.png (score against counted FLOPs).")
+                           "compare.md/.json and compare.png (the score of every arm, with its "
+                           "counted FLOPs).")
     p.add_argument("--dataset", choices=list(ARMS), default="emotion")
     p.add_argument("--budget", type=int, default=None,
                    help="trainable parameters each method is sized to (default: LoRA's at rank "
@@ -144,16 +145,17 @@ def compare(a, train_flags):
     write_report(a.out_dir, "compare", lines, {"budget": budget, "flops_per_token": flops,
                                                "flags": arms, "summaries": done})
     plt = pyplot()
-    if plt is not None:
+    if plt is not None:  # one bar per arm: its score over seeds, its counted FLOPs in the label
         key = scores[0]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for color, arm in zip(plt.cm.tab20.colors, arms):
-            values = [s["final"][key] for s in done[arm]]
-            ax.errorbar(flops[arm], sum(values) / len(values),
-                        yerr=torch.tensor(values).std().item() if len(values) > 1 else 0,
-                        fmt="o", color=color, label=arm)
-        ax.set(xscale="symlog", xlabel="forward FLOPs per token added to the base (counted)",
-               ylabel=key.replace("_", " "), title=f"{a.dataset}: every method at {budget:,} "
-                                                     "trainable parameters")
-        ax.legend(fontsize=7)
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(arms) + 1.5))
+        values = [[s["final"][key] for s in done[arm]] for arm in arms]
+        ax.barh(range(len(arms)), [sum(v) / len(v) for v in values],
+                xerr=[torch.tensor(v).std().item() if len(v) > 1 else 0 for v in values],
+                color=[plt.cm.tab20.colors[i % 20] for i in range(len(arms))])
+        ax.set_yticks(range(len(arms)), [f"{arm} ({flops[arm] / 1e3:,.0f}K FLOPs/token)"
+                                         for arm in arms], fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel=f"{key.replace('_', ' ')} (mean ± std over seeds)",
+               title=f"{a.dataset}: every method at {budget:,} trainable parameters")
+        fig.tight_layout()
         save_figure(plt, fig, os.path.join(a.out_dir, "compare.png"))
