@@ -70,7 +70,7 @@ def test_bench_memory_cli(capsys, tmp_path):
                 "--chapter_tokens", "4", "--topk", "2", "--batch_size", "2", "--seq_len", "8",
                 "--steps", "1", "--warmup", "1", "--json", str(tmp_path / "m.json")])
     out = capsys.readouterr().out
-    assert "| token | 36 |" in out and "| sequence | 132 |" in out and "working / smallest" in out
+    assert "| prefix | 36 |" in out and "| sequence | 132 |" in out and "working / smallest" in out
     import json
     results = json.load(open(tmp_path / "m.json"))["results"]
     assert len(results) == 4 and all(r["peak_gib"] >= r["resident_gib"] > 0 for r in results)
