@@ -4,6 +4,7 @@ code did before they existed, the numbers are the numbers of before, bit for bit
 statistics no longer depend on how often train.py logs."""
 
 import json
+import math
 import os
 
 import pytest
@@ -92,7 +93,8 @@ def test_wsd_holds_the_peak_then_decays_as_cosine_to_the_floor():
                                                   .item()) * 9e-4, rel=1e-6)
     assert lrs[100] == pytest.approx(1e-4)
     cosine, _ = train.parse_args(["--max_steps", "100", "--warmup", "10"])
-    assert train.lr_at(50, cosine) == pytest.approx(0.5e-3)  # the default: decay from warm-up
+    # the default: cosine from the end of warm-up
+    assert train.lr_at(50, cosine) == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 40 / 90)))
 
 
 def test_beta2_reaches_adamw(emotion_tiny_dir, tmp_path):

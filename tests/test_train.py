@@ -202,7 +202,14 @@ def test_runs_saved_under_the_old_flag_names_load():
                                                         "lora_alpha": 16.0, "lora_dropout": 0.1}
     assert ADDED_FLAGS == {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30,
                            "moc_init": None, "peft_adapter": None, "grad_accum": 1,
-                           "moc_read": "fused", "grit_statistics": "fused"}  # as they ran
+                           "moc_read": "fused", "grit_statistics": "fused", "beta2": 0.999,
+                           "decay_start": 0.85, "grit_schedule": "library", "grit_min_samples": 64,
+                           "grit_ng_warmup": 0, "grit_reg_warmup": 0, "grit_rank_start": 0,
+                           "atoms_route_input": "dropped", "grit_loss_window": 0}  # as they ran
+    # `token` was the prefix-mean routing before the published token routing took the name
+    assert upgrade_args({"method": "moc", "moc_route": "token"}, METHODS)["moc_route"] == "prefix"
+    assert upgrade_args({"method": "moc", "moc_route": "token", "beta2": 0.9},
+                        METHODS)["moc_route"] == "token"
     memory = upgrade_args({"method": "memft-sw", "rank": 4, "curriculum": "auto"}, METHODS)
     assert memory == ADDED_FLAGS | {"method": "memft-sw", "memory_rank": 4, "curriculum": "on",
                                     "memft_loss": "sliding"}
