@@ -22,24 +22,24 @@ from experiments.common import column, run_grid, summaries, tail_std
 from runs import METHODS, TASKS, build_model
 
 # arm -> (train.py flags, the knob sized to the budget); corrected defaults, then `-paper`
+ATOMS = (["--method", "atoms"], "lora_rank")
+# textbook K-FAC pairing, the natural gradient clipped (docs/grit.md)
+GRIT = (["--method", "grit", "--grit_rslora", "off", "--grit_pairing", "kfac", "--grit_clip",
+         "before"], "lora_rank")
+# the released pairing and clipping order, the example scripts' schedule
+GRIT_PAPER = (["--method", "grit", "--grit_rslora", "off", "--grit_schedule", "scripts"],
+              "lora_rank")
+MOC = ["--method", "moc", "--moc_base", "lora", "--moc_chapters", "65", "--moc_chapter_tokens",
+       "16", "--moc_topk", "8"]
 EMOTION_ARMS = {
     "lora": (["--method", "lora"], "lora_rank"),
     "prb": (["--method", "prb", "--prb_pool", "causal"], "lora_rank"),
     # the published whole-row pooling (prb-lora-exploration/prb.py): reads the future
     "prb-paper": (["--method", "prb", "--prb_pool", "full"], "lora_rank"),
-    "moc": (["--method", "moc", "--moc_base", "lora", "--moc_chapters", "65",
-             "--moc_chapter_tokens", "16", "--moc_topk", "8"], "lora_rank"),
+    "moc": (MOC, "lora_rank"),
     # the published routing_strategy: sequence (Memory/configs)
-    "moc-paper": (["--method", "moc", "--moc_base", "lora", "--moc_chapters", "65",
-                   "--moc_chapter_tokens", "16", "--moc_topk", "8", "--moc_route", "sequence"],
-                  "lora_rank"),
-    "atoms": (["--method", "atoms"], "lora_rank"),
-    # textbook K-FAC pairing, the natural gradient clipped (docs/grit.md)
-    "grit": (["--method", "grit", "--grit_rslora", "off", "--grit_pairing", "kfac", "--grit_clip",
-              "before"], "lora_rank"),
-    # the released pairing and clipping order, the example scripts' schedule
-    "grit-paper": (["--method", "grit", "--grit_rslora", "off", "--grit_schedule", "scripts"],
-                   "lora_rank"),
+    "moc-paper": ([*MOC, "--moc_route", "sequence"], "lora_rank"),
+    "atoms": ATOMS, "grit": GRIT, "grit-paper": GRIT_PAPER,
     "prefix": (["--method", "prefix"], "prefix_length"),
     "head-bias": (["--method", "head-bias"], None),  # d parameters: below any budget
 }
@@ -48,11 +48,7 @@ PHONEBOOK_ARMS = {
     # a smaller bank (2 registers of 32): the default's 83,600 at width 128 exceed LoRA r8
     "prb": (["--method", "prb", "--prb_pool", "causal", "--prb_registers", "2", "--prb_dim", "32"],
             "lora_rank"),
-    "atoms": (["--method", "atoms"], "lora_rank"),
-    "grit": (["--method", "grit", "--grit_rslora", "off", "--grit_pairing", "kfac", "--grit_clip",
-              "before"], "lora_rank"),
-    "grit-paper": (["--method", "grit", "--grit_rslora", "off", "--grit_schedule", "scripts"],
-                   "lora_rank"),
+    "atoms": ATOMS, "grit": GRIT, "grit-paper": GRIT_PAPER,
     "memft": (["--method", "memft-ot", "--adapter", "lora"], "memory_rank"),
     # the released scripts' sliding-window weighting and curriculum
     "memft-paper": (["--method", "memft-sw", "--adapter", "lora"], "memory_rank"),
