@@ -141,13 +141,15 @@ def compare(a, train_flags):
     write_report(a.out_dir, "compare", lines, {"budget": budget, "flops_per_token": flops,
                                                "flags": arms, "summaries": done})
     plt = pyplot()
-    if plt is not None:  # one bar per arm: its score over seeds, its counted FLOPs in the label
-        key = scores[0]
+    if plt is not None:  # one point per arm: its score over seeds, its counted FLOPs in the label
+        key = scores[0]  # points, not bars: a bar from 0 hides differences of a few hundredths
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(arms) + 1.5))
         values = [[s["final"][key] for s in done[arm]] for arm in arms]
-        ax.barh(range(len(arms)), [sum(v) / len(v) for v in values],
-                xerr=[torch.tensor(v).std().item() if len(v) > 1 else 0 for v in values],
-                color=[plt.cm.tab20.colors[i % 20] for i in range(len(arms))])
+        means = [sum(v) / len(v) for v in values]
+        ax.errorbar(means, range(len(arms)), fmt="o", capsize=3,
+                    xerr=[torch.tensor(v).std().item() if len(v) > 1 else 0 for v in values])
+        ax.axvline(means[0], color="grey", linestyle=":", label=next(iter(arms)))
+        ax.legend(fontsize=8)
         ax.set_yticks(range(len(arms)), [f"{arm} ({flops[arm] / 1e3:,.0f}K FLOPs/token)"
                                          for arm in arms], fontsize=8)
         ax.invert_yaxis()
