@@ -16,7 +16,8 @@ from memory import memory_sites
 from model import GPT
 
 # torch counts the CUDA attention kernels but not the CPU one: the same formula for it (scores and
-# mixing, 2 FLOPs per multiply-add, every query against every key as torch counts the others)
+# mixing, 2 FLOPs per multiply-add, every query against every key as torch counts the others), and
+# for its backward
 CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 if CPU_ATTENTION not in flop_counter.flop_registry:
     @flop_counter.register_flop_formula(CPU_ATTENTION)
@@ -24,6 +25,13 @@ if CPU_ATTENTION not in flop_counter.flop_registry:
         batch, heads, queries, head_dim = query_shape
         keys, value_dim = key_shape[-2], value_shape[-1]
         return 2 * batch * heads * queries * keys * (head_dim + value_dim)
+CPU_ATTENTION_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+if CPU_ATTENTION_BACKWARD not in flop_counter.flop_registry:
+    # the gradients of the scores' two operands and of the mixing's two: twice the forward
+    @flop_counter.register_flop_formula(CPU_ATTENTION_BACKWARD)
+    def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                                     out_shape=None, **kwargs):
+        return 2 * cpu_attention_flops(query_shape, key_shape, value_shape)
 
 
 def forward_flops_per_token(n_embd, n_head, chapters, chapter_tokens, top_k, n_shared, seq_len,
@@ -86,3 +94,52 @@ def measured_added_flops(model, split, rows=8):
     x, _, ctx = split.batch(picked, split.padded_length(picked.cpu().numpy()))
     bare = GPT(model.config).to(x.device)  # the same shapes: the same FLOPs without the method
     return (counted_flops(model, x, ctx) - counted_flops(bare, x, ctx)) / x.numel()
+
+
+# ------------------------------------------------------------------------- a training step, MFU
+class StepFlops:
+    """step_flops of a run's batches, counted the first time each batch length comes (a handful of
+    static shapes) and remembered: flops(length, x, y, ctx), under the run's autocast."""
+
+    def __init__(self, model, task, autocast):
+        self.model, self.task, self.autocast, self.of_length = model, task, autocast, {}
+
+    def __call__(self, length, x, y, ctx):
+        if length not in self.of_length:
+            loss = lambda m, x, y, ctx: self.task.forward_loss(m, None, x, y, ctx)[1]
+            with self.autocast:
+                self.of_length[length] = step_flops(self.model, loss, x, y, ctx)
+        return self.of_length[length]
+
+
+def step_flops(model, forward_loss, x, y, ctx):
+    """FLOPs of one training step on this batch, counted by torch as it runs them: the forward, and
+    the backward to the trainable parameters only (a frozen matrix gets an input gradient, never a
+    weight gradient: what a LoRA step really does). forward_loss(model, x, y, ctx) -> loss sum.
+    Evaluation mode (no dropout, no training-only statistics) and every .grad put back as it was,
+    so the count changes nothing about the run."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads, was_training = [p.grad for p in params], model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        loss = forward_loss(model, x, y, ctx)
+        if loss.requires_grad:
+            loss.backward()
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+# Peak dense bf16 tensor throughput (TFLOP/s, no sparsity, FP32 accumulate) from NVIDIA's data
+# sheets, by a substring of torch.cuda.get_device_name(); the first match wins, so the more
+# specific names come first (None: a name we hold no figure for). MFU = achieved FLOP/s / this peak.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+                    ("H800", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
+                    ("A30", 165.0), ("A10G", None), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0),
+                    ("L4", 121.0), ("RTX 4090", 165.2))
+
+
+def peak_tflops(device_name):
+    """The peak bf16 TFLOP/s of a GPU by its name, or None (a CPU, a GPU not in the table)."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)

@@ -291,6 +291,7 @@ class MemFT(Method):
     window's state is saved for exact resume)."""
     datasets = ("phonebook", "longctx")
     add_flags = staticmethod(add_memft_flags)
+    reads_logits = True  # its objective weighs each token's loss
     splits_batches = False
     splits_batches_not = ("its loss weighs the tokens of the whole batch at once (run it as one "
                           "process, without --grad_accum)")

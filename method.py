@@ -31,6 +31,8 @@ Class attributes say where and how it runs:
                (and derived_defaults(args): defaults that follow from its other flags, e.g. PRB's
                full pooling sets the published 128-token window)
     add_flags  fn(parser): the method's CLI flag group (methods of one module may share one)
+    reads_logits  True where objective() reads the logits (MemFT's token weightings): its runs
+               compute the plain loss, never the chunked one (losses.py), which has no logits
     splits_batches  False where its objective or hooks need the whole batch in one pass
                (torchrun, --grad_accum then refuse it): objective() gets each part's share of the
                batch's mean loss, aux_loss() is averaged over the parts, and the hooks see the
@@ -74,7 +76,9 @@ def save_tensors(model, path, keep):
     method exports what peft cannot load (register banks, memory banks, atoms) beside the run's PEFT
     adapter."""
     from safetensors.torch import save_file
+    # fp32 on disk, also where frozen tensors trained in bf16 (runs.store_frozen_in)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keep(k)}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, path + ".tmp", metadata={"format": "pt"})
     os.replace(path + ".tmp", path)
 
@@ -83,6 +87,7 @@ class Method:
     datasets = ()
     defaults = {}
     add_flags = None
+    reads_logits = False
     # its step is the same when a batch is split over processes or --grad_accum passes
     splits_batches = True
     splits_batches_not = ""  # why not, where it is not

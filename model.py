@@ -206,18 +206,22 @@ class GPT(nn.Module):
                 and all(m.can_step() for m in self.modules() if hasattr(m, "can_step")))
 
     # ---- forward ----
-    def forward(self, idx, ctx=None, cache=None):
+    def forward(self, idx, ctx=None, cache=None, head=True):
         """idx: (B, T) token ids -> logits (B, T, vocab). Losses live outside the model.
         ctx["key_mask"] (B, T) bool, optional: False marks right-padding that no position may attend
         to (as Hugging Face's attention_mask). cache (a KVCache, generation only): idx continues the
-        sequence the cache holds."""
+        sequence the cache holds. head=False: the hidden states the head reads (B, T, C), for a
+        loss that applies the head itself, a chunk at a time (losses.py)."""
         ctx = {} if ctx is None else ctx
         start, T = (cache.pos if cache is not None else 0), idx.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} exceeds block_size "
                              f"{self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
-        h = self._at("embed", self.drop(self.wte(idx) + self.wpe(pos)), ctx, cache)
+        # the residual stream stays fp32 where frozen weights are stored in bf16 (train.py)
+        stream = torch.promote_types(self.wte.weight.dtype, torch.float32)
+        h = self.wte(idx).to(stream) + self.wpe(pos).to(stream)
+        h = self._at("embed", self.drop(h), ctx, cache)
         attn_mask = None
         if "key_mask" in ctx:  # padding masked as keys; query rows stay non-empty: key 0 is real
             attn_mask = torch.ones(T, T, dtype=torch.bool,
@@ -228,7 +232,7 @@ class GPT(nn.Module):
         h = self._at("head", self.ln_f(h), ctx, cache)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(h)
+        return self.lm_head(h) if head else h
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, ctx=None,

@@ -160,6 +160,10 @@ def restore_checkpoint(run, ckpt, path):
 
 
 # ------------------------------------------------------------------------------ metrics.jsonl
+# the fields of a metrics.jsonl line that measure the machine, not the run: a resumed run matches
+# an uninterrupted one bit for bit in every other field
+WALL_CLOCK_FIELDS = ("tokens_per_s", "features_per_s", "tflops", "mfu", "elapsed_s")
+
 class LogWindow:
     """The sums of the current log window, kept on the device (reading them when a line is logged
     is the loop's only host sync): the loss summed over target tokens, the target tokens, the
@@ -201,7 +205,12 @@ def log_and_checkpoint(run, task, val_split, lr):
     if steps > 0:
         record["train_loss"] = loss_sum / tokens
         check_finite(run, record["train_loss"], "train loss")
-        record |= task.throughput(tokens / (time.time() - run.t_window))
+        seconds = time.time() - run.t_window
+        record |= task.throughput(tokens / seconds)
+        # achieved TFLOP/s of this rank (costs.py counts them); MFU where the GPU's peak is known
+        record["tflops"] = run.window_flops / seconds / 1e12
+        if run.peak_tflops:
+            record["mfu"] = record["tflops"] / run.peak_tflops
         record |= run.method.metrics(run.model)
     if step % a.eval_interval == 0 or step == a.max_steps:
         record["val_loss"] = task.evaluate(run.model, val_split, run.autocast, a.eval_batch_size,
@@ -216,7 +225,7 @@ def log_and_checkpoint(run, task, val_split, lr):
         with open(os.path.join(a.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
     run.window.zero()
-    run.t_window = time.time()
+    run.window_flops, run.t_window = 0, time.time()
     if record["val_loss"] is not None:
         save_checkpoint(run)
     return record

@@ -150,6 +150,25 @@ def resolve_system(device="auto", dtype="auto", compile=None):
     return device, getattr(torch, dtype), device.startswith("cuda") if compile is None else compile
 
 
+def device_name(device):
+    """The GPU's name (costs.py looks its peak up by it), or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
+def store_frozen_in(model, dtype):
+    """Every frozen matrix in the compute dtype (bf16 under --dtype bfloat16, the CUDA default):
+    autocast would otherwise recast each fp32 frozen matrix at every forward and again for the
+    backward, and the model would hold it twice. What trains, and its optimizer state, stay fp32;
+    so do frozen vectors (LayerNorm, biases: a fraction of a percent of the weights, and a CPU
+    LayerNorm refuses bf16 parameters on an fp32 input); the residual stream stays fp32 (model.py);
+    exports are written in fp32. Returns the model."""
+    if dtype != torch.float32:
+        for p in model.parameters():
+            if not p.requires_grad and p.dim() >= 2:
+                p.data = p.data.to(dtype)
+    return model
+
+
 def autocast_for(device, dtype):
     return torch.autocast(device.split(":")[0],
                           dtype=dtype) if dtype != torch.float32 else nullcontext()

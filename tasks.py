@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import distributed
 from cli import InputError, gpt2_bpe, prepare_module
+from losses import chunked_lm_loss_sum
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -231,6 +232,17 @@ class Task(abc.ABC):
 
     def loss_sum(self, logits, targets):
         return lm_loss_sum(logits, targets)
+
+    def forward_loss(self, model, head, x, y, ctx, chunk=0):
+        """One training forward: (logits, loss sum, count). chunk > 0 (--loss_chunk, where the
+        task's loss is a GPT's cross-entropy and the method reads no logits): the head and the
+        loss `chunk` positions at a time (losses.py), never the whole (B, T, V) logits, which are
+        then None; `head` is the GPT's head weight. A task with its own loss keeps the plain
+        path."""
+        if chunk and type(self).loss_sum is Task.loss_sum:
+            return None, *chunked_lm_loss_sum(model(x, ctx, head=False), head, y, chunk)
+        logits = model(x, ctx)
+        return logits, *self.loss_sum(logits, y)
 
     def target_count(self, targets):
         """The count loss_sum returns, known before the forward: a batch split in parts is

@@ -39,13 +39,14 @@ from tqdm import tqdm
 import distributed
 from cli import InputError, Parser, fail
 from compat import add_old_flags, drop_old_flags, today_spelling, upgrade_args
+from costs import StepFlops, peak_tflops
 from formats import save_run_adapter
 from run_folder import (CHECKPOINT_KEYS, Interrupted, Interrupts, LogWindow, check_finite,
                         check_new_run_folder, checkpoint_to_resume, load_saved_state,
                         log_and_checkpoint, plot_losses, restore_checkpoint, resume_args,
                         save_checkpoint, start_metrics)
-from runs import (METHODS, TASKS, autocast_for, build_model, check_range, load_checkpoint,
-                  resolve_system)
+from runs import (METHODS, TASKS, autocast_for, build_model, check_range, device_name,
+                  load_checkpoint, resolve_system, store_frozen_in)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,9 +102,15 @@ def build_parser():
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU); frozen "
+                        "weights are stored in it")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
+    g.add_argument("--compile_mode", choices=["default", "reduce-overhead"], default="default",
+                   help="reduce-overhead: CUDA graphs, one per batch shape (docs/training.md)")
+    g.add_argument("--loss_chunk", type=int, default=-1,
+                   help="positions per chunk of the LM head + loss, never the whole logits "
+                        "(losses.py); 0: the plain loss; -1: 1024 on CUDA, 0 on the CPU")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--out_dir", default=None, help="default: out/<method>-<dataset>")
     g.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
@@ -144,6 +151,7 @@ def parse_args(argv):
     check_range(args, ("dropout", "lora_dropout", "beta2"), lambda v: 0 <= v < 1,
                 "a probability in [0, 1)")
     check_range(args, ("decay_start",), lambda v: 0 <= v <= 1, "a share in [0, 1]")
+    check_range(args, ("loss_chunk",), lambda v: v >= -1, "a number of positions, 0 or -1")
     return args, explicit
 
 
@@ -197,6 +205,8 @@ class Run:
                                            enabled=dtype == torch.float16)
         self.window = LogWindow(device)
         self.step, self.best_val, self.best_step = 0, float("inf"), -1
+        # FLOPs of the log window's steps (costs.py); the GPU's peak, for MFU
+        self.window_flops, self.peak_tflops = 0, peak_tflops(device_name(device))
         self.elapsed, self.t0 = 0.0, time.time()
         self.t_window = self.t0  # the start of the current log window
         self.logged_step = -1  # the last step logged
@@ -220,6 +230,8 @@ def train(args, explicit):
         check_new_run_folder(args, remove=main_rank)
     device, dtype, compile_ = resolve_system(args.device, args.dtype, args.compile)
     device = distributed.local_device(device)
+    if args.loss_chunk < 0:
+        args.loss_chunk = 1024 if device.startswith("cuda") else 0
     distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
 
     # build: the task's data and batch order (rank 0 prepares missing data first), the method, the
@@ -237,7 +249,7 @@ def train(args, explicit):
     train_split, val_split = task.splits()
     order_host = task.training_order(train_split)
     args.max_steps = len(order_host)  # the task may size the run (recall: --epochs passes)
-    model = build_model(args, task, method).to(device)
+    model = store_frozen_in(build_model(args, task, method).to(device), dtype)
     order, order_host = order_host.to(device), order_host.numpy()
     run = Run(args, model, method, device, dtype)
     if ckpt is not None:
@@ -255,7 +267,11 @@ def train(args, explicit):
               f"{compile_}{processes}{passes}")
 
     # the loop
-    step_model = torch.compile(model, dynamic=False) if compile_ else model  # a graph per shape
+    step_model = (torch.compile(model, dynamic=False, mode=args.compile_mode) if compile_
+                  else model)  # a graph per batch shape
+    # the LM head and its loss in chunks of positions, where the method reads no logits
+    chunk = 0 if method.reads_logits or not hasattr(model, "lm_head") else args.loss_chunk
+    head, flops = model.lm_head.weight if chunk else None, StepFlops(model, task, run.autocast)
     step_model = distributed.wrap(step_model, device)  # DistributedDataParallel under torchrun
     passes, rank = args.grad_accum, distributed.rank()
     model.train()
@@ -270,8 +286,8 @@ def train(args, explicit):
             if step % args.log_interval == 0 or step % args.eval_interval == 0 \
                     or step == args.max_steps:
                 if record := log_and_checkpoint(run, task, val_split, lr_at(step, args)):
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()
-                                     if k.endswith("loss") and v is not None})
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if v is not None
+                                     and (k.endswith("loss") or k in ("tflops", "mfu"))})
             if step == args.max_steps:
                 break
             if distributed.any_rank(interrupts.signal is not None):  # all ranks stop at this step
@@ -292,14 +308,15 @@ def train(args, explicit):
             parts = [train_split.batch(rows, length)
                      for rows in order[step].view(passes, world, micro_batch)[:, rank]]
             batch_tokens = distributed.sum_(sum(task.target_count(y) for _, y, _ in parts))
+            run.window_flops += passes * flops(length, *parts[0])  # host-side, outside the step
             for i, (x, y, ctx) in enumerate(parts):
                 accumulate = world > 1 and i < passes - 1
                 with step_model.no_sync() if accumulate else contextlib.nullcontext():
                     # forward: the task's loss is logged; the method's objective (default: that
                     # same mean) is trained
                     with run.autocast:
-                        logits = step_model(x, ctx)
-                        loss_sum, tokens = task.loss_sum(logits, y)
+                        logits, loss_sum, tokens = task.forward_loss(step_model, head, x, y, ctx,
+                                                                     chunk)
                         # the step's mean loss is the sum of every part's share; DDP averages over
                         # ranks: x world
                         loss = method.objective(logits, y, loss_sum / batch_tokens) * world
@@ -348,7 +365,7 @@ def finish(run, task):
     if not main_rank:
         return None
     wall = run.wall()
-    device = torch.cuda.get_device_name(run.device) if run.device.startswith("cuda") else "cpu"
+    device = device_name(run.device)
     summary = {"method": args.method, "dataset": args.dataset, "data_dir": args.data_dir,
                "init_from": args.init_from, "steps": args.max_steps, "final": final, "best": best,
                "params": {"trainable": run.n_trainable, "total": run.n_total}, "wall_time_s": wall,

@@ -11,6 +11,7 @@ import signal
 import pytest
 
 from helpers import ROOT, interrupt_run
+from run_folder import WALL_CLOCK_FIELDS
 
 TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--block_size", "128", "--batch_size", "4", "--lr", "3e-2", "--warmup", "1",
@@ -44,7 +45,7 @@ def test_the_examples_are_in_the_method_table():
 def records(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [{k: v for k, v in json.loads(line).items()
-                 if k not in ("tokens_per_s", "elapsed_s")} for line in f]
+                 if k not in WALL_CLOCK_FIELDS} for line in f]
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from helpers import assert_causal
 from memory import (ChapterBank, MemoryLayer, gather_chapters, mixing_weights, parameter_counts,
                     rms_normalize, set_route)
 from model import GPT, GPTConfig
+from run_folder import WALL_CLOCK_FIELDS
 from runs import METHODS
 from train import build_parser
 
@@ -355,7 +356,7 @@ def test_moc_trains_from_the_cli_and_resumes_exactly(emotion_small_dir, tmp_path
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     lines = lambda d: [{k: v for k, v in json.loads(l).items()
-                        if k not in ("tokens_per_s", "elapsed_s")}
+                        if k not in WALL_CLOCK_FIELDS}
                        for l in open(os.path.join(d, "metrics.jsonl"))]
     # bit-identical, router stats too
     assert lines(cut) == lines(whole) and any("moc_balance" in r for r in lines(whole))

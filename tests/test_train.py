@@ -12,6 +12,7 @@ import torch
 
 from helpers import ROOT, interrupt_run, save_tiny_hf_gpt2
 from cli import InputError
+from run_folder import WALL_CLOCK_FIELDS
 
 TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--block_size", "128", "--batch_size", "4", "--lr", "3e-3", "--warmup", "20",
@@ -28,7 +29,7 @@ def records(run_dir):
     """metrics.jsonl without the wall-clock fields."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [{k: v for k, v in json.loads(l).items()
-                 if k not in ("tokens_per_s", "features_per_s", "elapsed_s")} for l in f]
+                 if k not in WALL_CLOCK_FIELDS} for l in f]
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,8 @@ def test_runs_saved_under_the_old_flag_names_load():
                            "moc_read": "fused", "grit_statistics": "fused", "beta2": 0.999,
                            "decay_start": 0.85, "grit_schedule": "library", "grit_min_samples": 64,
                            "grit_ng_warmup": 0, "grit_reg_warmup": 0, "grit_rank_start": 0,
-                           "atoms_route_input": "dropped", "grit_loss_window": 0}  # as they ran
+                           "atoms_route_input": "dropped", "grit_loss_window": 0,
+                           "loss_chunk": 0, "compile_mode": "default"}  # as they ran
     # `token` was the prefix-mean routing before the published token routing took the name
     assert upgrade_args({"method": "moc", "moc_route": "token"}, METHODS)["moc_route"] == "prefix"
     assert upgrade_args({"method": "moc", "moc_route": "token", "beta2": 0.9},
