@@ -4,13 +4,11 @@
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from benches.common import check_positions, check_shapes
+from benches.common import check_positions, check_shapes, ratio_text, time_interleaved
 from cli import Parser
 from grit import Grit, add_grit_flags
 from lora import add_lora_flags, apply_lora
@@ -21,10 +19,10 @@ from runs import autocast_for, resolve_system
 
 def parser():
     p = Parser(description="GRIT (grit.py) against LoRA at the same rank: the same frozen model "
-                           "and batches, one process, steps interleaved (LoRA, GRIT, LoRA, ...). "
-                           "GRIT's extra work is periodic (statistics every 15th step, inversion "
-                           "and reprojection every 50th), so the table gives the mean step over "
-                           "every timed step as well as the median.")
+                           "and batches, one process, steps interleaved (LoRA GRIT, GRIT LoRA, "
+                           "...). GRIT's extra work is periodic (statistics every 15th step, "
+                           "inversion and reprojection every 50th), so the table gives the mean "
+                           "step over every timed step as well as the median.")
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
@@ -41,7 +39,7 @@ def parser():
 def run(a):
     check_shapes(a)
     device, dtype, _ = resolve_system(a.device, "auto", False)
-    autocast, cuda = autocast_for(device, dtype), device.startswith("cuda")
+    autocast = autocast_for(device, dtype)
     flags = argparse.ArgumentParser()
     add_lora_flags(flags)
     add_grit_flags(flags)  # the released defaults
@@ -55,47 +53,25 @@ def run(a):
                             2 * a.lora_rank).to(device).train()
     method = Grit(args, device)
     method.setup(base, {})
-    arms = {"LoRA": (lora_model, None), "GRIT": (base.to(device).train(), method)}
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4,
-                                          fused=True) for name, (m, _) in arms.items()}
-    batches = [torch.randint(0, base.config.vocab_size, (a.batch_size, a.seq_len + 1),
-                             device=device) for _ in range(4)]
-    times = {name: [] for name in arms}
-    for i in range(a.warmup + a.steps):
-        for name, (model, grit) in arms.items():  # the same hooks, in the same places, as train.py
-            x = batches[i % len(batches)]
-            t0 = time.perf_counter()
-            with autocast:
-                loss = F.cross_entropy(model(x[:, :-1], {}).float().flatten(0, 1),
-                                       x[:, 1:].flatten())
-                if grit is not None:
-                    loss = grit.objective(None, None, loss) + grit.aux_loss(model)
-            loss.backward()
-            if grit is not None:
-                grit.after_backward(model)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.5)
-            if grit is not None:
-                grit.before_step(model)
-            optimizers[name].step()
-            if grit is not None:
-                grit.after_step(model)
-            optimizers[name].zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize(device)
-            if i >= a.warmup:
-                times[name].append(time.perf_counter() - t0)
-    results = {name: {"mean_ms": statistics.fmean(t) * 1e3, "median_ms": statistics.median(t) * 1e3}
-               for name, t in times.items()}
+    batches = [(lambda x: (x[:, :-1], x[:, 1:]))(
+        torch.randint(0, base.config.vocab_size, (a.batch_size, a.seq_len + 1), device=device))
+        for _ in range(4)]
+    lm_loss = lambda model: (lambda x, y: F.cross_entropy(model(x, {}).float().flatten(0, 1),
+                                                          y.flatten()))
+    grit_loss = lambda x, y: method.objective(None, None, lm_loss(grit_model)(x, y)) \
+        + method.aux_loss(grit_model)
+    grit_model = base.to(device).train()
+    arms = [("LoRA", lora_model, lm_loss(lora_model)), ("GRIT", grit_model, grit_loss, method)]
+    results = time_interleaved(arms, batches, a.steps, a.warmup, device, autocast, clip=1.5)
     print(f"\n{device}, {str(dtype).removeprefix('torch.')}; frozen GPT {a.n_layer} x {a.n_embd}, "
           f"rank {a.lora_rank} on every block matrix, batch {a.batch_size} x {a.seq_len}; "
           f"{a.steps} timed steps per arm, interleaved; GRIT's last inversion at step "
           f"{method.last_inversion}, last reprojection at {method.last_reprojection}\n")
-    print("| arm | mean ms/step | median ms/step | mean / LoRA's | median / LoRA's "
-          "|\n|---|---:|---:|---:|---:|")
-    for name, r in results.items():
-        print(f"| {name} | {r['mean_ms']:.1f} | {r['median_ms']:.1f} | "
-              f"{r['mean_ms'] / results['LoRA']['mean_ms']:.3f} | "
-              f"{r['median_ms'] / results['LoRA']['median_ms']:.3f} |")
+    print("| arm | mean ms/step | median ms/step | mean / LoRA's | time / LoRA's (median, IQR "
+          "per step) |\n|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['arm']} | {r['ms_mean']:.1f} | {r['ms_per_step']:.1f} | "
+              f"{r['ms_mean'] / results[0]['ms_mean']:.3f} | {ratio_text(r)} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": device, "args": vars(a), "results": results}, f, indent=1)

@@ -16,14 +16,17 @@ import warnings
 
 import torch
 
-from benches.common import check_positions, check_shapes, time_training
+from benches.common import (check_positions, check_shapes, gib_text, ratio_text,
+                            time_interleaved)
 from checkpoints import GPT2_HUB_IDS, resolve_checkpoint
 from cli import Parser
 from lora import apply_lora
+from losses import chunked_lm_loss_sum
 from method import freeze
 from model import GPT, GPTConfig
 from registers import POOLS, RegisterBank
-from runs import autocast_for, check_range, resolve_system
+from runs import autocast_for, check_range, device_name, resolve_system, store_frozen_in
+from tasks import lm_loss_sum
 
 
 def parser():
@@ -49,6 +52,8 @@ def parser():
     p.add_argument("--no_reference", action="store_true", help="skip the transformers + peft arms")
     p.add_argument("--no_prb", action="store_true", help="skip the LoRA + register bank arms")
     p.add_argument("--prb_pool", choices=POOLS, default="causal", help="pooling of the PRB arms")
+    p.add_argument("--loss_chunk", type=int, default=128,
+                   help="positions per chunk of our head + loss (losses.py)")
     p.add_argument("--json", help="also write the results to this file")
     return p
 
@@ -91,78 +96,90 @@ def hf_reference(config, our_model, rank, alpha, dropout, device):
         return peft.get_peft_model(hf, lora_config).to(device)
 
 
-
 def run(a):
     check_shapes(a)
     check_range(a, ("lora_rank",), lambda v: v > 0, "positive")
+    check_range(a, ("loss_chunk",), lambda v: v >= 0, ">= 0")
     device, dtype, compile_ = resolve_system(a.device, a.dtype, a.compile)
     autocast = autocast_for(device, dtype)
     torch.manual_seed(0)
     if a.init_from == "scratch":
-        ours = GPT(GPTConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd,
+        base = GPT(GPTConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd,
                              dropout=a.dropout))
     else:
         resolve_checkpoint(a.init_from, GPT2_HUB_IDS)  # a clear error before any work
-        ours = GPT.from_pretrained(a.init_from, dropout=a.dropout)
-    config = ours.config
+        base = GPT.from_pretrained(a.init_from, dropout=a.dropout)
+    config = base.config
     check_positions(a, config.block_size)
-    reference = None if a.no_reference else hf_reference(config, ours, a.lora_rank, a.lora_alpha,
+    reference = None if a.no_reference else hf_reference(config, base, a.lora_rank, a.lora_alpha,
                                                          a.dropout, device)
-    ours = apply_lora(freeze(ours), a.lora_rank, a.lora_alpha, a.dropout).to(device).train()
-    # the same LoRA model plus a register bank before the head (PRB paper §2)
-    with_prb = copy.deepcopy(ours)
-    with_prb.attach("head", RegisterBank(config.n_embd, pool=a.prb_pool).to(device))
+
+    def ours(attach_prb=False):
+        """Our LoRA model as train.py holds it: frozen matrices in the compute dtype."""
+        model = apply_lora(freeze(copy.deepcopy(base)), a.lora_rank, a.lora_alpha, a.dropout)
+        if attach_prb:  # a register bank before the head (PRB paper §2)
+            model.attach("head", RegisterBank(config.n_embd, pool=a.prb_pool))
+        return store_frozen_in(model.to(device), dtype).train()
+
     prb_ctx = {"label": torch.zeros(a.batch_size, dtype=torch.long, device=device),
                "prompt_len": torch.full((a.batch_size,), 4, device=device)}
-    batches = [(torch.randint(0, config.vocab_size, (a.batch_size, a.seq_len), device=device),
-                torch.randint(0, config.vocab_size, (a.batch_size, a.seq_len), device=device))
-               for _ in range(4)]
-    arms = [("nanomem eager", ours, ours)]
-    if not a.no_prb:
-        arms.append(("nanomem PRB eager", with_prb, lambda x: with_prb(x, prb_ctx)))
-    if compile_:
-        arms.append(("nanomem compiled", ours, torch.compile(ours, dynamic=False)))
+
+    def chunked(forward, model):  # the head and the loss a chunk at a time (losses.py)
+        return lambda x, y: chunked_lm_loss_sum(forward(x, head=False), model.lm_head.weight, y,
+                                                a.loss_chunk)[0] / y.numel()
+
+    def plain(forward):
+        return lambda x, y: lm_loss_sum(forward(x), y)[0] / y.numel()
+
+    arms = []
+    for compiled in [False, True] if compile_ else [False]:
+        how = "compiled" if compiled else "eager"
+        wrap = (lambda m: torch.compile(m, dynamic=False)) if compiled else (lambda m: m)
+        lora, lora_plain, prb = ours(), ours(), ours(attach_prb=True)
+        step, step_plain, step_prb = wrap(lora), wrap(lora_plain), wrap(prb)
+        arms += [(f"nanomem {how}", lora, chunked(step, lora)),
+                 (f"nanomem {how}, plain loss", lora_plain, plain(step_plain))]
         if not a.no_prb:
-            compiled_prb = torch.compile(with_prb, dynamic=False)
-            arms.append(("nanomem PRB compiled", with_prb, lambda x: compiled_prb(x, prb_ctx)))
+            arms.append((f"nanomem PRB {how}", prb,
+                         chunked(lambda x, head=True: step_prb(x, prb_ctx, head=head), prb)))
     if reference is not None:
         reference.train()
-        hf_forward = lambda model: (lambda x: model(input_ids=x).logits)
-        arms.append(("transformers+peft eager", reference, hf_forward(reference)))
+        hf_loss = lambda model: (lambda x, y: lm_loss_sum(model(input_ids=x).logits, y)[0]
+                                 / y.numel())
+        arms.append(("transformers+peft eager", reference, hf_loss(reference)))
         if compile_:
             arms.append(("transformers+peft compiled", reference,
-                         hf_forward(torch.compile(reference))))
+                         hf_loss(torch.compile(reference))))
     flops = lora_flops(config, a.batch_size, a.seq_len, a.lora_rank)
-    print(f"device {device} "
-          f"({torch.cuda.get_device_name(device) if device.startswith('cuda') else 'cpu'}), "
-          f"{str(dtype).removeprefix('torch.')}; L={config.n_layer} C={config.n_embd} "
-          f"V={config.vocab_size}, LoRA r={a.lora_rank}, batch {a.batch_size} x {a.seq_len} "
-          f"tokens; {flops / 1e9:.1f} GFLOP/step")
-    results = []
-    for name, model, forward in arms:
-        seconds, peak = time_training(forward, model, batches, a.steps, a.warmup, device, autocast)
-        results.append({"arm": name, "ms_per_step": seconds * 1e3,
-                        "tokens_per_s": a.batch_size * a.seq_len / seconds,
-                        "tflops": flops / seconds / 1e12, "peak_gib": peak})
-    base = results[0]["ms_per_step"]
-    print("\n| arm | ms/step | tokens/s | TFLOP/s | peak GiB | time / nanomem eager |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"device {device} ({device_name(device)}), {str(dtype).removeprefix('torch.')}; "
+          f"L={config.n_layer} C={config.n_embd} V={config.vocab_size}, LoRA r={a.lora_rank}, "
+          f"batch {a.batch_size} x {a.seq_len} tokens; {flops / 1e9:.1f} GFLOP/step; loss chunk "
+          f"{a.loss_chunk} positions; {a.steps} steps per arm after {a.warmup}, interleaved")
+    batches = [tuple(torch.randint(0, config.vocab_size, (a.batch_size, a.seq_len), device=device)
+                     for _ in range(2)) for _ in range(4)]
+    results = time_interleaved(arms, batches, a.steps, a.warmup, device, autocast)
     for r in results:
-        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"  # not measured on CPU
-        print(f"| {r['arm']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tflops']:.3f} | {peak} | {r['ms_per_step'] / base:.2f} |")
-    by_name = {r["arm"]: r["ms_per_step"] for r in results}
-    for prb_arm, lora_arm in [("nanomem PRB eager", "nanomem eager"),
-                              ("nanomem PRB compiled", "nanomem compiled")]:
-        if prb_arm in by_name:
-            print(f"{prb_arm} step / LoRA step: {by_name[prb_arm] / by_name[lora_arm]:.3f}")
-    for ours_arm, ref_arm in [("nanomem eager", "transformers+peft eager"),
-                              ("nanomem compiled", "transformers+peft eager"),
-                              ("nanomem compiled", "transformers+peft compiled")]:
-        if ours_arm in by_name and ref_arm in by_name:
-            print(f"speed-up of {ours_arm} over {ref_arm}: "
-                  f"{by_name[ref_arm] / by_name[ours_arm]:.2f}x")
+        r |= {"tokens_per_s": a.batch_size * a.seq_len / r["ms_per_step"] * 1e3,
+              "tflops": flops / r["ms_per_step"] * 1e3 / 1e12}
+    first = results[0]
+    print(f"\n| arm | ms/step | time / {first['arm']} (median, IQR per step) | tokens/s | "
+          "TFLOP/s | resident GiB | step working GiB | peak GiB | peak / "
+          f"{first['arm']} |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        share = "-" if r["peak_gib"] is None else f"{r['peak_gib'] / first['peak_gib']:.2f}"
+        print(f"| {r['arm']} | {r['ms_per_step']:.1f} | {ratio_text(r)} | "
+              f"{r['tokens_per_s']:,.0f} | {r['tflops']:.3f} | {gib_text(r['resident_gib'])} | "
+              f"{gib_text(r['working_gib'])} | {gib_text(r['peak_gib'])} | {share} |")
+    print("Peak: what the arm holds between steps (weights, optimizer state) + the most a step "
+          "allocates above it (benches/common.py).")
+    by_arm = {r["arm"]: r for r in results}
+    for how in ("eager", "compiled"):
+        chunked, plain = by_arm.get(f"nanomem {how}"), by_arm.get(f"nanomem {how}, plain loss")
+        if chunked and plain and chunked["peak_gib"] is not None:
+            print(f"the chunked loss ({how}) saves {plain['peak_gib'] - chunked['peak_gib']:.3f} "
+                  f"GiB of the step's peak ({1 - chunked['peak_gib'] / plain['peak_gib']:.0%}); "
+                  f"the plain loss's step takes {ratio_text(plain)} of its time")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "gflop_per_step": flops / 1e9, "results": results}, f,
-                      indent=1)
+            json.dump({"device": device_name(device), "args": vars(a),
+                       "gflop_per_step": flops / 1e9, "results": results}, f, indent=1)

@@ -3,47 +3,17 @@ step time, resident and working memory (`python bench.py memory`)."""
 
 import argparse
 import json
-import os
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from benches.common import StepMemory, ratio_text, resident_bytes
 from cli import InputError, Parser
 from memory import ROUTES, MoC, add_moc_flags
 from model import GPT, GPTConfig
 from runs import autocast_for, resolve_system
-
-
-class RSSPeak:
-    """Peak resident memory of this process while active, sampled every millisecond from /proc
-    (Linux CPU runs, where torch keeps no allocator statistics). Large blocks are mmapped (mallopt),
-    so freed tensors leave the RSS."""
-
-    def __init__(self):
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: 64 KiB
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def __enter__(self):
-        import threading
-        self.peak, self.done = self.rss(), threading.Event()
-        def sample():
-            while not self.done.wait(0.001):
-                self.peak = max(self.peak, self.rss())
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
 
 
 def parser():
@@ -70,7 +40,7 @@ def parser():
 
 def run(a):
     device, dtype, _ = resolve_system(a.device, "auto", False)
-    autocast, cuda = autocast_for(device, dtype), device.startswith("cuda")
+    autocast = autocast_for(device, dtype)
     chapters, routes = [int(c) for c in a.chapters.split(",")], a.routes.split(",")
     if any(r not in ROUTES for r in routes) or any(a.topk > c - 1 for c in chapters):
         raise InputError(f"--routes come from {', '.join(ROUTES)}; --topk must leave room in every "
@@ -78,9 +48,8 @@ def run(a):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=50257, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
     x = torch.randint(0, 50257, (a.batch_size, a.seq_len + 1), device=device)
-    if not cuda:
-        RSSPeak()  # its mmap threshold, set before the first tensor of a run is allocated
-    results = []
+    memory = StepMemory(device)  # its mmap threshold, set before the first tensor of a run
+    arms = []
     for route in routes:
         for C in chapters:
             flags = argparse.ArgumentParser()
@@ -94,74 +63,79 @@ def run(a):
             method.setup(model, {})
             model.to(device).train()
             params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-            times, peaks = [], []
+            arms.append({"route": route, "chapters": C, "model": model, "method": method,
+                         "params": params, "optimizer": torch.optim.AdamW(params, lr=1e-4,
+                                                                          fused=True),
+                         "times": [], "peaks": []})
 
-            def step(measure):
-                """One training step; measure: the time and the peak bytes above `resident` of
-                forward + backward (the reads and their gradients) and of the clip + AdamW update,
-                each on its own."""
-                t0 = time.perf_counter()
-                with (RSSPeak() if measure and not cuda else nullcontext()) as read:
-                    with autocast:
-                        loss = F.cross_entropy(model(x[:, :-1], {}).float().flatten(0, 1),
-                                               x[:, 1:].flatten())
-                        loss = loss + method.aux_loss(model)
-                    loss.backward()
-                    if measure and cuda:
-                        torch.cuda.synchronize(device)
-                        read_peak = torch.cuda.max_memory_allocated(device)
-                        torch.cuda.reset_peak_memory_stats(device)
-                t1 = time.perf_counter()
-                with (RSSPeak() if measure and not cuda else nullcontext()) as update:
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                    # gradients stay allocated, like the optimizer state
-                    optimizer.zero_grad(set_to_none=False)
-                    if measure and cuda:
-                        torch.cuda.synchronize(device)
-                if measure:
-                    times.append((t1 - t0, time.perf_counter() - t1))
-                    peaks.append((read_peak, torch.cuda.max_memory_allocated(device)) if cuda
-                                 else (read.peak, update.peak))
-            for _ in range(a.warmup):
-                step(False)
-            if cuda:
-                torch.cuda.synchronize(device)
-                resident = torch.cuda.memory_allocated(device)
-            else:
-                resident = RSSPeak().rss()
-            for _ in range(a.steps):
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                step(True)
-            read_peak, update_peak = (max(p[i] for p in peaks) for i in (0, 1))
-            read_ms, update_ms = (statistics.median(t[i] for t in times) * 1e3 for i in (0, 1))
-            results.append({"route": route, "chapters": C, "bank_tokens": C * a.chapter_tokens,
-                            "ms_per_step": statistics.median(sum(t) for t in times) * 1e3,
-                            "read_ms": read_ms, "update_ms": update_ms,
-                            "resident_gib": resident / 2**30,
-                            "peak_gib": max(read_peak, update_peak) / 2**30,
-                            "read_working_gib": (read_peak - resident) / 2**30,
-                            "update_working_gib": (update_peak - resident) / 2**30})
-            del model, method, optimizer, params
+    def step(arm, measure):
+        """One training step; measure: the time and the peak bytes above what was in use before
+        of forward + backward (the reads and their gradients) and of the clip + AdamW update,
+        each on its own."""
+        model, method = arm["model"], arm["method"]
+        if measure:
+            memory.start()
+        t0 = time.perf_counter()
+        with autocast:
+            loss = F.cross_entropy(model(x[:, :-1], {}).float().flatten(0, 1),
+                                   x[:, 1:].flatten())
+            loss = loss + method.aux_loss(model)
+        loss.backward()
+        read_peak = memory.stop() if measure else None
+        t1 = time.perf_counter()
+        if measure:
+            memory.start()
+        torch.nn.utils.clip_grad_norm_(arm["params"], 1.0)
+        arm["optimizer"].step()
+        # gradients stay allocated, like the optimizer state
+        arm["optimizer"].zero_grad(set_to_none=False)
+        update_peak = memory.stop() if measure else None
+        if measure:
+            arm["times"].append((t1 - t0, time.perf_counter() - t1))
+            arm["peaks"].append((read_peak, update_peak))
+    # interleaved: every step runs every arm, in order, then reversed (benches/common.py)
+    for i in range(a.warmup + a.steps):
+        for arm in arms if i % 2 == 0 else arms[::-1]:
+            step(arm, measure=i >= a.warmup)
+    results = []
+    for arm in arms:
+        C, times = arm["chapters"], arm["times"]
+        # per-step time over the same step's time of the route's smallest bank
+        smallest = next(b for b in arms if b["route"] == arm["route"])["times"]
+        ratios = [sum(t) / sum(s) for t, s in zip(times, smallest)]
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        grads = sum(p.numel() * p.element_size() for p in arm["params"])
+        resident = resident_bytes(arm["model"], arm["optimizer"]) + grads
+        read_working, update_working = (max(p[i] or 0 for p in arm["peaks"]) for i in (0, 1))
+        read_ms, update_ms = (statistics.median(t[i] for t in times) * 1e3 for i in (0, 1))
+        results.append({"route": arm["route"], "chapters": C,
+                        "bank_tokens": C * a.chapter_tokens,
+                        "ms_per_step": statistics.median(sum(t) for t in times) * 1e3,
+                        "ratio_median": statistics.median(ratios), "ratio_q1": quartiles[0],
+                        "ratio_q3": quartiles[-1],
+                        "read_ms": read_ms, "update_ms": update_ms,
+                        "resident_gib": resident / 2**30,
+                        "peak_gib": (resident + max(read_working, update_working)) / 2**30,
+                        "read_working_gib": read_working / 2**30,
+                        "update_working_gib": update_working / 2**30})
     print(f"\n{device}, {str(dtype).removeprefix('torch.')}; GPT {a.n_layer} x {a.n_embd} "
           f"(frozen), memory after blocks auto, T = {a.chapter_tokens}, k = {a.topk} (+1 shared): "
           f"{(a.topk + 1) * a.chapter_tokens} rows read per decision; batch {a.batch_size} x "
-          f"{a.seq_len}. Resident: weights, gradients and AdamW state (the bank's grow with C*T by "
-          "definition). Working: peak above resident, of forward + backward (the reads) and of the "
-          "clip + AdamW update. The update touches every bank row (dense AdamW, as the paper): its "
-          "time and memory grow with C*T by definition.\n")
+          f"{a.seq_len}; the banks' steps interleaved. Resident: weights, gradients and AdamW "
+          "state (the bank's grow with C*T by definition). Working: peak above resident, of "
+          "forward + backward (the reads) and of the clip + AdamW update. The update touches every "
+          "bank row (dense AdamW, as the paper): its time and memory grow with C*T by "
+          "definition.\n")
     print("| route | bank tokens | ms/step | fwd+bwd ms | update ms | resident GiB | peak GiB | "
-          "fwd+bwd working GiB | update working GiB | step time / smallest | fwd+bwd time / "
-          "smallest | fwd+bwd working / smallest |")
+          "fwd+bwd working GiB | update working GiB | step time / smallest (median, IQR per step) "
+          "| fwd+bwd time / smallest | fwd+bwd working / smallest |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         base = next(b for b in results if b["route"] == r["route"])
         print(f"| {r['route']} | {r['bank_tokens']:,} | {r['ms_per_step']:.0f} | "
               f"{r['read_ms']:.0f} | {r['update_ms']:.0f} | {r['resident_gib']:.2f} | "
               f"{r['peak_gib']:.2f} | {r['read_working_gib']:.2f} | {r['update_working_gib']:.2f} "
-              f"| {r['ms_per_step'] / base['ms_per_step']:.2f} | "
+              f"| {ratio_text(r)} | "
               f"{r['read_ms'] / base['read_ms']:.2f} | "
               f"{r['read_working_gib'] / max(base['read_working_gib'], 1e-9):.2f} |")
     if a.json:

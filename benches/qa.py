@@ -6,8 +6,10 @@ import copy
 import json
 
 import torch
+import torch.nn.functional as F
 
-from benches.common import check_positions, check_shapes, time_training
+from benches.common import (check_positions, check_shapes, gib_text, ratio_text,
+                            time_interleaved)
 from checkpoints import bert_name
 from cli import Parser
 from model import BERT, BertConfig
@@ -76,20 +78,20 @@ def run(a):
         if compile_:
             arms.append(("transformers compiled", reference, hf(torch.compile(reference))))
     print(f"device {device}, {str(dtype).removeprefix('torch.')}; BERT L={base.config.n_layer} "
-          f"H={base.config.hidden_size}, batch {B} x {T} tokens, full fine-tuning")
-    results = []
-    for name, model, forward in arms:
-        # the loss: mean of start and end cross-entropy, as in train.py
-        seconds, peak = time_training(forward, model, batches, a.steps, a.warmup, device, autocast)
-        results.append({"arm": name, "ms_per_step": seconds * 1e3, "features_per_s": B / seconds,
-                        "peak_gib": peak})
-    base_ms = results[0]["ms_per_step"]
-    print("\n| arm | ms/step | features/s | peak GiB | time / nanomem k=0 eager "
+          f"H={base.config.hidden_size}, batch {B} x {T} tokens, full fine-tuning; {a.steps} "
+          f"steps per arm after {a.warmup}, interleaved")
+    # the loss: mean of start and end cross-entropy, as in train.py
+    losses = [(name, model, lambda x, y, f=forward: F.cross_entropy(f(x).float().flatten(0, 1),
+                                                                    y.flatten()))
+              for name, model, forward in arms]
+    results = time_interleaved(losses, batches, a.steps, a.warmup, device, autocast)
+    first = results[0]["arm"]
+    print(f"\n| arm | ms/step | features/s | time / {first} (median, IQR per step) | peak GiB "
           "|\n|---|---:|---:|---:|---:|")
     for r in results:
-        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        print(f"| {r['arm']} | {r['ms_per_step']:.1f} | {r['features_per_s']:.1f} | {peak} | "
-              f"{r['ms_per_step'] / base_ms:.2f} |")
+        r["features_per_s"] = B / r["ms_per_step"] * 1e3
+        print(f"| {r['arm']} | {r['ms_per_step']:.1f} | {r['features_per_s']:.1f} | "
+              f"{ratio_text(r)} | {gib_text(r['peak_gib'])} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=1)

@@ -1,10 +1,15 @@
 """bench.py: the FLOP count, the reference model really is the same model, and the CLI runs on a
 tiny config."""
 
+import contextlib
+import json
+
+import pytest
 import torch
 
 import bench
 from benches import lm, qa
+from benches.common import time_interleaved
 from helpers import require_reference
 from lora import apply_lora
 from method import freeze
@@ -33,13 +38,39 @@ def test_reference_arm_computes_the_same_function():
 def test_bench_cli_on_a_tiny_config(capsys, tmp_path):
     require_reference("peft")
     bench.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
-                "--seq_len", "16", "--steps", "2", "--warmup", "1", "--lora_rank", "4", "--json",
-                str(tmp_path / "b.json")])
+                "--seq_len", "16", "--steps", "3", "--warmup", "1", "--lora_rank", "4",
+                "--loss_chunk", "8", "--dtype", "bfloat16", "--json", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
-    assert "| nanomem eager |" in out and "| transformers+peft eager |" in out
-    assert "speed-up of nanomem eager over transformers+peft eager:" in out
-    assert "| nanomem PRB eager |" in out and "nanomem PRB eager step / LoRA step:" in out
-    assert (tmp_path / "b.json").exists()
+    for arm in ("nanomem eager", "nanomem eager, plain loss", "nanomem PRB eager",
+                "transformers+peft eager"):
+        assert f"| {arm} |" in out
+    results = {r["arm"]: r for r in json.load(open(tmp_path / "b.json"))["results"]}
+    ours, reference = results["nanomem eager"], results["transformers+peft eager"]
+    assert ours["ratio_median"] == ours["ratio_q1"] == ours["ratio_q3"] == 1.0
+    assert reference["ratio_q1"] <= reference["ratio_median"] <= reference["ratio_q3"]
+    for r in results.values():
+        assert r["ms_per_step"] > 0 and r["tflops"] > 0 and r["resident_gib"] > 0
+        if r["working_gib"] is not None:  # Linux: the process's peak (clear_refs)
+            assert r["peak_gib"] == pytest.approx(r["resident_gib"] + r["working_gib"])
+    # frozen weights in bf16: our model holds less than the fp32 reference's
+    assert ours["resident_gib"] < reference["resident_gib"]
+
+
+def test_arms_are_interleaved_and_compared_step_by_step():
+    """A B, B A, A B, ...: each arm's step is compared with the first arm's of the same step."""
+    calls = []
+    model = torch.nn.Linear(2, 1)
+
+    def arm(name):
+        def loss(x, y):
+            calls.append(name)
+            return model(x).sum()
+        return (name, model, loss)
+    batches = [(torch.ones(1, 2), None)]
+    results = time_interleaved([arm("A"), arm("B")], batches, steps=3, warmup=1, device="cpu",
+                               autocast=contextlib.nullcontext())
+    assert calls == ["A", "B", "B", "A", "A", "B", "B", "A"]
+    assert [r["arm"] for r in results] == ["A", "B"] and results[0]["ratio_median"] == 1.0
 
 
 def test_qa_reference_is_the_same_model():
@@ -71,7 +102,6 @@ def test_bench_memory_cli(capsys, tmp_path):
                 "--steps", "1", "--warmup", "1", "--json", str(tmp_path / "m.json")])
     out = capsys.readouterr().out
     assert "| prefix | 36 |" in out and "| sequence | 132 |" in out and "working / smallest" in out
-    import json
     results = json.load(open(tmp_path / "m.json"))["results"]
     assert len(results) == 4 and all(r["peak_gib"] >= r["resident_gib"] > 0 for r in results)
     assert all(r["read_ms"] > 0 and r["update_ms"] > 0
@@ -88,9 +118,9 @@ def test_bench_grit_cli(capsys, tmp_path):
                 "cpu", "--json", str(tmp_path / "g.json")])
     out = capsys.readouterr().out
     assert "| LoRA |" in out and "| GRIT |" in out and "last inversion at step 50" in out
-    import json
-    results = json.load(open(tmp_path / "g.json"))["results"]
-    assert results["LoRA"]["mean_ms"] > 0 and results["GRIT"]["mean_ms"] > 0
+    results = {r["arm"]: r for r in json.load(open(tmp_path / "g.json"))["results"]}
+    assert results["LoRA"]["ms_mean"] > 0 and results["GRIT"]["ms_mean"] > 0
+    assert results["LoRA"]["ratio_median"] == 1.0 and results["GRIT"]["ratio_median"] > 0
 
 
 def test_bench_generate_cli(capsys, tmp_path):
@@ -101,7 +131,6 @@ def test_bench_generate_cli(capsys, tmp_path):
                 str(tmp_path / "g.json")])
     out = capsys.readouterr().out
     assert "| GPT-2, KV cache |" in out and "| PRB, recompute |" in out
-    import json
     results = json.load(open(tmp_path / "g.json"))["results"]
     assert len(results) == 4 and all(r["tokens_per_s"] > 0 and r["same_tokens_as_recompute"]
                                      for r in results.values())
