@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT, load_prepare_module
 
 PAGES = ["prb", "regbert", "memft", "moc", "atoms", "grit", "extending", "ecosystem", "failures",
-         "results", "training"]
+         "results", "training", "teaching"]
 DOCS = ["README.md", *(f"docs/{page}.md" for page in PAGES)]
 
 
