@@ -78,6 +78,14 @@ def resident_bytes(model, optimizer):
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def step_ratios(times, base_times):
+    """The per-step ratio of `times` over `base_times` (the same steps): median and quartiles."""
+    ratios = [t / t0 for t, t0 in zip(times, base_times)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"ratio_median": statistics.median(ratios), "ratio_q1": quartiles[0],
+            "ratio_q3": quartiles[-1]}
+
+
 def time_interleaved(arms, batches, steps, warmup, device, autocast, clip=1.0):
     """arms: (name, model, loss(x, y) -> scalar[, method]). Trains every arm on the same batches
     with fused AdamW and gradient clipping, as train.py does (a method's hooks in train.py's
@@ -120,14 +128,11 @@ def time_interleaved(arms, batches, steps, warmup, device, autocast, clip=1.0):
     first = runs[0]["times"]
     results = []
     for run in runs:
-        ratios = [t / t0 for t, t0 in zip(run["times"], first)]
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         working = None if None in run["working"] else max(run["working"])
         resident = resident_bytes(run["model"], run["optimizer"])
         results.append({"arm": run["name"], "ms_per_step": statistics.median(run["times"]) * 1e3,
                         "ms_mean": statistics.fmean(run["times"]) * 1e3,
-                        "ratio_median": statistics.median(ratios),
-                        "ratio_q1": quartiles[0], "ratio_q3": quartiles[-1],
+                        **step_ratios(run["times"], first),
                         "resident_gib": resident / 2**30,
                         "working_gib": None if working is None else working / 2**30,
                         "peak_gib": None if working is None else (resident + working) / 2**30})

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benches.common import StepMemory, ratio_text, resident_bytes
+from benches.common import StepMemory, ratio_text, resident_bytes, step_ratios
 from cli import InputError, Parser
 from memory import ROUTES, MoC, add_moc_flags
 from model import GPT, GPTConfig
@@ -102,8 +102,6 @@ def run(a):
         C, times = arm["chapters"], arm["times"]
         # per-step time over the same step's time of the route's smallest bank
         smallest = next(b for b in arms if b["route"] == arm["route"])["times"]
-        ratios = [sum(t) / sum(s) for t, s in zip(times, smallest)]
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         grads = sum(p.numel() * p.element_size() for p in arm["params"])
         resident = resident_bytes(arm["model"], arm["optimizer"]) + grads
         read_working, update_working = (max(p[i] or 0 for p in arm["peaks"]) for i in (0, 1))
@@ -111,8 +109,7 @@ def run(a):
         results.append({"route": arm["route"], "chapters": C,
                         "bank_tokens": C * a.chapter_tokens,
                         "ms_per_step": statistics.median(sum(t) for t in times) * 1e3,
-                        "ratio_median": statistics.median(ratios), "ratio_q1": quartiles[0],
-                        "ratio_q3": quartiles[-1],
+                        **step_ratios([sum(t) for t in times], [sum(s) for s in smallest]),
                         "read_ms": read_ms, "update_ms": update_ms,
                         "resident_gib": resident / 2**30,
                         "peak_gib": (resident + max(read_working, update_working)) / 2**30,
