@@ -32,10 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import InputError
-from lora import LoRALinear
+from lora import LoRALinear, add_lora_flags
 from memory import rms_normalize
 from method import Method, freeze, replace_modules, save_tensors
+from plumbing.cli import InputError
 from registers import prefix_mean
 
 ROUTE_INPUTS = ("clean", "dropped")
@@ -190,6 +190,7 @@ def atom_parameter_counts(pool, model):
 
 
 def add_atom_flags(parser):
+    add_lora_flags(parser)  # atoms live in LoRA's bottleneck
     g = parser.add_argument_group("update atoms (--method atoms; the LoRA flags set r, alpha, "
                                   "dropout and targets)")
     g.add_argument("--atoms_count", type=int, default=16, help="atoms M in the shared pool")

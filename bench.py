@@ -20,8 +20,8 @@ run.
 import sys
 
 from benches import generate, grit, lm, memory, qa
-from cli import InputError, fail
-from compat import BENCH_RENAMED, rename_flags
+from plumbing.cli import InputError, fail
+from plumbing.compat import BENCH_RENAMED, rename_flags
 
 # bench -> (its parser, run it); `python bench.py --flags` runs "lm"
 BENCHES = {"lm": (lm.parser, lm.run), "qa": (qa.parser, qa.run),

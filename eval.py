@@ -8,18 +8,19 @@ from them.
     python eval.py out/memft-ot-phonebook           # a memorisation run: exact recall
     python eval.py export out/lora-emotion out/merged   # a merged model in the hub's format
 
-Each run is rebuilt from its ckpt.pt (runs.py: load_run) and scored by its task: language modelling
-gives the val and test loss (the loss train.py logs) and samples from label prompts; SQuAD gives
-exact match and F1 as the official v1.1 script computes them; exact recall gives exact match, token
-accuracy and the stubborn-token statistics. Results also go to <run>/eval-<which>.json.
+Each run is rebuilt from its ckpt.pt (catalog.py: load_run) and scored by its task: language
+modelling gives the val and test loss (the loss train.py logs) and samples from label prompts; SQuAD
+gives exact match and F1 as the official v1.1 script computes them; exact recall gives exact match,
+token accuracy and the stubborn-token statistics. Results also go to <run>/eval-<which>.json.
 
 `export` folds a run's LoRA into its weights and writes config.json + model.safetensors
 (GPT2LMHeadModel's layout, or BertForQuestionAnswering's for a regbert run without register tokens):
-transformers loads it, and so does `train.py --init_from OUT`; formats.py says what can be exported.
+transformers loads it, and so does `train.py --init_from OUT`; plumbing/formats.py says what can be
+exported.
 
 The experiment sweeps live in sweeps.py (prb-table, regbert-sweep, memory-law) and the attention
-analysis in attribution.py; `eval.py prb-table ...` and the others still work and say where the
-command went.
+analysis in experiments/attribution.py; `eval.py prb-table ...` and the others still work and say
+where the command went.
 """
 
 import argparse
@@ -30,12 +31,13 @@ import sys
 
 import torch
 
-from checkpoints import BERT_HUB_IDS, resolve_checkpoint
-from cli import InputError, Parser, fail, gpt2_bpe
-from compat import MOVED_COMMANDS
-from formats import export_merged
-from model import BERT
-from runs import autocast_for, check_range, load_run, resolve_system
+from bert import BERT
+from catalog import load_run
+from plumbing.checkpoints import BERT_HUB_IDS, resolve_checkpoint
+from plumbing.cli import (InputError, Parser, autocast_for, check_range, fail, gpt2_bpe,
+                          resolve_system)
+from plumbing.compat import MOVED_COMMANDS
+from plumbing.formats import export_merged
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
 def label_context(prompt, meta, device):
@@ -57,7 +59,7 @@ def main(argv=None):
         print(f"note: `python eval.py {argv[0]}` is deprecated; it is `python {command}`",
               file=sys.stderr)
         if argv[0] == "attention":
-            import attribution
+            from experiments import attribution
             return attribution.main(argv[1:])
         import sweeps
         return sweeps.main(argv)

@@ -25,7 +25,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from cli import InputError, Parser, fail
+from plumbing.cli import InputError, Parser, fail
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PAGES = os.path.join(ROOT, "exercises")

@@ -78,9 +78,9 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from cli import InputError
-from lora import LoRA, LoRALinear, apply_lora
+from lora import LoRA, LoRALinear, add_lora_flags, apply_lora
 from method import freeze
+from plumbing.cli import InputError
 
 # grit/config.py, GRITConfig: the released defaults
 RELEASED = {"kfac_update_freq": 50, "kfac_damping": 1e-3, "kfac_min_samples": 64,
@@ -205,6 +205,7 @@ def projector(vectors, k):
 
 # --------------------------------------------------------------------------------------- the method
 def add_grit_flags(parser):
+    add_lora_flags(parser)  # GRIT preconditions LoRA
     g = parser.add_argument_group("GRIT (--method grit; the LoRA flags set r, alpha, targets)")
     g.add_argument("--grit_statistics", choices=STATISTICS, default="fused",
                    help="fused: collected by an autograd function, no host sync, compiles "
@@ -262,7 +263,6 @@ class Grit(LoRA):
     # grit/config.py;
     defaults = {"lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "grad_clip": 1.5}
     # max_grad_norm 1.5: the released README's Seq2SeqTrainingArguments
-    starts_from_peft = False  # its layers keep curvature statistics a PEFT adapter does not have
     splits_batches = False
     splits_batches_not = ("its curvature statistics would differ between processes, and so would "
                           "the steps (run it as one process, without --grad_accum)")
@@ -273,6 +273,8 @@ class Grit(LoRA):
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)
+        if getattr(args, "peft_adapter", None):  # its layers keep statistics an adapter lacks
+            raise InputError("--peft_adapter starts --method lora or prb, not --method grit")
         if args.dtype == "float16":
             raise InputError("--method grit cannot use --dtype float16: the loss scale would enter "
                              "Sigma_g; use bfloat16 or float32")

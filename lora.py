@@ -16,17 +16,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import InputError
-from formats import architecture, load_peft_weights, peft_targets, read_peft_config
 from method import Method, freeze, replace_modules
-from checkpoints import check_keys, read_safetensors
+from plumbing.checkpoints import check_keys, read_safetensors
+from plumbing.cli import InputError
+from plumbing.formats import architecture, load_peft_weights, peft_targets, read_peft_config
 
 # all four: the PRB paper's setting
 GPT2_BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class LoRALinear(nn.Module):
-    # computes exactly W0 x + (alpha / r) B A x, so PEFT can represent it (formats.py)
+    # computes exactly W0 x + (alpha / r) B A x, so PEFT can represent it (plumbing/formats.py)
     plain_lora = True
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
@@ -121,22 +121,25 @@ def load_peft_adapter(model, folder, dropout=None):
 
 
 # --------------------------------------------------------------------------------------- the method
+def peft_defaults(folder):
+    """The --lora_* defaults of a run that starts from the PEFT adapter in `folder`: its r, alpha,
+    dropout and targets (one clear line for what our LoRA cannot represent)."""
+    settings = read_peft_config(folder)
+    targets, _ = peft_targets(folder, "gpt")
+    return {"lora_rank": settings["rank"], "lora_alpha": settings["alpha"],
+            "lora_dropout": settings["dropout"], "lora_targets": ",".join(targets)}
+
+
 def add_lora_flags(parser):
-    g = parser.add_argument_group("LoRA (--method lora, prb; regbert with --lora_rank > 0; memft "
-                                  "--adapter lora)")
-    g.add_argument("--lora_rank", type=int, default=32,
-                   help="rank r (regbert: 0 = full fine-tuning, its default)")
-    g.add_argument("--lora_alpha", type=float, default=64.0,
-                   help="scale alpha: the update is (alpha / r) B A")
-    g.add_argument("--lora_dropout", type=float, default=0.1,
-                   help="dropout on the input of the low-rank path")
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora_rank", type=int, default=32, help="rank r (regbert: 0 = full tuning)")
+    g.add_argument("--lora_alpha", type=float, default=64.0, help="the update is (alpha / r) B A")
+    g.add_argument("--lora_dropout", type=float, default=0.1, help="on the low-rank path's input")
     g.add_argument("--lora_targets", default=",".join(GPT2_BLOCK_MATRICES),
                    help="comma-separated Linear names")
-    g.add_argument("--peft_adapter", default=None, metavar="DIR",
-                   help="--method lora, prb: start from a PEFT LoRA adapter folder "
-                        "(adapter_config.json + adapter_model.safetensors), trained elsewhere or "
-                        "by a run here; its r, alpha, dropout and targets become the --lora_* "
-                        "defaults (with --max_steps 0: just score it)")
+    g.add_argument("--peft_adapter", metavar="DIR",
+                   help="start from a PEFT LoRA adapter folder: its r, alpha, dropout and targets "
+                        "become the --lora_* defaults (--max_steps 0: score it)")
 
 
 class LoRA(Method):
@@ -144,33 +147,22 @@ class LoRA(Method):
     §3.1); on PhoneBook, plain SFT with LoRA on every block (as `--method sft --adapter lora`)."""
     datasets = ("emotion", "phonebook")
     add_flags = staticmethod(add_lora_flags)
-    starts_from_peft = True  # --peft_adapter: a subclass that builds other layers (GRIT) sets False
 
     @classmethod
     def derived_defaults(cls, args):
-        if not args.peft_adapter or not cls.starts_from_peft:
-            return {}
-        # one clear line for what our LoRA cannot represent
-        settings = read_peft_config(args.peft_adapter)
-        targets, _ = peft_targets(args.peft_adapter, "gpt")
-        return {"lora_rank": settings["rank"], "lora_alpha": settings["alpha"],
-                "lora_dropout": settings["dropout"], "lora_targets": ",".join(targets)}
+        return peft_defaults(args.peft_adapter) if args.peft_adapter else {}
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)
         if args.lora_rank <= 0:
             raise InputError(f"--lora_rank must be positive for --method {args.method}, got "
                              f"{args.lora_rank}")
-        if getattr(args, "peft_adapter", None) and not self.starts_from_peft:
-            raise InputError(f"--peft_adapter starts --method lora or prb, not --method "
-                             f"{args.method}")
 
     def setup(self, model, meta):
         a = self.args
         apply_lora(freeze(model), a.lora_rank, a.lora_alpha, a.lora_dropout,
                    targets=a.lora_targets.split(","))
-        if getattr(a, "peft_adapter", None):
-            # the starting point; a resumed or reloaded run overwrites it
+        if a.peft_adapter:  # the starting point; a resumed or reloaded run overwrites it
             load_peft_weights(model, a.peft_adapter)
 
     def export(self, model, out_dir):

@@ -45,9 +45,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import InputError
-from lora import apply_lora, save_adapter
+from lora import add_lora_flags, apply_lora, save_adapter
 from method import Method, freeze, replace_modules
+from plumbing.cli import InputError
 from recall import released_schedule
 
 LN2 = math.log(2.0)  # L_t > ln 2  <=>  p_target < 0.5
@@ -253,6 +253,7 @@ def fit_memory_law(rank, length, delta_loss, steps=3000, lr=0.05, seed=0):
 
 # -------------------------------------------------------------------------------------- the methods
 def add_memft_flags(parser):
+    add_lora_flags(parser)  # --adapter lora
     g = parser.add_argument_group("MemFT (--method sft | memft-ot | memft-sw | memft-window, "
                                   "--dataset phonebook | longctx)")
     g.add_argument("--memory_rank", type=int, default=4,

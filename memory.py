@@ -46,8 +46,8 @@ The paper's rolling-window routing (inference only) is not reproduced.
 
 The read (--moc_read). MemoryLayer.read_plain is the equations above, as written: each position's
 selected rows gathered, normalised, scaled, projected and attended, a (B, L, (n_shared + k) T, d)
-tensor. The default, read_fused (memory_fused.py), computes the same values and gradients (tested)
-at a cost that grows with k*T, never with C*T, and without that tensor.
+tensor. The default, read_fused (plumbing/memory_fused.py), computes the same values and gradients
+(tested) at a cost that grows with k*T, never with C*T, and without that tensor.
 """
 
 import os
@@ -56,11 +56,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import check_keys, read_safetensors
-from cli import InputError
-from lora import apply_lora, save_adapter
-from memory_fused import _Gather, _RoutedMix, _RoutedScores
+from lora import add_lora_flags, apply_lora, save_adapter
 from method import Method, freeze, save_tensors
+from plumbing.checkpoints import check_keys, read_safetensors
+from plumbing.cli import InputError
+from plumbing.memory_fused import _Gather, _RoutedMix, _RoutedScores
 from registers import prefix_mean
 
 ROUTES = ("prefix", "prompt", "sequence", "token")
@@ -241,9 +241,10 @@ class MemoryLayer(nn.Module):
         return (read + self.routed_scale * mixed).reshape(B, L, H * dh)
 
     def read_fused(self, q, bank, idx, omega, ctx):
-        """read_plain's values and gradients at a cost in k*T (memory_fused.py): W_K absorbed into
-        the queries, W_V applied after mixing the selected raw rows, each row's 1/rms computed once
-        per forward for every layer (a C*T vector) and folded into the scores and the weights."""
+        """read_plain's values and gradients at a cost in k*T (plumbing/memory_fused.py): W_K
+        absorbed into the queries, W_V applied after mixing the selected raw rows, each row's 1/rms
+        computed once per forward for every layer (a C*T vector) and folded into the scores and the
+        weights."""
         B, L, H, dh = q.shape
         C = H * dh
         if ctx.get("moc_row_scale") is None:
@@ -299,6 +300,7 @@ def parameter_counts(n_embd, chapters, chapter_tokens, n_memory_layers):
 
 # --------------------------------------------------------------------------------------- the method
 def add_moc_flags(parser):
+    add_lora_flags(parser)  # --moc_base lora
     g = parser.add_argument_group("Mixture of Chapters memory (--method moc; the LoRA flags apply "
                                   "with --moc_base lora)")
     g.add_argument("--moc_route", choices=ROUTES, default="prefix",
@@ -307,8 +309,9 @@ def add_moc_flags(parser):
                         "mean, padding included (leaks the future); token: the published token "
                         "routing, on h_t alone, a softmax per chapter (causal)")
     g.add_argument("--moc_read", choices=READS, default="fused",
-                   help="fused: the reads of memory_fused.py (default); plain: the equations as "
-                        "written, every position's rows materialised (same values, more memory)")
+                   help="fused: the reads of plumbing/memory_fused.py (default); plain: the "
+                        "equations as written, every position's rows materialised (same values, "
+                        "more memory)")
     g.add_argument("--moc_chapters", type=int, default=4097,
                    help="chapters C, shared ones included (paper: 4097)")
     g.add_argument("--moc_chapter_tokens", type=int, default=64,

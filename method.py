@@ -1,8 +1,8 @@
 """What a method is: the one interface through which train.py runs every fine-tuning method.
 
-A method is a class with a name in the method table (runs.py: METHODS). train.py makes one instance
-per run, `method = METHODS[args.method](args, device)`, and calls it at fixed points; every hook
-below does nothing by default, so a method overrides only what it needs:
+A method is a class with a name in the method table (catalog.py: METHODS). train.py makes one
+instance per run, `method = METHODS[args.method](args, device)`, and calls it at fixed points; every
+hook below does nothing by default, so a method overrides only what it needs:
 
     setup(model, meta)        change the model, explicitly: freeze(model), then attach modules at
                               sites (model.attach) or wrap modules (replace_modules); what is
@@ -26,19 +26,20 @@ below does nothing by default, so a method overrides only what it needs:
 
 Class attributes say where and how it runs:
 
-    datasets   the datasets it trains on (each belongs to a task: runs.py: TASKS)
+    datasets   the datasets it trains on (each belongs to a task: catalog.py: TASKS)
     defaults   flag defaults of this method; explicit flags win
                (and derived_defaults(args): defaults that follow from its other flags, e.g. PRB's
                full pooling sets the published 128-token window)
     add_flags  fn(parser): the method's CLI flag group (methods of one module may share one)
     reads_logits  True where objective() reads the logits (MemFT's token weightings): its runs
-               compute the plain loss, never the chunked one (losses.py), which has no logits
+               compute the plain loss, never the chunked one (plumbing/losses.py), which has no
+               logits
     splits_batches  False where its objective or hooks need the whole batch in one pass
                (torchrun, --grad_accum then refuse it): objective() gets each part's share of the
                batch's mean loss, aux_loss() is averaged over the parts, and the hooks see the
                summed gradients
 
-Old flag spellings of a method (--rank, --alpha, ...) live in compat.py, not here.
+Old flag spellings of a method (--rank, --alpha, ...) live in plumbing/compat.py, not here.
 
 Weight-level methods use `replace_modules` (LoRA, MemFT's MLP adapter): it is the one way to swap a
 module of the model for a wrapper, and it never touches modules attached at sites.
@@ -46,7 +47,7 @@ module of the model for a wrapper, and it never touches modules attached at site
 
 import os
 
-from model import GPT
+import torch
 
 
 def freeze(model):
@@ -69,6 +70,20 @@ def replace_modules(model, match, wrap):
         parent = model.get_submodule(parent_name)
         setattr(parent, child, wrap(getattr(parent, child)))
     return chosen
+
+
+def store_frozen_in(model, dtype):
+    """Every frozen matrix in the compute dtype (bf16 under --dtype bfloat16, the CUDA default):
+    autocast would otherwise recast each fp32 frozen matrix at every forward and again for the
+    backward, and the model would hold it twice. What trains, and its optimizer state, stay fp32;
+    so do frozen vectors (LayerNorm, biases: a fraction of a percent of the weights, and a CPU
+    LayerNorm refuses bf16 parameters on an fp32 input); the residual stream stays fp32 (model.py);
+    exports are written in fp32. Returns the model."""
+    if dtype != torch.float32:
+        for p in model.parameters():
+            if not p.requires_grad and p.dim() >= 2:
+                p.data = p.data.to(dtype)
+    return model
 
 
 def save_tensors(model, path, keep):
@@ -144,5 +159,5 @@ class FullFineTuning(Method):
     datasets = ("emotion", "squadtext")
 
     def export(self, model, out_dir):
-        if isinstance(model, GPT) and not model.sites:
+        if model.architecture == "gpt" and not model.sites:
             model.save_pretrained(out_dir)

@@ -1,8 +1,8 @@
-"""GPT-2 and BERT, written out by hand, loadable from the published checkpoints.
+"""GPT-2, written out by hand, loadable from the published checkpoints.
 
-Read top to bottom: GPT-2 (config -> attention -> MLP -> block -> GPT with forward and generate),
-the KV cache, then BERT (config -> encoder layer -> BERT). Reading and checking checkpoint files is
-in checkpoints.py, BERT's tokenizer in wordpiece.py.
+Read top to bottom: config -> attention -> MLP -> block -> GPT with forward and generate, then the
+KV cache. BERT is bert.py, with the same extension point; reading and checking checkpoint files is
+plumbing/checkpoints.py.
 
 The extension point
 -------------------
@@ -34,12 +34,6 @@ pooling). A module without step() makes generation fall back to recomputing the 
 every token. Modules swapped in by a method (LoRA, ...) act per position and need nothing, but may
 also say can_step() -> False; an attention site's keys and values are read again at every step.
 
-BERT has the same extension point with sites "embed" (after the embedding LayerNorm and dropout),
-"layer{i}" and "head" (after the last layer). BERT reads the padding mask from ctx["attention_mask"]
-*after* the embed site, so a module there may add positions (register tokens) and extend the mask;
-the head site's output is BERT's output (a task head attached there turns hidden states into
-logits).
-
 This file imports no method module.
 """
 
@@ -50,8 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (BERT_HUB_IDS, GPT2_HUB_IDS, bert_config, bert_weights, gpt2_config,
-                         gpt2_folder, gpt2_weights, resolve_checkpoint, write_weights_and_config)
+from plumbing.checkpoints import (GPT2_HUB_IDS, gpt2_config, gpt2_folder, gpt2_weights,
+                                  resolve_checkpoint, write_weights_and_config)
 
 
 @dataclass
@@ -84,17 +78,9 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if prefix is not None:  # an attention site's keys and values (prefix tuning, ...)
             y = self.attend_with_prefix(q, k, v, prefix, attn_mask, cache, layer, dropout)
-        elif cache is not None and cache.pos > 0:
-            # new queries attend to every cached key and to their own prefix
-            # one new query (the decoding step) may read every key: no mask
-            k, v = cache.update(layer, k, v)
-            causal = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool,
-                                                    device=x.device).tril(k.size(2) - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        elif cache is not None:  # generation: the cached keys and values, and these
+            y = self.attend_cached(q, k, v, cache, layer, dropout)
         elif attn_mask is None:
-            if cache is not None:
-                # the prompt: cache its keys and values, attend causally as without a cache
-                cache.update(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             # causal and padding keys masked (True = may be attended), built once per forward by
@@ -102,6 +88,18 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attend_cached(self, q, k, v, cache, layer, dropout):
+        """KV-cache generation: the prompt caches its keys and values and attends causally, as
+        without a cache; new queries attend to every cached key and to their own prefix (one new
+        query, the decoding step, may read every key: no mask)."""
+        T, prompt = q.size(2), cache.pos == 0
+        k, v = cache.update(layer, k, v)  # the keys of positions < pos + T
+        if prompt:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        causal = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool,
+                                                device=q.device).tril(k.size(2) - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
 
     def attend_with_prefix(self, q, k, v, prefix, attn_mask, cache, layer, dropout):
         """Attention over P extra keys and values in front of the sequence's own: every query reads
@@ -148,6 +146,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    architecture = "gpt"  # what plumbing/formats.py maps to transformers' names
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -211,7 +211,7 @@ class GPT(nn.Module):
         ctx["key_mask"] (B, T) bool, optional: False marks right-padding that no position may attend
         to (as Hugging Face's attention_mask). cache (a KVCache, generation only): idx continues the
         sequence the cache holds. head=False: the hidden states the head reads (B, T, C), for a
-        loss that applies the head itself, a chunk at a time (losses.py)."""
+        loss that applies the head itself, a chunk at a time (plumbing/losses.py)."""
         ctx = {} if ctx is None else ctx
         start, T = (cache.pos if cache is not None else 0), idx.size(1)
         if start + T > self.config.block_size:
@@ -273,7 +273,7 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_id], dim=1)
         return idx
 
-    # ---- loading published checkpoints (checkpoints.py reads and checks the files) ----
+    # ---- loading published checkpoints (plumbing/checkpoints.py reads and checks the files) ----
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides):
         """GPT-2 from a hub name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or
@@ -313,142 +313,3 @@ class KVCache:
         end = self.pos + k.size(2)
         self.keys[layer][:, :, self.pos:end], self.values[layer][:, :, self.pos:end] = k, v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-
-# ============================================================================================= BERT
-@dataclass
-class BertConfig:
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    dropout: float = 0.1  # hidden dropout (embeddings, attention output, FFN output)
-    attention_dropout: float = 0.1  # on the attention probabilities
-
-
-class BertLayer(nn.Module):
-    """Post-LN encoder layer (Devlin et al. 2019): x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
-
-    def __init__(self, config):
-        super().__init__()
-        H = config.hidden_size
-        assert H % config.n_head == 0, "hidden_size must be divisible by n_head"
-        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
-        self.attn_out = nn.Linear(H, H)
-        self.attn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
-        self.ffn_in = nn.Linear(H, config.intermediate_size)
-        self.ffn_out = nn.Linear(config.intermediate_size, H)
-        self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
-        self.n_head, self.attention_dropout = config.n_head, config.attention_dropout
-
-    def attention_probs(self, x, mask):
-        """softmax(q k^T / sqrt(d) + mask) as a (B, heads, T, T) tensor, for analysis (forward uses
-        fused SDPA)."""
-        q, k = (self.heads(f(x)) for f in (self.query, self.key))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
-        return scores.masked_fill(~mask, -float("inf")).softmax(-1)
-
-    def heads(self, t):
-        B, T, H = t.shape
-        return t.view(B, T, self.n_head, H // self.n_head).transpose(1, 2)
-
-    def forward(self, x, mask, record=None):
-        """x: (B, T, H); mask: (B, 1, 1, T) bool, True where a key may be attended to. With a list
-        `record` (analysis, eval mode), attention is computed explicitly and its probabilities
-        appended to it, so gradients reach them."""
-        B, T, H = x.shape
-        q, k, v = (self.heads(f(x)) for f in (self.query, self.key, self.value))
-        if record is not None:
-            record.append(self.attention_probs(x, mask))
-            y = record[-1] @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.attention_dropout if self.training
-                                               else 0.0)
-        x = self.attn_norm(x + self.dropout(self.attn_out(y.transpose(1, 2).reshape(B, T, H))))
-        # BERT's exact (erf) GELU
-        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
-
-
-class BERT(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        H = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, H)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, H)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, H)
-        self.embed_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
-        self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.n_layer))
-        self.sites = nn.ModuleDict()
-        for module in self.modules():
-            # BERT's init: N(0, 0.02) weights, zero biases, unit LayerNorm
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-
-    def site_names(self):
-        return ["embed"] + [f"layer{i}" for i in range(self.config.n_layer)] + ["head"]
-
-    def attention_site_names(self):
-        return []  # BERT's attention takes no extra keys and values
-
-    attach, _at = GPT.attach, GPT._at  # the same extension point as GPT (see the module docstring)
-
-    def embed(self, idx, ctx):
-        """Token + position + segment embeddings, LayerNorm, dropout: the input of layer 0 (before
-        the embed site)."""
-        token_type = ctx.get("token_type_ids")
-        token_type = torch.zeros_like(idx) if token_type is None else token_type
-        pos = torch.arange(idx.size(1), device=idx.device)
-        # attribution hook
-        words = ctx["word_embeds"] if "word_embeds" in ctx else self.word_embeddings(idx)
-        e = words + self.position_embeddings(pos) + self.token_type_embeddings(token_type)
-        return self.drop(self.embed_norm(e))
-
-    @staticmethod
-    def key_mask(h, ctx):
-        """(B, 1, 1, T) bool from ctx['attention_mask'] (B, T) of 1 = token, 0 = padding; all True
-        if absent."""
-        mask = ctx.get("attention_mask")
-        if mask is None:
-            return torch.ones(h.size(0), 1, 1, h.size(1), dtype=torch.bool, device=h.device)
-        return mask.bool()[:, None, None, :]
-
-    def forward(self, idx, ctx=None):
-        """idx: (B, T) token ids; ctx: token_type_ids, attention_mask (both (B, T), optional),
-        method state, and for analysis: word_embeds (B, T, H) in place of the word-embedding lookup,
-        embed_output (B, T, H) in place of the whole embedding (words + positions + segments,
-        LayerNorm), attentions (a list that collects each layer's attention probabilities). Returns
-        the head site's output: the last hidden states (B, T, H) when nothing is attached there."""
-        # sites may rewrite entries (e.g. extend the mask): never the caller's dict
-        ctx = dict(ctx or {})
-        if idx.size(1) > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of length {idx.size(1)} exceeds "
-                             f"{self.config.max_position_embeddings} positions")
-        # attribution hook
-        h = ctx["embed_output"] if "embed_output" in ctx else self.embed(idx, ctx)
-        h = self._at("embed", h, ctx)
-        mask = self.key_mask(h, ctx)  # read after the embed site, which may have added positions
-        for i, layer in enumerate(self.layers):
-            h = self._at(f"layer{i}", layer(h, mask, ctx.get("attentions")), ctx)
-        return self._at("head", h, ctx)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, **overrides):
-        """BERT from a hub name (see checkpoints.BERT_HUB_IDS) or a folder with config.json +
-        model.safetensors + vocab.txt. Any float dtype on disk (e.g. fp16) loads into fp32
-        parameters. overrides: e.g. dropout=0.0."""
-        folder = resolve_checkpoint(name_or_path, BERT_HUB_IDS, extra_files=("vocab.txt",))
-        config = BertConfig(**(bert_config(folder) | overrides))
-        state = bert_weights(folder, config, cls)  # checked on the meta device first
-        model = cls(config)
-        model.load_state_dict(state)
-        return model

@@ -14,8 +14,8 @@ import os
 import torch
 import torch.nn as nn
 
-from cli import InputError
 from method import Method, freeze, save_tensors
+from plumbing.cli import InputError
 
 
 class Prefix(nn.Module):

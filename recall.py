@@ -16,8 +16,8 @@ import os
 import numpy as np
 import torch
 
-from cli import BadFile, InputError, gpt2_bpe, prepare_module, read_jsonl
-from tasks import Task
+from plumbing.cli import BadFile, InputError, gpt2_bpe, prepare_module, read_jsonl
+from tasks import Task, check_rows_fit
 
 
 def curriculum_size(epoch, n_entries, batch_size, ratios=(0.2, 0.4, 0.6, 0.8, 1.0),
@@ -42,14 +42,16 @@ def whole_batches(entries, batch_size):
 
 # The released PhoneBook schedules (script/pb/common.sh ~L121-230), per model family, method and
 # --length: (lr, epochs, batch, gradient accumulation, curriculum epoch boundaries). SFT and
-# MemFT-OT share one.
-def _sft(batches):  # lr 1e-2, 200 epochs, no curriculum; batch by length
-    return {length: (1e-2, 200, batch, 1, None) for lengths, batch in batches for length in lengths}
-
-
+# MemFT-OT share one: lr 1e-2, 200 epochs, no curriculum, the batch by length.
 SMALL, MID = (1000, 2000, 4000), (8000, 12000, 16000, 24000)
-RELEASED_SCHEDULES = {("qwen", "sft"): _sft([(SMALL, 4), (MID, 8), ((32000,), 16)]),
-                      ("llama", "sft"): _sft([(SMALL + MID[:3], 10), ((24000, 32000), 20)]),
+SFT_BATCHES = {"qwen": ((SMALL, 4), (MID, 8), ((32000,), 16)),
+               "llama": ((SMALL + MID[:3], 10), ((24000, 32000), 20))}
+RELEASED_SCHEDULES = {("qwen", "sft"): {length: (1e-2, 200, batch, 1, None)
+                                        for lengths, batch in SFT_BATCHES["qwen"]
+                                        for length in lengths},
+                      ("llama", "sft"): {length: (1e-2, 200, batch, 1, None)
+                                         for lengths, batch in SFT_BATCHES["llama"]
+                                         for length in lengths},
                       ("qwen", "memft-sw"): {1000: (1e-2, 300, 10, 1, "20,40,60,80,300"),
                                              2000: (1e-2, 300, 10, 1, "20,40,60,80,300"),
                                              4000: (1e-2, 350, 10, 1, "30,60,90,120,350"),
@@ -265,6 +267,10 @@ class ExactRecall(Task):
                              f"{args.epochs}, {args.noise})")
         self.split = self.entries()
         self.meta = {"vocab_size": 50257, "max_len": self.split.length + 1, "entries": self.split.n}
+
+    def check_model(self, model):
+        super().check_model(model)
+        check_rows_fit(model, self.meta["max_len"] - 1)
 
     def entries(self):
         """The memorisation set of --length answer tokens: data_dir/PB<length>.jsonl (made on first

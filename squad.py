@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import InputError
-from checkpoints import BERT_HUB_IDS, resolve_checkpoint
-from tasks import Split, Task, check_rows, prepare_if_missing, read_meta, training_order
+from bert import BERT, BertConfig
+from plumbing.checkpoints import BERT_HUB_IDS, resolve_checkpoint
+from plumbing.cli import InputError
+from tasks import Split, Task, check_rows, prepare, read_meta, training_order
 
 
 class QASplit(Split):
@@ -179,6 +180,7 @@ class ExtractiveQA(Task):
     EM/F1)."""
     datasets = ("squad", "tydiqa")
     architecture = "bert"
+    chunked_loss = False  # start and end over the positions: no vocabulary to chunk
     loss_description = "mean of start and end cross-entropy over features"
     add_flags = staticmethod(add_qa_flags)
     # SQuAD: lr and batch of Devlin et al. 2019 §4.2 (5e-5, 32), a short run of 700 steps (not
@@ -201,8 +203,8 @@ class ExtractiveQA(Task):
         super().__init__(args, device, training)
         if args.qa_epochs < 0 or args.max_answer_len <= 0:
             raise InputError("--qa_epochs must be >= 0 and --max_answer_len positive")
-        if training:
-            prepare_if_missing(args.dataset, args.data_dir, vocab=args.init_from)
+        if training and not os.path.isfile(os.path.join(args.data_dir, "meta.json")):
+            prepare(args.dataset, args.data_dir, vocab=args.init_from)
         self.meta = read_meta(args.data_dir, args.dataset)
         if training:
             self.check_vocab()
@@ -237,7 +239,21 @@ class ExtractiveQA(Task):
     def throughput(self, targets_per_s):
         return {"features_per_s": targets_per_s / 2}  # two targets (start, end) per feature
 
+    def base_model(self):
+        """A published BERT or a folder (--init_from), or a scratch BERT sized by --n_layer,
+        --n_head, --n_embd."""
+        a = self.args
+        if a.init_from != "scratch":
+            return BERT.from_pretrained(a.init_from, dropout=a.dropout, attention_dropout=a.dropout)
+        if a.n_embd % a.n_head:
+            raise InputError(f"--n_embd {a.n_embd} must be divisible by --n_head {a.n_head}")
+        return BERT(BertConfig(vocab_size=self.meta["vocab_size"], hidden_size=a.n_embd,
+                               n_layer=a.n_layer, n_head=a.n_head, intermediate_size=4 * a.n_embd,
+                               dropout=a.dropout, attention_dropout=a.dropout,
+                               max_position_embeddings=max(512, self.meta["max_len"])))
+
     def check_model(self, model):
+        super().check_model(model)
         if model.config.max_position_embeddings < self.meta["max_len"]:
             raise InputError(f"features of {self.meta['max_len']} tokens exceed the model's "
                              f"{model.config.max_position_embeddings} positions")

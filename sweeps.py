@@ -19,8 +19,8 @@ sweep. Each sweep writes <sweep>.md and <sweep>.json into its --out_dir, beside 
 
 import sys
 
-from cli import InputError, fail
 from experiments import atoms, compare, grit, memft, moc, prb, regbert
+from plumbing.cli import InputError, fail
 
 # sweep -> (parse its flags: argv -> (its args, train.py's flags), run it)
 SWEEPS = {"prb-table": (prb.parse_prb_table, prb.prb_table),

@@ -2,8 +2,8 @@
 
 A task owns everything about its data: preparing and loading it, the order of training batches, the
 loss that train.py logs, the scores of a finished run and its flag defaults. train.py and eval.py
-never look at a dataset's name; they call the task of the run (runs.py: TASKS maps each dataset to
-its task):
+never look at a dataset's name; they call the task of the run (catalog.py: TASKS maps each dataset
+to its task):
 
     task = TASKS[args.dataset](args, device, training=True)
     # objects with .n, .row_len, .padded_length(rows), .batch(...):
@@ -32,19 +32,17 @@ import os
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-import distributed
-from cli import InputError, gpt2_bpe, prepare_module
-from losses import chunked_lm_loss_sum
+from model import GPT, GPTConfig
+from plumbing import distributed
+from plumbing.cli import InputError, prepare_module
 
 
 # --------------------------------------------------------------------------------------------- data
-def prepare_if_missing(dataset, data_dir, **options):
-    """Run data/<dataset>/prepare.py on first use, so the main command works on a fresh machine."""
-    if os.path.isfile(os.path.join(data_dir, "meta.json")):
-        return
+def prepare(dataset, data_dir, **options):
+    """Run data/<dataset>/prepare.py on first use (no meta.json yet), so the main command works on a
+    fresh machine."""
     cmd = f"python data/{dataset}/prepare.py --source DIR --out_dir {data_dir}"
     print(f"{data_dir} is not prepared; preparing it now (downloading {dataset})")
     try:
@@ -94,16 +92,11 @@ class Split:
     """One split as padded device tensors: x[i] = row i without its last token, y[i] = row i without
     its first (-1 where padding). A batch is cut to the length of its longest row rounded up to a
     multiple of `pad_multiple`, so there are only a few distinct, static shapes (one compiled graph
-    each) and little compute goes into padding.
+    each) and little compute goes into padding. eos_target False masks the target of the closing
+    <|endoftext|> (the published PRB collator masks every pad/EOS label). WindowSplit, below, pads
+    every row to one fixed width instead."""
 
-    pad_to > 0 pads every row to exactly pad_to tokens instead and marks the padding in
-    ctx["key_mask"], so no position attends to it: the published PRB code's input (every row padded
-    to 128 with <|endoftext|>, an attention mask), on which a whole-window pooling does not depend
-    on the batch. eos_target False masks the target of the closing <|endoftext|> (the published PRB
-    collator masks every pad/EOS label)."""
-    pad_to = 0
-
-    def __init__(self, data_dir, split, meta, device, pad_multiple=16, pad_to=0, eos_target=True):
+    def __init__(self, data_dir, split, meta, device, pad_multiple=16, eos_target=True, width=0):
         try:
             tokens = np.load(os.path.join(data_dir, f"{split}_tokens.npy"))
             offsets = np.load(os.path.join(data_dir, f"{split}_offsets.npy"))
@@ -119,12 +112,8 @@ class Split:
         check_rows(data_dir, split, meta, len(offsets) - 1, tokens, labels,
                    len(meta["prompt_tokens"]))
         # inputs drop the last token of the longest row
-        length, pad_id = meta["max_len"] - 1, meta["eot_token"]
-        if 0 < pad_to < length:
-            raise InputError(f"--pad_to {pad_to} is shorter than the longest row ({length} input "
-                             "tokens)")
-        self.n, self.length = len(offsets) - 1, max(length, pad_to)
-        self.pad_multiple, self.pad_to = pad_multiple, pad_to
+        self.n, self.length = len(offsets) - 1, max(meta["max_len"] - 1, width)
+        self.pad_multiple, pad_id = pad_multiple, meta["eot_token"]
         # targets per row, known on the host: no device sync to size a batch
         self.row_len = np.diff(offsets) - 1
         x = np.full((self.n, self.length), pad_id, dtype=np.int64)
@@ -138,24 +127,47 @@ class Split:
         self.labels = torch.from_numpy(labels).to(device)
         # tokens of each row's `[LABEL]`
         self.prompt_len = torch.tensor(meta["prompt_tokens"], device=device)[self.labels]
-        if pad_to:
-            # which positions of each row are real tokens (the rest is padding no position may
-            # attend to)
-            row_len = torch.from_numpy(self.row_len).to(device)[:, None]
-            self.real = torch.arange(self.length, device=device) < row_len
 
     def padded_length(self, rows_host):
-        if self.pad_to:
-            return self.pad_to
         longest = int(self.row_len[rows_host].max())
         return min(self.length, -(-longest // self.pad_multiple) * self.pad_multiple)
 
     def batch(self, rows, length):
         """rows: row ids (device tensor); length: from padded_length of the same rows."""
         ctx = {"label": self.labels[rows], "prompt_len": self.prompt_len[rows]}
-        if self.pad_to:
-            ctx["key_mask"] = self.real[rows, :length]
         return self.x[rows, :length], self.y[rows, :length], ctx
+
+
+class WindowSplit(Split):
+    """--pad_to N: every row padded to exactly N tokens, the padding marked in ctx["key_mask"] so
+    that no position attends to it. The published PRB code's input (every row padded to 128 with
+    <|endoftext|>, an attention mask), on which a whole-window pooling does not depend on the
+    batch."""
+
+    def __init__(self, data_dir, split, meta, device, pad_to, eos_target=True):
+        if pad_to < meta["max_len"] - 1:
+            raise InputError(f"--pad_to {pad_to} is shorter than the longest row "
+                             f"({meta['max_len'] - 1} input tokens)")
+        super().__init__(data_dir, split, meta, device, eos_target=eos_target, width=pad_to)
+        self.pad_to = pad_to
+        # which positions of each row are real tokens (the rest is padding no position may attend
+        # to)
+        row_len = torch.from_numpy(self.row_len).to(device)[:, None]
+        self.real = torch.arange(self.length, device=device) < row_len
+
+    def padded_length(self, rows_host):
+        return self.pad_to
+
+    def batch(self, rows, length):
+        x, y, ctx = super().batch(rows, length)
+        return x, y, ctx | {"key_mask": self.real[rows, :length]}
+
+
+def check_rows_fit(model, longest):
+    """A GPT's block_size holds the longest row of the data (`longest` input tokens)."""
+    if longest > model.config.block_size:
+        raise InputError(f"rows of up to {longest} tokens do not fit block_size "
+                         f"{model.config.block_size}")
 
 
 def training_order(n, batch_size, max_steps, seed):
@@ -189,8 +201,8 @@ def evaluate(model, split, batch_size, autocast, max_batches=0, loss_sum=lm_loss
         rows_used = np.random.default_rng(0).permutation(split.n)[:max_batches * batch_size]
     by_length = rows_used[np.argsort(split.row_len[rows_used], kind="stable")]
     total, count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-    for b in range(distributed.rank(), math.ceil(len(by_length) / batch_size), distributed.world()):
-        # this rank's
+    # this process's batches (all of them, without torchrun)
+    for b in range(distributed.RANK, math.ceil(len(by_length) / batch_size), distributed.WORLD):
         rows = by_length[b * batch_size:(b + 1) * batch_size]
         real = len(rows)
         rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - real)])
@@ -200,7 +212,7 @@ def evaluate(model, split, batch_size, autocast, max_batches=0, loss_sum=lm_loss
             s, c = loss_sum(model(x, ctx), y)
         total, count = total + s, count + c
     model.train()
-    if distributed.world() > 1:  # the sums over every rank's batches
+    if distributed.WORLD > 1:  # the sums over every rank's batches
         total, count = distributed.sum_(torch.stack([total.double(), count.double()]))
     return (total / count).item()
 
@@ -211,6 +223,7 @@ class Task(abc.ABC):
     defaults = {}        # flag defaults for those datasets (explicit flags win)
     add_flags = None     # fn(parser): the task's CLI flag group, if it has flags
     architecture = "gpt"  # the model the task trains: "gpt" or "bert"
+    chunked_loss = True  # its loss is a GPT's cross-entropy, which plumbing/losses.py can chunk
     generates = False    # eval.py samples text from it (language modelling)
     loss_description = "token-weighted mean cross-entropy over real target tokens"
 
@@ -230,17 +243,10 @@ class Task(abc.ABC):
         a = self.args
         return training_order(train_split.n, a.batch_size, a.max_steps, a.seed)
 
-    def loss_sum(self, logits, targets):
-        return lm_loss_sum(logits, targets)
+    loss_sum = staticmethod(lm_loss_sum)  # a task with another loss overrides it
 
-    def forward_loss(self, model, head, x, y, ctx, chunk=0):
-        """One training forward: (logits, loss sum, count). chunk > 0 (--loss_chunk, where the
-        task's loss is a GPT's cross-entropy and the method reads no logits): the head and the
-        loss `chunk` positions at a time (losses.py), never the whole (B, T, V) logits, which are
-        then None; `head` is the GPT's head weight. A task with its own loss keeps the plain
-        path."""
-        if chunk and type(self).loss_sum is Task.loss_sum:
-            return None, *chunked_lm_loss_sum(model(x, ctx, head=False), head, y, chunk)
+    def forward_loss(self, model, x, y, ctx):
+        """One training forward: (logits, loss sum, count of what the loss counted)."""
         logits = model(x, ctx)
         return logits, *self.loss_sum(logits, y)
 
@@ -255,10 +261,26 @@ class Task(abc.ABC):
     def throughput(self, targets_per_s):
         return {"tokens_per_s": targets_per_s}
 
+    def base_model(self):
+        """The model before the method changes it: a published GPT-2 or a folder (--init_from), or
+        a scratch GPT sized by --n_layer, --n_head, --n_embd, --block_size."""
+        a = self.args
+        if a.init_from != "scratch":
+            return GPT.from_pretrained(a.init_from, dropout=a.dropout)
+        if a.n_embd % a.n_head:
+            raise InputError(f"--n_embd {a.n_embd} must be divisible by --n_head {a.n_head}")
+        return GPT(GPTConfig(block_size=a.block_size, vocab_size=self.meta["vocab_size"],
+                             n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd,
+                             dropout=a.dropout))
+
     def check_model(self, model):
-        if self.meta["max_len"] - 1 > model.config.block_size:
-            raise InputError(f"rows of up to {self.meta['max_len'] - 1} tokens do not fit "
-                             f"block_size {model.config.block_size}")
+        """Every token id of the data has an embedding (else a lookup fails mid-run)."""
+        vocab, data_vocab = model.config.vocab_size, self.meta["vocab_size"]
+        if data_vocab > vocab:
+            raise InputError(f"--init_from {self.args.init_from} has a vocabulary of {vocab:,} "
+                             f"tokens, but the {self.args.dataset} data was tokenized with "
+                             f"{data_vocab:,} (ids up to {data_vocab - 1:,}); use a base with the "
+                             "data's vocabulary")
 
     @abc.abstractmethod
     def test_scores(self, model, autocast, batch_size, out_dir=None):
@@ -277,13 +299,9 @@ class Task(abc.ABC):
 def add_lm_flags(parser):
     g = parser.add_argument_group("language modelling (--dataset emotion, squadtext)")
     g.add_argument("--pad_to", type=int, default=0,
-                   help="pad every row to N tokens, padding masked as attention keys (the "
-                        "published PRB code: 128; --prb_pool full sets it); 0: pad each batch to "
-                        "its longest row (default)")
+                   help="pad every row to N tokens, padding masked (published PRB code: 128)")
     g.add_argument("--eos_target", choices=["on", "off"], default="on",
-                   help="predict each row's closing <|endoftext|> (on: a generator must learn to "
-                        "stop); off: as the published PRB code, whose collator masks every pad/EOS "
-                        "label")
+                   help="predict each row's closing <|endoftext|> (off: the published PRB code)")
 
 
 class LanguageModeling(Task):
@@ -295,24 +313,25 @@ class LanguageModeling(Task):
 
     def __init__(self, args, device, training=False):
         super().__init__(args, device, training)
-        if args.pad_to < 0:
-            raise InputError(f"--pad_to must be >= 0, got {args.pad_to}")
-        if training:
-            prepare_if_missing(args.dataset, args.data_dir)
+        if training and not os.path.isfile(os.path.join(args.data_dir, "meta.json")):
+            prepare(args.dataset, args.data_dir)
         self.meta = read_meta(args.data_dir, args.dataset,
                               ("vocab_size", "max_len", "counts", "eot_token", "prompt_tokens"))
         self.test = None
 
     def check_model(self, model):
         super().check_model(model)
+        check_rows_fit(model, self.meta["max_len"] - 1)
         if self.args.pad_to > model.config.block_size:
             raise InputError(f"--pad_to {self.args.pad_to} does not fit block_size "
                              f"{model.config.block_size}")
 
     def split(self, name):
         a = self.args
-        return Split(a.data_dir, name, self.meta, self.device, a.pad_multiple, a.pad_to,
-                     a.eos_target == "on")
+        if a.pad_to:
+            return WindowSplit(a.data_dir, name, self.meta, self.device, a.pad_to,
+                               a.eos_target == "on")
+        return Split(a.data_dir, name, self.meta, self.device, a.pad_multiple, a.eos_target == "on")
 
     def splits(self):
         # checked now, not found missing or damaged after all of training
@@ -326,75 +345,3 @@ class LanguageModeling(Task):
     def evaluation(self, model, autocast, batch_size):
         return {f"{name}_loss": self.evaluate(model, self.split(name), autocast, batch_size)
                 for name in ("validation", "test")}
-
-
-# ------------------------------------------------------------------------------ emotion consistency
-# A metric of generations from `[EMOTION]` prompts (the PRB table, sweeps.py): does a continuation
-# read as the prompted emotion, according to a classifier trained on the emotion train split?
-class EmotionClassifier(nn.Module):
-    """Bag-of-tokens logistic regression on GPT-2 BPE ids: p(label | text) = softmax(mean_t
-    W[token_t] + b)."""
-
-    def __init__(self, vocab_size, n_labels):
-        super().__init__()
-        self.weights = nn.EmbeddingBag(vocab_size, n_labels, mode="mean")
-        self.bias = nn.Parameter(torch.zeros(n_labels))
-
-    def forward(self, tokens, offsets):
-        return self.weights(tokens, offsets) + self.bias
-
-
-def text_only(split_dir, split, meta):
-    """(tokens, offsets, labels) of each row's text: the `[LABEL]` prefix and closing <|endoftext|>
-    removed."""
-    tokens, offsets, labels = (np.load(os.path.join(split_dir, f"{split}_{k}.npy"))
-                               for k in ("tokens", "offsets", "labels"))
-    rows = [tokens[offsets[i] + meta["prompt_tokens"][labels[i]]:offsets[i + 1] - 1]
-            for i in range(len(labels))]
-    return rows, torch.from_numpy(labels)
-
-
-def pack(rows):
-    lengths = torch.tensor([max(len(r), 1) for r in rows])
-    flat = torch.cat([torch.as_tensor(r if len(r) else [0], dtype=torch.long) for r in rows])
-    return flat, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
-
-
-def train_classifier(data_dir, meta, epochs=5, seed=0):
-    """Fit on the train split's texts; returns (classifier, test accuracy)."""
-    torch.manual_seed(seed)
-    rows, labels = text_only(data_dir, "train", meta)
-    clf = EmotionClassifier(meta["vocab_size"], len(meta["labels"]))
-    opt = torch.optim.Adam(clf.parameters(), lr=0.5)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(rows)).split(256):
-            loss = F.cross_entropy(clf(*pack([rows[i] for i in batch])), labels[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    test_rows, test_labels = text_only(data_dir, "test", meta)
-    with torch.no_grad():
-        accuracy = (clf(*pack(test_rows)).argmax(-1) == test_labels).float().mean().item()
-    return clf, accuracy
-
-
-@torch.no_grad()
-def emotion_consistency(model, meta, clf, samples, max_new_tokens, device, seed=0):
-    """Fraction of sampled continuations of `[LABEL]` that the classifier assigns to LABEL, per
-    label and mean."""
-    enc = gpt2_bpe()
-    generator = torch.Generator(device).manual_seed(seed)
-    scores = {}
-    for label, name in enumerate(meta["labels"]):
-        prompt = enc.encode_ordinary(f"[{name.upper()}]")
-        idx = torch.tensor([prompt] * samples, device=device)
-        ctx = {"label": torch.full((samples,), label, device=device),
-               "prompt_len": torch.full((samples,), len(prompt), device=device)}
-        out = model.generate(idx, max_new_tokens, temperature=0.8, top_k=50, ctx=ctx,
-                             generator=generator)
-        rows = []
-        for seq in out[:, len(prompt):].tolist():
-            rows.append(seq[:seq.index(enc.eot_token)] if enc.eot_token in seq else seq)
-        scores[name] = (clf(*pack(rows)).argmax(-1) == label).float().mean().item()
-    scores["mean"] = sum(scores.values()) / len(meta["labels"])
-    return scores

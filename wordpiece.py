@@ -6,8 +6,8 @@ token, offsets included, against the reference `tokenizers` implementation on al
 import os
 import unicodedata
 
-from cli import InputError
-from checkpoints import BERT_HUB_IDS, resolve_checkpoint
+from plumbing.checkpoints import BERT_HUB_IDS, resolve_checkpoint
+from plumbing.cli import InputError
 
 
 class BertTokenizer:

@@ -14,9 +14,8 @@ import time
 
 import torch
 
-from cli import InputError
 from method import Method
-from runs import check_range
+from plumbing.cli import InputError, check_range
 
 
 class StepMemory:

@@ -10,10 +10,9 @@ import time
 import torch
 
 from benches.common import check_positions, check_shapes
-from cli import Parser
 from model import GPT, GPTConfig
+from plumbing.cli import Parser, autocast_for, check_range, resolve_system
 from registers import RegisterBank
-from runs import autocast_for, check_range, resolve_system
 
 
 def parser():

@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from benches.common import check_positions, check_shapes, ratio_text, time_interleaved
-from cli import Parser
 from grit import Grit, add_grit_flags
-from lora import add_lora_flags, apply_lora
+from lora import apply_lora
 from method import freeze
 from model import GPT, GPTConfig
-from runs import autocast_for, resolve_system
+from plumbing.cli import Parser, autocast_for, resolve_system
 
 
 def parser():
@@ -41,8 +40,7 @@ def run(a):
     device, dtype, _ = resolve_system(a.device, "auto", False)
     autocast = autocast_for(device, dtype)
     flags = argparse.ArgumentParser()
-    add_lora_flags(flags)
-    add_grit_flags(flags)  # the released defaults
+    add_grit_flags(flags)  # LoRA's flags, and the released defaults
     args = flags.parse_args(["--lora_rank", str(a.lora_rank), "--lora_alpha", str(2 * a.lora_rank),
                              "--lora_dropout", "0"])
     args.dtype, args.method = str(dtype).removeprefix("torch."), "grit"

@@ -16,16 +16,15 @@ import warnings
 
 import torch
 
-from benches.common import (check_positions, check_shapes, gib_text, ratio_text,
-                            time_interleaved)
-from checkpoints import GPT2_HUB_IDS, resolve_checkpoint
-from cli import Parser
+from benches.common import check_positions, check_shapes, gib_text, ratio_text, time_interleaved
 from lora import apply_lora
-from losses import chunked_lm_loss_sum
-from method import freeze
+from method import freeze, store_frozen_in
 from model import GPT, GPTConfig
+from plumbing.checkpoints import GPT2_HUB_IDS, resolve_checkpoint
+from plumbing.cli import Parser, autocast_for, check_range, resolve_system
+from plumbing.costs import device_name
+from plumbing.losses import chunked_lm_loss_sum
 from registers import POOLS, RegisterBank
-from runs import autocast_for, check_range, device_name, resolve_system, store_frozen_in
 from tasks import lm_loss_sum
 
 
@@ -53,7 +52,7 @@ def parser():
     p.add_argument("--no_prb", action="store_true", help="skip the LoRA + register bank arms")
     p.add_argument("--prb_pool", choices=POOLS, default="causal", help="pooling of the PRB arms")
     p.add_argument("--loss_chunk", type=int, default=128,
-                   help="positions per chunk of our head + loss (losses.py)")
+                   help="positions per chunk of our head + loss (plumbing/losses.py)")
     p.add_argument("--json", help="also write the results to this file")
     return p
 
@@ -124,7 +123,7 @@ def run(a):
     prb_ctx = {"label": torch.zeros(a.batch_size, dtype=torch.long, device=device),
                "prompt_len": torch.full((a.batch_size,), 4, device=device)}
 
-    def chunked(forward, model):  # the head and the loss a chunk at a time (losses.py)
+    def chunked(forward, model):  # the head and the loss a chunk at a time (plumbing/losses.py)
         return lambda x, y: chunked_lm_loss_sum(forward(x, head=False), model.lm_head.weight, y,
                                                 a.loss_chunk)[0] / y.numel()
 

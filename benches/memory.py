@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from benches.common import StepMemory, ratio_text, resident_bytes, step_ratios
-from cli import InputError, Parser
-from memory import ROUTES, MoC, add_moc_flags
+from memory import MoC, ROUTES, add_moc_flags
 from model import GPT, GPTConfig
-from runs import autocast_for, resolve_system
+from plumbing.cli import InputError, Parser, autocast_for, resolve_system
 
 
 def parser():

@@ -8,13 +8,11 @@ import json
 import torch
 import torch.nn.functional as F
 
-from benches.common import (check_positions, check_shapes, gib_text, ratio_text,
-                            time_interleaved)
-from checkpoints import bert_name
-from cli import Parser
-from model import BERT, BertConfig
-from registers import QAHead, RegisterTokens
-from runs import autocast_for, check_range, resolve_system
+from benches.common import check_positions, check_shapes, gib_text, ratio_text, time_interleaved
+from bert import BERT, BertConfig
+from plumbing.checkpoints import bert_name
+from plumbing.cli import Parser, autocast_for, check_range, resolve_system
+from regbert import QAHead, RegisterTokens
 
 
 def parser():

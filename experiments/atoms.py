@@ -6,10 +6,11 @@ import os
 import re
 import statistics
 
-from cli import InputError, Parser, markdown, mean_spread, pyplot, save_figure, write_report
-from costs import measured_added_flops
+from catalog import load_run
 from experiments.common import against_lora, first_cells, logged, run_grid, summaries, val_curves
-from runs import load_run
+from plumbing.cli import (InputError, Parser, markdown, mean_spread, pyplot, save_figure,
+                          write_report)
+from plumbing.costs import measured_added_flops
 
 ATOM_FLAGS = {"b": "--atoms_beta", "m": "--atoms_count", "k": "--atoms_topk",
               "d": "--atoms_key_dim"}
@@ -70,7 +71,7 @@ def atoms_table(a, train_flags):
              "training loss's std over the last 20% of the run. Entropy: the routing entropy "
              "(nats) of the final log window, averaged over blocks (ln k at a uniform top-k). "
              "FLOPs/token: forward FLOPs the adapter adds to the frozen base, counted on one "
-             "validation batch (costs.py).", "",
+             "validation batch (plumbing/costs.py).", "",
              *markdown([*header, "FLOPs/token", "routing entropy"], rows)]
     write_report(a.out_dir, "atoms-table", lines, {"summaries": done, "flops_per_token": counted})
     plt = pyplot()

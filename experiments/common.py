@@ -9,8 +9,8 @@ import statistics
 import torch
 
 import train
-from cli import mean_spread
-from runs import autocast_for, load_run
+from catalog import load_run
+from plumbing.cli import autocast_for, mean_spread
 
 
 def run_grid(out_dir, arms, seeds, train_flags):

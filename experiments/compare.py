@@ -6,9 +6,9 @@ and the update atoms, the rank of the LoRA that trains beside or inside them; al
 rank): trainable parameters grow linearly in the knob, so two counts on the built model give the
 knob that comes closest.
 Each runs at its corrected default and, where one exists, the published choice (`-paper`). A method
-that runs more forward FLOPs per token than budget-LoRA (counted on the built model, costs.py)
-gets a FLOP-matched LoRA beside it (`lora-flops-<arm>`). Writes compare.md, compare.json and
-compare.png (the score of every arm, its counted FLOPs beside its name).
+that runs more forward FLOPs per token than budget-LoRA (counted on the built model,
+plumbing/costs.py) gets a FLOP-matched LoRA beside it (`lora-flops-<arm>`). Writes compare.md,
+compare.json and compare.png (the score of every arm, its counted FLOPs beside its name).
 """
 
 import os
@@ -16,10 +16,11 @@ import os
 import torch
 
 import train
-from cli import InputError, Parser, markdown, mean_spread, pyplot, save_figure, write_report
-from costs import measured_added_flops
+from catalog import METHODS, TASKS, build_model
 from experiments.common import column, run_grid, summaries, tail_std
-from runs import METHODS, TASKS, build_model
+from plumbing.cli import (InputError, Parser, markdown, mean_spread, pyplot, save_figure,
+                          write_report)
+from plumbing.costs import measured_added_flops
 
 # arm -> (train.py flags, the knob sized to the budget); corrected defaults, then `-paper`
 ATOMS = (["--method", "atoms"], "lora_rank")
@@ -133,9 +134,9 @@ def compare(a, train_flags):
              f"{a.seeds} seeds (mean ± sample std), device {first['device']}. Budget: {budget:,} "
              "trainable parameters (each method sized by its own knob; head-bias has d). FLOPs: "
              "forward FLOPs per token the method adds to the frozen base, counted on one "
-             "validation batch (costs.py). `-paper`: the published choice; `lora-flops-X`: LoRA "
-             "with X's FLOPs. ≠: more than 10% away from the budget (a fixed part above it, or "
-             "no knob).", "",
+             "validation batch (plumbing/costs.py). `-paper`: the published choice; "
+             "`lora-flops-X`: LoRA with X's FLOPs. ≠: more than 10% away from the budget (a fixed "
+             "part above it, or no knob).", "",
              *markdown(["arm", "trainable", "FLOPs/token", "val (final)",
                         *(k.replace("_", " ") for k in scores), "train loss tail std"], rows)]
     write_report(a.out_dir, "compare", lines, {"budget": budget, "flops_per_token": flops,

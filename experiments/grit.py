@@ -7,9 +7,10 @@ from contextlib import nullcontext
 
 import torch
 
-from cli import InputError, Parser, markdown, mean_spread, pyplot, save_figure, write_report
+from catalog import load_run
 from experiments.common import against_lora, first_cells, logged, run_grid, summaries, val_curves
-from runs import load_run, resolve_system
+from plumbing.cli import (InputError, Parser, markdown, mean_spread, pyplot, resolve_system,
+                          save_figure, write_report)
 
 # grit/config.py
 GRIT_COMMON = ["--lora_rank", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--grad_clip",

@@ -7,10 +7,10 @@ import os
 
 import torch
 
-from cli import (InputError, Parser, int_list, markdown, pyplot, save_figure, split_flags,
-                 write_report)
 from experiments.common import run_grid
 from memft import fit_memory_law, memory_law
+from plumbing.cli import (InputError, Parser, int_list, markdown, pyplot, save_figure, split_flags,
+                          write_report)
 from recall import spearman
 
 PAPER_LAW = ("R^2 > 0.98 over models and benchmarks; Spearman rho(earliest stubborn, first "

@@ -9,12 +9,13 @@ from contextlib import nullcontext
 import torch
 
 import train
-from cli import InputError, Parser, markdown, mean_spread, pyplot, save_figure, write_report
+from catalog import load_run
 from experiments.common import (column, known_arm, logged, lora_arm, losses_by_mode, run_grid,
                                 summaries, val_curves)
-from costs import added_flops_per_token, dense_block_flops_per_token
-from memory import set_route
-from runs import autocast_for, load_run, resolve_system
+from memory import memory_sites, set_route
+from plumbing.cli import (InputError, Parser, autocast_for, markdown, mean_spread, pyplot,
+                          resolve_system, save_figure, write_report)
+from plumbing.costs import dense_block_flops_per_token, forward_flops_per_token
 
 MOC_MEMORY = ["--method", "moc", "--moc_base", "lora", "--lora_rank", "8", "--lora_alpha", "16",
               "--moc_chapters", "65",
@@ -184,8 +185,8 @@ def parse_moc_scratch(argv):
 def moc_scratch(a, train_flags):
     # the same three architectures in both recipes: the FLOPs (and the dense arm's depth) are
     # counted with causal per-position routing
-    memory_args = train.build_parser().parse_args([*train_flags, *MOC_SCRATCH, "--n_layer",
-                                                   str(a.n_layer)])
+    argv = [*train_flags, *MOC_SCRATCH, "--n_layer", str(a.n_layer)]
+    memory_args = train.parser_of(argv)[0].parse_args(argv)
     shape = argparse.Namespace(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
     block = dense_block_flops_per_token(a.n_embd, ROW_TOKENS)
     memory = added_flops_per_token(shape, memory_args)
@@ -267,3 +268,21 @@ def moc_scratch(a, train_flags):
         axes[1].set(ylabel="SQuAD-text val loss after B - before",
                     title="phase B (emotion): forgetting")
         save_figure(plt, fig, os.path.join(a.out_dir, "forgetting.png"))
+
+
+def added_flops_per_token(config, args):
+    """Forward FLOPs per token a run adds to its frozen GPT (config): LoRA's 2 r (in + out) per
+    adapted matrix, and the memory layers' (forward_flops_per_token; per-row routing amortised over
+    --pad_to, else 64 tokens)."""
+    n_layer, d = config.n_layer, config.n_embd
+    shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d),
+              "mlp.c_proj": (4 * d, d)}
+    lora = 2 * args.lora_rank * n_layer * sum(sum(shapes[t]) for t in args.lora_targets.split(","))
+    if args.method != "moc":
+        return lora
+    per_layer = forward_flops_per_token(d, config.n_head, args.moc_chapters,
+                                        args.moc_chapter_tokens, args.moc_topk, args.moc_shared,
+                                        args.pad_to or 64, args.moc_route,
+                                        args.batch_size * (args.pad_to or 64))
+    memory = len(memory_sites(args.moc_layers, n_layer)) * per_layer
+    return (lora if args.moc_base == "lora" else 0) + memory

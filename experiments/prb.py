@@ -6,12 +6,17 @@ import argparse
 import json
 import os
 
-from cli import InputError, Parser, markdown, mean_spread, pyplot, save_figure, write_report
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from catalog import load_run
 from experiments.common import (column, known_arm, logged, lora_arm, losses_by_mode, run_grid,
                                 summaries, val_curves)
+from plumbing.cli import (InputError, Parser, gpt2_bpe, markdown, mean_spread, pyplot,
+                          resolve_system, save_figure, write_report)
 from registers import set_pooling
-from runs import load_run, resolve_system
-from tasks import emotion_consistency, train_classifier
 
 # arm -> train.py flags; everything else identical across arms. Two settings side by side:
 # corrected (ours): every arm the same data (the <|endoftext|> target kept), precision and
@@ -128,3 +133,75 @@ def prb_table(a, train_flags):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         val_curves(plt, ax, runs, "PRB paper arms, every seed", dashed=SEED_ARMS)
         save_figure(plt, fig, os.path.join(a.out_dir, "loss-curves.png"))
+
+
+# ------------------------------------------------------------------------------ emotion consistency
+# A metric of generations from `[EMOTION]` prompts (the PRB table, sweeps.py): does a continuation
+# read as the prompted emotion, according to a classifier trained on the emotion train split?
+class EmotionClassifier(nn.Module):
+    """Bag-of-tokens logistic regression on GPT-2 BPE ids: p(label | text) = softmax(mean_t
+    W[token_t] + b)."""
+
+    def __init__(self, vocab_size, n_labels):
+        super().__init__()
+        self.weights = nn.EmbeddingBag(vocab_size, n_labels, mode="mean")
+        self.bias = nn.Parameter(torch.zeros(n_labels))
+
+    def forward(self, tokens, offsets):
+        return self.weights(tokens, offsets) + self.bias
+
+
+def text_only(split_dir, split, meta):
+    """(tokens, offsets, labels) of each row's text: the `[LABEL]` prefix and closing <|endoftext|>
+    removed."""
+    tokens, offsets, labels = (np.load(os.path.join(split_dir, f"{split}_{k}.npy"))
+                               for k in ("tokens", "offsets", "labels"))
+    rows = [tokens[offsets[i] + meta["prompt_tokens"][labels[i]]:offsets[i + 1] - 1]
+            for i in range(len(labels))]
+    return rows, torch.from_numpy(labels)
+
+
+def pack(rows):
+    lengths = torch.tensor([max(len(r), 1) for r in rows])
+    flat = torch.cat([torch.as_tensor(r if len(r) else [0], dtype=torch.long) for r in rows])
+    return flat, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+
+
+def train_classifier(data_dir, meta, epochs=5, seed=0):
+    """Fit on the train split's texts; returns (classifier, test accuracy)."""
+    torch.manual_seed(seed)
+    rows, labels = text_only(data_dir, "train", meta)
+    clf = EmotionClassifier(meta["vocab_size"], len(meta["labels"]))
+    opt = torch.optim.Adam(clf.parameters(), lr=0.5)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(rows)).split(256):
+            loss = F.cross_entropy(clf(*pack([rows[i] for i in batch])), labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    test_rows, test_labels = text_only(data_dir, "test", meta)
+    with torch.no_grad():
+        accuracy = (clf(*pack(test_rows)).argmax(-1) == test_labels).float().mean().item()
+    return clf, accuracy
+
+
+@torch.no_grad()
+def emotion_consistency(model, meta, clf, samples, max_new_tokens, device, seed=0):
+    """Fraction of sampled continuations of `[LABEL]` that the classifier assigns to LABEL, per
+    label and mean."""
+    enc = gpt2_bpe()
+    generator = torch.Generator(device).manual_seed(seed)
+    scores = {}
+    for label, name in enumerate(meta["labels"]):
+        prompt = enc.encode_ordinary(f"[{name.upper()}]")
+        idx = torch.tensor([prompt] * samples, device=device)
+        ctx = {"label": torch.full((samples,), label, device=device),
+               "prompt_len": torch.full((samples,), len(prompt), device=device)}
+        out = model.generate(idx, max_new_tokens, temperature=0.8, top_k=50, ctx=ctx,
+                             generator=generator)
+        rows = []
+        for seq in out[:, len(prompt):].tolist():
+            rows.append(seq[:seq.index(enc.eot_token)] if enc.eot_token in seq else seq)
+        scores[name] = (clf(*pack(rows)).argmax(-1) == label).float().mean().item()
+    scores["mean"] = sum(scores.values()) / len(meta["labels"])
+    return scores

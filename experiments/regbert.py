@@ -3,8 +3,8 @@
 
 import os
 
-from cli import Parser, int_list, markdown, pyplot, save_figure, write_report
 from experiments.common import column, run_grid, summaries
+from plumbing.cli import Parser, int_list, markdown, pyplot, save_figure, write_report
 
 def parse_regbert_sweep(argv):
     p = Parser(description="Train register-token BERT on SQuAD for every k over seeds (unknown "

@@ -11,7 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # noqa: E402,F401  (tests import it from here)
-from cli import prepare_module as load_prepare_module
+from plumbing.cli import prepare_module as load_prepare_module
 
 
 def interrupt_run(args, out_dir, metric_lines, sig=signal.SIGINT):
@@ -39,9 +39,9 @@ def stopped_then_resumed(monkeypatch, name, flags, out_dir, steps):
     run's)."""
     import pytest
 
-    import runs
+    import catalog
     import train
-    method_class = runs.METHODS[name]
+    method_class = catalog.METHODS[name]
 
     class StopsEarly(method_class):
         def after_step(self, model):
@@ -49,10 +49,10 @@ def stopped_then_resumed(monkeypatch, name, flags, out_dir, steps):
             self.steps_here = getattr(self, "steps_here", 0) + 1
             if self.steps_here == steps:
                 signal.raise_signal(signal.SIGINT)
-    monkeypatch.setitem(runs.METHODS, name, StopsEarly)
+    monkeypatch.setitem(catalog.METHODS, name, StopsEarly)
     with pytest.raises(SystemExit):
         train.main([*flags, "--out_dir", str(out_dir)])
-    monkeypatch.setitem(runs.METHODS, name, method_class)
+    monkeypatch.setitem(catalog.METHODS, name, method_class)
     return train.main(["--out_dir", str(out_dir), "--resume"])
 
 
@@ -114,7 +114,7 @@ def tiny_method_model(name, flags=()):
     scratch GPT (vocab 64, block 32), with every trainable tensor randomised: zero-initialised paths
     such as LoRA's B would make any method look causal, or cached and uncached generation look
     alike."""
-    from runs import METHODS, TASKS, build_model
+    from catalog import build_model, METHODS, TASKS
     from train import parse_args
     dataset = METHODS[name].datasets[0]
     args, _ = parse_args(["--method", name, "--dataset", dataset, "--init_from", "scratch",
@@ -123,8 +123,10 @@ def tiny_method_model(name, flags=()):
     args.lora_dropout = 0.0
     meta = {"vocab_size": 64, "labels": ["sadness", "joy", "love", "anger", "fear", "surprise"],
             "max_len": 32}
-    task = type("TinyTask", (), {"meta": meta, "architecture": TASKS[dataset].architecture,
-                                 "check_model": lambda self, model: None})()
+    task_class = TASKS[dataset]  # its base model, on this meta, with no data to check
+    task = type("TinyTask", (task_class,), {"__init__": lambda self: None, "meta": meta,
+                                            "args": args,
+                                            "check_model": lambda self, model: None})()
     model = build_model(args, task, METHODS[name](args))
     with torch.no_grad():
         for p in model.parameters():

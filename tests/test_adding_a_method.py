@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from helpers import ROOT, interrupt_run
-from run_folder import WALL_CLOCK_FIELDS
+from plumbing.run_folder import WALL_CLOCK_FIELDS
 
 TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--block_size", "128", "--batch_size", "4", "--lr", "3e-2", "--warmup", "1",
@@ -35,7 +35,7 @@ def test_the_page_shows_the_code_of_the_file(name):
 
 
 def test_the_examples_are_in_the_method_table():
-    from runs import METHODS
+    from catalog import METHODS
     from train import build_parser
     assert set(EXAMPLES) <= set(METHODS)
     method_flag = next(a for a in build_parser()._actions if a.dest == "method")

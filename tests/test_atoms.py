@@ -7,12 +7,12 @@ import argparse
 import pytest
 import torch
 
-from lora import apply_lora
 from atoms import AtomPool, apply_atoms, atom_parameter_counts
+from catalog import METHODS
+from lora import apply_lora
 from method import freeze
 from model import GPT, GPTConfig
-from runs import METHODS
-from train import build_parser
+from train import parser_of
 
 CTX = {"prompt_len": torch.tensor([4, 3])}
 
@@ -133,8 +133,8 @@ def test_at_init_the_model_is_its_base():
 def test_parameters_match_a_lora_baseline_within_5_percent(capsys):
     """The moc-table base (4 blocks, 128 wide): atoms at r 8 with 16 atoms against LoRA r 9,
     breakdown printed."""
-    args = build_parser().parse_args(["--method", "atoms", "--dataset", "emotion", "--lora_rank",
-                                      "8"])
+    argv = ["--method", "atoms", "--dataset", "emotion", "--lora_rank", "8"]
+    args = parser_of(argv)[0].parse_args(argv)
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128))
         method = METHODS["atoms"](args)
@@ -151,8 +151,9 @@ def test_parameters_match_a_lora_baseline_within_5_percent(capsys):
 
 
 def test_bad_atom_flags():
-    from cli import InputError
-    parse = lambda *argv: build_parser().parse_args(["--method", "atoms", *argv])
+    from plumbing.cli import InputError
+    parse = lambda *argv: parser_of(["--method", "atoms", *argv])[0].parse_args(["--method",
+                                                                                  "atoms", *argv])
     with pytest.raises(InputError, match="no instruction"):
         METHODS["atoms"](argparse.Namespace(**(vars(parse("--dataset",
                                                           "phonebook")) | {"atoms_beta": 1.0})))
@@ -187,12 +188,12 @@ def test_atoms_train_export_and_resume_exactly(emotion_small_dir, tmp_path, monk
 
 
 def test_the_regression_toy_runs_at_matched_parameters(tmp_path, capsys):
-    """toy.py end to end on a tiny setting: both arms train (their loss falls below the frozen
-    f0's), parameters within 5%, the report and plot written; a setting with no LoRA rank within 5%
-    is refused in one line."""
+    """experiments/toy.py end to end on a tiny setting: both arms train (their loss falls below the
+    frozen f0's), parameters within 5%, the report and plot written; a setting with no LoRA rank
+    within 5% is refused in one line."""
     import json
 
-    import toy
+    from experiments import toy
     toy.main(["--seeds", "2", "--steps", "60", "--width", "16", "--out_dir", str(tmp_path)])
     data = json.load(open(tmp_path / "atoms-toy.json"))["results"]
     lora, atoms, base = (next(v for k, v in data.items() if k.startswith(prefix))

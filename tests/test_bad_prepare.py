@@ -6,9 +6,9 @@ import json
 import os
 
 import pytest
+from test_bad_inputs import CASES, snapshot
 
 from helpers import ROOT
-from test_bad_inputs import CASES, snapshot
 
 # -------------------------------------------------------------------------------- data/*/prepare.py
 # (dataset, argv, fragment): the preparation scripts' own inputs. OUT must never be created by a
@@ -131,7 +131,7 @@ def prepare_places(tmp_path_factory):
                          ids=[f"{d}:{' '.join(a)[:60]}" for d, a, _ in PREPARE_CASES])
 def test_bad_preparation_input_gets_one_clear_line(dataset, argv, fragment, prepare_places, capsys,
                                                    monkeypatch):
-    from cli import prepare_module
+    from plumbing.cli import prepare_module
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test ever sends a request to the hub
     argv = [prepare_places.get(word.split("/")[0],
                                word.split("/")[0]) + word[len(word.split("/")[0]):]
@@ -170,7 +170,7 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(emotion_small_dir, prepare
     import subprocess
     import sys
     import time
-    from cli import prepare_module
+    from plumbing.cli import prepare_module
     port = closed_port()
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}",
                HF_HUB_CACHE=str(tmp_path / "cache"))
@@ -206,7 +206,7 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(emotion_small_dir, prepare
 
 def test_the_hub_probe_goes_through_a_proxy_and_succeeds_when_something_listens(monkeypatch):
     import socket
-    from cli import HubUnreachable, reach_hub
+    from plumbing.cli import HubUnreachable, reach_hub
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -228,7 +228,7 @@ def test_the_hub_probe_goes_through_a_proxy_and_succeeds_when_something_listens(
 
 def test_no_gpt2_bpe_files_offline_is_one_line(tmp_path, monkeypatch, capsys):
     import tiktoken
-    from cli import prepare_module
+    from plumbing.cli import prepare_module
 
     def offline(name):
         raise ConnectionError("Max retries exceeded")

@@ -75,8 +75,8 @@ def test_arms_are_interleaved_and_compared_step_by_step():
 
 def test_qa_reference_is_the_same_model():
     require_reference("transformers")
-    from model import BERT, BertConfig
-    from registers import QAHead
+    from bert import BERT, BertConfig
+    from regbert import QAHead
     torch.manual_seed(0)
     ours = BERT(BertConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2,
                            intermediate_size=32))

@@ -6,13 +6,12 @@ import os
 
 import pytest
 import torch
-
-from helpers import require_reference
-
 from conftest import SQUAD
-from cli import InputError
-from checkpoints import bert_state_from_hf
-from model import BERT, BertConfig
+
+from bert import BERT, BertConfig
+from helpers import require_reference
+from plumbing.checkpoints import bert_state_from_hf
+from plumbing.cli import InputError
 from wordpiece import BertTokenizer
 
 

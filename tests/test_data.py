@@ -97,7 +97,7 @@ def test_a_re_prepare_killed_midway_never_leaves_a_mix(emotion_dir, tmp_path, mo
     import hashlib
     import shutil
     from helpers import load_prepare_module
-    from cli import InputError
+    from plumbing.cli import InputError
     from tasks import read_meta
     out = tmp_path / "emotion"
     shutil.copytree(emotion_dir, out)

@@ -72,7 +72,7 @@ def test_two_processes_train_as_one_at_the_same_global_batch(
 STOPS_AT_STEP_5 = """import os, signal, sys
 sys.path.insert(0, {root!r})
 import runs, train
-PRB = runs.METHODS["prb"]
+PRB = catalog.METHODS["prb"]
 class StopsEarly(PRB):
     def after_step(self, model):
         super().after_step(model)
@@ -80,7 +80,7 @@ class StopsEarly(PRB):
         # one rank's Ctrl-C: every rank stops at the same step
         if self.steps == 5 and os.environ["RANK"] == "0":
             signal.raise_signal(signal.SIGINT)
-runs.METHODS["prb"] = StopsEarly
+catalog.METHODS["prb"] = StopsEarly
 train.main()
 """
 

@@ -3,6 +3,7 @@ each opening with its contents; every relative link resolves (files and anchors)
 command line parses its flags (no training: the scripts' own parsers); and every measured table of a
 paper's page is the one in docs/results.md."""
 
+import importlib
 import os
 import re
 import shlex
@@ -93,23 +94,35 @@ class Parsed(Exception):
     pass
 
 
+def every_flag_parser():
+    """train.py's parser with every method's and task's flags: a sweep passes its flags to arms of
+    several methods, so they are checked against all of them."""
+    import train
+    from catalog import METHODS, TASKS
+    parser = train.build_parser()
+    parser.conflict_handler = "resolve"  # methods share the LoRA group
+    for add_flags in {c.add_flags for c in [*METHODS.values(), *TASKS.values()] if c.add_flags}:
+        add_flags(parser)
+    return parser
+
+
 def parse_command(words, monkeypatch):
     """Parse one command line with its script's parser, and stop there."""
     script, argv = words[1], words[2:]
     if script == "train.py":
         import train
         if "--peft_adapter" in argv:  # reading the adapter is not parsing: argparse alone
-            return train.build_parser().parse_args(argv)
+            return train.parser_of(argv)[0].parse_args(argv)
         return train.parse_args(argv)
     if script == "sweeps.py":
         import sweeps
         import train
         _, _, train_flags = sweeps.parse_command(argv)
-        return train.build_parser().parse_args(train_flags)
+        return every_flag_parser().parse_args(train_flags)
     if script == "bench.py":
         import bench
         return bench.parse_command(argv)
-    import cli
+    from plumbing import cli
     real = cli.Parser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
@@ -118,7 +131,7 @@ def parse_command(words, monkeypatch):
     if script.startswith("data/"):
         module = load_prepare_module(script.split("/")[1])
     else:
-        module = __import__(script.removesuffix(".py"))
+        module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     with pytest.raises(Parsed):
         module.main(argv)
 

@@ -11,15 +11,17 @@ import torch
 
 import eval as eval_script
 import train
-from cli import InputError
-from formats import export_merged, hf_bert_name, peft_adapter, read_peft_config, save_peft_adapter
+from bert import BERT, BertConfig
+from catalog import load_run
 from helpers import require_reference, save_tiny_hf_gpt2
 from lora import apply_lora, load_peft_adapter
 from method import freeze
-from checkpoints import bert_name
-from model import BERT, GPT, BertConfig
-from registers import BERT_MATRICES, QAHead, RegisterTokens
-from runs import load_run
+from model import GPT
+from plumbing.checkpoints import bert_name
+from plumbing.cli import InputError
+from plumbing.formats import (export_merged, hf_bert_name, peft_adapter, read_peft_config,
+                              save_peft_adapter)
+from regbert import BERT_MATRICES, QAHead, RegisterTokens
 
 V = 50257  # the emotion data's vocabulary: the run below trains on it
 

@@ -4,10 +4,10 @@ modules that cannot step fall back."""
 
 import pytest
 import torch
+from test_layout import gpt_methods
 
 from helpers import tiny_method_model
 from model import GPT, GPTConfig, KVCache
-from test_layout import gpt_methods
 
 CASES = [(name, ()) for name in gpt_methods()] + [("prb", ("--prb_pool", "prompt")),
                                                   ("prb", ("--prb_pool", "full")),

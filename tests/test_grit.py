@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cli import InputError
 from grit import Grit, GritLinear, invert_damped, projector, top_energy_basis
 from lora import LoRALinear
+from plumbing.cli import InputError
 from train import parse_args
 
 
@@ -245,7 +245,7 @@ def test_torch_compile_gives_the_eager_statistics():
 
 
 def test_bad_grit_flags():
-    from cli import InputError
+    from plumbing.cli import InputError
     with pytest.raises(InputError, match="float16"):
         grit("--dtype", "float16")
     with pytest.raises(InputError, match="grit_energy"):

@@ -49,9 +49,9 @@ class Recorder(Method):
 
 @pytest.mark.slow
 def test_hooks_run_in_order_around_clipping(emotion_small_dir, tmp_path, monkeypatch):
-    import runs
+    import catalog
     import train
-    monkeypatch.setitem(runs.METHODS, "recorder", Recorder)
+    monkeypatch.setitem(catalog.METHODS, "recorder", Recorder)
     Recorder.calls = []
     train.main(["--method", "recorder", "--init_from", "scratch", "--n_layer", "1", "--n_head", "2",
                 "--n_embd", "32", "--block_size", "128", "--batch_size", "2", "--max_steps", "2",

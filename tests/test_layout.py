@@ -13,8 +13,10 @@ from helpers import ROOT, assert_causal, tiny_method_model
 # The reading guide, stated once: no module over MAX_LINES lines, train.py (the loop a reader
 # follows from the README to the optimizer step) within TRAIN_LINES, no line over MAX_WIDTH.
 MAX_LINES, TRAIN_LINES, MAX_WIDTH = 500, 400, 100
-ENTRY_SCRIPTS = {"train", "eval", "sweeps", "bench", "attribution", "toy"}
-ENTRY_PACKAGES = ("experiments", "benches")  # the modules of sweeps.py and bench.py
+ENTRY_SCRIPTS = {"train", "eval", "sweeps", "bench", "exercises"}
+# the modules of sweeps.py and bench.py, and the experiment scripts (experiments/toy.py, ...)
+ENTRY_PACKAGES = ("experiments", "benches")
+PLUMBING = "plumbing"  # what a reader may skip: it imports no model, method or task module
 
 
 def python_files():
@@ -30,7 +32,7 @@ def python_files():
 def modules():
     """The importable modules: top level ("train") and the entry packages ("experiments.prb")."""
     names = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")]
-    for package in ENTRY_PACKAGES:
+    for package in (*ENTRY_PACKAGES, PLUMBING):
         names += [f"{package}.{f[:-3]}" for f in os.listdir(os.path.join(ROOT, package))
                   if f.endswith(".py") and f != "__init__.py"]
     return sorted(names)
@@ -68,7 +70,7 @@ def test_import_graph_is_acyclic():
     for m in graph:
         visit(m, [])
     # the check saw the real modules
-    assert {"train", "model", "runs", "method", "tasks", "experiments.prb"} <= set(graph)
+    assert {"train", "model", "catalog", "method", "tasks", "experiments.prb"} <= set(graph)
 
 
 def test_no_library_module_imports_an_entry_script():
@@ -77,8 +79,16 @@ def test_no_library_module_imports_an_entry_script():
             entry = {n for n in imports_of(m) if is_entry(n)}
             assert not entry, f"{m}.py imports the entry script(s) {entry}"
     assert not imports_of("train") & {"eval", "sweeps", "bench"}
-    assert imports_of("model") <= {"checkpoints", "cli"}, \
-        "model.py imports no method module (only checkpoints.py and cli.py)"
+    assert imports_of("model") <= {"plumbing", "plumbing.checkpoints", "plumbing.cli"}, \
+        "model.py imports no method module (only plumbing/checkpoints.py and plumbing/cli.py)"
+
+
+def test_plumbing_imports_no_model_method_or_task():
+    plumbing = [m for m in modules() if m.startswith(PLUMBING + ".")]
+    assert {"plumbing.run_folder", "plumbing.cli", "plumbing.distributed"} <= set(plumbing)
+    for m in plumbing:
+        outside = {n for n in imports_of(m) if not n.startswith(PLUMBING)}
+        assert not outside, f"{m} imports {outside}: plumbing imports no model, method or task"
 
 
 @pytest.mark.parametrize("path", python_files())
@@ -92,13 +102,13 @@ def test_files_read_in_one_sitting(path):
 
 # ------------------------------------------------------------------------------ every GPT method
 def gpt_methods():
-    from runs import METHODS, TASKS
+    from catalog import METHODS, TASKS
     return [name for name, m in METHODS.items()
             if any(TASKS[d].architecture == "gpt" for d in m.datasets)]
 
 
 def test_the_method_table_is_what_the_cli_offers():
-    from runs import METHODS
+    from catalog import METHODS
     from train import build_parser
     assert {"full", "lora", "prb", "sft", "memft-ot", "memft-sw", "prefix"} <= set(gpt_methods())
     method_flag = next(a for a in build_parser()._actions if a.dest == "method")

@@ -14,11 +14,11 @@ import struct
 import pytest
 import torch
 
+from bert import BERT
 from helpers import require_reference
-
-from cli import InputError
-from checkpoints import bert_name
-from model import BERT, GPT, GPTConfig
+from model import GPT, GPTConfig
+from plumbing.checkpoints import bert_name
+from plumbing.cli import InputError
 
 VALUES = [None, "12", 0, -1, 1.5, True, False, 10 ** 12, 1e12, [], {}, "relu", "gelu_new",
           float("nan")]

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import require_reference, assert_causal, save_tiny_hf_gpt2
+from helpers import assert_causal, require_reference, save_tiny_hf_gpt2
 from lora import LoRALinear, apply_lora, load_adapter, save_adapter
 from method import freeze
-from cli import InputError
 from model import GPT, GPTConfig
+from plumbing.cli import InputError
 
 
 def tiny_gpt(seed=0, **kw):

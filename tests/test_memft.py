@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from model import GPT
-from memft import (LN2, SlidingWindowState, fit_memory_law, first_error, memory_law, ot_loss,
+from memft import (LN2, SlidingWindowState, first_error, fit_memory_law, memory_law, ot_loss,
                    ot_weights, sft_loss, sw_loss, sw_multiplier)
+from model import GPT
+from plumbing.run_folder import WALL_CLOCK_FIELDS
 from recall import curriculum_size
-from run_folder import WALL_CLOCK_FIELDS
 
 
 def test_ot_weights_and_loss_by_hand():
@@ -172,7 +172,7 @@ def test_memft_sw_follows_the_released_scripts_per_dataset(method, dataset, loss
 def test_released_phonebook_schedules():
     """script/pb/common.sh, per family, method and length; explicit flags still win; accumulation is
     refused."""
-    from cli import InputError
+    from plumbing.cli import InputError
     from train import parse_args
     args, _ = parse_args(["--method", "memft-sw", "--dataset", "phonebook", "--length", "2000",
                           "--released_schedule", "llama"])
@@ -194,7 +194,7 @@ def test_ot_zero_update_skips_the_step_when_no_token_is_hard():
     all (not the SFT fallback of MemFT-OT): the gradients are dropped, so AdamW leaves the
     parameters and its state alone."""
     from memft import Objective
-    from runs import METHODS
+    from catalog import METHODS
     from train import parse_args
     args, _ = parse_args(["--method", "memft-sw", "--dataset", "phonebook", "--memory_rank", "2"])
     method = METHODS["memft-sw"](args)

@@ -10,18 +10,19 @@ import torch
 import torch.nn.functional as F
 
 import memory
-import memory_fused
+from catalog import METHODS
 from helpers import assert_causal
 from memory import (ChapterBank, MemoryLayer, gather_chapters, mixing_weights, parameter_counts,
                     rms_normalize, set_route)
 from model import GPT, GPTConfig
-from run_folder import WALL_CLOCK_FIELDS
-from runs import METHODS
-from train import build_parser
+from plumbing import memory_fused
+from plumbing.run_folder import WALL_CLOCK_FIELDS
+from train import parser_of
 
 
 def moc_args(*argv, **overrides):
-    args = build_parser().parse_args(["--method", "moc", *argv])
+    argv = ["--method", "moc", *argv]
+    args = parser_of(argv)[0].parse_args(argv)
     return argparse.Namespace(**(vars(args) | overrides))
 
 
@@ -226,8 +227,9 @@ def dense_read(layer, bank, h, ctx):
 @pytest.mark.parametrize("read", ["fused", "plain"])
 def test_the_read_equals_the_materialised_computation_with_its_gradients(
         read, route, length, big_bank, monkeypatch):
-    """Both reads, the plain one (the equations as written) and the fused one (memory_fused.py),
-    give the values and every gradient of the materialised computation, in float64."""
+    """Both reads, the plain one (the equations as written) and the fused one
+    (plumbing/memory_fused.py), give the values and every gradient of the materialised computation,
+    in float64."""
     torch.manual_seed(1)
     layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1, route=route,
                         read=read).double()

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import require_reference, ROOT, assert_causal, save_tiny_hf_gpt2
-from cli import InputError
+from helpers import ROOT, assert_causal, require_reference, save_tiny_hf_gpt2
 from model import GPT, GPTConfig
+from plumbing.cli import InputError
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):

@@ -14,7 +14,7 @@ TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd",
 
 
 def test_mean_spread():
-    from cli import mean_spread
+    from plumbing.cli import mean_spread
     assert mean_spread([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
     assert mean_spread([100, 300]) == "200 ± 141"
     assert mean_spread([1.0, None]) == "-"
@@ -54,11 +54,11 @@ def test_lora_control_parameter_counts(rank, trainable):
     """r=35 is the parameter match for PRB's 5,093,767 (1.3% more); the paper's r=37 has 7% more."""
     import torch
     from model import GPT, GPTConfig
-    from runs import METHODS
-    from train import build_parser
+    from catalog import METHODS
+    from train import parser_of
     with torch.device("meta"):
         model = GPT(GPTConfig())
-        METHODS["lora"](build_parser().parse_args(["--lora_rank", str(rank)])).setup(model, {})
+        METHODS["lora"](parser_of([])[0].parse_args(["--lora_rank", str(rank)])).setup(model, {})
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
 
 

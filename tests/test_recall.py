@@ -188,7 +188,7 @@ def test_every_entry_is_trained_every_epoch(method, n):
     epoch of SFT and MemFT-OT, and in every full-stage epoch of MemFT-SW's curriculum, each entry is
     in some batch."""
     from recall import curriculum_size, recall_order
-    from runs import METHODS
+    from catalog import METHODS
     curriculum = ((0.2, 0.4, 0.6, 0.8, 1.0),
                   (2, 4, 6, 8, 10)) if METHODS[method].defaults.get("curriculum") == "on" else None
     order, start = recall_order(n, 10, epochs=12, seed=3, curriculum=curriculum), 0

@@ -8,17 +8,17 @@ import sys
 import pytest
 import torch
 
-from helpers import require_reference, ROOT, assert_causal
+from catalog import METHODS
+from helpers import ROOT, assert_causal, require_reference
 from model import GPT, GPTConfig
 from registers import prefix_mean
-from runs import METHODS
-from train import build_parser
+from train import parser_of
 
 META = {"labels": ["sadness", "joy", "love", "anger", "fear", "surprise"]}
 
 
 def prb_args(**overrides):
-    args = build_parser().parse_args(["--method", "prb"])
+    args = parser_of(["--method", "prb"])[0].parse_args(["--method", "prb"])
     return argparse.Namespace(**(vars(args) | overrides))
 
 
@@ -142,7 +142,7 @@ def test_full_pooling_is_the_published_computation(tmp_path):
     pads included, and the same loss under the published collator (every pad/EOS label masked) as
     ours with --eos_target off."""
     transformers = require_reference("transformers")
-    from cli import gpt2_bpe
+    from plumbing.cli import gpt2_bpe
     from registers import PUBLISHED_WINDOW
     from tasks import lm_loss_sum
     torch.manual_seed(0)
@@ -182,7 +182,7 @@ def test_full_pooling_is_the_published_computation(tmp_path):
 
 
 def test_full_pooling_loss_does_not_depend_on_the_evaluation_batch_size(emotion_tiny_dir):
-    from runs import build_model
+    from catalog import build_model
     from tasks import LanguageModeling
     args = prb_args(prb_pool="full", lora_rank=4, init_from="scratch", n_layer=1, n_head=2,
                     n_embd=32, block_size=128, dataset="emotion", data_dir=emotion_tiny_dir)
@@ -207,10 +207,10 @@ def test_full_pooling_loss_does_not_depend_on_the_evaluation_batch_size(emotion_
 def test_eos_target_off_masks_exactly_the_closing_token(emotion_small_dir):
     import json
     import os
-    from tasks import Split
+    from tasks import Split, WindowSplit
     meta = json.load(open(os.path.join(emotion_small_dir, "meta.json")))
     on = Split(emotion_small_dir, "validation", meta, "cpu")
-    off = Split(emotion_small_dir, "validation", meta, "cpu", pad_to=128, eos_target=False)
+    off = WindowSplit(emotion_small_dir, "validation", meta, "cpu", pad_to=128, eos_target=False)
     assert ((on.y != -1).sum(1) - (off.y[:, :on.length] != -1).sum(1)).tolist() == [1] * on.n
     assert (on.y[torch.arange(on.n), torch.from_numpy(on.row_len) - 1] == meta["eot_token"]).all()
     x, y, ctx = off.batch(torch.tensor([0, 1]), off.padded_length([0, 1]))

@@ -9,15 +9,14 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-import costs
 from benches import lm
 from helpers import stopped_then_resumed
 from lora import apply_lora
-from losses import chunked_lm_loss_sum
-from method import freeze
+from method import freeze, store_frozen_in
 from model import GPT, GPTConfig
-from run_folder import WALL_CLOCK_FIELDS
-from runs import store_frozen_in
+from plumbing import costs
+from plumbing.losses import chunked_lm_loss_sum
+from plumbing.run_folder import WALL_CLOCK_FIELDS
 from tasks import lm_loss_sum
 
 LORA = ["--method", "lora", "--init_from", "scratch", "--n_layer", "1", "--n_head", "2",
@@ -83,11 +82,11 @@ def test_frozen_matrices_in_the_compute_dtype_and_what_trains_in_fp32(emotion_ti
     import train
     runs_seen = []
 
-    class Seen(train.Run):
+    class Seen(train.Training):
         def __init__(self, *args):
             super().__init__(*args)
             runs_seen.append(self)
-    monkeypatch.setattr(train, "Run", Seen)
+    monkeypatch.setattr(train, "Training", Seen)
     train.main([*LORA, "--data_dir", emotion_tiny_dir, "--dtype", "bfloat16", "--out_dir",
                 str(tmp_path / "bf16")])
     run = runs_seen[0]
@@ -173,10 +172,18 @@ def test_peak_table_finds_each_gpu_by_its_name():
 
 def test_metrics_report_tflops_everywhere_and_mfu_on_a_known_gpu(emotion_tiny_dir, tmp_path,
                                                                   monkeypatch):
+    """--count_flops (the default on CUDA; a plain CPU run counts nothing): tflops on any device,
+    mfu where the GPU's peak is known."""
     import train
-    train.main([*LORA, "--data_dir", emotion_tiny_dir, "--out_dir", str(tmp_path / "cpu")])
-    monkeypatch.setattr(train, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    train.main([*LORA, "--data_dir", emotion_tiny_dir, "--out_dir", str(tmp_path / "h100")])
+    from plumbing import costs
+    train.main([*LORA, "--data_dir", emotion_tiny_dir, "--out_dir", str(tmp_path / "plain")])
+    plain = [json.loads(line) for line in open(tmp_path / "plain" / "metrics.jsonl")]
+    assert not any("tflops" in r or "mfu" in r for r in plain)
+    train.main([*LORA, "--data_dir", emotion_tiny_dir, "--count_flops", "--out_dir",
+                str(tmp_path / "cpu")])
+    monkeypatch.setattr(costs, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    train.main([*LORA, "--data_dir", emotion_tiny_dir, "--count_flops", "--out_dir",
+                str(tmp_path / "h100")])
     for name, has_mfu in (("cpu", False), ("h100", True)):
         trained = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")][1:]
         assert trained and all(r["tflops"] > 0 and ("mfu" in r) == has_mfu for r in trained)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from bert import BERT, BertConfig
+from catalog import load_run
 from helpers import ROOT, require_reference
-from checkpoints import read_safetensors
-from model import BERT, BertConfig
-from wordpiece import BertTokenizer
-from registers import QAHead, RegisterTokens
-from runs import load_run
+from plumbing.checkpoints import read_safetensors
+from regbert import QAHead, RegisterTokens
 from squad import QASplit, best_spans, exact_match, f1_score, normalize_answer
 from train import main
+from wordpiece import BertTokenizer
 
 
 # --------------------------------------------------------- the official SQuAD v1.1 metrics, by hand
@@ -176,14 +176,15 @@ def test_regbert_trains_and_reports_em_f1(squad_small_dir, minilm_dir, tmp_path)
     assert result.returncode == 0 and "EM" in result.stdout
     assert f"{summary['final']['f1']:.2f}" in result.stdout  # eval.py rescoring gives the same F1
     report = str(tmp_path / "attention")
-    result = subprocess.run([sys.executable, "attribution.py", out, "--features", "8", "--ig_steps",
-                             "32", "--out_dir", report], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "experiments/attribution.py", out, "--features", "8",
+                             "--ig_steps", "32", "--out_dir", report], cwd=ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     stats = json.load(open(os.path.join(report, "attention.json")))["run"]
     assert stats["ig_completeness"]["relative_error"] < 0.01
     assert 0 < stats["mass"]["registers"] < 1 and len(stats["entropy_per_layer"]) == 6
     assert os.path.isfile(os.path.join(report, "run-heatmap.html"))
-    result = subprocess.run([sys.executable, "attribution.py", out, "--features", "8",
+    result = subprocess.run([sys.executable, "experiments/attribution.py", out, "--features", "8",
                              "--ig_variant", "poster", "--ig_steps", "20", "--out_dir", report],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -240,7 +241,7 @@ def qa_model(k):
 
 
 def test_recorded_attention_is_the_attention_used():
-    from attribution import forward_with_attention
+    from experiments.attribution import forward_with_attention
     model = qa_model(3)
     idx, ctx = torch.randint(0, 60,
                              (2, 9)), {"attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3])}
@@ -255,7 +256,7 @@ def test_recorded_attention_is_the_attention_used():
 
 @pytest.mark.parametrize("k", [0, 2])
 def test_integrated_gradients_completeness_and_relevance(k):
-    from attribution import chefer_relevance, integrated_gradients
+    from experiments.attribution import chefer_relevance, integrated_gradients
     model = qa_model(k)
     x = torch.randint(1, 60, (1, 10))
     ctx = {"attention_mask": torch.ones(1, 10, dtype=torch.long),
@@ -280,7 +281,7 @@ def test_integrated_gradients_completeness_and_relevance(k):
 def test_lrp_relevance_of_attention_maps():
     """One relevance map per layer and head, finite; leaf attention maps leave the forward
     unchanged; the LRP hooks are gone afterwards."""
-    from attribution import LeafList, lrp_attention_relevance
+    from experiments.attribution import LeafList, lrp_attention_relevance
     model = qa_model(2)
     x = torch.randint(1, 60, (1, 10))
     ctx = {"attention_mask": torch.ones(1, 10, dtype=torch.long)}
@@ -301,7 +302,7 @@ def test_tydiqa_preparation_windows_as_the_poster(tmp_path):
     keep 64 tokens), meta.json says tydiqa."""
     import json
     import numpy as np
-    from cli import prepare_module
+    from plumbing.cli import prepare_module
     words = "abcdefghij"
     (tmp_path / "vocab").mkdir()  # a vocabulary of single letters is enough for WordPiece
     (

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from helpers import ROOT, interrupt_run, save_tiny_hf_gpt2
-from cli import InputError
-from run_folder import WALL_CLOCK_FIELDS
+from plumbing.cli import InputError
+from plumbing.run_folder import WALL_CLOCK_FIELDS
 
 TINY = ["--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--block_size", "128", "--batch_size", "4", "--lr", "3e-3", "--warmup", "20",
@@ -196,8 +196,8 @@ def test_defaults_come_in_layers():
 
 
 def test_runs_saved_under_the_old_flag_names_load():
-    from compat import ADDED_FLAGS, upgrade_args
-    from runs import METHODS
+    from plumbing.compat import ADDED_FLAGS, upgrade_args
+    from catalog import METHODS
     old = {"method": "prb", "rank": 8, "alpha": 16.0, "lora_dropout": 0.1}
     assert upgrade_args(old, METHODS) == ADDED_FLAGS | {"method": "prb", "lora_rank": 8,
                                                         "lora_alpha": 16.0, "lora_dropout": 0.1}

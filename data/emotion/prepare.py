@@ -22,8 +22,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from cli import (BadFile, Parser, errors_in_one_line, gpt2_bpe, load_hub_dataset,  # noqa: E402
-                 read_jsonl, staged_folder)
+from plumbing.cli import (BadFile, Parser, errors_in_one_line, gpt2_bpe,  # noqa: E402
+                          load_hub_dataset, read_jsonl, staged_folder)
 
 LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # the dataset's label ids 0..5
 SPLITS = ["train", "validation", "test"]

@@ -21,8 +21,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from cli import (Parser, errors_in_one_line, gpt2_bpe, load_hub_dataset,  # noqa: E402
-                 prepare_module, write_atomically)
+from plumbing.cli import (Parser, errors_in_one_line, gpt2_bpe, load_hub_dataset,  # noqa: E402
+                          prepare_module, write_atomically)
 
 
 def load_text(source):

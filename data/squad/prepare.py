@@ -37,9 +37,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-from cli import (BadFile, InputError, Parser, errors_in_one_line, load_hub_dataset,  # noqa: E402
-                 read_json, staged_folder)
-from checkpoints import BERT_HUB_IDS, resolve_checkpoint  # noqa: E402
+from plumbing.cli import (BadFile, InputError, Parser, errors_in_one_line,  # noqa: E402
+                          load_hub_dataset, read_json, staged_folder)
+from plumbing.checkpoints import BERT_HUB_IDS, resolve_checkpoint  # noqa: E402
 from wordpiece import BertTokenizer  # noqa: E402
 
 

@@ -30,9 +30,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from cli import (BadFile, Parser, errors_in_one_line, gpt2_bpe, load_hub_dataset, prepare_module,
-                 read_json,
-                 staged_folder)  # noqa: E402
+from plumbing.cli import (BadFile, errors_in_one_line, gpt2_bpe, load_hub_dataset, Parser,
+                          prepare_module, read_json, staged_folder)  # noqa: E402
 
 # names the memorisation sets may use are kept out of the base
 PHONEBOOK_SEED, PHONEBOOK_RESERVED = 0, 10_000

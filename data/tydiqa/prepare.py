@@ -23,7 +23,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 # noqa: E402
-from cli import BadFile, Parser, errors_in_one_line, load_hub_dataset, prepare_module, read_json
+from plumbing.cli import (BadFile, errors_in_one_line, load_hub_dataset, Parser, prepare_module,
+                          read_json)
 
 squad = prepare_module("squad")
 FILES = ("tydiqa.en.train.json", "tydiqa.en.dev.json")

@@ -1,7 +1,7 @@
 """A run folder on disk (train.py --out_dir), and the bookkeeping that keeps it safe and resumable,
 beside the training loop rather than in it:
 
-    metrics.jsonl   one line per log step (train loss, val loss, lr, ...): log_and_checkpoint
+    metrics.jsonl   one line per log step (train loss, val loss, lr, ...): append_metrics
     ckpt.pt         the latest state: flags, tensors, optimizer, RNG states, the log window
     best.pt         the tensors at the best val loss
     summary.json, loss.png, and what the method exports
@@ -25,16 +25,17 @@ import time
 
 import torch
 
-import distributed
-from checkpoints import check_keys
-from cli import InputError, pyplot
+from plumbing import distributed
+from plumbing.checkpoints import check_keys
+from plumbing.cli import InputError, pyplot
 
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "scaler", "rng_cpu", "running", "best_val",
                    "best_step", "elapsed", "args")
 KEEPS = ("ckpt.pt", "summary.json", "model.safetensors", "adapter.safetensors", "config.json")
 # what a run leaves before its first ckpt.pt
 DEAD_START = ("metrics.jsonl", "best.pt", "ckpt.pt.tmp", "best.pt.tmp", "metrics.jsonl.tmp")
-RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "compile", "data_dir"}  # not the math
+RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "compile", "data_dir",  # not the math
+                     "count_flops"}
 
 
 # ------------------------------------------------------------------------------ starting a run
@@ -55,10 +56,15 @@ def check_new_run_folder(args, remove=True):
                          "--resume to continue a run, or choose another --out_dir")
     dead = [name for name in DEAD_START if os.path.isfile(os.path.join(out, name))]
     if remove and dead:
-        print(f"note: {out} holds a run that stopped before its first checkpoint; starting it "
-              "again", file=sys.stderr)
-        for name in dead:
-            os.remove(os.path.join(out, name))
+        start_again(out, dead)
+
+
+def start_again(out, dead):
+    """Remove what a run that died before its first checkpoint left (`dead`), with a note."""
+    print(f"note: {out} holds a run that stopped before its first checkpoint; starting it again",
+          file=sys.stderr)
+    for name in dead:
+        os.remove(os.path.join(out, name))
 
 
 def checkpoint_to_resume(out_dir):
@@ -116,47 +122,48 @@ def rng_state(device):
 
 
 def checkpoint_state(run):
-    """ckpt.pt of a Run (train.py). Every rank takes part (the RNG states of all ranks, the log
-    window summed over ranks); rank 0 writes it."""
-    rng = distributed.gather(rng_state(run.device))
+    """ckpt.pt of a training run (train.py's Training): read, never changed. Under torchrun every
+    rank takes part (the RNG states of all ranks, the log window summed over ranks); rank 0 writes
+    it."""
+    rng = rng_state(run.device)
+    rng_ranks = distributed.gather(rng) if distributed.WORLD > 1 else [rng]
     window = run.window.as_tensor()
-    distributed.sum_(window[:2])
+    if distributed.WORLD > 1:
+        distributed.sum_(window[:2])
     return {"step": run.step, "model": saved_state(run.model, run.args),
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-            "rng_cpu": rng[0][0], "rng_cuda": rng[0][1], "rng_ranks": rng,
+            "rng_cpu": rng[0], "rng_cuda": rng[1], "rng_ranks": rng_ranks,
             "method_state": run.method.state_dict(), "running": window.cpu(),
             "best_val": run.best_val, "best_step": run.best_step, "elapsed": run.wall(),
             "args": vars(run.args)}
 
 
 def save_checkpoint(run):
+    """ckpt.pt of a training run, written atomically by rank 0 (every rank takes part)."""
     state = checkpoint_state(run)
-    if distributed.is_main():
+    if distributed.RANK == 0:
         atomic_torch_save(state, run.path)
-    run.saved_step = run.step
 
 
 def restore_checkpoint(run, ckpt, path):
-    """A Run where ckpt.pt left it: tensors, optimizer, method state, this rank's RNG states, the
-    log window (rank 0 carries the window's sums over every rank), step and best val loss."""
+    """Load ckpt.pt into a training run's objects: tensors, optimizer, method state, this rank's RNG
+    states, the log window (rank 0 carries the window's sums over every rank). train.py sets the
+    step and the best val loss itself."""
     load_saved_state(run.model, ckpt["model"], path)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     run.method.load_state_dict(ckpt.get("method_state", ckpt.get("objective", {})))
     ranks = ckpt.get("rng_ranks", [(ckpt["rng_cpu"], ckpt["rng_cuda"])])
-    if len(ranks) != distributed.world():
+    if len(ranks) != distributed.WORLD:
         raise InputError(f"{path} was written by {len(ranks)} process(es), this run has "
-                         f"{distributed.world()}; resume with torchrun "
+                         f"{distributed.WORLD}; resume with torchrun "
                          f"--nproc_per_node={len(ranks)}" if len(ranks) > 1 else
                          f"{path} was written by one process; resume it without torchrun")
-    rng_cpu, rng_cuda = ranks[distributed.rank()]
+    rng_cpu, rng_cuda = ranks[distributed.RANK]
     torch.set_rng_state(rng_cpu)
     if run.device.startswith("cuda") and rng_cuda is not None:
         torch.cuda.set_rng_state(rng_cuda, run.device)
-    run.window.load(ckpt["running"], keep_sums=distributed.is_main())
-    run.step, run.best_val = ckpt["step"], ckpt["best_val"]
-    run.best_step, run.elapsed = ckpt["best_step"], ckpt["elapsed"]
-    run.saved_step = run.step
+    run.window.load(ckpt["running"], keep_sums=distributed.RANK == 0)
 
 
 # ------------------------------------------------------------------------------ metrics.jsonl
@@ -164,14 +171,17 @@ def restore_checkpoint(run, ckpt, path):
 # an uninterrupted one bit for bit in every other field
 WALL_CLOCK_FIELDS = ("tokens_per_s", "features_per_s", "tflops", "mfu", "elapsed_s")
 
+
 class LogWindow:
     """The sums of the current log window, kept on the device (reading them when a line is logged
     is the loop's only host sync): the loss summed over target tokens, the target tokens, the
-    optimizer steps. ckpt.pt keeps them as one tensor, "running"."""
+    optimizer steps; and on the host its start time and the FLOPs of its steps (where counted).
+    ckpt.pt keeps the sums as one tensor, "running"."""
 
     def __init__(self, device):
         self.loss_sum, self.tokens, self.steps = torch.zeros(3, dtype=torch.float64,
                                                              device=device).unbind()
+        self.started, self.flops = time.time(), 0
 
     def add(self, loss_sum, tokens):
         self.loss_sum += loss_sum.detach().double()
@@ -189,46 +199,12 @@ class LogWindow:
     def zero(self):
         for value in (self.loss_sum, self.tokens, self.steps):
             value.zero_()
+        self.started, self.flops = time.time(), 0
 
 
-def log_and_checkpoint(run, task, val_split, lr):
-    """Append one line to metrics.jsonl: the train loss over the window since the last line, and
-    every --eval_interval steps the val loss (best.pt and ckpt.pt follow it). Returns the line
-    (None if this step is logged already)."""
-    a, step = run.args, run.step
-    if step == run.logged_step:
-        return None
-    record = {"step": step, "train_loss": None, "val_loss": None, "lr": lr}
-    window = run.window.as_tensor()
-    distributed.sum_(window[:2])  # the window's loss and tokens over every rank
-    loss_sum, tokens, steps = window.tolist()
-    if steps > 0:
-        record["train_loss"] = loss_sum / tokens
-        check_finite(run, record["train_loss"], "train loss")
-        seconds = time.time() - run.t_window
-        record |= task.throughput(tokens / seconds)
-        # achieved TFLOP/s of this rank (costs.py counts them); MFU where the GPU's peak is known
-        record["tflops"] = run.window_flops / seconds / 1e12
-        if run.peak_tflops:
-            record["mfu"] = record["tflops"] / run.peak_tflops
-        record |= run.method.metrics(run.model)
-    if step % a.eval_interval == 0 or step == a.max_steps:
-        record["val_loss"] = task.evaluate(run.model, val_split, run.autocast, a.eval_batch_size,
-                                           a.eval_iters)
-        check_finite(run, record["val_loss"], "val loss")
-        if record["val_loss"] < run.best_val:
-            run.best_val, run.best_step = record["val_loss"], step
-            if distributed.is_main():
-                atomic_torch_save(saved_state(run.model, a), os.path.join(a.out_dir, "best.pt"))
-    record["elapsed_s"] = run.wall()
-    if distributed.is_main():
-        with open(os.path.join(a.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-    run.window.zero()
-    run.window_flops, run.t_window = 0, time.time()
-    if record["val_loss"] is not None:
-        save_checkpoint(run)
-    return record
+def append_metrics(out_dir, record):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def check_finite(run, value, what):
@@ -261,13 +237,12 @@ def read_metrics(path, upto_step):
     return keep
 
 
-def start_metrics(out_dir, step):
-    """metrics.jsonl as it stood at `step` (None: a new run, an empty file), written atomically:
-    what was logged after the checkpoint we resume from is dropped."""
+def cut_metrics(out_dir, step):
+    """metrics.jsonl as it stood at `step`, written atomically: what a resumed run logged after the
+    checkpoint it continues from is dropped."""
     path = os.path.join(out_dir, "metrics.jsonl")
-    keep = [] if step is None else read_metrics(path, step)
-    if distributed.is_main():
-        os.makedirs(out_dir, exist_ok=True)
+    keep = read_metrics(path, step)
+    if distributed.RANK == 0:
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from cli import HubUnreachable, InputError, reach_hub
+from plumbing.cli import HubUnreachable, InputError, reach_hub
 
 
 # ------------------------------------------------------------------------------ finding the files

@@ -18,13 +18,14 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
 import tempfile
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 
 class InputError(Exception):
@@ -111,7 +112,8 @@ def read_jsonl(path, keys):
 
 def prepare_module(dataset):
     """data/<dataset>/prepare.py as a module (it is a script in a folder, not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset, "prepare.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+    path = os.path.join(root, "data", dataset, "prepare.py")
     spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -153,6 +155,37 @@ def write_atomically(path, text):
 
 def first_line(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+# ------------------------------------------------------------------------------------- the system
+# torch is imported inside these functions: the data/*/prepare.py scripts import this file, and
+# need no torch
+def check_range(args, names, ok, must):
+    """One clear line for the first flag among `names` whose value fails ok(value) (NaN fails every
+    comparison); a flag the run's method does not have is skipped."""
+    for name in names:
+        if hasattr(args, name) and not ok(getattr(args, name)):  # a method's flag may be absent
+            raise InputError(f"--{name} must be {must}, got {getattr(args, name)}")
+
+
+def resolve_system(device="auto", dtype="auto", compile=None):
+    """(device, torch dtype, compile): auto = CUDA with bf16 autocast and torch.compile where there
+    is a GPU, else CPU, float32, eager."""
+    import torch
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but this machine has no CUDA GPU; use --device "
+                         "cpu")
+    dtype = dtype if dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, getattr(torch, dtype), device.startswith("cuda") if compile is None else compile
+
+
+def autocast_for(device, dtype):
+    """torch.autocast to `dtype` on the device's type; nothing for float32."""
+    import torch
+    return torch.autocast(device.split(":")[0],
+                          dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 # ------------------------------------------------------------------------------------------ the hub

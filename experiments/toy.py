@@ -2,8 +2,8 @@
 right correction depends on the input. LoRA against update atoms (memory.py part 2) at matched
 trainable parameters, over seeds.
 
-    python toy.py --seeds 5                     # table, JSON and plot in out/atoms-toy
-    python toy.py --seeds 5 --correction uniform --out_dir out/atoms-toy-uniform
+    python experiments/toy.py --seeds 5                     # table, JSON and plot in out/atoms-toy
+    python experiments/toy.py --seeds 5 --correction uniform --out_dir out/atoms-toy-uniform
 
 The setting (ours; the paper's regression tasks cannot be read). A frozen "pretrained" MLP f0 (d_in
 -> width -> width -> 1, GELU) is fitted to a teacher g0. The adaptation target adds a correction
@@ -14,10 +14,11 @@ control where one correction, g(x) = g0(x) + a tanh(v . x), holds everywhere (Lo
 ground). Labels are noisy, y = g(x) + eps, eps ~ N(0, noise^2); the score is the
 MSE on clean test targets g(x). Stability: the std of the training loss over the last 20% of steps
 (per seed, then averaged), and the spread of the final test MSE across seeds. Cost: the forward
-FLOPs per example each adapter adds to f0 (costs.py, counted), beside its parameters.
+FLOPs per example each adapter adds to f0 (plumbing/costs.py, counted), beside its parameters.
 """
 
 import os
+import sys
 import statistics
 
 import torch
@@ -25,11 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+# run as a script (python experiments/NAME.py): the repository's modules sit one folder up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from atoms import apply_atoms
-from cli import InputError, Parser, fail, markdown, mean_spread, pyplot, save_figure, write_report
-from costs import counted_flops
 from lora import apply_lora
 from method import freeze
+from plumbing.cli import (InputError, Parser, fail, markdown, mean_spread, pyplot, save_figure,
+                          write_report)
+from plumbing.costs import counted_flops
 
 LAYERS = ("0", "2", "4")  # the three Linears of the MLP (nn.Sequential indices)
 

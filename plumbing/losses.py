@@ -68,3 +68,12 @@ def chunked_lm_loss_sum(h, weight, targets, chunk=1024):
     of the logits h @ weight.T, computed `chunk` positions at a time. h: (B, T, C) the hidden
     states the head reads; weight: (V, C) the head; targets: (B, T), -1 where padding."""
     return ChunkedLMLoss.apply(h, weight, targets, chunk), (targets != -1).sum()
+
+
+def chunked_forward_loss(head, chunk):
+    """A training forward as tasks.Task.forward_loss, (logits, loss sum, count), for a GPT whose
+    head weight is `head`: the hidden states, then the head and the loss `chunk` positions at a
+    time; the whole (B, T, V) logits never exist, and are returned as None."""
+    def forward_loss(model, x, y, ctx):
+        return None, *chunked_lm_loss_sum(model(x, ctx, head=False), head, y, chunk)
+    return forward_loss

@@ -28,10 +28,9 @@ import os
 import re
 import shutil
 
-from cli import InputError
-from checkpoints import (bert_name, check_float, check_keys, read_safetensors,
-                         write_weights_and_config)
-from model import GPT
+from plumbing.checkpoints import (bert_name, check_float, check_keys, read_safetensors,
+                                  write_weights_and_config)
+from plumbing.cli import InputError
 
 BERT_MODULES = {"query": "attention.self.query", "key": "attention.self.key",
                 "value": "attention.self.value", "attn_out": "attention.output.dense",
@@ -39,7 +38,7 @@ BERT_MODULES = {"query": "attention.self.query", "key": "attention.self.key",
 
 
 def architecture(model):
-    return "gpt" if isinstance(model, GPT) else "bert"
+    return model.architecture  # "gpt" (model.py) or "bert" (bert.py)
 
 
 def hf_module_name(arch, name):
@@ -121,7 +120,7 @@ def save_run_adapter(model, out_dir, init_from, dropout):
 def base_model_name(init_from):
     """adapter_config.json's base_model_name_or_path: a hub id, an absolute folder, or None for a
     scratch base."""
-    from checkpoints import BERT_HUB_IDS, GPT2_HUB_IDS
+    from plumbing.checkpoints import BERT_HUB_IDS, GPT2_HUB_IDS
     if init_from == "scratch":
         return None
     return (GPT2_HUB_IDS | BERT_HUB_IDS).get(init_from) or (os.path.abspath(init_from)
@@ -239,7 +238,7 @@ def merged_model(model):
                          "be exported (its LoRA part is in the run folder's PEFT adapter)")
     layers = lora_layers(model)
     foreign = lambda m: (not hasattr(m, "plain_lora")
-                         and not type(m).__module__.startswith(("torch.nn", "model")))
+                         and not type(m).__module__.startswith(("torch.nn", "model", "bert")))
     if odd := [name for name, m in model.named_modules() if foreign(m)
                and not name.startswith("sites.")]:
         raise InputError(f"this run's model holds a {type(model.get_submodule(odd[0])).__name__} "
@@ -252,10 +251,10 @@ def merged_model(model):
 
 
 def is_qa_head(model, module):
-    """registers.py's QAHead on a BERT: one Linear(hidden, 2) named qa_outputs, as
+    """regbert.py's QAHead on a BERT: one Linear(hidden, 2) named qa_outputs, as
     BertForQuestionAnswering's."""
     head = getattr(module, "qa_outputs", None)
-    return (not isinstance(model, GPT) and head is not None
+    return (architecture(model) == "bert" and head is not None
             and tuple(head.weight.shape) == (2, model.config.hidden_size))
 
 
@@ -279,7 +278,7 @@ def export_merged(model, folder, vocab=None):
         if os.path.exists(os.path.join(folder, name)):
             raise InputError(f"{folder} already holds {name}; choose another folder (nothing is "
                              "overwritten)")
-    if isinstance(model, GPT):
+    if architecture(model) == "gpt":
         return merged_model(model).save_pretrained(folder)
     if vocab is None or not os.path.isfile(vocab):
         raise InputError("this BERT run's base has no vocab.txt to ship with the model (a scratch "

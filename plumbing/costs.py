@@ -12,8 +12,6 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from memory import memory_sites
-from model import GPT
 
 # torch counts the CUDA attention kernels but not the CPU one: the same formula for it (scores and
 # mixing, 2 FLOPs per multiply-add, every query against every key as torch counts the others), and
@@ -57,24 +55,6 @@ def dense_block_flops_per_token(n_embd, seq_len):
     return 2 * 12 * n_embd ** 2 + 2 * 2 * n_embd * (seq_len + 1) / 2
 
 
-def added_flops_per_token(config, args):
-    """Forward FLOPs per token a run adds to its frozen GPT (config): LoRA's 2 r (in + out) per
-    adapted matrix, and the memory layers' (forward_flops_per_token; per-row routing amortised over
-    --pad_to, else 64 tokens)."""
-    n_layer, d = config.n_layer, config.n_embd
-    shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d),
-              "mlp.c_proj": (4 * d, d)}
-    lora = 2 * args.lora_rank * n_layer * sum(sum(shapes[t]) for t in args.lora_targets.split(","))
-    if args.method != "moc":
-        return lora
-    per_layer = forward_flops_per_token(d, config.n_head, args.moc_chapters,
-                                        args.moc_chapter_tokens, args.moc_topk, args.moc_shared,
-                                        args.pad_to or 64, args.moc_route,
-                                        args.batch_size * (args.pad_to or 64))
-    memory = len(memory_sites(args.moc_layers, n_layer)) * per_layer
-    return (lora if args.moc_base == "lora" else 0) + memory
-
-
 @torch.no_grad()
 def counted_flops(model, *inputs):
     """Forward FLOPs of model(*inputs) in evaluation mode, counted by torch (matmuls, attention; 2
@@ -92,24 +72,35 @@ def measured_added_flops(model, split, rows=8):
     without it, on the first `rows` rows of `split`, padded as in evaluation."""
     picked = torch.arange(min(rows, split.n), device=split.x.device)
     x, _, ctx = split.batch(picked, split.padded_length(picked.cpu().numpy()))
-    bare = GPT(model.config).to(x.device)  # the same shapes: the same FLOPs without the method
+    # the same shapes: the same FLOPs without the method
+    bare = type(model)(model.config).to(x.device)
     return (counted_flops(model, x, ctx) - counted_flops(bare, x, ctx)) / x.numel()
 
 
 # ------------------------------------------------------------------------- a training step, MFU
 class StepFlops:
     """step_flops of a run's batches, counted the first time each batch length comes (a handful of
-    static shapes) and remembered: flops(length, x, y, ctx), under the run's autocast."""
+    static shapes) and remembered: flops(length, x, y, ctx), under the run's autocast; and the
+    TFLOP/s and MFU of a log window (`rates`). forward_loss(model, x, y, ctx) -> (logits, loss sum,
+    count), as tasks.Task.forward_loss."""
 
-    def __init__(self, model, task, autocast):
-        self.model, self.task, self.autocast, self.of_length = model, task, autocast, {}
+    def __init__(self, model, forward_loss, autocast, device):
+        self.model, self.forward_loss, self.autocast, self.of_length = (model, forward_loss,
+                                                                       autocast, {})
+        self.peak = peak_tflops(device_name(device))  # None where unknown (a CPU)
 
     def __call__(self, length, x, y, ctx):
         if length not in self.of_length:
-            loss = lambda m, x, y, ctx: self.task.forward_loss(m, None, x, y, ctx)[1]
+            loss = lambda m, x, y, ctx: self.forward_loss(m, x, y, ctx)[1]
             with self.autocast:
                 self.of_length[length] = step_flops(self.model, loss, x, y, ctx)
         return self.of_length[length]
+
+    def rates(self, flops, seconds):
+        """{"tflops": achieved TFLOP/s of this process, "mfu": that over the GPU's peak, where
+        known}."""
+        tflops = flops / seconds / 1e12
+        return {"tflops": tflops} | ({"mfu": tflops / self.peak} if self.peak else {})
 
 
 def step_flops(model, forward_loss, x, y, ctx):
@@ -143,3 +134,8 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), 
 def peak_tflops(device_name):
     """The peak bf16 TFLOP/s of a GPU by its name, or None (a CPU, a GPU not in the table)."""
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
+
+
+def device_name(device):
+    """The GPU's name (peak_tflops looks it up), or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"

@@ -2,7 +2,7 @@
 registers make attention maps less noisy).
 
     # attention noise, IG and LRP heatmaps of two runs:
-    python attribution.py out/regbert-sweep/k0-s0 out/regbert-sweep/k4-s0
+    python experiments/attribution.py out/regbert-sweep/k0-s0 out/regbert-sweep/k4-s0
 
 
 Statistics over dev features: attention entropy, attention mass on [CLS] / [SEP] / punctuation /
@@ -22,11 +22,13 @@ from collections import Counter
 import numpy as np
 import torch
 
-from cli import InputError, Parser, fail
-from wordpiece import BertTokenizer
-from cli import pyplot
-from runs import load_run, resolve_system
+# run as a script (python experiments/NAME.py): the repository's modules sit one folder up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from catalog import load_run
+from plumbing.cli import InputError, Parser, fail, pyplot, resolve_system
 from squad import ExtractiveQA, QASplit
+from wordpiece import BertTokenizer
 
 
 def main(argv=None):

@@ -10,10 +10,9 @@ names, and a flag it never had takes the value the run trained with. Commands th
 eval.py are forwarded to their new script.
 """
 
-import argparse
 import sys
 
-from cli import InputError
+from plumbing.cli import InputError
 
 LORA = {"rank": "lora_rank", "alpha": "lora_alpha"}
 MEMFT = ("sft", "memft-ot", "memft-sw", "memft-window")
@@ -23,6 +22,7 @@ RENAMED_FLAGS = {"lora": LORA, "prb": LORA, "grit": LORA,
                  **dict.fromkeys(MEMFT, {"rank": "memory_rank", "alpha": "lora_alpha"})}
 BENCH_RENAMED = {"rank": "lora_rank", "alpha": "lora_alpha", "n_registers": "register_tokens"}
 OLD_FLAGS = sorted({old for renames in RENAMED_FLAGS.values() for old in renames})
+OLD_SPELLINGS = {f"--{old}" for old in OLD_FLAGS}  # what train.py looks for before parsing
 # flags newer than some saved runs: the value those runs trained with
 ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len": 30,
                "moc_init": None, "peft_adapter": None, "grad_accum": 1, "moc_read": "fused",
@@ -38,27 +38,14 @@ ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len"
 MEMFT_LOSS = {"sft": "sft", "memft-ot": "ot"}
 # `python eval.py NAME` commands that moved to another script (eval.py forwards them, with a note)
 MOVED_COMMANDS = {"prb-table": "sweeps.py", "regbert-sweep": "sweeps.py", "memory-law": "sweeps.py",
-                  "attention": "attribution.py"}
-
-
-def add_old_flags(parser):
-    """Every old spelling as a hidden flag, so that argparse accepts it (today_spelling renames)."""
-    for old in OLD_FLAGS:
-        parser.add_argument(f"--{old}", dest=f"renamed_{old}", help=argparse.SUPPRESS)
+                  "attention": "experiments/attribution.py"}
 
 
 def today_spelling(argv, method):
-    """argv with the old flags in today's spelling for `method` (one note each on stderr)."""
-    if not any(word.partition("=")[0] in {f"--{old}" for old in OLD_FLAGS} for word in argv):
-        return argv
+    """argv with the old flags in today's spelling for `method` (one note each on stderr). train.py
+    calls it only where a word of argv is in OLD_SPELLINGS."""
     renames = {old: RENAMED_FLAGS.get(method, {}).get(old) for old in OLD_FLAGS}
     return rename_flags(argv, renames, f"for --method {method}")
-
-
-def drop_old_flags(args):
-    for old in OLD_FLAGS:
-        delattr(args, f"renamed_{old}")
-    return args
 
 
 def rename_flags(argv, renames, where):
