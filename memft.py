@@ -22,10 +22,10 @@ Where the paper's text and its released code differ, this file follows the code 
   - A row without any argmax error gets multiplier 1 everywhere (only the sigmoid base weight).
   - The SW fallback triggers when the total weight is below 1e-5 (OT: when it is exactly 0).
   - "MemFT-SW" is two mechanisms in the released scripts, one per dataset, and memft-sw follows them
-    (--memft_loss says which ran): on PhoneBook (script/pb/common.sh ~L327-340)
+    (--memft_loss says which ran): on PhoneBook (script/pb/common.sh)
     memft_method=memft_curriculum, i.e. the OT weights with *no update at all* when no token is
     below threshold (memft_zero_bp) plus the prefix curriculum; on long context
-    (script/long_context/common.sh ~L261-268) memft_method=sliding, the sliding-window weighting
+    (script/long_context/common.sh) memft_method=sliding, the sliding-window weighting
     above. `--method memft-window` is the sliding window on any dataset (with the curriculum on
     PhoneBook): what the paper's text describes, and what memft-sw meant here before.
   - The paper code's optimiser: AdamW, lr 1e-2, linear decay to 0 without warm-up, grad-norm clip

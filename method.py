@@ -91,7 +91,7 @@ def save_tensors(model, path, keep):
     method exports what peft cannot load (register banks, memory banks, atoms) beside the run's PEFT
     adapter."""
     from safetensors.torch import save_file
-    # fp32 on disk, also where frozen tensors trained in bf16 (runs.store_frozen_in)
+    # fp32 on disk, also where frozen tensors trained in bf16 (store_frozen_in, above)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keep(k)}
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, path + ".tmp", metadata={"format": "pt"})

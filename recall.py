@@ -40,7 +40,7 @@ def whole_batches(entries, batch_size):
     return torch.cat([entries, entries.repeat(short // len(entries) + 1)[:short]])
 
 
-# The released PhoneBook schedules (script/pb/common.sh ~L121-230), per model family, method and
+# The released PhoneBook schedules (script/pb/common.sh), per model family, method and
 # --length: (lr, epochs, batch, gradient accumulation, curriculum epoch boundaries). SFT and
 # MemFT-OT share one: lr 1e-2, 200 epochs, no curriculum, the batch by length.
 SMALL, MID = (1000, 2000, 4000), (8000, 12000, 16000, 24000)
@@ -256,7 +256,7 @@ class ExactRecall(Task):
 
     @classmethod
     def defaults_for(cls, dataset):
-        # one long entry, 2000 passes at batch 1 (script/long_context/common.sh ~L246-250)
+        # one long entry, 2000 passes at batch 1 (script/long_context/common.sh)
         return cls.defaults | ({"batch_size": 1, "epochs": 2000} if dataset == "longctx" else {})
 
     def __init__(self, args, device, training=False):

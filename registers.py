@@ -30,7 +30,7 @@ from method import save_tensors
 from plumbing.cli import InputError
 
 POOLS = ("causal", "full", "prompt")
-# every row padded to 128 tokens: the published prb.py's tokenizer call (max_length=128, ~L287-292)
+# every row padded to 128 tokens: the published prb.py's tokenizer call (max_length=128)
 PUBLISHED_WINDOW = 128
 
 

@@ -189,9 +189,9 @@ class ExtractiveQA(Task):
     defaults = {"method": "regbert", "init_from": "bert-base-uncased", "lr": 5e-5, "batch_size": 32,
                 "max_steps": 700, "warmup": 70, "weight_decay": 0.01, "eval_interval": 100,
                 "log_interval": 10, "pad_multiple": 64}
-    # TyDi QA GoldP: the poster's TrainingArguments (QA_script.py ~L243-249: lr 2e-5, 3 epochs,
+    # TyDi QA GoldP: the poster's TrainingArguments (QA_script.py: lr 2e-5, 3 epochs,
     # weight decay 0.01, and the Trainer's defaults: batch 8, linear decay, no warm-up) and its
-    # decoding (~L213-217: spans <= 60)
+    # decoding (spans <= 60)
     poster = {"lr": 2e-5, "qa_epochs": 3, "weight_decay": 0.01, "batch_size": 8, "decay": "linear",
               "warmup": 0, "max_answer_len": 60}
 

@@ -137,14 +137,8 @@ def parse_args(argv):
                 "a probability in [0, 1)")
     check_range(args, ("decay_start",), lambda v: 0 <= v <= 1, "a share in [0, 1]")
     check_range(args, ("loss_chunk",), lambda v: v >= -1, "a number of positions, 0 or -1")
-    parts = distributed.WORLD * args.grad_accum  # the forward passes that share a step's rows
-    if args.batch_size % parts:
-        raise InputError(f"--batch_size {args.batch_size} does not split into {distributed.WORLD} "
-                         f"process(es) x --grad_accum {args.grad_accum}; choose a multiple of "
-                         f"{parts}")
-    if parts > 1 and not method.splits_batches:
-        raise InputError(f"--method {name} cannot split a batch over processes or --grad_accum "
-                         f"steps: {method.splits_batches_not}")
+    if distributed.WORLD * args.grad_accum > 1:  # a step's rows in several forward passes
+        distributed.check_split(args, method)
     return args, explicit
 
 
@@ -275,14 +269,13 @@ def train(args, explicit):
             if stop:
                 save_and_stop(run, interrupts.signal, bar)
             length = train_split.padded_length(order_host[step])
-            train_step(run, step_model, forward_loss, task, train_split.batch, order[step], length,
-                       flops)
+            train_step(run, step_model, forward_loss, task, train_split.batch, order[step], length)
             bar.update(1)
     bar.close()
     return finish(run, task)
 
 
-def train_step(run, step_model, forward_loss, task, batch, rows, length, flops):
+def train_step(run, step_model, forward_loss, task, batch, rows, length):
     """One optimizer step on the step's `rows`: this process's share, in --grad_accum passes, all
     padded to `length`, the whole batch's padded length."""
     args, model, method, optimizer = run.args, run.model, run.method, run.optimizer
@@ -294,8 +287,6 @@ def train_step(run, step_model, forward_loss, task, batch, rows, length, flops):
     batch_tokens = sum(task.target_count(y) for _, y, _ in parts)
     if world > 1:
         distributed.sum_(batch_tokens)
-    if flops is not None:  # host-side, outside the step
-        run.window.flops += passes * flops(length, *parts[0])
     for i, (x, y, ctx) in enumerate(parts):
         accumulate = world > 1 and i < passes - 1  # DDP averages gradients at the last pass only
         with step_model.no_sync() if accumulate else contextlib.nullcontext():
@@ -367,7 +358,7 @@ def window_scores(run, task, flops, loss_sum, tokens):
     seconds = time.time() - run.window.started
     scores |= task.throughput(tokens / seconds)
     if flops is not None:
-        scores |= flops.rates(run.window.flops, seconds)
+        scores |= flops.rates(seconds)
     return scores | run.method.metrics(run.model)
 
 

@@ -21,13 +21,13 @@ from registers import set_pooling
 # arm -> train.py flags; everything else identical across arms. Two settings side by side:
 # corrected (ours): every arm the same data (the <|endoftext|> target kept), precision and
 # evaluation; seed-faithful: every choice of the published code (khalic-lab/prb-lora-exploration) at
-# once: prb-lora-exploration/prb.py ~L287-292 (pad to 128) and its collator (EOS labels masked)
+# once: prb-lora-exploration/prb.py (pad to 128) and its collator (EOS labels masked)
 SEED = ["--eos_target", "off", "--pad_to", "128"]
 PRB_ARMS = {
     "lora-r32": ["--method", "lora", "--lora_rank", "32", "--lora_alpha", "64"],
     # parameter-matched: 5,160,960
     "lora-r35": ["--method", "lora", "--lora_rank", "35", "--lora_alpha", "70"],
-    # the paper's control (prb-lora-exploration/control.py ~L158-176: r from find_matching_rank,
+    # the paper's control (prb-lora-exploration/control.py: r from find_matching_rank,
     # alpha = 2r); 5,455,872, 7% more than PRB's 5,093,767
     "lora-r37": ["--method", "lora", "--lora_rank", "37", "--lora_alpha", "74"],
     # ours: no future tokens, no gold label
@@ -51,7 +51,7 @@ PRB_PAPER = {"seed-lora-r32": (3.357, 3.384), "seed-lora-r37": (3.378, 3.401),
 
 def arm_flags(arm, train_flags):
     """An arm's train.py flags. "FP16": the published Trainer's fp16=(device == "cuda")
-    (prb-lora-exploration/control.py ~L220, prb-lora-exploration/prb.py ~L450): float16 autocast on
+    (prb-lora-exploration/control.py, prb-lora-exploration/prb.py): float16 autocast on
     CUDA, float32 elsewhere."""
     if arm not in PRB_ARMS:
         return lora_arm(arm)

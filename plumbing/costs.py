@@ -79,27 +79,30 @@ def measured_added_flops(model, split, rows=8):
 
 # ------------------------------------------------------------------------- a training step, MFU
 class StepFlops:
-    """step_flops of a run's batches, counted the first time each batch length comes (a handful of
-    static shapes) and remembered: flops(length, x, y, ctx), under the run's autocast; and the
-    TFLOP/s and MFU of a log window (`rates`). forward_loss(model, x, y, ctx) -> (logits, loss sum,
-    count), as tasks.Task.forward_loss."""
+    """The FLOPs of a run's training steps: `counted(forward_loss)` is the training forward that
+    also adds, at each call, the step_flops of its batch, counted the first time each batch length
+    comes (a handful of static shapes) and remembered; `rates(seconds)` turns the FLOPs since the
+    last call into TFLOP/s and MFU. forward_loss(model, x, y, ctx) -> (logits, loss sum, count), as
+    tasks.Task.forward_loss; the count runs the plain model (forward_loss, the step's autocast) in
+    evaluation mode, outside the step's graph."""
 
-    def __init__(self, model, forward_loss, autocast, device):
-        self.model, self.forward_loss, self.autocast, self.of_length = (model, forward_loss,
-                                                                       autocast, {})
+    def __init__(self, model, forward_loss, device):
+        self.model, self.forward_loss, self.of_length, self.flops = model, forward_loss, {}, 0
         self.peak = peak_tflops(device_name(device))  # None where unknown (a CPU)
 
-    def __call__(self, length, x, y, ctx):
-        if length not in self.of_length:
-            loss = lambda m, x, y, ctx: self.forward_loss(m, x, y, ctx)[1]
-            with self.autocast:
-                self.of_length[length] = step_flops(self.model, loss, x, y, ctx)
-        return self.of_length[length]
+    def counted(self, forward_loss):
+        def counting(model, x, y, ctx):
+            if x.size(1) not in self.of_length:
+                loss = lambda m, x, y, ctx: self.forward_loss(m, x, y, ctx)[1]
+                self.of_length[x.size(1)] = step_flops(self.model, loss, x, y, ctx)
+            self.flops += self.of_length[x.size(1)]
+            return forward_loss(model, x, y, ctx)
+        return counting
 
-    def rates(self, flops, seconds):
-        """{"tflops": achieved TFLOP/s of this process, "mfu": that over the GPU's peak, where
-        known}."""
-        tflops = flops / seconds / 1e12
+    def rates(self, seconds):
+        """{"tflops": achieved TFLOP/s of this process since the last call, "mfu": that over the
+        GPU's peak, where known}."""
+        tflops, self.flops = self.flops / seconds / 1e12, 0
         return {"tflops": tflops} | ({"mfu": tflops / self.peak} if self.peak else {})
 
 

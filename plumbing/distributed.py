@@ -6,8 +6,8 @@ Every process (rank) builds the same model and reads the same batch order; each 
 on its share of the global batch of --batch_size rows, and DistributedDataParallel averages the
 gradients, so every rank takes the same optimizer step. Rank 0 alone writes files and prints.
 
-Without torchrun WORLD is 1 and nothing below runs: train.py and tasks.py call in only where
-WORLD > 1, so a single process reads one plain loop.
+Without torchrun WORLD is 1 and nothing below runs (but check_split, for --grad_accum): train.py
+and tasks.py call in only where WORLD > 1, so a single process reads one plain loop.
 
 The communication: NCCL on CUDA (gradients, evaluation sums), plus a small gloo group on the host
 for what the host decides (has any rank been interrupted? the RNG states to checkpoint), so deciding
@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+from plumbing.cli import InputError
 
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))  # the processes torchrun started (1: no torchrun)
 RANK = int(os.environ.get("RANK", "0"))  # this process's place among them; rank 0 writes
@@ -89,3 +91,16 @@ def wrap(model, device):
     return DistributedDataParallel(model,
                                    device_ids=[torch.device(device).index]
                                    if device.startswith("cuda") else None)
+
+
+def check_split(args, method):
+    """A step's --batch_size rows split evenly over the processes and --grad_accum passes, and the
+    method's step is the same when they do (train.py asks where there is more than one part)."""
+    parts = WORLD * args.grad_accum
+    if args.batch_size % parts:
+        raise InputError(f"--batch_size {args.batch_size} does not split into {WORLD} "
+                         f"process(es) x --grad_accum {args.grad_accum}; choose a multiple of "
+                         f"{parts}")
+    if not method.splits_batches:
+        raise InputError(f"--method {args.method} cannot split a batch over processes or "
+                         f"--grad_accum steps: {method.splits_batches_not}")

@@ -175,13 +175,13 @@ WALL_CLOCK_FIELDS = ("tokens_per_s", "features_per_s", "tflops", "mfu", "elapsed
 class LogWindow:
     """The sums of the current log window, kept on the device (reading them when a line is logged
     is the loop's only host sync): the loss summed over target tokens, the target tokens, the
-    optimizer steps; and on the host its start time and the FLOPs of its steps (where counted).
-    ckpt.pt keeps the sums as one tensor, "running"."""
+    optimizer steps; and on the host its start time. ckpt.pt keeps the sums as one tensor,
+    "running"."""
 
     def __init__(self, device):
         self.loss_sum, self.tokens, self.steps = torch.zeros(3, dtype=torch.float64,
                                                              device=device).unbind()
-        self.started, self.flops = time.time(), 0
+        self.started = time.time()
 
     def add(self, loss_sum, tokens):
         self.loss_sum += loss_sum.detach().double()
@@ -199,7 +199,7 @@ class LogWindow:
     def zero(self):
         for value in (self.loss_sum, self.tokens, self.steps):
             value.zero_()
-        self.started, self.flops = time.time(), 0
+        self.started = time.time()
 
 
 def append_metrics(out_dir, record):

@@ -3,7 +3,7 @@ poster ("Register-Augmented LLM Fine-Tuning"; code 5hloke/Register_augmented_fin
 features, splits and files as data/squad/prepare.py, which does the work; only the source and the
 windowing differ.
 
-Windowing as the poster's QA_script.py (~L52-53 and its tokenizer call ~L101-111): --max_len 434
+Windowing as the poster's QA_script.py: --max_len 434
 tokens, --stride 128 shared tokens between windows, and the question never cut (--max_query 0;
 BERT's run_squad cuts it to 64). Splits: train = the train file's articles but the last 10%
 (validation), test = the dev file.
