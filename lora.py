@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from method import Method, freeze, replace_modules
 from plumbing.checkpoints import check_keys, read_safetensors
-from plumbing.cli import InputError
+from plumbing.cli import InputError, probability
 from plumbing.formats import architecture, load_peft_weights, peft_targets, read_peft_config
 
 # all four: the PRB paper's setting
@@ -134,7 +134,7 @@ def add_lora_flags(parser):
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora_rank", type=int, default=32, help="rank r (regbert: 0 = full tuning)")
     g.add_argument("--lora_alpha", type=float, default=64.0, help="the update is (alpha / r) B A")
-    g.add_argument("--lora_dropout", type=float, default=0.1, help="on the low-rank path's input")
+    g.add_argument("--lora_dropout", type=probability, default=0.1, help="on the low-rank input")
     g.add_argument("--lora_targets", default=",".join(GPT2_BLOCK_MATRICES),
                    help="comma-separated Linear names")
     g.add_argument("--peft_adapter", metavar="DIR",

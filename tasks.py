@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig
 from plumbing import distributed
-from plumbing.cli import InputError, prepare_module
+from plumbing.cli import InputError, nonneg, prepare_module
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -298,7 +298,7 @@ class Task(abc.ABC):
 
 def add_lm_flags(parser):
     g = parser.add_argument_group("language modelling (--dataset emotion, squadtext)")
-    g.add_argument("--pad_to", type=int, default=0,
+    g.add_argument("--pad_to", type=nonneg, default=0,
                    help="pad every row to N tokens, padding masked (published PRB code: 128)")
     g.add_argument("--eos_target", choices=["on", "off"], default="on",
                    help="predict each row's closing <|endoftext|> (off: the published PRB code)")

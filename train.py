@@ -28,7 +28,8 @@ from catalog import METHODS, TASKS, load_checkpoint
 from finish import finish, save_and_stop
 from method import store_frozen_in
 from plumbing import distributed
-from plumbing.cli import InputError, Parser, autocast_for, check_range, fail, resolve_system
+from plumbing.cli import (InputError, Parser, autocast_for, checked, fail, nonneg, nonneg_float,
+                          positive, positive_float, probability, resolve_system, share)
 from plumbing.compat import OLD_SPELLINGS, today_spelling, upgrade_args
 from plumbing.run_folder import (CHECKPOINT_KEYS, Interrupted, Interrupts, LogWindow,
                                  append_metrics, atomic_torch_save, check_finite,
@@ -54,29 +55,29 @@ def build_parser(method=None, task=None, add_help=True):
                    help="gpt2[-medium|-large|-xl] | a folder (config.json + model.safetensors) | "
                         "scratch (random init, sized by the next flags)")
     for name, default in (("n_layer", 12), ("n_head", 12), ("n_embd", 768), ("block_size", 1024)):
-        g.add_argument(f"--{name}", type=int, default=default, help="scratch only")
-    g.add_argument("--pad_multiple", type=int, default=16, help="pad batches to a multiple of N")
-    g.add_argument("--dropout", type=float, default=0.1, help="the model's dropout")
+        g.add_argument(f"--{name}", type=positive, default=default, help="scratch only")
+    g.add_argument("--pad_multiple", type=positive, default=16, help="pad batches to N x k")
+    g.add_argument("--dropout", type=probability, default=0.1, help="the model's dropout")
     for add_flags in dict.fromkeys(c.add_flags for c in (method, task) if c and c.add_flags):
         add_flags(p)  # the method's and the task's own flag groups
     g = p.add_argument_group("optimization (defaults: the PRB paper §3.1)")
-    g.add_argument("--batch_size", type=int, default=8, help="rows per step, over all processes")
-    g.add_argument("--grad_accum", type=int, default=1, help="forward/backward passes per step")
-    g.add_argument("--max_steps", type=int, default=16000, help="0: score the starting model")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    g.add_argument("--min_lr", type=float, default=0.0)
+    g.add_argument("--batch_size", type=positive, default=8, help="rows per step, all processes")
+    g.add_argument("--grad_accum", type=positive, default=1, help="forward-backward passes a step")
+    g.add_argument("--max_steps", type=nonneg, default=16000, help="0: score the starting model")
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    g.add_argument("--min_lr", type=nonneg_float, default=0.0)
     g.add_argument("--decay", choices=["cosine", "linear", "wsd"], default="cosine",
                    help="after warm-up, to --min_lr; wsd: held until --decay_start, then cosine")
-    g.add_argument("--decay_start", type=float, default=0.85, help="wsd: a share of --max_steps")
-    g.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay on matrices")
-    g.add_argument("--beta2", type=float, default=0.999, help="AdamW's beta2 (MoC paper: 0.95)")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    g.add_argument("--decay_start", type=share, default=0.85, help="wsd: a share of --max_steps")
+    g.add_argument("--warmup", type=nonneg, default=200, help="linear warm-up steps")
+    g.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="on matrices")
+    g.add_argument("--beta2", type=probability, default=0.999, help="AdamW's (MoC paper: 0.95)")
+    g.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="max grad norm (0: off)")
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval_interval", type=int, default=500, help="steps between val evaluations")
-    g.add_argument("--eval_iters", type=int, default=0, help="val batches (0: the whole split)")
-    g.add_argument("--eval_batch_size", type=int, default=64)
-    g.add_argument("--log_interval", type=int, default=50)
+    g.add_argument("--eval_interval", type=positive, default=500, help="steps between evaluations")
+    g.add_argument("--eval_iters", type=nonneg, default=0, help="val batches (0: the whole split)")
+    g.add_argument("--eval_batch_size", type=positive, default=64)
+    g.add_argument("--log_interval", type=positive, default=50)
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
@@ -85,7 +86,7 @@ def build_parser(method=None, task=None, add_help=True):
                    help="torch.compile the model (default: on for CUDA)")
     g.add_argument("--compile_mode", choices=["default", "reduce-overhead"], default="default",
                    help="reduce-overhead: CUDA graphs, one per batch shape")
-    g.add_argument("--loss_chunk", type=int, default=-1,
+    g.add_argument("--loss_chunk", type=checked(int, lambda v: v >= -1, ">= -1"), default=-1,
                    help="positions per chunk of the LM head + loss (0: plain; -1: 1024 on CUDA)")
     g.add_argument("--count_flops", action=argparse.BooleanOptionalAction,
                    help="tflops and mfu in metrics.jsonl (default: on for CUDA)")
@@ -127,16 +128,6 @@ def parse_args(argv):
                          f"not {args.dataset}")
     args.data_dir = args.data_dir or os.path.join(ROOT, "data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", f"{name}-{args.dataset}")
-    check_range(args, ("batch_size", "grad_accum", "pad_multiple", "eval_interval", "log_interval",
-                       "eval_batch_size", "n_layer", "n_head", "n_embd", "block_size"),
-                lambda v: v > 0, "positive")
-    check_range(args, ("lr",), lambda v: 0 < v < math.inf, "a positive finite number")
-    check_range(args, ("max_steps", "warmup", "eval_iters", "min_lr", "weight_decay", "grad_clip",
-                       "pad_to"), lambda v: 0 <= v < math.inf, "a finite number >= 0")
-    check_range(args, ("dropout", "lora_dropout", "beta2"), lambda v: 0 <= v < 1,
-                "a probability in [0, 1)")
-    check_range(args, ("decay_start",), lambda v: 0 <= v <= 1, "a share in [0, 1]")
-    check_range(args, ("loss_chunk",), lambda v: v >= -1, "a number of positions, 0 or -1")
     if distributed.WORLD * args.grad_accum > 1:  # a step's rows in several forward passes
         distributed.check_split(args, method)
     return args, explicit

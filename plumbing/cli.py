@@ -64,7 +64,28 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, instead of usage + message
         # as typed: data/squad/prepare.py
         script = sys.argv[0] if sys.argv[0].endswith(".py") else self.prog
+        message = re.sub(r"^argument (--\w+): must be", r"\1 must be", message)  # checked()'s
         fail(f"{message} (see python {script} --help)")
+
+
+def checked(kind, ok, must):
+    """A flag's type that checks its range: kind(text), refused in one line unless ok(value) (NaN
+    fails every comparison): `error: --batch_size must be positive, got 0`."""
+    def convert(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        return value
+    convert.__name__ = kind.__name__  # argparse's own line for what kind() cannot read
+    return convert
+
+
+positive = checked(int, lambda v: v > 0, "positive")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive finite number")
+nonneg = checked(int, lambda v: v >= 0, "a finite number >= 0")
+nonneg_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+share = checked(float, lambda v: 0 <= v <= 1, "a share in [0, 1]")
 
 
 @contextmanager
