@@ -39,6 +39,16 @@ TASKS = {"emotion": LanguageModeling, "squadtext": LanguageModeling, "squad": Ex
          "tydiqa": ExtractiveQA, "phonebook": ExactRecall, "longctx": ExactRecall}
 
 
+def add_every_flag(parser):
+    """Every method's and task's flag groups on `parser` (a group that several methods share, such
+    as LoRA's, once): what a flag may be in some run. Returns the parser."""
+    parser.conflict_handler = "resolve"
+    for add_flags in dict.fromkeys(c.add_flags for c in [*METHODS.values(), *TASKS.values()]):
+        if add_flags:
+            add_flags(parser)
+    return parser
+
+
 # -------------------------------------------------------------------------------------------- model
 def build_model(args, task, method):
     """A run's model as train.py builds it: the task's base model, changed by the method's setup."""

@@ -24,7 +24,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from catalog import METHODS, TASKS, load_checkpoint
+from catalog import METHODS, TASKS, add_every_flag, load_checkpoint
 from finish import finish, save_and_stop
 from method import store_frozen_in
 from plumbing import distributed
@@ -118,7 +118,9 @@ def parse_args(argv):
         argv = today_spelling(argv, name)
     method = METHODS[name]
     parser.set_defaults(**(task_defaults | method.defaults))  # the method's win over the task's
-    args, explicit = parser.parse_explicit(argv)
+    args, explicit, unknown = parser.parse_explicit(argv)
+    if unknown:  # another method's flags (a sweep passes its flags to every arm), or a mistake
+        ignore_other_flags(parser, unknown, name)
     args.method = name
     for flag, value in method.derived_defaults(args).items():  # explicit flags still win
         if flag not in explicit:
@@ -131,6 +133,16 @@ def parse_args(argv):
     if distributed.WORLD * args.grad_accum > 1:  # a step's rows in several forward passes
         distributed.check_split(args, method)
     return args, explicit
+
+
+def ignore_other_flags(parser, unknown, name):
+    """Flags of other methods and tasks mean nothing to this run: ignored, with a note; any other
+    word is refused in one line."""
+    _, stray = add_every_flag(build_parser(add_help=False)).parse_known_args(unknown)
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    flags = " ".join(word.partition("=")[0] for word in unknown if word.startswith("--"))
+    print(f"note: --method {name} has no {flags}; ignored", file=sys.stderr)
 
 
 def resumed_args(args, explicit):

@@ -54,12 +54,13 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def parse_explicit(self, argv):
-        """(args, names of the flags given on the command line): a second parse into a namespace
-        pre-filled with a marker tells which values argparse set."""
+        """(args, names of the flags given on the command line, the words it does not know): a
+        second parse into a namespace pre-filled with a marker tells which values argparse set."""
         unset = object()
         unset_args = argparse.Namespace(**dict.fromkeys(vars(self.parse_args([])), unset))
-        given = self.parse_args(argv, unset_args)
-        return self.parse_args(argv), {k for k, v in vars(given).items() if v is not unset}
+        given, _ = self.parse_known_args(argv, unset_args)
+        args, unknown = self.parse_known_args(argv)
+        return args, {k for k, v in vars(given).items() if v is not unset}, unknown
 
     def error(self, message):  # one line and exit 2, instead of usage + message
         # as typed: data/squad/prepare.py

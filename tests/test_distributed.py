@@ -71,7 +71,7 @@ def test_two_processes_train_as_one_at_the_same_global_batch(
 
 STOPS_AT_STEP_5 = """import os, signal, sys
 sys.path.insert(0, {root!r})
-import runs, train
+import catalog, train
 PRB = catalog.METHODS["prb"]
 class StopsEarly(PRB):
     def after_step(self, model):

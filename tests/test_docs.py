@@ -94,18 +94,6 @@ class Parsed(Exception):
     pass
 
 
-def every_flag_parser():
-    """train.py's parser with every method's and task's flags: a sweep passes its flags to arms of
-    several methods, so they are checked against all of them."""
-    import train
-    from catalog import METHODS, TASKS
-    parser = train.build_parser()
-    parser.conflict_handler = "resolve"  # methods share the LoRA group
-    for add_flags in {c.add_flags for c in [*METHODS.values(), *TASKS.values()] if c.add_flags}:
-        add_flags(parser)
-    return parser
-
-
 def parse_command(words, monkeypatch):
     """Parse one command line with its script's parser, and stop there."""
     script, argv = words[1], words[2:]
@@ -118,7 +106,8 @@ def parse_command(words, monkeypatch):
         import sweeps
         import train
         _, _, train_flags = sweeps.parse_command(argv)
-        return every_flag_parser().parse_args(train_flags)
+        from catalog import add_every_flag
+        return add_every_flag(train.build_parser()).parse_args(train_flags)
     if script == "bench.py":
         import bench
         return bench.parse_command(argv)
