@@ -135,8 +135,8 @@ def compare(a, train_flags):
              "trainable parameters (each method sized by its own knob; head-bias has d). FLOPs: "
              "forward FLOPs per token the method adds to the frozen base, counted on one "
              "validation batch (plumbing/costs.py). `-paper`: the published choice; "
-             "`lora-flops-X`: LoRA with X's FLOPs. ≠: more than 10% away from the budget (a fixed "
-             "part above it, or no knob).", "",
+             "`lora-flops-X`: LoRA with X's FLOPs. ≠: more than 10% away from the budget "
+             "(a fixed part above it, or no knob).", "",
              *markdown(["arm", "trainable", "FLOPs/token", "val (final)",
                         *(k.replace("_", " ") for k in scores), "train loss tail std"], rows)]
     write_report(a.out_dir, "compare", lines, {"budget": budget, "flops_per_token": flops,

@@ -25,8 +25,8 @@ def speed_machinery(run, task, compile_):
     forward_loss = task.forward_loss
     if args.loss_chunk and task.chunked_loss and not run.method.reads_logits:
         forward_loss = chunked_forward_loss(model.lm_head.weight, args.loss_chunk)
-    flops = None
-    if cuda if args.count_flops is None else args.count_flops:
+    flops, count = None, cuda if args.count_flops is None else args.count_flops
+    if count:
         flops = StepFlops(model, task.forward_loss, run.device)
         forward_loss = flops.counted(forward_loss)
     return step_model, forward_loss, flops
