@@ -35,9 +35,10 @@ from bert import BERT
 from catalog import load_run
 from plumbing.checkpoints import BERT_HUB_IDS, resolve_checkpoint
 from plumbing.cli import (InputError, Parser, autocast_for, check_range, fail, gpt2_bpe,
-                          resolve_system)
+                          resolve_system, write_file)
 from plumbing.compat import MOVED_COMMANDS
 from plumbing.formats import export_merged
+from plumbing.run_folder import training_in
 
 DEFAULT_PROMPTS = ["[FEAR] ive been feeling", "[JOY] today was"]  # the PRB paper's examples
 def label_context(prompt, meta, device):
@@ -129,6 +130,9 @@ def run(a):
     rows = []
     for run_dir in a.runs:
         model, args, task, step = load_run(run_dir, a.which, device)
+        if owner := training_in(run_dir):  # checkpoints are written whole: this one is complete
+            print(f"note: {run_dir} is still training ({owner}); scoring its {a.which} weights "
+                  f"as saved at step {step}", file=sys.stderr)
         result = {"run": run_dir, "which": a.which, "ckpt_step": step,
                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         if not (a.no_loss and task.generates):
@@ -137,8 +141,8 @@ def run(a):
             print(f"{run_dir}: {task.headline(result)}")
         if task.generates:
             result["samples"] = samples(model, task.meta, a, autocast, device)
-        with open(os.path.join(run_dir, f"eval-{a.which}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_file(os.path.join(run_dir, f"eval-{a.which}.json"),  # whole or not at all
+                   lambda f: json.dump(result, f, indent=1))
         rows.append(result)
 
     print("\n| run | weights | trainable params | val loss | test loss |\n|---|---|---:|---:|---:|")

@@ -25,7 +25,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from plumbing.cli import InputError, Parser, fail
+from plumbing.cli import InputError, Parser, cannot_write, fail
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PAGES = os.path.join(ROOT, "exercises")
@@ -178,7 +178,10 @@ def make(names, out):
             path, qualname = blank.split(":")
             blanks.setdefault(path, []).append((qualname, name))
     # written beside `out` and renamed into place: a copy is whole or absent
-    staging = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".exercises-")
+    try:
+        staging = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".exercises-")
+    except OSError as e:
+        raise cannot_write(out, e) from None
     try:
         for rel in repository_files():
             target = os.path.join(staging, rel)
@@ -195,8 +198,10 @@ def make(names, out):
         if os.path.isdir(out):
             os.rmdir(out)  # empty, checked above
         os.rename(staging, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only or vanished folder: one line
+            raise cannot_write(out, e) from None
         raise
     print(f"wrote {out}: {len(names)} exercise(s) blanked "
           f"({', '.join(b for n in names for b in EXERCISES[n].blanks)}); grade with "

@@ -9,6 +9,7 @@ import signal
 import torch
 
 from plumbing import distributed
+from plumbing.cli import write_file
 from plumbing.costs import device_name
 from plumbing.formats import save_run_adapter
 from plumbing.run_folder import (Interrupted, check_finite, load_saved_state, plot_losses,
@@ -45,9 +46,10 @@ def finish(run, task):
                "params": {"trainable": n_trainable, "total": n_total}, "wall_time_s": wall,
                **run.method.summary(model), "device": device_name(run.device),
                "dtype": str(run.dtype).removeprefix("torch."), "loss": task.loss_description}
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
     plot_losses(args.out_dir)
+    # last: a run with a summary.json is finished (a failed write before it, --resume redoes)
+    write_file(os.path.join(args.out_dir, "summary.json"),
+               lambda f: json.dump(summary, f, indent=1))
     headline = lambda scores: f"  {task.headline(scores)}" if task.headline(scores) else ""
     print(f"final (step {args.max_steps}): val {final_val:.4f}  test "
           f"{final['test_loss']:.4f}{headline(final)}   best val (step {run.best_step}): val "

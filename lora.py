@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from method import Method, freeze, replace_modules
-from plumbing.checkpoints import check_keys, read_safetensors
+from plumbing.checkpoints import check_keys, read_safetensors, write_safetensors
 from plumbing.cli import InputError, probability
 from plumbing.formats import architecture, load_peft_weights, peft_targets, read_peft_config
 
@@ -89,9 +89,8 @@ def lora_state_dict(model):
 
 def save_adapter(model, path):
     """Save only the LoRA tensors (safetensors), with rank/alpha/targets as metadata."""
-    from safetensors.torch import save_file
     state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    save_file(state, path, metadata={"lora": json.dumps(model.lora_settings)})
+    write_safetensors(state, path, {"lora": json.dumps(model.lora_settings)})
 
 
 def load_adapter(model, path):

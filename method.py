@@ -45,7 +45,6 @@ Weight-level methods use `replace_modules` (LoRA, MemFT's MLP adapter): it is th
 module of the model for a wrapper, and it never touches modules attached at sites.
 """
 
-import os
 
 import torch
 
@@ -90,12 +89,11 @@ def save_tensors(model, path, keep):
     """The model's tensors whose names pass keep(name), as safetensors, written atomically: how a
     method exports what peft cannot load (register banks, memory banks, atoms) beside the run's PEFT
     adapter."""
-    from safetensors.torch import save_file
+    from plumbing.checkpoints import write_safetensors
     # fp32 on disk, also where frozen tensors trained in bf16 (store_frozen_in, above)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keep(k)}
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    save_file(state, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    write_safetensors(state, path, {"format": "pt"})  # whole or not at all
 
 
 class Method:

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from plumbing.cli import BadFile, InputError, gpt2_bpe, prepare_module, read_jsonl
+from plumbing.cli import BadFile, InputError, gpt2_bpe, prepare_module, read_jsonl, write_file
 from tasks import Task, check_rows_fit
 
 
@@ -327,8 +327,8 @@ class ExactRecall(Task):
         with autocast:
             per_entry = recall_metrics(model, self.split.queries, self.split.answers)
         if out_dir is not None:
-            with open(os.path.join(out_dir, "recall.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in per_entry)
+            write_file(os.path.join(out_dir, "recall.jsonl"),
+                       lambda f: f.writelines(json.dumps(r) + "\n" for r in per_entry))
         scores = recall_summary(per_entry)
         return {"test_loss": scores.pop("loss")} | scores
 

@@ -9,9 +9,9 @@ experiment, read as parse -> build -> loop -> finish (finish.py).
 What trains is the method (--method; method.py says what a method is, catalog.py lists them); what
 it trains on is the task of --dataset (tasks.py, squad.py, recall.py): its data, batch order, loss,
 base model, defaults and scores. The run folder (--out_dir: metrics.jsonl, ckpt.pt, best.pt,
-summary.json, the method's exports) is plumbing/run_folder.py's; Ctrl-C saves, --resume continues
-exactly. Several GPUs: `torchrun --standalone --nproc_per_node=N train.py ...`
-(plumbing/distributed.py); one process crosses none of it.
+summary.json, exports) is plumbing/run_folder.py's: one process holds it, Ctrl-C saves, --resume
+continues exactly, a full disk or out of memory ends a run in one line (docs/failures.md). Several
+GPUs: `torchrun --standalone --nproc_per_node=N train.py ...` (plumbing/distributed.py).
 """
 
 import argparse
@@ -30,11 +30,13 @@ from method import store_frozen_in
 from plumbing import distributed
 from plumbing.cli import (InputError, Parser, autocast_for, checked, fail, nonneg, nonneg_float,
                           positive, positive_float, probability, resolve_system, share)
+from plumbing.faults import machine_fault
 from plumbing.compat import OLD_SPELLINGS, today_spelling, upgrade_args
 from plumbing.run_folder import (CHECKPOINT_KEYS, Interrupted, Interrupts, LogWindow,
                                  append_metrics, atomic_torch_save, check_finite,
-                                 check_new_run_folder, checkpoint_to_resume, cut_metrics,
-                                 restore_checkpoint, resume_args, save_checkpoint, saved_state)
+                                 check_new_run_folder, check_not_finished, checkpoint_to_resume,
+                                 cut_metrics, release_run_folders, restore_checkpoint, resume_args,
+                                 rng_state, save_checkpoint, saved_state, start_run_folder)
 from plumbing.speed import speed_machinery
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -130,8 +132,6 @@ def parse_args(argv):
                          f"not {args.dataset}")
     args.data_dir = args.data_dir or os.path.join(ROOT, "data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", f"{name}-{args.dataset}")
-    if distributed.WORLD * args.grad_accum > 1:  # a step's rows in several forward passes
-        distributed.check_split(args, method)
     return args, explicit
 
 
@@ -151,7 +151,9 @@ def resumed_args(args, explicit):
     ckpt = load_checkpoint(checkpoint_to_resume(args.out_dir), CHECKPOINT_KEYS)
     saved = upgrade_args(ckpt["args"], METHODS)
     parser = build_parser(METHODS[saved["method"]], TASKS[saved["dataset"]])
-    return resume_args(args, explicit, saved, vars(parser.parse_args([]))), ckpt
+    args = resume_args(args, explicit, saved, vars(parser.parse_args([])))
+    check_not_finished(args.out_dir, ckpt)  # after the flags: a wrong one is said first
+    return args, ckpt
 
 
 def lr_at(step, args):
@@ -201,7 +203,8 @@ class Training:
                                            enabled=dtype == torch.float16)
         self.window = LogWindow(device)
         self.step, self.best_val, self.best_step = 0, float("inf"), -1
-        self.logged_step = self.saved_step = None  # the last step logged; that of ckpt.pt
+        # the last step logged; that of ckpt.pt; (RNG states, log window) as the step began
+        self.logged_step = self.saved_step = self.before_step = None
         self.elapsed, self.t0 = 0.0, time.time()
         self.path = os.path.join(args.out_dir, "ckpt.pt")
 
@@ -213,10 +216,10 @@ def train(args, explicit):
     """Build the run (data, method, model, optimizer), then step to --max_steps, logging,
     evaluating and checkpointing on the way; finish() scores it."""
     main_rank = distributed.RANK == 0  # the process that writes and prints
-    ckpt = None
-    if args.resume:
-        args, ckpt = resumed_args(args, explicit)
-    else:
+    args, ckpt = resumed_args(args, explicit) if args.resume else (args, None)
+    if distributed.WORLD * args.grad_accum > 1:  # a step's rows in several forward passes
+        distributed.check_split(args, METHODS[args.method])
+    if not args.resume:
         check_new_run_folder(args, remove=main_rank)
     device, dtype, compile_ = resolve_system(args.device, args.dtype, args.compile)
     if distributed.WORLD > 1:  # torchrun: join the other processes, each on its own GPU
@@ -241,8 +244,8 @@ def train(args, explicit):
     torch.manual_seed(args.seed + 1 + distributed.RANK)  # dropout, however the model was built
     if ckpt is not None:
         resume(run, ckpt)  # its RNG states too
-    else:  # the folder, now that everything is built (bad input leaves nothing behind)
-        os.makedirs(args.out_dir, exist_ok=True)
+    elif main_rank:  # the folder, held, now that everything is built (bad input leaves nothing)
+        start_run_folder(args)
     if main_rank:
         print(f"{args.method} on {args.dataset}: {sum(p.numel() for p in run.params):,} trainable "
               f"of {sum(p.numel() for p in model.parameters()):,} parameters; device {device}, "
@@ -285,6 +288,7 @@ def train_step(run, step_model, forward_loss, task, batch, rows, length):
     world, passes = distributed.WORLD, args.grad_accum
     for group in optimizer.param_groups:  # 1 in a checkpoint written without multipliers
         group["lr"] = lr_at(run.step, args) * group.get("lr_scale", 1.0)
+    run.before_step = rng_state(run.device), run.window.as_tensor()  # if out of memory: saved
     shares = rows.view(passes, world, -1)[:, distributed.RANK]
     parts = [batch(part, length) for part in shares]
     batch_tokens = sum(task.target_count(y) for _, y, _ in parts)
@@ -293,12 +297,10 @@ def train_step(run, step_model, forward_loss, task, batch, rows, length):
     for i, (x, y, ctx) in enumerate(parts):
         accumulate = world > 1 and i < passes - 1  # DDP averages gradients at the last pass only
         with step_model.no_sync() if accumulate else contextlib.nullcontext():
-            # forward: the task's loss is logged; the method's objective (default: that same
-            # mean) is trained
+            # the task's loss is logged; the method's objective (default: that same mean) trained
             with run.autocast:
                 logits, loss_sum, tokens = forward_loss(step_model, x, y, ctx)
-                # the step's mean loss is the sum of every part's share; DDP averages over ranks:
-                # x world
+                # the step's mean loss: the sum of the parts' shares; x world: DDP averages ranks
                 loss = method.objective(logits, y, loss_sum / batch_tokens) * world
                 aux = method.aux_loss(model)  # one per part, averaged over the parts
                 if aux is not None:
@@ -339,8 +341,7 @@ def log_and_evaluate(run, task, val_split, flops, bar):
         if record["val_loss"] < run.best_val:
             run.best_val, run.best_step = record["val_loss"], step
             if main_rank:
-                atomic_torch_save(saved_state(run.model, args), os.path.join(args.out_dir,
-                                                                             "best.pt"))
+                atomic_torch_save(saved_state(run.model, args), f"{args.out_dir}/best.pt")
     record["elapsed_s"] = run.wall()
     if main_rank:
         append_metrics(args.out_dir, record)
@@ -371,13 +372,15 @@ def resume(run, ckpt):
     restore_checkpoint(run, ckpt, run.path)
     run.step, run.best_val, run.best_step = ckpt["step"], ckpt["best_val"], ckpt["best_step"]
     run.elapsed, run.saved_step = ckpt["elapsed"], ckpt["step"]
-    run.logged_step = run.step
+    # saved after the step's metrics line, except on running out of memory in its evaluation
+    run.logged_step = run.step if ckpt.get("logged", True) else None
     cut_metrics(run.args.out_dir, run.step)
 
 
 def main(argv=None):
-    """Train; returns the summary. Bad input exits 2 with one line; an interrupted run exits 130
-    (Ctrl-C) or 143 (SIGTERM) after saving, so `train.py ... && eval.py ...` stops there."""
+    """Train; returns the summary. Bad input exits 2 with one line, a fault of the machine (a full
+    disk, out of memory) 1; an interrupted run exits 130 (Ctrl-C) or 143 (SIGTERM) after saving, so
+    `train.py ... && eval.py ...` stops there."""
     try:
         args, explicit = parse_args(argv)
         return train(args, explicit)
@@ -385,7 +388,10 @@ def main(argv=None):
         fail(e)
     except Interrupted as e:
         sys.exit(128 + e.args[0])
+    except RuntimeError as e:  # out of memory, a failed compile: one line (plumbing/faults.py)
+        fail(machine_fault(e))  # any other error is raised again
     finally:
+        release_run_folders()
         if distributed.WORLD > 1:
             distributed.stop()
 

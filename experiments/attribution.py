@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from catalog import load_run
-from plumbing.cli import InputError, Parser, fail, pyplot, resolve_system
+from plumbing.cli import (InputError, Parser, fail, make_folder, pyplot, resolve_system,
+                          save_figure, write_atomically)
 from squad import ExtractiveQA, QASplit
 from wordpiece import BertTokenizer
 
@@ -211,7 +212,7 @@ def chefer_relevance(model, x, ctx, target, weighting="lrp"):
 
 def attention_report(a):
     device, _, _ = resolve_system(a.device, "float32", compile=False)
-    os.makedirs(a.out_dir, exist_ok=True)
+    make_folder(a.out_dir)
     report, lines = {}, []
     for run_dir in a.runs:
         model, args, task, _ = load_run(run_dir, "final", device)
@@ -283,10 +284,8 @@ def attention_report(a):
                      f"{m['punctuation']:.3f} | {m['registers']:.3f} | {s['norm_median']:.2f} | "
                      f"{s['norm_max_over_median']:.2f} | {s['high_norm_share']:.4f} |")
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(a.out_dir, "attention.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(a.out_dir, "attention.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_atomically(os.path.join(a.out_dir, "attention.md"), table)
+    write_atomically(os.path.join(a.out_dir, "attention.json"), json.dumps(report, indent=1))
     print(table)
 
 
@@ -311,9 +310,7 @@ def plot_attention_maps(attentions, k, path, title):
                 ax.set_title(f"head {h}", fontsize=7)
     fig.suptitle(f"{title}: attention probabilities (rows: "
                  f"queries){' — red: register boundary' if k else ''}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path, dpi=110)
 
 
 def write_heatmap(tokens, scores, path, title):
@@ -332,10 +329,9 @@ def write_heatmap(tokens, scores, path, title):
                          f'style="background:{color};padding:1px">{html.escape(token)}</span>')
         rows.append(f"<h3>{html.escape(method)}</h3><p "
                     f"style='line-height:1.9'>{' '.join(spans)}</p>")
-    with open(path, "w") as f:
-        f.write(f"<html><meta charset='utf-8'><body "
-                f"style='font-family:sans-serif;max-width:1100px'><h2>{html.escape(title)}</h2>"
-                f"{''.join(rows)}</body></html>")
+    write_atomically(path, f"<html><meta charset='utf-8'><body "
+                           f"style='font-family:sans-serif;max-width:1100px'><h2>"
+                           f"{html.escape(title)}</h2>{''.join(rows)}</body></html>")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from experiments.common import run_grid
 from memft import fit_memory_law, memory_law
 from plumbing.cli import (InputError, Parser, int_list, markdown, pyplot, save_figure, split_flags,
-                          write_report)
+                          write_atomically, write_report)
 from recall import spearman
 
 PAPER_LAW = ("R^2 > 0.98 over models and benchmarks; Spearman rho(earliest stubborn, first "
@@ -129,12 +129,11 @@ def write_memory_law(rows, out_dir):
     write_report(out_dir, "memory-law", lines,
                  {"rows": [{k: v for k, v in r.items() if k != "recall"} for r in rows],
                   "fits": fits, "rho_pooled": pooled_rho})
-    with open(os.path.join(out_dir, "memory-law.csv"), "w") as f:
-        keys = ["method", "dataset", "length", "rank", "L_init", "L_final", "delta_loss",
-                "predicted", "exact_match", "token_accuracy", "failed", "rho", "run"]
-        f.write(",".join(keys) + "\n")
-        f.writelines(",".join("" if r.get(k) is None else str(r[k]) for k in keys) + "\n"
-                     for r in rows)
+    keys = ["method", "dataset", "length", "rank", "L_init", "L_final", "delta_loss", "predicted",
+            "exact_match", "token_accuracy", "failed", "rho", "run"]
+    csv = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r[k]) for k in keys)
+                              for r in rows]
+    write_atomically(os.path.join(out_dir, "memory-law.csv"), "\n".join(csv) + "\n")
     plot_memory_law(rows, methods, out_dir)
 
 

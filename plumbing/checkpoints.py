@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from plumbing.cli import HubUnreachable, InputError, reach_hub
+from plumbing.cli import HubUnreachable, InputError, make_folder, reach_hub, write_file
 
 
 # ------------------------------------------------------------------------------ finding the files
@@ -62,17 +62,21 @@ def read_safetensors(path):
     return state
 
 
+def write_safetensors(state, path, metadata):
+    """A tensor dict as a safetensors file, whole or not at all (plumbing/cli.py's write_file: a
+    full disk is a one-line Fault)."""
+    from safetensors.torch import save
+    data = save(state, metadata=metadata)
+    write_file(path, lambda f: f.write(data), binary=True)
+
+
 def write_weights_and_config(folder, weights_name, state, config_name, config):
-    """A tensor dict as safetensors and a dict as JSON into `folder`, both written beside and then
-    renamed into place, so a reader never sees half a checkpoint (a model folder, a PEFT adapter
-    folder)."""
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    save_file(state, os.path.join(folder, weights_name + ".tmp"), metadata={"format": "pt"})
-    with open(os.path.join(folder, config_name + ".tmp"), "w") as f:
-        json.dump(config, f, indent=1)
-    for name in (weights_name, config_name):
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+    """A tensor dict as safetensors and a dict as JSON into `folder`, each written beside and then
+    renamed into place, the config last: a reader never sees half a file, and a folder without
+    its config is not a model (a model folder, a PEFT adapter folder)."""
+    make_folder(folder)
+    write_safetensors(state, os.path.join(folder, weights_name), {"format": "pt"})
+    write_file(os.path.join(folder, config_name), lambda f: json.dump(config, f, indent=1))
 
 
 # ------------------------------------------------------------------------------ checks

@@ -4,7 +4,9 @@ it too).
 - Bad input is an `InputError`; the scripts print it as one line on stderr and exit with status 2,
   never a traceback or a page of usage (`fail`, `Parser`, `errors_in_one_line`).
 - Files users hand us are read with errors that name the file and the line (`read_json`,
-  `read_jsonl`), and prepared folders are written all or nothing (`staged_folder`).
+  `read_jsonl`); every file we write is written whole or not at all (`write_file`, `append_line`,
+  prepared folders: `staged_folder`), and a write the machine refuses (a full disk, a read-only or
+  vanished folder) is a `Fault`: one line naming the file, exit status 1.
 - A download from the Hugging Face hub first checks, with one quick connection, that the hub can be
   reached at all (`reach_hub`). Offline, the hub libraries retry for about 30 s with a warning per
   try before they fail; this says so at once, in one line, and the caller names the local
@@ -14,6 +16,7 @@ it too).
 """
 
 import argparse
+import errno
 import importlib.util
 import json
 import math
@@ -25,7 +28,7 @@ import sys
 import tempfile
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 
 class InputError(Exception):
@@ -38,11 +41,16 @@ class BadFile(InputError):
     line)."""
 
 
+class Fault(InputError):
+    """The machine, not the input, stopped the work: a full disk, a read-only or vanished folder,
+    out of memory. One line like bad input, exit status 1; docs/failures.md lists them."""
+
+
 def fail(message):
-    """Bad input: one line on stderr and exit status 2 (InputError's contract), never a
-    traceback."""
+    """Bad input: one line on stderr and exit status 2 (InputError's contract), never a traceback;
+    a Fault exits 1."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(1 if isinstance(message, Fault) else 2)
 
 
 class Parser(argparse.ArgumentParser):
@@ -154,8 +162,11 @@ def staged_folder(out_dir):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise BadFile(f"--out_dir {out_dir} is a file; pass a folder")
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.preparing-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.preparing-", dir=parent)
+    except OSError as e:
+        raise cannot_write(out_dir, e) from None
     try:
         yield stage
         os.makedirs(out_dir, exist_ok=True)
@@ -164,15 +175,76 @@ def staged_folder(out_dir):
         for name in sorted(os.listdir(stage), key=lambda name: name == "meta.json"):
             # meta.json last
             os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+    except OSError as e:
+        raise cannot_write(out_dir, e) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def write_file(path, write, binary=False):
+    """Write `path` whole or not at all: write(f) fills a temporary file beside it, which goes to
+    disk (fsync) and is then renamed over `path` (os.replace), so a reader sees the old file or the
+    new one, never half of one. When the disk is full or the folder read-only or gone, the
+    temporary file is removed, what stood at `path` is untouched, and a Fault names the file."""
+    temporary = f"{path}.tmp"
+    try:
+        with open(temporary, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException as e:
+        with suppress(OSError):
+            os.remove(temporary)
+        # torch.save reports a failed write as a RuntimeError raised from the OSError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError):
+            raise cannot_write(path, cause) from None
+        raise
+
+
 def write_atomically(path, text):
-    """Write a text file whole or not at all (a temporary file, then os.replace)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    """Write a text file whole or not at all (write_file)."""
+    write_file(path, lambda f: f.write(text))
+
+
+def append_line(path, line):
+    """Append one line to a log file whole or not at all: a write cut short by a full disk is
+    taken back (the file is cut to its former length) before the Fault is raised."""
+    try:
+        with open(path, "ab", buffering=0) as f:
+            end = f.seek(0, os.SEEK_END)
+            try:
+                data = memoryview((line + "\n").encode())
+                while data:
+                    data = data[f.write(data):]
+            except OSError:
+                f.truncate(end)
+                raise
+    except OSError as e:
+        raise cannot_write(path, e) from None
+
+
+# what to do when a write fails, by the operating system's reason
+FIXES = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space (the disk quota is "
+         "used up)", errno.EROFS: "the file system is read-only; write somewhere else",
+         errno.EACCES: "no permission to write there; write somewhere else",
+         errno.EPERM: "no permission to write there; write somewhere else",
+         errno.ENOENT: "its folder was removed or never existed"}
+
+
+def make_folder(path):
+    """os.makedirs, a refusal of which is a Fault naming the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+
+
+def cannot_write(path, error):
+    """The Fault of a write that failed: the file, the system's reason, what to do."""
+    fix = FIXES.get(error.errno, "check the disk and the folder")
+    return Fault(f"cannot write {path}: {error.strerror or error}; {fix}")
 
 
 def first_line(error):
@@ -265,19 +337,20 @@ def markdown(header, rows, left=1):
 
 def write_report(out_dir, name, lines, data):
     """<out_dir>/<name>.md (the table, also printed) and <name>.json (everything behind it)."""
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir)
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(data, f, indent=1)
+    write_atomically(os.path.join(out_dir, f"{name}.md"), table)
+    write_file(os.path.join(out_dir, f"{name}.json"), lambda f: json.dump(data, f, indent=1))
     print(table)
 
 
-def save_figure(plt, fig, path):
+def save_figure(plt, fig, path, dpi=120):
+    """A matplotlib figure as a PNG, written whole or not at all (write_file)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_file(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)
+    finally:
+        plt.close(fig)
 
 
 def mean_spread(values):

@@ -30,7 +30,7 @@ import shutil
 
 from plumbing.checkpoints import (bert_name, check_float, check_keys, read_safetensors,
                                   write_weights_and_config)
-from plumbing.cli import InputError
+from plumbing.cli import InputError, make_folder, write_file
 
 BERT_MODULES = {"query": "attention.self.query", "key": "attention.self.key",
                 "value": "attention.self.value", "attn_out": "attention.output.dense",
@@ -298,8 +298,8 @@ def export_merged(model, folder, vocab=None):
               "attention_probs_dropout_prob": c.attention_dropout,
               "position_embedding_type": "absolute"}
     state = {hf_bert_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    os.makedirs(folder, exist_ok=True)
-    shutil.copy(vocab, os.path.join(folder, "vocab.txt.tmp"))
-    # before the weights
-    os.replace(os.path.join(folder, "vocab.txt.tmp"), os.path.join(folder, "vocab.txt"))
+    make_folder(folder)
+    with open(vocab, "rb") as source:  # before the weights
+        write_file(os.path.join(folder, "vocab.txt"), lambda f: shutil.copyfileobj(source, f),
+                   binary=True)
     write_weights_and_config(folder, "model.safetensors", state, "config.json", config)

@@ -13,13 +13,21 @@ beside the training loop rather than in it:
   continues bit for bit: its RNG states and the log window's sums are part of ckpt.pt
   (checkpoint_state, restore_checkpoint), and metrics.jsonl is cut back to the checkpoint's step.
 - Ctrl-C or SIGTERM finishes the current step, saves, and exits 128 + the signal (Interrupts).
+- One process a folder: a run holds an OS lock on its folder for its whole life (hold_run_folder);
+  a second run there is refused at once. Every write is whole or not at all, and a full disk or a
+  read-only or vanished folder ends the run in one line with ckpt.pt intact (plumbing/cli.py's
+  write_file). Out of memory or a failed compile ends it in one line too, ckpt.pt brought up to the
+  failed step where that is exact (plumbing/faults.py, save_before_failure). docs/failures.md
+  lists them all.
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -27,7 +35,8 @@ import torch
 
 from plumbing import distributed
 from plumbing.checkpoints import check_keys
-from plumbing.cli import InputError, pyplot
+from plumbing.cli import (InputError, append_line, cannot_write, pyplot, save_figure,
+                          write_file)
 
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "scaler", "rng_cpu", "running", "best_val",
                    "best_step", "elapsed", "args")
@@ -35,18 +44,23 @@ KEEPS = ("ckpt.pt", "summary.json", "model.safetensors", "adapter.safetensors", 
 # what a run leaves before its first ckpt.pt
 DEAD_START = ("metrics.jsonl", "best.pt", "ckpt.pt.tmp", "best.pt.tmp", "metrics.jsonl.tmp")
 RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "compile", "data_dir",  # not the math
-                     "count_flops"}
+                     "count_flops",
+                     # how the work is split and compiled (a run out of memory continues with them):
+                     # equal up to float rounding
+                     "grad_accum", "eval_batch_size", "loss_chunk", "compile_mode"}
 
 
 # ------------------------------------------------------------------------------ starting a run
 def check_new_run_folder(args, remove=True):
-    """A new run never overwrites anything of value: refuse an --out_dir that is a file, is the
-    --init_from folder, or holds a checkpoint, weights or a summary. A run that died before its
-    first checkpoint (its metrics.jsonl, a step-0 best.pt, half-written files) is started again,
-    with a note."""
+    """A new run never overwrites anything of value: refuse an --out_dir that is a file, that
+    another process holds, is the --init_from folder, or holds a checkpoint, weights or a summary.
+    A run that died before its first checkpoint (its metrics.jsonl, a step-0 best.pt, half-written
+    files) is started again, with a note. `remove`: this is the process that writes (rank 0)."""
     out = args.out_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out_dir {out} is a file, not a folder; choose another --out_dir")
+    if remove and os.path.isfile(os.path.join(out, LOCK)):  # a run's folder: is it training?
+        hold_run_folder(out)
     if (os.path.isdir(out) and os.path.isdir(args.init_from)
             and os.path.samefile(out, args.init_from)):
         raise InputError(f"--out_dir {out} is the --init_from folder, whose weights the run would "
@@ -56,7 +70,15 @@ def check_new_run_folder(args, remove=True):
                          "--resume to continue a run, or choose another --out_dir")
     dead = [name for name in DEAD_START if os.path.isfile(os.path.join(out, name))]
     if remove and dead:
+        hold_run_folder(out)  # before removing anything
         start_again(out, dead)
+
+
+def start_run_folder(args):
+    """Make the new run's folder and hold it, then look again under the lock: another process may
+    have started a run there since check_new_run_folder looked."""
+    hold_run_folder(args.out_dir)
+    check_new_run_folder(args)
 
 
 def start_again(out, dead):
@@ -70,12 +92,25 @@ def start_again(out, dead):
 def checkpoint_to_resume(out_dir):
     """The path of the ckpt.pt that --resume continues, or one line saying why there is none."""
     path = os.path.join(out_dir, "ckpt.pt")
+    if distributed.RANK == 0 and os.path.isfile(os.path.join(out_dir, LOCK)):
+        hold_run_folder(out_dir)  # before reading it: from now on no other run writes there
     if not os.path.isfile(path):
         if any(os.path.isfile(os.path.join(out_dir, name)) for name in DEAD_START):
             raise InputError(f"{out_dir} stopped before its first checkpoint, so there is nothing "
                              "to resume; run the same command without --resume to start it again")
         raise InputError(f"nothing to resume: {path} does not exist")
     return path
+
+
+def check_not_finished(out_dir, ckpt):
+    """--resume on a run that ended (its last step saved and summary.json written) is refused: it
+    has nothing left to train, and eval.py scores it."""
+    if ckpt["step"] == ckpt["args"]["max_steps"] and os.path.isfile(os.path.join(out_dir,
+                                                                                 "summary.json")):
+        raise InputError(f"{out_dir} is finished (step {ckpt['step']} of --max_steps "
+                         f"{ckpt['step']}, scored in summary.json); eval.py {out_dir} scores it "
+                         "again. To train longer, start a new run with a larger --max_steps (the "
+                         "schedule is fixed by --max_steps, so a finished run cannot be extended)")
 
 
 def resume_args(args, explicit, saved, defaults):
@@ -89,6 +124,57 @@ def resume_args(args, explicit, saved, defaults):
                              "in another --out_dir")
     changed = (explicit & RESUME_MAY_CHANGE) | {"resume", "out_dir"}
     return argparse.Namespace(**(defaults | saved | {k: getattr(args, k) for k in changed}))
+
+
+# ---------------------------------------------------------------------- one process a folder
+LOCK = ".lock"  # in the run folder: who holds it, for the message; the lock itself is the OS's
+HELD = {}       # run folder (its real path) -> the open lock file by which this process holds it
+
+
+def hold_run_folder(out_dir):
+    """Make the run folder and hold it for this process's life: an OS lock (flock) on its .lock
+    file, which the system releases however the process ends, kill -9 included, so no lock is ever
+    stale. A folder another process holds is refused at once, in one line naming that process.
+    Under torchrun rank 0 holds it."""
+    if os.path.realpath(out_dir) in HELD:
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, LOCK), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise InputError(f"{out_dir} is in use by a run that is still training "
+                             f"({lock.read().strip() or 'another process'}); wait for it to end, "
+                             "or choose another --out_dir") from None
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}")  # for that message
+        lock.flush()
+    except OSError as e:
+        raise cannot_write(out_dir, e) from None
+    HELD[os.path.realpath(out_dir)] = lock
+
+
+def release_run_folders():
+    """Let go of every folder this process holds (train.main on its way out)."""
+    for lock in HELD.values():
+        lock.close()
+    HELD.clear()
+
+
+def training_in(run_dir):
+    """"process N on HOST" when another process is training in run_dir (it holds the folder), else
+    None: eval.py reads such a folder's last complete checkpoint and says so."""
+    path = os.path.join(run_dir, LOCK)
+    if os.path.realpath(run_dir) in HELD or not os.path.isfile(path):
+        return None
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "another process"
+    return None
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -112,8 +198,7 @@ def load_saved_state(model, state, what):
 
 
 def atomic_torch_save(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_file(path, lambda f: torch.save(obj, f), binary=True)  # whole or not at all
 
 
 def rng_state(device):
@@ -121,13 +206,13 @@ def rng_state(device):
                                    if device.startswith("cuda") else None)
 
 
-def checkpoint_state(run):
+def checkpoint_state(run, before_step=False):
     """ckpt.pt of a training run (train.py's Training): read, never changed. Under torchrun every
     rank takes part (the RNG states of all ranks, the log window summed over ranks); rank 0 writes
-    it."""
-    rng = rng_state(run.device)
+    it. before_step: the RNG states and log window as the step now running began."""
+    rng = run.before_step[0] if before_step else rng_state(run.device)
     rng_ranks = distributed.gather(rng) if distributed.WORLD > 1 else [rng]
-    window = run.window.as_tensor()
+    window = run.before_step[1] if before_step else run.window.as_tensor()
     if distributed.WORLD > 1:
         distributed.sum_(window[:2])
     return {"step": run.step, "model": saved_state(run.model, run.args),
@@ -145,10 +230,34 @@ def save_checkpoint(run):
         atomic_torch_save(state, run.path)
 
 
+def save_before_failure(run, where):
+    """Out of memory (plumbing/faults.py): bring ckpt.pt up to the failed step, the state just
+    before it, where that is exact: in one process, in a step's forward or backward (the update has
+    not begun: the RNG states and log window as the step began, train_step's run.before_step) or
+    in an evaluation (its metrics line still to write), for a method that keeps no state of its own
+    (which a failed forward may have half changed). Returns what ckpt.pt holds, in words."""
+    logged = where != "evaluation" and run.logged_step == run.step  # the step's metrics line
+    if run.saved_step == run.step and logged:
+        return f"ckpt.pt holds step {run.step} already"
+    kept = (f"ckpt.pt of step {run.saved_step} is kept" if run.saved_step is not None
+            else "no checkpoint was written")
+    if distributed.WORLD > 1:
+        return f"{kept} (a run of several processes saves only at evaluations)"
+    if where not in ("forward", "backward", "evaluation"):
+        return kept + (" (the update may be half done)" if where == "update" else "")
+    if run.method.state_dict():
+        return f"{kept} (--method {run.args.method}'s own state may be half changed)"
+    state = checkpoint_state(run, before_step=where != "evaluation")
+    atomic_torch_save(state | {"logged": logged}, run.path)
+    return f"ckpt.pt now holds step {run.step}, the state before the failure"
+
+
 def restore_checkpoint(run, ckpt, path):
     """Load ckpt.pt into a training run's objects: tensors, optimizer, method state, this rank's RNG
     states, the log window (rank 0 carries the window's sums over every rank). train.py sets the
     step and the best val loss itself."""
+    if distributed.RANK == 0:  # held already, unless the folder was written before locks were
+        hold_run_folder(run.args.out_dir)
     load_saved_state(run.model, ckpt["model"], path)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
@@ -203,8 +312,7 @@ class LogWindow:
 
 
 def append_metrics(out_dir, record):
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(os.path.join(out_dir, "metrics.jsonl"), json.dumps(record))  # whole or not at all
 
 
 def check_finite(run, value, what):
@@ -243,9 +351,7 @@ def cut_metrics(out_dir, step):
     path = os.path.join(out_dir, "metrics.jsonl")
     keep = read_metrics(path, step)
     if distributed.RANK == 0:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        write_file(path, lambda f: f.writelines(keep))
 
 
 def plot_losses(out_dir):
@@ -263,9 +369,7 @@ def plot_losses(out_dir):
     ax.set(xlabel="step", ylabel="loss (token-weighted CE)",
            title=os.path.basename(os.path.abspath(out_dir)))
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, os.path.join(out_dir, "loss.png"))
 
 
 # ------------------------------------------------------------------------------ signals

@@ -240,6 +240,8 @@ def places(emotion_small_dir, tmp_path_factory):
                 "--eval_iters", "1", "--data_dir", emotion_small_dir, "--out_dir", str(run)])
     for name in ("nometrics", "badmetrics", "nobest"):
         shutil.copytree(run, root / name)
+    for name in ("nometrics", "badmetrics"):  # a run that stopped before it finished
+        os.remove(root / name / "summary.json")
     os.remove(root / "nometrics" / "metrics.jsonl")
     lines = (root / "badmetrics" / "metrics.jsonl").read_text().splitlines(keepends=True)
     (root / "badmetrics" / "metrics.jsonl").write_text("{not json\n" + "".join(lines[1:]))
@@ -295,5 +297,6 @@ def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(places, tmp_pa
     shutil.copytree(places["RUN"], run)
     complete = (run / "metrics.jsonl").read_text()
     (run / "metrics.jsonl").write_text(complete + '{"step": 3, "train_lo')
+    os.remove(run / "summary.json")  # the power went before the run finished
     summary = train.main(["--out_dir", str(run), "--resume"])
     assert (run / "metrics.jsonl").read_text() == complete and summary["final"]["step"] == 2

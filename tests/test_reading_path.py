@@ -19,9 +19,11 @@ TOOL = os.path.join(os.path.dirname(ROOT), "shared", "tools", "reading_path.py")
 # the command of the tool's docstring (and the prepared data it needs)
 RUN = ["--dataset", "emotion", "--init_from", "scratch", "--n_layer", "2", "--n_head", "2",
        "--n_embd", "64", "--block_size", "128", "--eval_iters", "2"]
-# (code lines of functions, files) that the path may not exceed: the path as cut, so that it cannot
-# creep back; lower them as it shrinks
-CEILING = {"prb": (755, 8), "lora": (661, 7)}
+# (code lines of functions, files) that the path may not exceed: the path as cut (prb 755, lora
+# 661), plus what a run crosses to hold its folder and write each file whole or not at all
+# (hold_run_folder, write_file, append_line: docs/failures.md), so that it cannot creep back; lower
+# them as it shrinks
+CEILING = {"prb": (811, 8), "lora": (717, 7)}
 # the module-level code lines of the prb path's files before the cut (413): logic moved there would
 # shorten the count without shortening the reading
 MODULE_CODE = 413
@@ -35,9 +37,10 @@ ORDER = [("model.py", "GPT-2: attention, MLP, block, `GPT.forward` and the exten
          ("tasks.py", "what a task is: the prepared splits, the batch order, the base model, the "
                       "loss and the scores"),
          ("train.py", "parse → build → loop: the flags, the optimizer, the step, the log"),
-         ("plumbing/run_folder.py", "the run folder: never overwriting one, checkpoints, "
-                                    "metrics.jsonl, Ctrl-C"),
-         ("plumbing/cli.py", "the parser, one-line errors, the device and dtype")]
+         ("plumbing/run_folder.py", "the run folder: one process at a time, never overwriting "
+                                    "one, checkpoints, metrics.jsonl, Ctrl-C"),
+         ("plumbing/cli.py", "the parser, one-line errors, files written whole or not at all, "
+                             "the device and dtype")]
 START, END = "<!-- reading path: rendered by tests/test_reading_path.py -->", "<!-- end -->"
 
 
