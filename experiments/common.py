@@ -25,11 +25,10 @@ def run_grid(out_dir, arms, seeds, train_flags):
             print(f"== {arm}, seed {seed}")
             resume = ["--resume"] if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else []
             flags_now = flags(seed) if callable(flags) else flags
-            # an
+            # an interruption exits (nonzero) here, with the checkpoint saved: the same command
+            # continues the sweep
             train.main([*(resume or [*train_flags, *flags_now, "--seed", str(seed)]), "--out_dir",
                         run_dir])
-            # interruption exits (nonzero) here, with the checkpoint saved: the same command
-            # continues the sweep
     return {arm: [os.path.join(out_dir, f"{arm}-s{seed}") for seed in range(seeds)] for arm in arms}
 
 

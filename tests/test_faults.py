@@ -391,7 +391,7 @@ def test_one_process_a_run_folder(emotion_tiny_dir, tmp_path):
     first ends with strictly increasing steps; a folder whose owner was killed with kill -9
     resumes with no manual step."""
     out, wait = str(tmp_path / "run"), str(tmp_path / "wait")
-    flags = [*RUN, "--max_steps", "200", "--log_interval", "10", "--eval_interval", "100",
+    flags = [*RUN, "--max_steps", "60", "--log_interval", "10", "--eval_interval", "30",
              "--data_dir", emotion_tiny_dir]
     first = start_held(wait, 20, [*flags, "--out_dir", out])
     try:
@@ -413,15 +413,15 @@ def test_one_process_a_run_folder(emotion_tiny_dir, tmp_path):
     finally:
         first.kill()
     assert first.returncode == 0, stderr
-    assert steps_of(out) == list(range(0, 201, 10))  # one run's lines, in order
+    assert steps_of(out) == list(range(0, 61, 10))  # one run's lines, in order
 
     killed = str(tmp_path / "killed")
-    owner = start_held(wait, 120, [*flags, "--out_dir", killed])
-    wait_for_lines(killed, 13, owner)  # held at step 120, past its step-100 checkpoint
+    owner = start_held(wait, 40, [*flags, "--out_dir", killed])
+    wait_for_lines(killed, 5, owner)  # held after step 40, past its step-30 checkpoint
     owner.send_signal(signal.SIGKILL)
     owner.communicate()
     os.remove(wait)
     resumed = subprocess.run([sys.executable, "train.py", "--out_dir", killed, "--resume"],
                              cwd=ROOT, text=True, capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert steps_of(killed) == list(range(0, 201, 10))
+    assert steps_of(killed) == list(range(0, 61, 10))
