@@ -44,8 +44,9 @@ def resolve_checkpoint(name_or_path, hub_ids, extra_files=()):
         paths = [hf_hub_download(repo_id, f) for f in files]
     except Exception as e:  # offline, hub down, ...: one clear line
         reason = str(e) if isinstance(e, HubUnreachable) else type(e).__name__
-        raise InputError(f"could not download {repo_id} ({reason}); with no internet, pass a local "
-                         f"folder holding {', '.join(files)}") from None
+        raise InputError(f"could not download {repo_id} ({reason}); with no internet, pass "
+                         f"--init_from FOLDER, a local folder holding {', '.join(files)} (or "
+                         "--init_from scratch: no weights at all)") from None
     return os.path.dirname(paths[0])
 
 

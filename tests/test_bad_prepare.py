@@ -176,16 +176,22 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(emotion_small_dir, prepare
                HF_HUB_CACHE=str(tmp_path / "cache"))
     env.pop("HF_HUB_OFFLINE", None)
     reason = f"cannot reach 127.0.0.1:{port}: Connection refused"
-    for data_dir, expected in ((emotion_small_dir,
-                                f"could not download openai-community/gpt2 ({reason}); with no "
-                                "internet, pass a local folder holding config.json, "
-                                "model.safetensors"),
-                               (str(tmp_path / "empty"),
-                                f"is not prepared and downloading failed ({reason}); run: python "
-                                "data/emotion/prepare.py --source DIR")):
+    # no BPE files cached either, and no way out (tiktoken's download goes to a closed proxy)
+    bare = dict(env, TIKTOKEN_CACHE_DIR=str(tmp_path / "no-bpe"),
+                https_proxy=f"http://127.0.0.1:{port}", HTTPS_PROXY=f"http://127.0.0.1:{port}")
+    # in the order a user on a fresh machine meets them: the root cause first, each naming the one
+    # thing to set
+    for data_dir, env_now, expected in (
+            (str(tmp_path / "empty"), bare, "cannot load the GPT-2 BPE files (ProxyError); with no "
+             "internet, set TIKTOKEN_CACHE_DIR"),
+            (str(tmp_path / "empty"), env, f"is not prepared and downloading failed ({reason}); "
+             "run: python data/emotion/prepare.py --source DIR"),
+            (emotion_small_dir, env, f"could not download openai-community/gpt2 ({reason}); with "
+             "no internet, pass --init_from FOLDER, a local folder holding config.json, "
+             "model.safetensors")):
         start = time.time()
         out = subprocess.run([sys.executable, "train.py", "--init_from", "gpt2", "--data_dir",
-                              data_dir, "--out_dir", str(tmp_path / "run")], cwd=ROOT, env=env,
+                              data_dir, "--out_dir", str(tmp_path / "run")], cwd=ROOT, env=env_now,
                              capture_output=True, text=True)
         err = out.stderr.strip().splitlines()
         assert time.time() - start < 20 and out.returncode == 2, err
