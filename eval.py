@@ -144,8 +144,13 @@ def run(a):
         write_file(os.path.join(run_dir, f"eval-{a.which}.json"),  # whole or not at all
                    lambda f: json.dump(result, f, indent=1))
         rows.append(result)
+        if args.eval_iters and "validation_loss" in result:  # summary.json's is on a subset
+            print(f"note: {run_dir}'s summary.json and metrics.jsonl hold the val loss of "
+                  f"--eval_iters {args.eval_iters} batches; this table holds the whole split's",
+                  file=sys.stderr)
 
-    print("\n| run | weights | trainable params | val loss | test loss |\n|---|---|---:|---:|---:|")
+    print("\n| run | weights | trainable params | val loss (whole split) | test loss |\n"
+          "|---|---|---:|---:|---:|")
     for r in rows:
         fmt = lambda k: f"{r[k]:.4f}" if k in r else "-"
         print(f"| {r['run']} | {r['which']} (step {r['ckpt_step']}) | {r['trainable']:,} | "

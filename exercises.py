@@ -18,6 +18,7 @@ data look for ../shared next to it. How a teacher uses this: docs/teaching.md.
 import argparse
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,7 @@ class Exercise:
     hint: str           # printed beside a failing test
 
 
-EXERCISES = {
+EXERCISES = {  # in the order docs/teaching.md recommends (a term copy meets fewer blanks)
     "lora-forward": Exercise(
         "easy", ("lora.py:LoRALinear.forward",),
         ("tests/test_lora.py::test_zero_b_is_the_base_model_and_only_lora_trains",
@@ -54,6 +55,12 @@ EXERCISES = {
         ("tests/test_lora.py::test_merge_matches_unmerged_forward",
          "tests/test_exercise_grading.py::test_lora_merge_then_unmerge_gives_w0_back"),
         "delta = (alpha / r) B A in fp32; merge adds it to W0 once, unmerge takes it away once"),
+    "memft-threshold": Exercise(
+        "easy", ("memft.py:ot_weights", "memft.py:ot_loss"),
+        ("tests/test_memft.py::test_ot_weights_and_loss_by_hand",
+         "tests/test_memft.py::test_ot_falls_back_to_sft_when_every_token_is_above_half"),
+        "weight 1 where a token's loss is above the threshold (ln 2: p < 1/2), 0 elsewhere; no "
+        "hard token at all falls back to the plain mean"),
     "kv-cache": Exercise(
         "medium", ("model.py:KVCache.update",),
         ("tests/test_generate.py::test_greedy_tokens_are_the_same_with_and_without_the_kv_cache",
@@ -73,12 +80,6 @@ EXERCISES = {
          "tests/test_registers.py::test_causal_poolings_are_causal",
          "tests/test_registers.py::test_generation_uses_the_registers_as_training_does"),
         "pool_t = mean(h_0 .. h_t): a cumulative sum divided by t + 1, never a mean over the row"),
-    "memft-threshold": Exercise(
-        "easy", ("memft.py:ot_weights", "memft.py:ot_loss"),
-        ("tests/test_memft.py::test_ot_weights_and_loss_by_hand",
-         "tests/test_memft.py::test_ot_falls_back_to_sft_when_every_token_is_above_half"),
-        "weight 1 where a token's loss is above the threshold (ln 2: p < 1/2), 0 elsewhere; no "
-        "hard token at all falls back to the plain mean"),
     "squad-nbest": Exercise(
         "medium", ("squad.py:best_spans",),
         ("tests/test_squad.py::test_best_span_decoding_respects_context_order_and_length",),
@@ -195,6 +196,9 @@ def make(names, out):
                                       exercise)
             with open(target, "w") as f:
                 f.write(source)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would shut out the other users
         if os.path.isdir(out):
             os.rmdir(out)  # empty, checked above
         os.rename(staging, out)
@@ -215,7 +219,8 @@ def check(name):
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.xml")
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"--junitxml={report}", *exercise.tests], cwd=ROOT, capture_output=True)
+                        "--tb=short", f"--junitxml={report}", *exercise.tests], cwd=ROOT,
+                       capture_output=True)
         if not os.path.isfile(report):
             raise InputError(f"the grading tests of {name} did not run; run them by hand: "
                              f"python -m pytest {' '.join(exercise.tests)}")
@@ -225,16 +230,33 @@ def check(name):
             problem = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
             verdict = "pass" if problem is None else problem.tag
             message = "" if problem is None else (problem.get("message") or "").splitlines()
-            results.append((case.get("name"), verdict, message[:1] if message else []))
-    for test, verdict, message in results:
-        print(f"{verdict.upper():7} {test}" + (f"  {message[0][:120]}" if message else ""))
-    passed = bool(results) and all(v == "pass" for _, v, _ in results)
+            culprit = None if problem is None else blamed(problem.text or "", name)
+            results.append((case.get("name"), verdict, message[:1] if message else [], culprit))
+    for test, verdict, message, culprit in results:
+        print(f"{verdict.upper():7} {test}" + (f"  {message[0][:160]}" if message else "")
+              + (f"  [raised in exercise {culprit}]" if culprit and culprit != name else ""))
+    passed = bool(results) and all(v == "pass" for _, v, _, _ in results)
     if passed:
         print(f"{name}: all {len(results)} tests pass")
-    else:
-        print(f"{name}: {sum(v != 'pass' for _, v, _ in results)} of {len(results)} tests do not "
-              f"pass. Hint: {exercise.hint} (exercises/{name}.md)")
+        return passed
+    print(f"{name}: {sum(v != 'pass' for _, v, _, _ in results)} of {len(results)} tests do not "
+          "pass.")
+    for culprit in dict.fromkeys(c for _, v, _, c in results if v != "pass"):
+        print(f"Hint for {culprit}: {EXERCISES[culprit].hint} (exercises/{culprit}.md)")
     return passed
+
+
+def blamed(traceback_text, tested):
+    """The exercise whose function raised in a failure's traceback (pytest --tb=short: lines
+    `file.py:N: in function`): the innermost frame in a function some exercise blanks, else the
+    exercise being checked (its own assertion failed)."""
+    frames = re.findall(r"^([\w/.-]+\.py):\d+: in (\w+)", traceback_text, flags=re.M)
+    for path, function in reversed(frames):
+        for name, exercise in EXERCISES.items():
+            if any(blank.split(":")[0] == path and blank.split(":")[1].split(".")[-1] == function
+                   for blank in exercise.blanks):
+                return name
+    return tested
 
 
 def main(argv=None):

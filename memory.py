@@ -150,8 +150,10 @@ class MemoryLayer(nn.Module):
 
     def select(self, logits):
         """Top-k routed chapters (the shared ones excluded), renormalised; with the shared ones
-        prepended: chapter ids (..., n_shared + k) and their mixing weights omega (Memory/model.py,
-        _select_routed_chapters_from_probs)."""
+        prepended (Memory/model.py, _select_routed_chapters_from_probs). Returns (idx: chapter ids
+        (..., n_shared + k), shared first; omega: their mixing weights, or w (..., k) for token
+        routing; probs: the softmax over all C chapters; routed: the k routed ids, offset by
+        n_shared, as in the whole bank)."""
         # fp32 under autocast
         probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         w, idx = probs[..., self.n_shared:].topk(self.top_k, dim=-1)
@@ -260,8 +262,9 @@ class MemoryLayer(nn.Module):
                             self.v.weight.view(H, dh, C).to(q.dtype)).reshape(B, L, C)
 
     def account(self, logits, probs, routed):
-        """The auxiliary losses of this forward, and usage statistics on the device (no host
-        sync)."""
+        """The auxiliary losses of this forward, self.aux = (balance, z), and usage statistics on
+        the device (no host sync): self.usage (C,) += each chapter's count of decisions,
+        self.aux_sums (3,) += [balance, z, 1]."""
         n_chapters = probs.size(-1)
         decisions = routed.reshape(-1, self.top_k)
         ones = torch.ones(decisions.numel(), device=probs.device)

@@ -67,7 +67,7 @@ class RegisterBank(nn.Module):
         self.write = nn.Linear(register_dim, n_embd)  # W_r
         self.alpha = nn.Parameter(torch.tensor(alpha))
         # E: one embedding per label, only when the label bias is on (it reads the gold label; see
-        # the README)
+        # docs/prb.md, --prb_label_bias)
         self.label_embedding = nn.Embedding(n_labels, register_dim) if n_labels else None
 
     def pool(self, h, ctx):

@@ -10,6 +10,7 @@ and a plot. One module per paper under experiments/; this is the one command tha
     python sweeps.py memory-law --methods sft,memft-ot,memft-sw --ranks 1,2,4,8 --lengths 250,500
     python sweeps.py memory-law out/memory-law   # rows, law fit and plots of finished runs only
     python sweeps.py compare --dataset emotion   # every method at one parameter budget
+    python sweeps.py cpu-table                 # the README's CPU commands, recorded and rendered
 
 Flags a sweep does not know go to train.py for every run. Each run lives in <out_dir>/<arm>-s<seed>;
 finished runs are reused and interrupted ones resumed, so running the same command again continues a
@@ -19,7 +20,7 @@ sweep. Each sweep writes <sweep>.md and <sweep>.json into its --out_dir, beside 
 
 import sys
 
-from experiments import atoms, compare, grit, memft, moc, prb, regbert
+from experiments import atoms, compare, cpu_table, grit, memft, moc, prb, regbert
 from plumbing.cli import InputError, fail
 
 # sweep -> (parse its flags: argv -> (its args, train.py's flags), run it)
@@ -30,7 +31,8 @@ SWEEPS = {"prb-table": (prb.parse_prb_table, prb.prb_table),
           "grit-table": (grit.parse_grit_table, grit.grit_table),
           "regbert-sweep": (regbert.parse_regbert_sweep, regbert.regbert_sweep),
           "memory-law": (memft.parse_memory_law, memft.memory_law_sweep),
-          "compare": (compare.parse_compare, compare.compare)}
+          "compare": (compare.parse_compare, compare.compare),
+          "cpu-table": (cpu_table.parse_cpu_table, cpu_table.cpu_table)}
 
 
 def parse_command(argv):

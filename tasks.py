@@ -47,7 +47,7 @@ def prepare(dataset, data_dir, **options):
     print(f"{data_dir} is not prepared; preparing it now (downloading {dataset})")
     try:
         prepare_module(dataset).prepare(None, data_dir, **options)
-    except InputError:  # its own cause, said first (offline: the GPT-2 BPE files, TIKTOKEN_CACHE_DIR)
+    except InputError:  # its own cause, said first (offline: the BPE files, TIKTOKEN_CACHE_DIR)
         raise
     except Exception as e:  # offline: say how to prepare from local files
         reason = str(e) if isinstance(e, ConnectionError) else type(e).__name__

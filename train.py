@@ -22,14 +22,13 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
-
 from catalog import METHODS, TASKS, add_every_flag, load_checkpoint
 from finish import finish, save_and_stop
 from method import store_frozen_in
 from plumbing import distributed
-from plumbing.cli import (InputError, Parser, autocast_for, checked, fail, nonneg, nonneg_float,
-                          positive, positive_float, probability, resolve_system, share)
+from plumbing.cli import (InputError, Parser, Progress, autocast_for, checked, fail, nonneg,
+                          nonneg_float, positive, positive_float, probability, resolve_system,
+                          share, size_the_run)
 from plumbing.faults import machine_fault
 from plumbing.compat import OLD_SPELLINGS, today_spelling, upgrade_args
 from plumbing.run_folder import (CHECKPOINT_KEYS, Interrupted, Interrupts, LogWindow,
@@ -190,8 +189,7 @@ def make_optimizer(args, params, scales):
 
 class Training:
     """One training run as the loop moves it: flags, model, method, optimizer, and where it stands
-    (step, best val loss, time, the log window). Only this file changes it;
-    plumbing/run_folder.py writes it to ckpt.pt and reads it back."""
+    (step, best val loss, time, the log window). Only this file changes it; ckpt.pt keeps it."""
 
     def __init__(self, args, model, method, device, dtype):
         self.args, self.model, self.method, self.device, self.dtype = (args, model, method, device,
@@ -232,7 +230,7 @@ def train(args, explicit):
     method = METHODS[args.method](args, device)
     train_split, val_split = task.splits()
     order = task.training_order(train_split)  # (steps, batch_size) row ids
-    args.max_steps = len(order)  # the task may size the run (recall: --epochs passes)
+    size_the_run(args, len(order))  # the task may size the run; a warm-up fits in it
     torch.manual_seed(args.seed)  # the scratch init and LoRA's A init depend on the seed
     model = task.base_model()
     method.setup(model, task.meta)  # freeze, then attach modules at sites or wrap layers
@@ -246,10 +244,12 @@ def train(args, explicit):
         resume(run, ckpt)  # its RNG states too
     elif main_rank:  # the folder, held, now that everything is built (bad input leaves nothing)
         start_run_folder(args)
-    if main_rank:
+    if main_rank:  # the run's size; after a few steps, Progress says how long it will take
         print(f"{args.method} on {args.dataset}: {sum(p.numel() for p in run.params):,} trainable "
-              f"of {sum(p.numel() for p in model.parameters()):,} parameters; device {device}, "
-              f"{str(dtype).removeprefix('torch.')}, compile {compile_}")
+              f"of {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{args.max_steps - run.step:,} steps of {args.batch_size} rows, "
+              f"{int(train_split.row_len[order.numpy()[run.step:]].sum()):,} tokens; device "
+              f"{device}, {str(dtype).removeprefix('torch.')}, compile {compile_}")
 
     # the loop
     step_model, forward_loss, flops = model, task.forward_loss, None  # a plain CPU run's
@@ -259,8 +259,8 @@ def train(args, explicit):
     order, order_host = order.to(device), order.numpy()
     model.train()
     run.t0 = run.window.started = time.time()
-    bar = tqdm(total=args.max_steps, initial=run.step, desc="train", dynamic_ncols=True,
-               disable=None if main_rank else True)
+    bar = Progress(total=args.max_steps, initial=run.step, desc="train", dynamic_ncols=True,
+                   disable=None if main_rank else True, device=device)
     with Interrupts() as interrupts:
         while True:
             step = run.step

@@ -26,9 +26,12 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager, nullcontext, suppress
+
+from tqdm import tqdm
 
 
 class InputError(Exception):
@@ -95,6 +98,18 @@ nonneg = checked(int, lambda v: v >= 0, "a finite number >= 0")
 nonneg_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 share = checked(float, lambda v: 0 <= v <= 1, "a share in [0, 1]")
+
+
+def size_the_run(args, steps):
+    """--max_steps becomes the run's length in steps (a task may size the run: recall's --epochs).
+    A warm-up as long as the run would never reach --lr: it is cut to a tenth of the run, with a
+    note (docs/training.md)."""
+    args.max_steps = steps
+    if args.warmup >= steps > 0 and not args.resume:  # a resumed run keeps its schedule
+        print(f"note: --warmup {args.warmup} is not shorter than the run ({steps} steps), so the "
+              f"learning rate would never reach --lr; warming up over {max(1, steps // 10)} "
+              "steps instead (pass a --warmup below the run's length to choose)", file=sys.stderr)
+        args.warmup = max(1, steps // 10)
 
 
 @contextmanager
@@ -280,6 +295,46 @@ def autocast_for(device, dtype):
     import torch
     return torch.autocast(device.split(":")[0],
                           dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+class Progress(tqdm):
+    """tqdm's bar over a run's steps that also says once, after its first few steps, how long the
+    run will take on this machine, in words; over an hour on a CPU, it points to the commands that
+    take a minute (the README's CPU section). The time is measured from the end of the first step,
+    so the first evaluation and the warm-up of the first step do not count."""
+    TIMED = 5  # steps timed for the estimate
+    CPU_DEMO = ("python train.py --method lora --init_from scratch --n_layer 2 --n_head 2 "
+                "--n_embd 64 --max_steps 60")
+
+    def __init__(self, *args, device="cpu", clock=time.monotonic, **kwargs):
+        super().__init__(*args, **kwargs)
+        # it speaks where the bar may show (rank 0), also where a log file hides the bar
+        self.device, self.clock, self.speaks = device, clock, kwargs.get("disable") is not True
+        self.steps, self.since = 0, None  # steps so far; the time at the end of the first
+        self.to_go = kwargs["total"] - kwargs.get("initial", 0)  # steps this process will take
+
+    def update(self, n=1):
+        super().update(n)
+        self.steps += n
+        if self.steps == 1:
+            self.since = self.clock()
+        elif self.steps == 1 + self.TIMED and self.speaks:
+            per_step = (self.clock() - self.since) / self.TIMED
+            seconds = per_step * (self.to_go - self.steps)
+            line = (f"this run will take about {in_words(seconds)} more on {self.device} "
+                    f"({per_step:.3g} s a step, evaluations aside)")
+            if seconds > 3600 and self.device == "cpu":
+                line += (": it is GPU-sized; for a run of a minute on a CPU, see the README's CPU "
+                         f"section, e.g. {self.CPU_DEMO}")
+            self.write(line)
+
+
+def in_words(seconds):
+    """A duration as people say it: 40 s, 12 min, 3.5 hours, 2.1 days."""
+    for unit, size in (("days", 86400), ("hours", 3600), ("min", 60)):
+        if seconds >= 1.5 * size:
+            return f"{seconds / size:.{0 if unit == 'min' else 1}f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 # ------------------------------------------------------------------------------------------ the hub

@@ -56,6 +56,22 @@ def stopped_then_resumed(monkeypatch, name, flags, out_dir, steps):
     return train.main(["--out_dir", str(out_dir), "--resume"])
 
 
+def assert_same(got, expected, what, atol=1e-5, rtol=1e-5):
+    """A grader's comparison in a student's terms: a wrong shape says both shapes; wrong values say
+    the first index that differs, the value got and the value expected there, and how many
+    differ."""
+    got, expected = torch.as_tensor(got), torch.as_tensor(expected)
+    if tuple(got.shape) != tuple(expected.shape):
+        raise AssertionError(f"{what}: got shape {tuple(got.shape)}, expected "
+                             f"{tuple(expected.shape)}")
+    close = torch.isclose(got.double(), expected.double(), atol=atol, rtol=rtol)
+    if not close.all():
+        index = tuple(int(i) for i in (~close).nonzero()[0])
+        raise AssertionError(f"{what}: at index {list(index)} got {got[index].item():.6g}, "
+                             f"expected {expected[index].item():.6g} ({int((~close).sum())} of "
+                             f"{close.numel()} values differ)")
+
+
 def assert_causal(forward, idx, vocab_size, positions=None, atol=1e-5, **ctx_kwargs):
     """Causality check for any GPT-side method: for each position j, replacing token j must leave
     every logit at positions < j unchanged (fp32 tolerance) and must change position j's.

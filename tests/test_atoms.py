@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from atoms import AtomPool, apply_atoms, atom_parameter_counts
+from helpers import assert_same
 from catalog import METHODS
 from lora import apply_lora
 from method import freeze
@@ -58,11 +59,13 @@ def test_one_identity_atom_with_k_1_and_no_prior_is_lora():
                 atom_params[n].copy_(b)
     idx = torch.randint(0, 64, (2, 12))
     out_lora, out_atoms = lora.eval()(idx), model(idx, dict(CTX))
-    torch.testing.assert_close(out_atoms, out_lora, rtol=1e-5, atol=1e-5)
+    assert_same(out_atoms, out_lora, "the logits of one identity atom with top_k 1 and no prior "
+                "(got) against plain LoRA (expected): R = I, so B R A x = B A x")
     out_lora.square().mean().backward()
     out_atoms.square().mean().backward()
     for n, p in lora_params.items():
-        torch.testing.assert_close(atom_params[n].grad, p.grad, rtol=1e-4, atol=1e-6)
+        assert_same(atom_params[n].grad, p.grad, f"the gradient of {n} against plain LoRA's",
+                    rtol=1e-4, atol=1e-6)
 
 
 def test_routing_is_convex_sparse_and_bounded():
@@ -74,10 +77,16 @@ def test_routing_is_convex_sparse_and_bounded():
     for block in range(2):
         R = pool.route(block, torch.randn(2, 5, 4))
         alpha = pool.alphas[block]
-        assert (alpha >= 0).all() and torch.allclose(alpha.sum(-1), torch.ones(2, 5))
-        assert ((alpha > 0).sum(-1) <= 3).all()
+        assert R.shape == (2, 5, 4, 4) and alpha.shape == (2, 5, 8), "route(block, u) for u of " \
+            f"shape (2, 5, 4): R (2, 5, r, r) and self.alphas[block] (2, 5, M); got " \
+            f"{tuple(R.shape)} and {tuple(alpha.shape)}"
+        assert (alpha >= 0).all(), "the routing weights alpha must be >= 0 (a softmax)"
+        assert_same(alpha.sum(-1), torch.ones(2, 5), "the routing weights of each token, summed")
+        assert ((alpha > 0).sum(-1) <= 3).all(), "at most top_k = 3 atoms per token may have a " \
+            "weight above 0: softmax over the top k only"
         bound = torch.linalg.matrix_norm(pool.atoms, ord=2).max()
-        assert (torch.linalg.matrix_norm(R, ord=2) <= bound + 1e-5).all()
+        assert (torch.linalg.matrix_norm(R, ord=2) <= bound + 1e-5).all(), "R = sum_m alpha_m " \
+            "C_m, a convex mix, cannot have a larger spectral norm than the largest atom's"
 
 
 def test_the_prior_beta_0_ignores_the_instruction_and_a_large_beta_follows_it():
@@ -92,12 +101,15 @@ def test_the_prior_beta_0_ignores_the_instruction_and_a_large_beta_follows_it():
         pool(embedded, dict(CTX))
         pool.route(0, u)
         return pool.alphas[0]
-    assert torch.equal(alpha(0.0, h), alpha(0.0, other))  # beta = 0: the instruction plays no part
-    assert not torch.equal(alpha(1.0, h), alpha(1.0, other))
+    assert torch.equal(alpha(0.0, h), alpha(0.0, other)), "with beta 0 the instruction's prior " \
+        "must play no part in the routing"
+    assert not torch.equal(alpha(1.0, h), alpha(1.0, other)), "with beta 1 the routing must " \
+        "depend on the instruction: logits = q K^T / sqrt(d_k) + beta log prior"
     alpha(1e4, h)
     chosen = pool.chosen[0].sort(-1).values
     expected = pool.log_prior.topk(3, dim=-1).indices.sort(-1).values
-    assert torch.equal(chosen, expected)  # a large beta selects TopK(pi)
+    assert torch.equal(chosen, expected), f"a very large beta must choose the top k of the " \
+        f"prior: got atoms {chosen.tolist()}, expected {expected.tolist()}"
 
 
 def test_permuting_atoms_with_their_keys_and_prior_rows_changes_nothing():
@@ -111,7 +123,8 @@ def test_permuting_atoms_with_their_keys_and_prior_rows_changes_nothing():
         pool.keys.copy_(pool.keys[perm])
         pool.prior.weight.copy_(pool.prior.weight[perm])
         pool.prior.bias.copy_(pool.prior.bias[perm])
-    torch.testing.assert_close(model(idx, dict(CTX)), before, rtol=1e-5, atol=1e-5)
+    assert_same(model(idx, dict(CTX)), before, "the logits after permuting the atoms with their "
+                "keys and prior rows (the routing must not depend on the atoms' order)")
 
 
 def test_gradients_reach_atoms_keys_queries_and_the_prior():
@@ -120,7 +133,8 @@ def test_gradients_reach_atoms_keys_queries_and_the_prior():
     model(torch.randint(0, 64, (2, 12)), dict(CTX)).square().mean().backward()
     for name in ("atoms", "keys", "query", "prior.weight", "prior.bias"):
         grad = pool.get_parameter(name).grad
-        assert grad is not None and grad.abs().sum() > 0, name
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}: route " \
+            "must compute with it, differentiably"
 
 
 def test_at_init_the_model_is_its_base():

@@ -162,3 +162,19 @@ def test_every_measured_table_is_in_the_results_page(page):
     results = read("docs/results.md").splitlines()
     missing = [row for row in rows if row not in results]
     assert not missing, f"docs/{page}.md rows not in docs/results.md: {missing[:2]}"
+
+
+def test_the_cpu_table_is_rendered_from_its_json():
+    """The README's CPU commands and table, and their copy in docs/results.md, are what
+    docs/results/cpu-table.json renders; the JSON's commands are today's (a number there changes
+    only by re-measuring: python sweeps.py cpu-table)."""
+    import json
+
+    from experiments import cpu_table
+    data = json.load(open(cpu_table.RESULTS))
+    assert data["commands"] == {"T": cpu_table.T, **cpu_table.COMMANDS}
+    assert [row["method"] for row in data["rows"]] == list(cpu_table.COMMANDS)
+    for page, commands in (("README.md", True), ("docs/results.md", False)):
+        assert cpu_table.rendered(data, commands) in read(page), f"{page}: render it again"
+    assert cpu_table.main_command_sentence(data) in read("README.md")
+    assert data["main_command"]["argv"][:-2] == cpu_table.MAIN

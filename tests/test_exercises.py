@@ -2,6 +2,7 @@
 passes it, the copy still imports and runs, and a differently written correct solution passes."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -49,9 +50,25 @@ def test_the_blanked_copy_fails_and_the_repository_passes(name, tmp_path):
         assert f'raise NotImplementedError("exercise {name}' in source
     failed = run(["exercises.py", "check", name], copy)
     assert failed.returncode == 1 and "NotImplementedError" in failed.stdout, failed.stdout
-    assert f"Hint: {exercises.EXERCISES[name].hint}" in failed.stdout
+    assert f"Hint for {name}: {exercises.EXERCISES[name].hint}" in failed.stdout
     passed = run(["exercises.py", "check", name], ROOT)
     assert passed.returncode == 0 and f"{name}: all" in passed.stdout, passed.stdout
+
+
+@pytest.mark.slow
+def test_a_failure_is_blamed_on_the_exercise_whose_function_raised(tmp_path):
+    """In a term copy with lora-forward and prefix-pooling blanked, prefix-pooling's graders that
+    meet lora-forward's blank say so, and the hints are those of both exercises."""
+    copy = student_copy(tmp_path, "lora-forward", "prefix-pooling")
+    checked = run(["exercises.py", "check", "prefix-pooling"], copy)
+    lines = checked.stdout.splitlines()
+    blamed = [line for line in lines if "[raised in exercise lora-forward]" in line]
+    assert checked.returncode == 1 and blamed, checked.stdout
+    assert all("NotImplementedError: exercise lora-forward" in line for line in blamed)
+    own = [line for line in lines if "test_prefix_mean_matches_a_loop" in line]
+    assert own and "[raised in exercise" not in own[0]  # its own blank: no blame line
+    for name in ("lora-forward", "prefix-pooling"):
+        assert f"Hint for {name}: {exercises.EXERCISES[name].hint}" in checked.stdout
 
 
 @pytest.mark.slow
@@ -64,6 +81,13 @@ def test_a_term_copy_imports_and_trains(tmp_path):
     assert helped.returncode == 0 and "--method" in helped.stdout
     listed = run(["exercises.py", "list"], copy)
     assert listed.returncode == 0 and all(n in listed.stdout for n in exercises.EXERCISES)
+    # in docs/teaching.md's order, and open to the other users of a teaching server
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    page = open(os.path.join(ROOT, "docs", "teaching.md")).read()
+    assert names == re.findall(r"^\| \[([\w-]+)\]\(\.\./exercises/", page, flags=re.M)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(copy).st_mode & 0o777 == 0o777 & ~umask
     # nothing but the blanked functions changed
     for rel in exercises.repository_files():
         if rel.endswith(".py") and not any(b.startswith(rel + ":")

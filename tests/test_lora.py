@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_causal, require_reference, save_tiny_hf_gpt2
+from helpers import assert_causal, assert_same, require_reference, save_tiny_hf_gpt2
 from lora import LoRALinear, apply_lora, load_adapter, save_adapter
 from method import freeze
 from model import GPT, GPTConfig
@@ -31,7 +31,8 @@ def test_zero_b_is_the_base_model_and_only_lora_trains():
     idx = torch.randint(0, 60, (2, 10))
     before = model(idx)
     apply_lora(freeze(model), rank=4, alpha=8)
-    assert torch.equal(model(idx), before)
+    assert_same(model(idx), before, "the logits with LoRA at init (B = 0: exactly the base "
+                "model's)", atol=0, rtol=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
     assert len(trainable) == 2 * 4 * 2  # 4 matrices x 2 layers x (A, B)
@@ -55,13 +56,15 @@ def test_merge_matches_unmerged_forward():
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.merge()
-    assert torch.allclose(model(idx), unmerged, atol=1e-5)
-    assert not torch.allclose(model.h[0].attn.c_attn.base.weight, base_weight)
+    assert_same(model(idx), unmerged, "the logits after merge() (the same as unmerged)")
+    assert not torch.allclose(model.h[0].attn.c_attn.base.weight, base_weight), \
+        "merge() must change base.weight (W0 + (alpha / r) B A)"
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.unmerge()
-    assert torch.allclose(model.h[0].attn.c_attn.base.weight, base_weight, atol=1e-6)
-    assert torch.allclose(model(idx), unmerged, atol=1e-5)
+    assert_same(model.h[0].attn.c_attn.base.weight, base_weight, "base.weight after unmerge()",
+                atol=1e-6)
+    assert_same(model(idx), unmerged, "the logits after unmerge()")
 
 
 @pytest.mark.parametrize("rank, expected", [(32, 4_718_592), (37, 5_455_872)])

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from helpers import assert_same
 from memft import (LN2, SlidingWindowState, first_error, fit_memory_law, memory_law, ot_loss,
                    ot_weights, sft_loss, sw_loss, sw_multiplier)
 from model import GPT
@@ -16,8 +17,11 @@ from recall import curriculum_size
 def test_ot_weights_and_loss_by_hand():
     L = torch.tensor([[0.1, 0.8, 2.0, 0.69, 0.70]])  # ln 2 = 0.6931...: 0.69 is below, 0.70 above
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])  # the last token is not an answer token
-    assert ot_weights(L).tolist() == [[0.0, 1.0, 1.0, 0.0, 1.0]]
-    assert ot_loss(L, mask).item() == pytest.approx((0.8 + 2.0) / 2)  # masked token excluded
+    assert_same(ot_weights(L), [[0.0, 1.0, 1.0, 0.0, 1.0]], "ot_weights(L) for L = "
+                "[[0.1, 0.8, 2.0, 0.69, 0.70]] (1 where a loss is above ln 2 = 0.6931)", atol=0,
+                rtol=0)
+    assert_same(ot_loss(L, mask), (0.8 + 2.0) / 2, "ot_loss(L, mask) with the last token masked "
+                "out: the mean loss of the hard answer tokens (0.8 and 2.0)")
     assert sft_loss(L, mask).item() == pytest.approx((0.1 + 0.8 + 2.0 + 0.69) / 4)
 
 
@@ -25,9 +29,11 @@ def test_ot_falls_back_to_sft_when_every_token_is_above_half():
     L = torch.tensor([[0.1, 0.2], [0.3, 0.05]], requires_grad=True)
     mask = torch.ones(2, 2)
     loss = ot_loss(L, mask)
-    assert loss.item() == pytest.approx(0.65 / 4)  # the paper code's fallback: the plain SFT loss
+    # the paper code's fallback: the plain SFT loss
+    assert_same(loss, 0.65 / 4, "ot_loss with no token above ln 2 (no hard token): the plain mean")
     loss.backward()
-    assert torch.allclose(L.grad, torch.full((2, 2), 0.25))
+    assert_same(L.grad, torch.full((2, 2), 0.25), "the gradient of that fallback loss (the plain "
+                "mean's: 1/4 each)")
 
 
 def test_first_error_anchor():

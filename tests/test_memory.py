@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import memory
 from catalog import METHODS
-from helpers import assert_causal
+from helpers import assert_causal, assert_same
 from memory import (ChapterBank, MemoryLayer, gather_chapters, mixing_weights, parameter_counts,
                     rms_normalize, set_route)
 from model import GPT, GPTConfig
@@ -80,9 +80,11 @@ def test_the_gather_equals_a_loop_over_chapters():
 def test_mixing_weights_sum_to_one_with_the_shared_weight_of_the_paper():
     w = F.softmax(torch.randn(5, 64), dim=-1)
     omega = mixing_weights(w, 1, 2.5)
-    assert torch.allclose(omega.sum(-1), torch.ones(5))
-    assert torch.allclose(omega[:, 0], torch.full((5,), 1 / 3.5)) and abs(1 / 3.5 - 0.2857) < 1e-4
-    assert torch.allclose(omega[:, 1:], 2.5 * w / 3.5)
+    assert_same(omega.sum(-1), torch.ones(5), "the mixing weights of each token, summed")
+    assert_same(omega[:, 0], torch.full((5,), 1 / 3.5), "the shared chapter's weight 1 / (1 + "
+                "2.5)")
+    assert abs(1 / 3.5 - 0.2857) < 1e-4
+    assert_same(omega[:, 1:], 2.5 * w / 3.5, "the routed chapters' weights 2.5 w / (1 + 2.5)")
 
 
 def test_the_shared_chapter_is_never_routed():
@@ -92,8 +94,14 @@ def test_the_shared_chapter_is_never_routed():
         # the router loves chapter 0: it is still read once, as the shared chapter
         layer.router.bias[0] = 100.0
     idx, omega, probs, routed = layer.select(layer.router(torch.randn(4, 16)))
-    assert (routed >= 1).all() and (idx[:, 0] == 0).all() and (idx[:, 1:] == routed).all()
-    assert probs[:, 0].min() > 0.99 and torch.allclose(omega.sum(-1), torch.ones(4))
+    assert (routed >= 1).all(), f"select's routed ids must skip the shared chapter 0 (offset by " \
+        f"n_shared = 1); got {routed.tolist()}"
+    assert (idx[:, 0] == 0).all() and (idx[:, 1:] == routed).all(), f"select's chapter ids: the " \
+        f"shared chapter 0 first, then the routed ones; got {idx.tolist()}, routed " \
+        f"{routed.tolist()}"
+    assert probs[:, 0].min() > 0.99, "select's probs: the softmax over every chapter, the shared " \
+        "one included"
+    assert_same(omega.sum(-1), torch.ones(4), "the mixing weights of each token, summed")
 
 
 def test_auxiliary_losses_at_balance_and_at_zero_logits():
@@ -104,12 +112,13 @@ def test_auxiliary_losses_at_balance_and_at_zero_logits():
     layer.account(logits, F.softmax(logits, -1), routed)
     balance, z = layer.aux
     # C sum_i f_i P_i = k = 2 (f_0 = 0: chapter 0 is shared)
-    assert math.isclose(balance.item(), 2.0, rel_tol=1e-6)
+    assert_same(balance, 2.0, "account's load balance C * sum_i f_i P_i at perfect balance (k = 2)")
     layer.account(logits, torch.full((4, 5), 1 / 5), torch.tensor([[1, 2], [3, 4], [1, 2], [3, 4]]))
-    assert math.isclose(z.item(), math.log(5) ** 2, rel_tol=1e-6)
+    assert_same(z, math.log(5) ** 2, "account's z-loss at zero logits over 5 chapters: "
+                "logsumexp(0, ..., 0)^2 = ln(5)^2")
     layer = MemoryLayer(8, 2, chapters=4, chapter_tokens=2, top_k=2, n_shared=0)
     layer.account(torch.zeros(2, 4), torch.full((2, 4), 0.25), torch.tensor([[0, 1], [2, 3]]))
-    assert math.isclose(layer.aux[0].item(), 2.0, rel_tol=1e-6)
+    assert_same(layer.aux[0], 2.0, "the load balance with no shared chapter, at perfect balance")
 
 
 def test_at_init_the_model_is_its_base():
@@ -144,7 +153,10 @@ def test_a_router_with_all_its_mass_on_the_shared_chapter_gives_finite_weights()
     logits[..., 0] = 1e4  # everything on the shared chapter
     _, omega, probs, _ = layer.select(logits)
     assert (probs[..., 1:] == 0).all()
-    assert torch.isfinite(omega).all() and torch.allclose(omega[..., 0], torch.ones(2, 5))
+    assert torch.isfinite(omega).all(), "select's mixing weights must stay finite when every " \
+        "routed probability underflows to 0: floor the renormalising sum (at 1e-12)"
+    assert_same(omega[..., 0], torch.ones(2, 5), "the shared chapter's weight when the routed "
+                "probabilities are all 0")
 
 
 def published_token_forward(layer, bank, h):

@@ -21,9 +21,10 @@ RUN = ["--dataset", "emotion", "--init_from", "scratch", "--n_layer", "2", "--n_
        "--n_embd", "64", "--block_size", "128", "--eval_iters", "2"]
 # (code lines of functions, files) that the path may not exceed: the path as cut (prb 755, lora
 # 661), plus what a run crosses to hold its folder and write each file whole or not at all
-# (hold_run_folder, write_file, append_line: docs/failures.md), so that it cannot creep back; lower
-# them as it shrinks
-CEILING = {"prb": (811, 8), "lora": (717, 7)}
+# (hold_run_folder, write_file, append_line: docs/failures.md, +56) and to say its size, fit its
+# warm-up and its duration (size_the_run, Progress: +14), so that it cannot creep back; lower them
+# as it shrinks
+CEILING = {"prb": (825, 8), "lora": (731, 7)}
 # the module-level code lines of the prb path's files before the cut (413): logic moved there would
 # shorten the count without shortening the reading
 MODULE_CODE = 413

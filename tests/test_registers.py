@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from catalog import METHODS
-from helpers import ROOT, assert_causal, require_reference
+from helpers import ROOT, assert_causal, assert_same, require_reference
 from model import GPT, GPTConfig
 from registers import prefix_mean
 from train import parser_of
@@ -39,11 +39,13 @@ def test_paper_parameter_count(capsys):
 def test_prefix_mean_matches_a_loop():
     h = torch.randn(2, 7, 5)
     limit = torch.tensor([3, 9])
-    for t in range(7):
-        assert torch.allclose(prefix_mean(h)[:, t], h[:, :t + 1].mean(1), atol=1e-6)
-        for b in range(2):
-            end = min(t, limit[b].item() - 1)
-            assert torch.allclose(prefix_mean(h, limit)[b, t], h[b, :end + 1].mean(0), atol=1e-6)
+    assert_same(prefix_mean(h), torch.stack([h[:, :t + 1].mean(1) for t in range(7)], 1),
+                "prefix_mean(h) for h of shape (2, 7, 5): position t is the mean of h_0 .. h_t",
+                atol=1e-6)
+    expected = torch.stack([torch.stack([h[b, :min(t, limit[b].item() - 1) + 1].mean(0)
+                                         for t in range(7)]) for b in range(2)])
+    assert_same(prefix_mean(h, limit), expected, "prefix_mean(h, limit) with limit [3, 9]: "
+                "position t of row b is the mean of h_0 .. h_min(t, limit_b - 1)", atol=1e-6)
 
 
 def tiny_prb(pool, label_bias, seed=0):
@@ -89,9 +91,13 @@ def test_generation_uses_the_registers_as_training_does(pool, consistent):
     with torch.no_grad():
         training_logits = model(out, ctx)[0, 4:-1]
         generation_logits = torch.stack([model(out[:, :t], ctx)[0, -1] for t in range(5, 15)])
-    assert torch.allclose(training_logits, generation_logits, atol=1e-5) == consistent
-    if consistent:
+    if consistent:  # the next token's scores at each step of generation
+        assert_same(generation_logits, training_logits, f"--prb_pool {pool}: the logits while "
+                    "generating (got) against the training forward over the finished sequence "
+                    "(expected)")
         assert torch.equal(training_logits.argmax(-1), out[0, 5:])
+    else:
+        assert not torch.allclose(training_logits, generation_logits, atol=1e-5)
     plain = GPT(model.config).eval()  # the same weights without the bank generate something else
     plain.load_state_dict({k.replace(".base", ""): v for k, v in model.state_dict().items()
                            if not k.startswith("sites.") and "lora_" not in k})

@@ -12,7 +12,7 @@ import torch
 
 from bert import BERT, BertConfig
 from catalog import load_run
-from helpers import ROOT, require_reference
+from helpers import ROOT, assert_same, require_reference
 from plumbing.checkpoints import read_safetensors
 from regbert import QAHead, RegisterTokens
 from squad import QASplit, best_spans, exact_match, f1_score, normalize_answer
@@ -98,10 +98,14 @@ def test_best_span_decoding_respects_context_order_and_length(tmp_path):
     context = (torch.arange(T) >= 4)[None]
     scores, starts, ends, _ = best_spans(FixedLogits(logits), split, 1, torch.no_grad(), context,
                                          max_answer_len=8)
-    assert (starts[0], ends[0]) == (5, 6) and scores[0] == pytest.approx(9.0)
+    assert (int(starts[0]), int(ends[0])) == (5, 6), "best_spans with max_answer_len 8: (start, " \
+        "end) got the left, expected the right (start in the context, start <= end, end - start " \
+        "< max_answer_len)"
+    assert_same(scores[0], 9.0, "the best span's score (start logit + end logit)")
     _, starts, ends, _ = best_spans(FixedLogits(logits), split, 1, torch.no_grad(), context,
                                     max_answer_len=10)
-    assert (starts[0], ends[0]) == (5, 14)
+    assert (int(starts[0]), int(ends[0])) == (5, 14), "best_spans with max_answer_len 10: " \
+        "(start, end) got the left, expected the right"
 
 
 # ---------------------------------------------------------------- register tokens

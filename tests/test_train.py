@@ -74,7 +74,9 @@ def test_resume_after_ctrl_c_or_sigterm_is_exact(sig, finished_run, emotion_smal
 def test_eval_reports_the_run(finished_run):
     out = cli(["eval.py", finished_run, "--max_new_tokens", "5", "--which", "best"])
     assert out.returncode == 0, out.stderr
-    assert "| trainable params | val loss | test loss |" in out.stdout
+    assert "| trainable params | val loss (whole split) | test loss |" in out.stdout
+    assert "hold the val loss of --eval_iters 2 batches; this table holds the whole split" \
+        in out.stderr
     assert "[FEAR] ive been feeling" in out.stdout
     result = json.load(open(os.path.join(finished_run, "eval-best.json")))
     summary = json.load(open(os.path.join(finished_run, "summary.json")))
