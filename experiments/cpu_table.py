@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from plumbing.cli import InputError, Parser, in_words, write_atomically
+from plumbing.cli import InputError, Parser, in_words, make_folder, write_atomically
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "cpu-table.json")
@@ -63,7 +63,9 @@ def cpu_table(args, train_flags):
         raise InputError(f"cpu-table runs the README's commands as they are; unknown flags "
                          f"{' '.join(train_flags)}")
     if not args.render:
-        write_atomically(RESULTS, json.dumps(measure(args.out_dir), indent=1) + "\n")
+        data = measure(args.out_dir)
+        make_folder(os.path.dirname(RESULTS))
+        write_atomically(RESULTS, json.dumps(data, indent=1) + "\n")
     render_readme()
 
 
