@@ -119,7 +119,7 @@ def main_command_step():
 
 def main_command_sentence(data):
     step = data["main_command"]
-    return (f"{MAIN_START}on the {data['machine']} CPU of the table below, a step of its model "
+    return (f"{MAIN_START}on the CPU of the table below ({data['machine']}), a step of its model "
             f"(GPT-2 small's shapes) takes {step['seconds_per_step']:.3g} s, so its "
             f"{step['steps']:,} steps would take "
             f"about {in_words(step['seconds_per_step'] * step['steps'])}{MAIN_END}")
@@ -135,7 +135,7 @@ def rendered(data, commands=True):
                   for method, flags in data["commands"].items() if method != "T"]
         lines += ["python eval.py out/cpu-prb --max_new_tokens 10        # any run folder: its "
                   "scores and samples", "```", ""]
-    lines += [f"Measured with these commands on a {data['machine']} CPU at commit "
+    lines += [f"Measured with these commands on one CPU ({data['machine']}) at commit "
               f"`{data['commit']}` (float32, eager, one run at a time, the load average "
               f"{data['load_before']} before and {data['load_after']} after; wall time of the "
               "whole command, data loading and the final test scores included; "
