@@ -106,10 +106,10 @@ def size_the_run(args, steps):
     note (docs/training.md)."""
     args.max_steps = steps
     if args.warmup >= steps > 0 and not args.resume:  # a resumed run keeps its schedule
-        print(f"note: --warmup {args.warmup} is not shorter than the run ({steps} steps), so the "
-              f"learning rate would never reach --lr; warming up over {max(1, steps // 10)} "
-              "steps instead (pass a --warmup below the run's length to choose)", file=sys.stderr)
-        args.warmup = max(1, steps // 10)
+        asked, args.warmup = args.warmup, max(1, steps // 10)
+        print(f"note: --warmup {asked} is not shorter than the run ({steps} steps), so the lr "
+              f"would never reach --lr; warming up over {args.warmup} step{'s' * (args.warmup > 1)}"
+              " instead (pass a --warmup below the run's length to choose)", file=sys.stderr)
 
 
 @contextmanager
