@@ -14,13 +14,20 @@ Every arm trains the same base weights on the same batches (random tokens, --seq
 emotion batch padded to its bucket is 32-96 tokens), with fused AdamW, autocast and grad clipping as
 in train.py. Times are medians of per-step wall times after --warmup steps (CUDA synchronized). The
 reference arms need `transformers` and `peft` (requirements-test.txt); without them only our arms
-run.
+run. `--record NAME` (any bench) also records its table, command and results as
+docs/results/NAME.json, from which `python sweeps.py render` writes the docs' tables
+(experiments/records.py).
 """
 
+import contextlib
+import io
+import os
+import shlex
 import sys
 
 from benches import generate, grit, lm, memory, qa
-from plumbing.cli import InputError, fail
+from experiments import records
+from plumbing.cli import InputError, fail, read_json
 from plumbing.compat import BENCH_RENAMED, rename_flags
 
 # bench -> (its parser, run it); `python bench.py --flags` runs "lm"
@@ -41,10 +48,35 @@ def parse_command(argv):
     return run, parser().parse_args(argv)
 
 
+class Tee(io.StringIO):
+    """What the bench prints, kept as well as printed."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def write(self, text):
+        self.out.write(text)
+        return super().write(text)
+
+
 def main(argv=None):
-    run, args = parse_command(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:  # --record NAME: the printed table and --json's results, recorded
+        bench_argv, name = records.recorded_as(argv)
+    except InputError as e:
+        fail(e)
+    run, args = parse_command(bench_argv)
     try:
-        return run(args)
+        printed = Tee(sys.stdout)
+        with contextlib.redirect_stdout(printed) if name else contextlib.nullcontext():
+            result = run(args)
+        if name:
+            data = read_json(args.json) if getattr(args, "json", None) and os.path.isfile(
+                args.json) else None
+            records.record(name, f"python bench.py {shlex.join(argv)}",
+                          printed.getvalue().splitlines(), data)
+        return result
     except InputError as e:
         fail(e)
 

@@ -4,6 +4,7 @@ trainable parameters, over seeds.
 
     python experiments/toy.py --seeds 5                     # table, JSON and plot in out/atoms-toy
     python experiments/toy.py --seeds 5 --correction uniform --out_dir out/atoms-toy-uniform
+    python experiments/toy.py --seeds 5 --record atoms-toy-region   # and docs/results/NAME.json
 
 The setting (ours; the paper's regression tasks cannot be read). A frozen "pretrained" MLP f0 (d_in
 -> width -> width -> 1, GELU) is fitted to a teacher g0. The adaptation target adds a correction
@@ -18,8 +19,9 @@ FLOPs per example each adapter adds to f0 (plumbing/costs.py, counted), beside i
 """
 
 import os
-import sys
+import shlex
 import statistics
+import sys
 
 import torch
 import torch.nn as nn
@@ -30,6 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from atoms import apply_atoms
+from experiments.records import record, recorded_as
 from lora import apply_lora
 from method import freeze
 from plumbing.cli import (InputError, Parser, fail, markdown, mean_spread, pyplot, save_figure,
@@ -136,7 +139,11 @@ def main(argv=None):
                    help="region: the correction depends on the input's region (routing's home "
                         "ground); uniform: one correction everywhere (LoRA's)")
     p.add_argument("--out_dir", default="out/atoms-toy")
+    p.add_argument("--record", metavar="NAME",
+                   help="also record the table and per-seed results as docs/results/NAME.json")
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
+    recorded_as(argv)  # a bad name fails here, before the runs
     if min(a.seeds, a.d_in, a.width, a.rank, a.atoms, a.topk, a.key_dim, a.steps,
            a.batch_size) <= 0 or a.d_in < 2:
         fail("every size must be positive and --d_in at least 2 (the regions are the signs of x_0 "
@@ -203,6 +210,11 @@ def main(argv=None):
              *markdown(["arm", "trainable", "FLOPs/example", "test MSE", "minus LoRA's (paired)",
                         "train loss, tail mean", "train loss, tail std"], rows)]
     write_report(a.out_dir, "atoms-toy", lines, {"args": vars(a), "results": results})
+    if a.record:  # every seed's numbers, without the 2,000 training losses of each run
+        record(a.record, f"python experiments/toy.py {shlex.join(argv)}", lines,
+               {"args": vars(a), "results": {name: [{k: v for k, v in r.items() if k != "losses"}
+                                                    for r in runs]
+                                             for name, runs in results.items()}})
     plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))

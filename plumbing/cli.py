@@ -386,8 +386,9 @@ def load_hub_dataset(*args, **kwargs):
 # ------------------------------------------------------------------------------------------ reports
 def markdown(header, rows, left=1):
     """A markdown table: `left` left-aligned columns, the rest right-aligned (numbers)."""
-    return [f"| {' | '.join(header)} |", "|" + "---|" * left + "---:|" * (len(header) - left),
-            *(f"| {' | '.join(str(c) for c in row)} |" for row in rows)]
+    line = lambda cells: "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+    return [line(header), "|" + "---|" * left + "---:|" * (len(header) - left),
+            *(line(row) for row in rows)]
 
 
 def write_report(out_dir, name, lines, data):
