@@ -183,13 +183,14 @@ def atoms(plt):
     """Update atoms against parameter-matched and FLOP-matched LoRA, and the single static core,
     on the regression toy, emotion and PhoneBook."""
     fig, axes = plt.subplots(3, 1, figsize=(WIDTH, 4.8))
-    toy = {r["arm"]: r for r in rows("atoms-toy") if r["correction"] == "region"}
+    toy = by_arm("atoms-toy-region")
     emotion, phonebook = by_arm("atoms-emotion"), by_arm("atoms-phonebook200")
     panels = (
-        (toy, "clean test MSE",
-         "the regression toy, correction by region: test MSE (lower is better)",
+        (toy, "test MSE",
+         "the regression toy, correction by region: test MSE (lower is better; the seed changes "
+         "the task, so compare per seed: the table's paired column)",
          [("lora-r6", "LoRA r6 (params)"), ("lora-r8 (FLOP-matched)", "LoRA r8 (FLOPs)"),
-          ("static-core-r5 (one atom)", "one static core"), ("atoms-r5-M6-k2", "atoms")]),
+          ("static-core-r5", "one static core"), ("atoms-r5-M6-k2", "atoms")]),
         (emotion, "val (final)", "emotion: val loss (lower is better)",
          [("lora-r8", "LoRA r8"), ("lora-r9", "LoRA r9 (params ≈ FLOPs)"),
           ("atoms-b0-m1-k1", "one static core"), ("atoms", "atoms")]),
@@ -341,7 +342,7 @@ FIGURES = {
     "moc-bank-size": (moc_bank_size, ["bench-memory"], "Step time and memory by bank size",
                       "What a training step costs as the chapter bank grows from 4K to 262K "
                       "tokens (a cost curve: no loss by bank size has been measured)."),
-    "atoms": (atoms, ["atoms-toy", "atoms-emotion", "atoms-phonebook200"],
+    "atoms": (atoms, ["atoms-toy-region", "atoms-emotion", "atoms-phonebook200"],
               "Update atoms against LoRA on three tasks",
               "Update atoms against LoRA matched in parameters and in FLOPs, and a single static "
               "core (no routing), on the regression toy, emotion and PhoneBook."),

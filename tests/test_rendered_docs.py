@@ -68,6 +68,25 @@ def test_every_measured_table_is_rendered_from_json(page):
                        "(--record NAME) and mark it <!-- table: NAME -->")
 
 
+def recorded_cells():
+    cells = set()
+    for file in os.listdir(records.RESULTS):
+        for table in json.load(open(os.path.join(records.RESULTS, file))).get("tables", []):
+            cells.update(cell for row in table["rows"] for cell in row)
+    return cells
+
+
+@pytest.mark.parametrize("page", render.PAGES)
+def test_every_mean_and_spread_in_the_prose_is_a_recorded_number(page):
+    """A 'mean ± std' the text quotes is a cell of some recorded table: re-measuring a table
+    makes every sentence that quoted its old numbers fail here until it is rewritten."""
+    text = re.sub(r"```.*?```", "", render.MARKER.sub("", read(page)), flags=re.S)
+    cells = recorded_cells()
+    stale = [m for m in re.findall(r"[−-]?\d+\.\d+ ± \d+\.\d+", text)
+             if not any(m.replace("−", "-") in c.replace("−", "-") for c in cells)]
+    assert not stale, f"{page} quotes {stale[:3]}, which no table of docs/results/ holds"
+
+
 @pytest.mark.parametrize("page", DOCS)
 def test_every_image_a_doc_links_exists(page):
     for image in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", read(page)):
