@@ -116,6 +116,9 @@ def memory_law(plt):
             ax.plot(grid, [fit["C"] * r ** fit["alpha"] * length ** -fit["beta"] + fit["b"]
                            for r in grid], color=color, linewidth=1)
         ax.set_xscale("log", base=2)
+        ranks = sorted({r["rank"] for r in data["rows"]})
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
         ax.set(title=f"{method}: R² {fit['r2']:.3f}", xlabel="rank r")
     axes[0][0].set_ylabel("ΔL = L_init − L_final (nats)")
     axes[0][0].legend(fontsize=7)

@@ -24,7 +24,7 @@ import re
 from experiments.figures import FIGURES as DRAWN
 from experiments.figures import draw_all
 from experiments import cpu_table
-from experiments.records import ROOT, load, table_lines
+from experiments.records import FIGURES, ROOT, load, source_hash, table_lines
 from plumbing.cli import InputError, Parser, write_atomically
 
 PAGES = ["README.md", *(os.path.join("docs", page) for page in (
@@ -76,10 +76,18 @@ def marked(text):
 
 
 def stale(pages=PAGES):
-    """The pages whose marked tables or figures differ from what docs/results/ renders."""
-    return [page for page in pages
-            if (text := open(os.path.join(ROOT, page), encoding="utf-8").read())
-            != render_page(page, text)]
+    """The pages whose marked tables or figures differ from what docs/results/ renders, and the
+    figures drawn from other data than today's (the hash in their metadata)."""
+    from PIL import Image
+    found = [page for page in pages
+             if (text := open(os.path.join(ROOT, page), encoding="utf-8").read())
+             != render_page(page, text)]
+    for name, (_, sources, _, _) in DRAWN.items():
+        path = os.path.join(FIGURES, f"{name}.png")
+        if not os.path.isfile(path) or Image.open(path).text.get("Source") != source_hash(
+                sources):
+            found.append(os.path.relpath(path, ROOT))
+    return found
 
 
 def parse_render(argv):
@@ -87,7 +95,8 @@ def parse_render(argv):
                description="Write every marked table of README.md and docs/ and every figure of "
                            "docs/figures/ from docs/results/*.json alone (no training).")
     p.add_argument("--check", action="store_true",
-                   help="write nothing; list the pages that differ from what they render (exit 1)")
+                   help="write nothing; name the pages and figures that differ from what "
+                        "docs/results/ renders (exit status 2)")
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="the pages only, not the PNGs")
     return p.parse_args(argv), []
@@ -96,9 +105,9 @@ def parse_render(argv):
 def render_command(args, _):
     if args.check:
         if changed := stale():
-            raise InputError(f"{', '.join(changed)} differ from docs/results/; python sweeps.py "
-                             "render writes them")
-        print("every page is what docs/results/ renders")
+            raise InputError(f"{', '.join(changed)} differ from what docs/results/ renders; "
+                             "python sweeps.py render writes them")
+        print("every page and figure is what docs/results/ renders")
         return
     cpu_table.render_readme()
     for page in PAGES:
