@@ -193,3 +193,29 @@ def test_render_check_names_a_stale_page(tmp_path):
                            capture_output=True, text=True)
     assert fixed.returncode == 0, fixed.stderr
     assert page.read_text() == text
+
+
+def test_a_bench_and_the_toy_record_what_they_print(tmp_path, monkeypatch, capsys):
+    """bench.py and experiments/toy.py with --record: the table they print and the per-run numbers
+    behind it, as a docs/results/ file that renders."""
+    monkeypatch.setattr(records, "RESULTS", str(tmp_path))
+    import bench
+    bench.main(["generate", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--seq_len", "4",
+                "--new_tokens", "4", "--steps", "1", "--warmup", "0", "--device", "cpu", "--json",
+                str(tmp_path / "g.json"), "--record", "tiny-bench"])
+    data = json.load(open(tmp_path / "tiny-bench.json"))
+    assert data["commands"] == ["python bench.py generate --n_layer 1 --n_head 2 --n_embd 16 "
+                                f"--seq_len 4 --new_tokens 4 --steps 1 --warmup 0 --device cpu "
+                                f"--json {tmp_path / 'g.json'} --record tiny-bench"]
+    assert [row[0] for row in data["tables"][0]["rows"]][:2] == ["GPT-2, KV cache",
+                                                                "GPT-2, recompute"]
+    assert len(data["data"]["results"]) == 4
+    from experiments import toy
+    toy.main(["--seeds", "2", "--steps", "30", "--width", "16", "--out_dir", str(tmp_path / "toy"),
+              "--record", "tiny-toy"])
+    data = json.load(open(tmp_path / "tiny-toy.json"))
+    lora = next(arm for arm in data["data"]["results"] if arm.startswith("lora-r"))
+    assert {r["seed"] for r in data["data"]["results"][lora]} == {0, 1}
+    assert "losses" not in data["data"]["results"][lora][0]
+    assert render.render_page("docs/x.md", "<!-- table: tiny-toy -->\n<!-- end of table -->") \
+        .count(f"| {lora} |") == 1
