@@ -217,7 +217,8 @@ def grit_rank(plt):
     for color, arm in zip((LORA, OURS, PAPER, "#55a868"), arms):
         runs = [curves[n] for n in sorted(curves) if n.rsplit("-s", 1)[0] == arm]
         for ax, key in zip(axes, ("val_loss", "grit_effective_params")):
-            series = [{r["step"]: r[key] for r in run if key in r} for run in runs]
+            series = [{step: v for step, v in zip(run["step"], run.get(key, [])) if v is not None}
+                      for run in runs]
             steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
             if not steps:
                 continue
@@ -349,6 +350,9 @@ FIGURES = {
               "Update atoms against LoRA on three tasks",
               "Update atoms against LoRA matched in parameters and in FLOPs, and a single static "
               "core (no routing), on the regression toy, emotion and PhoneBook."),
+    "grit-rank": (grit_rank, ["grit-phonebook200-r8"], "GRIT's loss and adaptive rank",
+                  "GRIT against LoRA on PhoneBook at r 8: val loss and the effective rank share "
+                  "over training (line: mean, band: the seeds' range)."),
     "compare": (compare, ["compare-emotion", "compare-phonebook"],
                 "Every method at one parameter budget",
                 "Every GPT-side method at one trainable-parameter budget, as shipped."),

@@ -70,19 +70,25 @@ def commit():
                           capture_output=True).stdout.strip() or None
 
 
+# what a curve keeps of a metrics.jsonl line: not the timings (the machine's, not the method's)
+NOT_CURVES = ("elapsed_s", "tokens_per_s")
+
+
 def curves(out_dir):
-    """Every run folder's logged scalars under out_dir (one level), by folder name: what the
-    figures draw over steps."""
+    """Every run folder's logged scalars under out_dir (one level), by folder name, as columns
+    ({"step": [...], "val_loss": [...], ...}, None where a line lacks the value): what the figures
+    draw over steps."""
     found = {}
     for name in sorted(os.listdir(out_dir)):
         path = os.path.join(out_dir, name, "metrics.jsonl")
         if not os.path.isfile(path):
             continue
         with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        found[name] = [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                       for r in records]
+            lines = [json.loads(line) for line in f if line.strip()]
+        keys = [k for k in dict.fromkeys(k for r in lines for k in r) if k not in NOT_CURVES
+                and any(isinstance(r.get(k), (int, float)) for r in lines)]
+        found[name] = {k: [round(v, 6) if isinstance(v, float) else v
+                           for v in (r.get(k) for r in lines)] for k in keys}
     return found
 
 
@@ -108,5 +114,10 @@ def record(name, command, lines, data, run_curves=None):
               "tables": parse_tables(lines), "data": data, "curves": run_curves or {}}
     make_folder(RESULTS)
     path = os.path.join(RESULTS, f"{name}.json")
-    write_atomically(path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    # the provenance and tables one item a line, for people and diffs; the bulk on a line each
+    head = json.dumps({k: v for k, v in result.items() if k not in ("data", "curves")}, indent=1,
+                      ensure_ascii=False)
+    bulk = "".join(f',\n "{k}": {json.dumps(result[k], separators=(",", ":"), ensure_ascii=False)}'
+                   for k in ("data", "curves"))
+    write_atomically(path, head[:-2] + bulk + "\n}\n")
     print(f"recorded {os.path.relpath(path, ROOT)}; python sweeps.py render puts it into the docs")
