@@ -112,7 +112,8 @@ def memory_law(plt):
             mine = sorted((r["rank"], r["delta_loss"]) for r in data["rows"]
                           if r["method"] == method and r["length"] == length)
             ax.scatter(*zip(*mine), color=color, s=16, label=f"{length} tokens")
-            grid = [2 ** (i / 8) for i in range(0, 8 * int(math.log2(mine[-1][0])) + 1)]
+            low, high = mine[0][0], mine[-1][0]
+            grid = [low * 2 ** (i / 8) for i in range(8 * round(math.log2(high / low)) + 1)]
             ax.plot(grid, [fit["C"] * r ** fit["alpha"] * length ** -fit["beta"] + fit["b"]
                            for r in grid], color=color, linewidth=1)
         ax.set_xscale("log", base=2)
@@ -338,6 +339,9 @@ FIGURES = {
     "regbert-k": (regbert_k, ["regbert-cpu"], "EM and F1 by number of register tokens",
                   "Register-token BERT (MiniLM-L6, 200 CPU steps) on the SQuAD v1.1 dev file, k "
                   "= 0 and k = 4, two seeds."),
+    "memory-law": (memory_law, ["memory-law-directory"], "The memory law fitted to the runs",
+                   "ΔL of every PhoneBook run (points) and the law C r^α l^−β + b fitted per "
+                   "method (lines), by rank and answer length."),
     "moc-forgetting": (moc_forgetting, ["moc-scratch", "moc-scratch-paper"],
                        "Chapter memory from scratch, then forgetting",
                        "From scratch: the memory model against the backbone and an iso-FLOP "

@@ -80,7 +80,9 @@ def memory_row(run_dir):
             "length": s["length"], "L_init": s["L_init"], "L_final": final["test_loss"],
             "delta_loss": s["L_init"] - final["test_loss"], "exact_match": final["exact_match"],
             "token_accuracy": final["token_accuracy"], "failed": final["failed_entries"],
-            "rho": final["rho_stubborn_failure"], "recall": recall}
+            "rho": final["rho_stubborn_failure"], "recall": recall,
+            # the most confident answer token of any entry: MemFT-OT and -SW weight by p < 0.5
+            "max_p": max((p for e in recall for p in e["p_target"]), default=None)}
 
 
 def write_memory_law(rows, out_dir):
@@ -109,11 +111,12 @@ def write_memory_law(rows, out_dir):
     rows.sort(key=lambda r: (methods.index(r["method"]), r["length"], r["rank"]))
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     lines = markdown(["method", "length", "rank", "L_init", "L_final", "ΔL", "law ΔL",
-                      "exact match", "token acc", "failed", "ρ"],
+                      "exact match", "token acc", "failed", "max p", "ρ"],
                      [[r["method"], r["length"], r["rank"], f"{r['L_init']:.3f}",
                        f"{r['L_final']:.3f}", f"{r['delta_loss']:.3f}",
                        fmt(r.get("predicted"), ".3f"), f"{100 * r['exact_match']:.1f}%",
-                       f"{100 * r['token_accuracy']:.1f}%", r["failed"], fmt(r["rho"], ".3f")]
+                       f"{100 * r['token_accuracy']:.1f}%", r["failed"], fmt(r.get("max_p"), ".2f"),
+                       fmt(r["rho"], ".3f")]
                       for r in rows])
     law_rows = []
     for m in methods:
@@ -130,7 +133,7 @@ def write_memory_law(rows, out_dir):
                  {"rows": [{k: v for k, v in r.items() if k != "recall"} for r in rows],
                   "fits": fits, "rho_pooled": pooled_rho})
     keys = ["method", "dataset", "length", "rank", "L_init", "L_final", "delta_loss", "predicted",
-            "exact_match", "token_accuracy", "failed", "rho", "run"]
+            "exact_match", "token_accuracy", "failed", "max_p", "rho", "run"]
     csv = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r[k]) for k in keys)
                               for r in rows]
     write_atomically(os.path.join(out_dir, "memory-law.csv"), "\n".join(csv) + "\n")
