@@ -80,6 +80,42 @@ def test_statistics_are_the_rank_space_covariances(statistics):
     assert method.rows[0] == 31
 
 
+@pytest.mark.parametrize("flags, scale", [(["--lora_alpha", "16", "--grit_rslora", "on"], 8.0),
+                                          (["--lora_alpha", "12", "--grit_rslora", "off"], 3.0)])
+def test_the_statistics_at_the_scale_runs_use(flags, scale):
+    """At s = alpha / sqrt(r) (rsLoRA, as released: 8 here) and s = alpha / r (3), Sigma_g is the
+    covariance of B^T g, g = dL/dy: written out from each row's own gradient of the scaled path,
+    dL/du_i = s B^T g_i, so (dL/du_i)(dL/du_i)^T / s^2 averaged over rows; Sigma_a of u = A x is
+    untouched by s. A Sigma_g off by s^2 (64x at s = 8) fails here."""
+    torch.manual_seed(1)
+    model = OneLinear(6, 5)
+    method = grit("--lora_rank", "4", "--grit_clip", "released", *flags)
+    method.setup(model, {})
+    model.double()
+    layer = method.layers[0]
+    assert layer.scaling == scale
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    method.cov_a, method.cov_g = method.cov_a.double(), method.cov_g.double()
+    for sink_layer in method.layers:
+        sink_layer.sink = torch.zeros_like(sink_layer.sink, dtype=torch.float64,
+                                           requires_grad=True)
+    layer.collect = True
+    x, g = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    model(x).backward(g)
+    method.after_backward(model)
+    per_row = []  # each row's own gradient with respect to its u_i, through the scaled path
+    for x_i, g_i in zip(x, g):
+        u_i = (x_i @ layer.lora_A.detach().T).requires_grad_()
+        y_i = layer.base(x_i) + (u_i @ layer.lora_B.detach().T) * layer.scaling
+        per_row.append(torch.autograd.grad((y_i * g_i).sum(), u_i)[0])
+    grads = torch.stack(per_row)
+    assert_same(grads, scale * g @ layer.lora_B.detach(), "dL/du = s B^T g", atol=1e-12)
+    u = x @ layer.lora_A.detach().T
+    assert_same(method.cov_g[0], grads.T @ grads / len(x) / scale ** 2, "Sigma_g", atol=1e-10)
+    assert_same(method.cov_a[0], u.T @ u / len(x), "Sigma_a", atol=1e-10)
+
+
 def test_the_plain_and_the_fused_statistics_are_the_same_sums_and_gradients():
     """record_statistics (a tensor hook) and RankStatistics (an autograd function) add the same sums
     into the sink over two backwards, and leave every gradient (input, A, B) the same, in
