@@ -5,9 +5,10 @@ No code is published and only the abstract and secondary summaries can be read, 
 marked [ours] is our reading, each a flag where it is a choice. What the paper states: a shared
 queryable memory of low-rank update atoms replaces layer-local adapters; layers are grouped into
 blocks, and per block a query formed from the current low-rank state and a running summary of
-earlier blocks retrieves, by attention, a sparse (top-k) convex combination of atoms, applied inside
-the low-rank bottleneck; the routing logits are augmented with a language-induced prior over atoms
-(instruction regularisation).
+earlier blocks retrieves, by attention, a convex combination of atoms (the abstract says neither
+sparse nor top-k: the top-k, --atoms_topk, is ours), applied inside the low-rank bottleneck; the
+routing logits are augmented with a language-induced prior over atoms (instruction
+regularisation).
 
   u = A x              every adapted Linear keeps its own A (r x in) and B (out x r), as LoRA
   z_g = rms_normalize(A x) of block g's first adapted layer, per token, on the input without

@@ -387,6 +387,9 @@ class MoC(Method):
                              f"{a.dataset} has none")
         if a.moc_base == "lora" and a.lora_rank <= 0:
             raise InputError(f"--moc_base lora needs --lora_rank > 0, got {a.lora_rank}")
+        if a.moc_route == "token" and a.moc_read != "fused":
+            raise InputError(f"--moc_read {a.moc_read} picks the read of the mean-routed chapters; "
+                             "--moc_route token has its own read (read_token): drop --moc_read")
 
     def setup(self, model, meta):
         a = self.args

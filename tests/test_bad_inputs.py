@@ -85,6 +85,8 @@ CASES = [
       "--moc_init",
                "DATA", *SCRATCH, "--data_dir", "DATA", "--out_dir",
                "NEW"], "no memory.safetensors there"),
+    ("train", ["--method", "moc", "--moc_route", "token", "--moc_read", "plain", *SCRATCH,
+               "--data_dir", "DATA", "--out_dir", "NEW"], "--moc_route token has its own read"),
     # train.py: the memorisation task and method
     ("train", ["--dataset", "phonebook", "--length", "1000000000", "--out_dir", "NEW"],
      "--length must be in 1..1,000,000"),
