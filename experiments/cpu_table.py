@@ -11,7 +11,6 @@ table changes only by re-measuring it.
 
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from experiments.records import commit, machine
 from plumbing.cli import InputError, Parser, in_words, make_folder, write_atomically
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,11 +89,8 @@ def measure(out_dir):
         rows.append({"method": method, "trainable": summary["params"]["trainable"],
                      "final": summary["final"], "wall_s": round(time.time() - began, 1)})
         print(f"{method}: val {summary['final']['val_loss']:.4f}, {rows[-1]['wall_s']} s")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                            capture_output=True).stdout.strip()
-    return {"commands": {"T": T, **COMMANDS}, "commit": commit,
-            "main_command": main_command_step(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+    return {"commands": {"T": T, **COMMANDS}, "commit": commit(),
+            "main_command": main_command_step(), "machine": machine(),
             "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
             "rows": rows}
 
