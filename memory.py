@@ -156,9 +156,15 @@ class MemoryLayer(nn.Module):
         n_shared, as in the whole bank)."""
         # fp32 under autocast
         probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        w, idx = probs[..., self.n_shared:].topk(self.top_k, dim=-1)
-        # floored as published: a router with all its mass on the shared chapters leaves routed
-        # probabilities that underflow to 0, and 0 / 0 is NaN (Memory/router.py, clamp_min(1e-12))
+        # renormalised over the routed chapters before the top-k and over the k chosen after it,
+        # each sum floored at 1e-12, as published (Memory/router.py, route_token_level; Memory/
+        # model.py, _select_routed_chapters_from_probs). The floor keeps 0 / 0 from being NaN when
+        # the routed probabilities underflow; the first renormalisation keeps the k weights
+        # summing to 1 when the shared chapters hold nearly all the mass (one floored sum alone
+        # would leave them summing to less)
+        routed = probs[..., self.n_shared:]
+        routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
+        w, idx = routed.topk(self.top_k, dim=-1)
         w, idx = w / w.sum(-1, keepdim=True).clamp_min(1e-12), idx + self.n_shared
         shared = torch.arange(self.n_shared,
                               device=idx.device).expand(*idx.shape[:-1], self.n_shared)

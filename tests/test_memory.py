@@ -196,7 +196,8 @@ def published_token_forward(layer, bank, h):
     return h + layer.o(combined)  # _project_output, then the residual (adapter.py)
 
 
-def test_the_published_token_route_matches_a_transcription_of_the_published_forward():
+@pytest.mark.parametrize("shared_logit", [0.0, 40.0], ids=["random", "all-on-shared"])
+def test_the_published_token_route_matches_a_transcription_of_the_published_forward(shared_logit):
     torch.manual_seed(0)
     layer = MemoryLayer(16, 2, chapters=9, chapter_tokens=4, top_k=3, n_shared=1,
                         route="token").double()
@@ -204,7 +205,16 @@ def test_the_published_token_route_matches_a_transcription_of_the_published_forw
     with torch.no_grad():
         for p in [*layer.parameters(), *bank.parameters()]:
             p.normal_(0, 0.5)
+        # all-on-shared: every routed probability below 1e-13, their sum below the 1e-12 floor,
+        # where renormalising after the top-k alone leaves the k weights summing to ~0.3
+        layer.router.bias[0] += shared_logit
     h = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    if shared_logit:
+        routed = F.softmax(layer.router(h), dim=-1)[..., 1:]
+        assert (routed.sum(-1) < 1e-12).all(), "the regime this case is for"
+        _, w, _, _ = layer.select(layer.router(h))
+        assert_same(w.sum(-1), torch.ones(2, 5, dtype=torch.float64),
+                    "the routed weights of a router with its mass on the shared chapter")
     ours = layer(h, {"moc_bank": bank})
     theirs = published_token_forward(layer, bank.weight, h)
     assert torch.allclose(ours, theirs, atol=1e-12)
