@@ -13,7 +13,8 @@ CASES = [(name, ()) for name in gpt_methods()] + [("prb", ("--prb_pool", "prompt
                                                   ("prb", ("--prb_pool", "full")),
                                                   ("moc", ("--moc_route", "prompt")),
                                                   ("moc", ("--moc_route", "token")),
-                                                  ("moc", ("--moc_route", "sequence"))]
+                                                  ("moc", ("--moc_route", "sequence")),
+                                                  ("prefix", ("--prefix_projection", "on"))]
 # whole-sequence pooling
 CANNOT_STEP = {("prb", ("--prb_pool", "full")), ("moc", ("--moc_route", "sequence"))}
 CTX = {"label": torch.tensor([1, 4]), "prompt_len": torch.tensor([4, 3])}
