@@ -56,15 +56,17 @@ script overrides it (examples/train_dolly.py: K-FAC every 150 steps, 256 minimum
 0.003, reprojection every 300 steps from step 500, rank adaptation from step 500, minimum rank 8,
 natural-gradient warm-up 300, regulariser warm-up 500; examples/train_alpaca.py and
 train_gsm8k.py: the same K-FAC and reprojection settings with damping 0.005 and no warm-ups);
-`scripts` selects train_dolly.py's values as a whole (SCRIPTS below). Its lr of 1e-4 is --lr's.
+`scripts` selects train_dolly.py's GRIT values as a whole (SCRIPTS below).
+The recipes (--grit_recipe dolly|alpaca|gsm8k) set everything a script sets, its GRIT values and
+its Trainer's: rsLoRA, lr, schedule and warm-up, clipping, rank and dropout (RECIPES below).
 
 Deviations, each a choice: the statistics are kept in float32 (released: float16); they are taken
 from A dropout(x), the input B actually sees (released: A x; equal at the released dropout 0, our
 default here); float16 autocast is refused (its loss scale would enter Sigma_g).
 
 The statistics, plain and fused: record_statistics (--grit_statistics plain) is the plain version,
-a tensor hook on u = A x that adds the sums into a "sink" tensor's .grad; RankStatistics (the
-default) returns the same sums as the sink's gradient from an autograd function, so no buffer is
+a tensor hook on u = A x that adds the sums into a "sink" tensor's .grad; RankStatistics
+(plumbing/grit_fused.py, the default) returns the same sums as the sink's gradient from an autograd function, so no buffer is
 written inside a backward and torch.compile can trace it (tests/test_grit.py: the same sums and the
 same gradients). No host sync in the hot loop: folding, inversion (all damping scales at once, the
 first success picked on the device), reprojection (k as a mask, not a slice) and preconditioning
@@ -81,6 +83,7 @@ import torch.nn.functional as F
 from lora import LoRA, LoRALinear, add_lora_flags, apply_lora
 from method import freeze
 from plumbing.cli import InputError
+from plumbing.grit_fused import RankStatistics
 
 # grit/config.py, GRITConfig: the released defaults
 RELEASED = {"kfac_update_freq": 50, "kfac_damping": 1e-3, "kfac_min_samples": 64,
@@ -95,6 +98,20 @@ SCRIPTS = {"grit_kfac_freq": 150, "grit_min_samples": 256, "grit_damping": 0.003
            "grit_reproj_freq": 300, "grit_reproj_warmup": 500, "grit_rank_start": 500,
            "grit_min_rank": 8, "grit_ng_warmup": 300, "grit_reg_warmup": 500}
 
+# what every released example script sets besides: LoraConfig(use_rslora=True), max_grad_norm 1.5;
+# rank 16, alpha 32 and dropout 0 from grit/config.py's GRITConfig
+EVERY_SCRIPT = {"grit_rslora": "on", "grad_clip": 1.5, "lora_rank": 16, "lora_alpha": 32.0,
+                "lora_dropout": 0.0}
+# examples/train_alpaca.py and examples/train_gsm8k.py: damping 0.005, the K-FAC and reprojection
+# intervals of train_dolly.py, no warm-ups, GRITConfig's minimum rank (4) and learning rate (2e-5),
+# the Trainer's default schedule (lr_scheduler_type linear, no warm-up)
+ALPACA = {**EVERY_SCRIPT, "grit_kfac_freq": 150, "grit_min_samples": 256, "grit_damping": 0.005,
+          "grit_reproj_freq": 300, "grit_reproj_warmup": 500, "grit_rank_start": 500,
+          "grit_min_rank": 4, "grit_ng_warmup": 0, "grit_reg_warmup": 0, "lr": 2e-5,
+          "decay": "linear", "warmup_ratio": 0.0}
+RECIPES = {"dolly": {**EVERY_SCRIPT, **SCRIPTS, "lr": 1e-4, "decay": "cosine",  # train_dolly.py
+                     "warmup_ratio": 0.05},
+           "alpaca": ALPACA, "gsm8k": ALPACA}
 
 STATISTICS = ("fused", "plain")
 
@@ -115,25 +132,6 @@ def record_statistics(u, sink):
 
     u.register_hook(add_to_sink)
     return u
-
-
-class RankStatistics(torch.autograd.Function):
-    """The fused way: the identity on u = A x, whose backward also returns, as the gradient of a
-    sink tensor, the sums [u^T u, (dL/du)^T (dL/du), rows] flattened: autograd adds them into
-    sink.grad. No buffer is written inside a backward, so torch.compile traces it."""
-
-    @staticmethod
-    def forward(ctx, u, sink):
-        ctx.save_for_backward(u)
-        return u.view_as(u)
-
-    @staticmethod
-    def backward(ctx, grad_u):
-        u, = ctx.saved_tensors
-        flat_u, flat_g = u.reshape(-1, u.size(-1)).float(), grad_u.reshape(-1, u.size(-1)).float()
-        rows = flat_u.new_full((1,), flat_u.size(0))
-        return grad_u, torch.cat([(flat_u.T @ flat_u).flatten(), (flat_g.T @ flat_g).flatten(),
-                                  rows])
 
 
 class GritLinear(LoRALinear):
@@ -222,6 +220,10 @@ def add_grit_flags(parser):
                    help="library: grit/config.py's defaults (default); scripts: the released "
                         "example scripts' values (examples/train_dolly.py) for every flag below "
                         "not given explicitly")
+    g.add_argument("--grit_recipe", choices=["none", *RECIPES], default="none",
+                   help="a released example script as a whole (examples/train_<recipe>.py): its "
+                        "GRIT values, rsLoRA, lr, schedule and warm-up, clip, rank, dropout; "
+                        "explicit flags still win")
     g.add_argument("--grit_loss_window", type=int, default=LOG_STEPS,
                    help="steps per loss the damping and the adaptive intervals read (the "
                         "Trainer's logging_steps, 500); 0: train.py's --log_interval window")
@@ -269,7 +271,14 @@ class Grit(LoRA):
 
     @classmethod
     def derived_defaults(cls, args):
-        return dict(SCRIPTS) if args.grit_schedule == "scripts" else {}
+        if args.grit_recipe == "none":
+            return dict(SCRIPTS) if args.grit_schedule == "scripts" else {}
+        if args.grit_schedule == "scripts":
+            raise InputError("--grit_recipe sets the schedule of its script: drop --grit_schedule")
+        recipe = dict(RECIPES[args.grit_recipe])
+        # the Trainer's warm-up steps: ceil(ratio x training steps) (transformers, TrainingArguments
+        # .get_warmup_steps)
+        return recipe | {"warmup": math.ceil(recipe.pop("warmup_ratio") * args.max_steps)}
 
     def __init__(self, args, device="cpu"):
         super().__init__(args, device)

@@ -32,7 +32,8 @@ ADDED_FLAGS = {"pad_to": 0, "eos_target": "on", "qa_epochs": 0, "max_answer_len"
                # the loss GRIT read before it had its own window: the log window's
                "grit_loss_window": 0,
                # runs before the chunked loss computed the plain one, compiled in the default mode
-               "loss_chunk": 0, "compile_mode": "default"}
+               "loss_chunk": 0, "compile_mode": "default", "grit_recipe": "none",
+               "prefix_projection": "off", "prefix_hidden": 0, "prefix_init": "small"}
 # the token weighting of a MemFT run saved before --memft_loss (when memft-sw did not yet run the
 # released scripts' weighting): memft-sw and memft-window were the sliding window
 MEMFT_LOSS = {"sft": "sft", "memft-ot": "ot"}

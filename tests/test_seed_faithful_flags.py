@@ -103,3 +103,43 @@ def test_beta2_reaches_adamw(emotion_tiny_dir, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert summary["final"]["step"] == 1
     assert {tuple(g["betas"]) for g in ckpt["optimizer"]["param_groups"]} == {(0.9, 0.95)}
+
+
+# each released example script's values, transcribed from the script (not from grit.py): its
+# GRITConfig overrides, LoraConfig(use_rslora=True), Seq2SeqTrainingArguments(max_grad_norm=1.5,
+# lr_scheduler_type, warmup_ratio); what it leaves alone, GRITConfig's (grit/config.py) and the
+# Trainer's defaults (linear schedule, no warm-up)
+DOLLY = {"lr": 1e-4, "decay": "cosine", "warmup": 30,  # warmup_ratio 0.05 of 600 steps
+         "grit_rslora": "on", "grad_clip": 1.5, "lora_rank": 16, "lora_alpha": 32.0,
+         "lora_dropout": 0.0, "grit_kfac_freq": 150, "grit_min_samples": 256,
+         "grit_damping": 0.003, "grit_reproj_freq": 300, "grit_reproj_warmup": 500,
+         "grit_rank_start": 500, "grit_min_rank": 8, "grit_ng_warmup": 300,
+         "grit_reg_warmup": 500, "grit_two_sided": "on", "grit_lambda_kfac": 1e-5,
+         "grit_lambda_reproj": 1e-4}
+ALPACA = {"lr": 2e-5, "decay": "linear", "warmup": 0, "grit_rslora": "on", "grad_clip": 1.5,
+          "lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "grit_kfac_freq": 150,
+          "grit_min_samples": 256, "grit_damping": 0.005, "grit_reproj_freq": 300,
+          "grit_reproj_warmup": 500, "grit_rank_start": 500, "grit_min_rank": 4,
+          "grit_ng_warmup": 0, "grit_reg_warmup": 0, "grit_two_sided": "on",
+          "grit_lambda_kfac": 1e-5, "grit_lambda_reproj": 1e-4}
+
+
+@pytest.mark.parametrize("recipe, expected", [("dolly", DOLLY), ("alpaca", ALPACA),
+                                              ("gsm8k", ALPACA)])
+@pytest.mark.parametrize("flag", sorted(DOLLY))
+def test_a_grit_recipe_sets_what_its_script_sets(recipe, expected, flag):
+    """One assertion per value: a recipe on a GPU-less default run of 600 steps (--lr 1e-3,
+    --warmup 200 and --grad_clip 1.0 are train.py's defaults, so each value moved or was kept)."""
+    args, _ = train.parse_args(["--method", "grit", "--grit_recipe", recipe, "--max_steps",
+                                "600"])
+    assert getattr(args, flag) == expected[flag], (recipe, flag)
+
+
+def test_an_explicit_flag_wins_over_a_recipe_and_the_schedule_switch_is_refused():
+    from plumbing.cli import InputError
+    args, _ = train.parse_args(["--method", "grit", "--grit_recipe", "dolly", "--lr", "3e-3",
+                                "--lora_rank", "8", "--max_steps", "1000"])
+    assert (args.lr, args.lora_rank, args.warmup) == (3e-3, 8, 50)
+    with pytest.raises(InputError, match="drop --grit_schedule"):
+        train.parse_args(["--method", "grit", "--grit_recipe", "alpaca", "--grit_schedule",
+                          "scripts"])

@@ -210,7 +210,9 @@ def test_runs_saved_under_the_old_flag_names_load():
                            "decay_start": 0.85, "grit_schedule": "library", "grit_min_samples": 64,
                            "grit_ng_warmup": 0, "grit_reg_warmup": 0, "grit_rank_start": 0,
                            "atoms_route_input": "dropped", "grit_loss_window": 0,
-                           "loss_chunk": 0, "compile_mode": "default"}  # as they ran
+                           "loss_chunk": 0, "compile_mode": "default", "grit_recipe": "none",
+                           "prefix_projection": "off", "prefix_hidden": 0,
+                           "prefix_init": "small"}  # as they ran
     # `token` was the prefix-mean routing before the published token routing took the name
     assert upgrade_args({"method": "moc", "moc_route": "token"}, METHODS)["moc_route"] == "prefix"
     assert upgrade_args({"method": "moc", "moc_route": "token", "beta2": 0.9},
