@@ -225,12 +225,14 @@ def compare(a, train_flags):
     # seed 0 at every learning rate, then the best by final validation loss at every seed
     sweep = run_grid(a.out_dir, {run_name(arm, lr): arm_flags(arm, [*flags, "--lr", str(lr)],
                                                               train_flags)
-                                 for arm, flags in arms.items() for lr in tries[arm]}, 1, [])
+                                 for arm, flags in arms.items() for lr in tries[arm]}, 1,
+                     ["--dataset", a.dataset])
     val = {name: s[0]["final"]["val_loss"] for name, s in summaries(sweep).items()}
     score = lambda v: v if math.isfinite(v) else math.inf  # a diverged run is never the best
     best = {arm: min(tries[arm], key=lambda lr: score(val[run_name(arm, lr)])) for arm in arms}
     runs = run_grid(a.out_dir, {run_name(arm, best[arm]): arm_flags(
-        arm, [*arms[arm], "--lr", str(best[arm])], train_flags) for arm in arms}, a.seeds, [])
+        arm, [*arms[arm], "--lr", str(best[arm])], train_flags) for arm in arms}, a.seeds,
+        ["--dataset", a.dataset])
     runs = {arm: runs[run_name(arm, best[arm])] for arm in arms}
     done = summaries(runs)
     settings = {arm: train.parse_args([*arm_flags(arm, flags, train_flags), "--dataset",
@@ -268,8 +270,9 @@ def report(a, budget, arms, flops, tries, best, val, runs, done, settings, names
              "The learning-rate sweep: final validation loss at seed 0 (* the chosen lr).", "",
              *markdown(["arm", *(f"lr {lr:g}" for lr in grid)],
                        [[arm, *(cell(arm, lr) for lr in grid)] for arm in arms]), "",
-             f"Not run on {a.dataset}:", "",
-             *(f"- {which}: {why}" for which, why in (CANNOT[a.dataset] | NOT_PEFT).items())]
+             f"The GPT-side methods not run on {a.dataset}, and why.", "",
+             *markdown(["method", "why not"], left=2, rows=[[which, why] for which, why in
+                                               (CANNOT[a.dataset] | NOT_PEFT).items()])]
     write_report(a.out_dir, "compare", lines, {"budget": budget, "flops_per_token": flops,
                                                "flags": arms, "lrs": tries, "best_lr": best,
                                                "sweep_val_loss": val, "summaries": done})

@@ -77,5 +77,25 @@ def test_compare_sizes_tunes_and_reports_every_arm(emotion_tiny_dir, tmp_path):
         assert len(report["summaries"][arm]) == 2  # both seeds, at the best lr
         assert val[f"{arm}-lr{best[arm]:g}"] == min(val[f"{arm}-lr{lr:g}"] for lr in (1e-3, 3e-2))
     table = (out / "compare.md").read_text()
-    assert "| lora | 6,144 (+0.0%) |" in table and "Not run on emotion:" in table
+    assert "| lora | 6,144 (+0.0%) |" in table and "| regbert | a BERT method" in table
     assert "| moc |" in table and (out / "compare.png").is_file()
+
+
+@pytest.mark.slow
+def test_compare_on_phonebook_keeps_the_published_setup_apart(tmp_path):
+    """The recall task's arms train on it (the dataset reaches every run), and the published GRIT
+    arm runs train_dolly.py's setup and tries its learning rate beside the sweep's."""
+    import sweeps
+    out = tmp_path / "compare"
+    sweeps.main(["compare", "--dataset", "phonebook", "--seeds", "1", "--arms", "lora,grit-paper",
+                 "--lrs", "1e-2", "--out_dir", str(out), "--init_from", "scratch", "--n_layer",
+                 "1", "--n_head", "2", "--n_embd", "32", "--length", "100", "--epochs", "1"])
+    report = json.loads((out / "compare.json").read_text())
+    assert report["lrs"] == {"lora": [1e-2], "grit-paper": [1e-4, 1e-2]}
+    assert {s[0]["dataset"] for s in report["summaries"].values()} == {"phonebook"}
+    table = (out / "compare.md").read_text()
+    assert "| lora | 65,536" not in table  # sized on this tiny model, not the real one
+    row = next(line for line in table.splitlines() if line.startswith("| grit-paper |"))
+    assert "| 0 | 1.5 |" in row  # dropout and clip of examples/train_dolly.py
+    row = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert "| 0.1 | 1 |" in row
