@@ -66,12 +66,12 @@ default here); float16 autocast is refused (its loss scale would enter Sigma_g).
 
 The statistics, plain and fused: record_statistics (--grit_statistics plain) is the plain version,
 a tensor hook on u = A x that adds the sums into a "sink" tensor's .grad; RankStatistics
-(plumbing/grit_fused.py, the default) returns the same sums as the sink's gradient from an autograd function, so no buffer is
-written inside a backward and torch.compile can trace it (tests/test_grit.py: the same sums and the
-same gradients). No host sync in the hot loop: folding, inversion (all damping scales at once, the
-first success picked on the device), reprojection (k as a mask, not a slice) and preconditioning
-are tensor ops. The schedule is host arithmetic on the step count and on the logged loss, read when
-train.py logs.
+(plumbing/grit_fused.py, the default) returns the same sums as the sink's gradient from an autograd
+function, so no buffer is written inside a backward and torch.compile can trace it
+(tests/test_grit.py: the same sums and the same gradients). No host sync in the hot loop:
+folding, inversion (all damping scales at once, the first success picked on the device),
+reprojection (k as a mask, not a slice) and preconditioning are tensor ops. The schedule is host
+arithmetic on the step count and on the logged loss, read when train.py logs.
 """
 
 import math
