@@ -92,9 +92,12 @@ EXERCISES = {  # in the order docs/teaching.md recommends (a term copy meets few
          "tests/test_memory.py::test_auxiliary_losses_at_balance_and_at_zero_logits",
          "tests/test_memory.py::test_a_router_with_all_its_mass_on_the_shared_chapter_gives_finite"
          "_weights",
+         "tests/test_memory.py::test_the_published_token_route_matches_a_transcription_of_the_"
+         "published_forward[all-on-shared]",
          "tests/test_memory.py::test_causal_routes_are_causal"),
-        "softmax over every chapter, top-k among the routed ones, renormalise (floored), prepend "
-        "the shared chapters; load balance = C * sum_i f_i P_i, k at perfect balance"),
+        "softmax over every chapter, renormalise the routed ones, top-k, renormalise again (both "
+        "floored), prepend the shared chapters; load balance = C * sum_i f_i P_i, k at perfect "
+        "balance"),
     "atoms-route": Exercise(
         "hard", ("atoms.py:AtomPool.route",),
         ("tests/test_atoms.py::test_one_identity_atom_with_k_1_and_no_prior_is_lora",
