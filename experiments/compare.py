@@ -12,7 +12,9 @@ A fair race:
             whose published setup differs runs it as a second, labelled arm (`-paper`).
   tuning    every arm trains at each learning rate of --lrs at seed 0; the one with the lowest
             final validation loss trains the other seeds, and the table prints it. An arm whose
-            published recipe names its own learning rate also tries that one (PUBLISHED_LR).
+            best is the edge of what it tried tries the next rung past it (--extend), so a chosen
+            lr is the sweep's edge only where the table says so. An arm whose published recipe
+            names its own learning rate also tries that one (PUBLISHED_LR).
 A method that runs more forward FLOPs per token than budget-LoRA (counted on the built model,
 plumbing/costs.py) gets a FLOP-matched LoRA beside it (`lora-flops-<arm>`). The report names the
 methods the task cannot run, and why. Writes compare.md, compare.json and compare.png.
@@ -101,6 +103,9 @@ def parse_compare(argv):
     p.add_argument("--lrs", default=None,
                    help="comma-separated learning rates every arm tries at seed 0 (default: the "
                         "task's lr x 1/3, 1, 3)")
+    p.add_argument("--extend", type=int, default=2,
+                   help="an arm whose best lr is the edge of those tried tries the next rung of "
+                        "the 1-3 ladder past it, up to this many times (0: never)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out_dir", default="out/compare")
     return p.parse_known_args(argv)
@@ -185,6 +190,14 @@ def lr_grid(a, train_flags):
     return [float(f"{lr * f:.1g}") for f in (1 / 3, 1, 3)]
 
 
+def next_rung(lr, up):
+    """The next learning rate of the 1-3 ladder (..., 1e-3, 3e-3, 1e-2, ...) above or below lr."""
+    ladder = [m * 10.0 ** e for e in range(-9, 3) for m in (1, 3)]
+    if up:
+        return float(f"{min(v for v in ladder if v > lr * 1.01):.1g}")
+    return float(f"{max(v for v in ladder if v < lr / 1.01):.1g}")
+
+
 def compare(a, train_flags):
     table = ARMS[a.dataset]
     names = a.arms.split(",") if a.arms else list(table)
@@ -222,14 +235,22 @@ def compare(a, train_flags):
     tries = {arm: sorted(set(grid) | ({PUBLISHED_LR[arm]} if arm in PUBLISHED_LR else set()))
              for arm in arms}
     run_name = lambda arm, lr: f"{arm}-lr{lr:g}"
-    # seed 0 at every learning rate, then the best by final validation loss at every seed
-    sweep = run_grid(a.out_dir, {run_name(arm, lr): arm_flags(arm, [*flags, "--lr", str(lr)],
-                                                              train_flags)
-                                 for arm, flags in arms.items() for lr in tries[arm]}, 1,
-                     ["--dataset", a.dataset])
-    val = {name: s[0]["final"]["val_loss"] for name, s in summaries(sweep).items()}
     score = lambda v: v if math.isfinite(v) else math.inf  # a diverged run is never the best
-    best = {arm: min(tries[arm], key=lambda lr: score(val[run_name(arm, lr)])) for arm in arms}
+    # seed 0 at every learning rate; an arm whose best is the edge of what it tried also tries the
+    # next rung past it (at most --extend times); then the best trains every seed
+    for extension in range(a.extend + 1):
+        sweep = run_grid(a.out_dir, {run_name(arm, lr): arm_flags(
+            arm, [*flags, "--lr", str(lr)], train_flags) for arm, flags in arms.items()
+            for lr in tries[arm]}, 1, ["--dataset", a.dataset])
+        val = {name: s[0]["final"]["val_loss"] for name, s in summaries(sweep).items()}
+        best = {arm: min(tries[arm], key=lambda lr: score(val[run_name(arm, lr)]))
+                for arm in arms}
+        edges = {arm: next_rung(best[arm], up=best[arm] == max(tries[arm])) for arm in arms
+                 if len(tries[arm]) > 1 and best[arm] in (min(tries[arm]), max(tries[arm]))}
+        if not edges or extension == a.extend:
+            break
+        for arm, lr in edges.items():
+            tries[arm] = sorted([*tries[arm], lr])
     runs = run_grid(a.out_dir, {run_name(arm, best[arm]): arm_flags(
         arm, [*arms[arm], "--lr", str(best[arm])], train_flags) for arm in arms}, a.seeds,
         ["--dataset", a.dataset])
@@ -246,7 +267,9 @@ def report(a, budget, arms, flops, tries, best, val, runs, done, settings, names
     deviation = lambda arm: f"{count(arm):,} ({100 * (count(arm) / budget - 1):+.1f}%)"
     dropout = lambda arm: (f"{settings[arm].lora_dropout:g}"
                            if hasattr(settings[arm], "lora_dropout") else "-")
-    rows = [[arm, deviation(arm), f"{flops[arm]:,.0f}", f"{best[arm]:g}", dropout(arm),
+    at_edge = lambda arm: len(tries[arm]) > 1 and best[arm] in (min(tries[arm]), max(tries[arm]))
+    rows = [[arm, deviation(arm), f"{flops[arm]:,.0f}",
+             f"{best[arm]:g}" + (" (edge)" if at_edge(arm) else ""), dropout(arm),
              f"{settings[arm].grad_clip:g}", column(done[arm], "val_loss"),
              *(column(done[arm], k) for k in scores),
              mean_spread([tail_std(d) for d in runs[arm]])] for arm in arms]
@@ -260,8 +283,9 @@ def report(a, budget, arms, flops, tries, best, val, runs, done, settings, names
              "sized by its own knob to the value nearest it (the deviation in brackets; "
              "head-bias has d, prefix-paper counts its MLP while it trains and keeps the prefix "
              "arm's P x d, and its FLOPs). lr: the best of the sweep below by final validation "
-             "loss at seed 0. Dropout (LoRA's) and clip: the same for every arm but a `-paper` "
-             "arm that keeps its published setup. FLOPs: forward FLOPs per token the method "
+             "loss at seed 0 ((edge): still the sweep's edge after --extend rungs past it). "
+             "Dropout (LoRA's) and clip: the same for every arm but a `-paper` arm that keeps its "
+             "published setup. FLOPs: forward FLOPs per token the method "
              "adds to the frozen base, counted on one validation batch (plumbing/costs.py). "
              "`-paper`: the published choice; `lora-flops-X`: LoRA with X's FLOPs.", "",
              *markdown(["arm", "trainable (vs budget)", "FLOPs/token", "lr", "dropout", "clip",

@@ -42,6 +42,13 @@ def test_the_default_learning_rates_are_the_tasks_times_a_third_one_and_three():
     assert compare.lr_grid(args, ["--lr", "1e-2"]) == [3e-3, 1e-2, 3e-2]
 
 
+def test_the_next_rung_of_the_ladder():
+    assert [compare.next_rung(lr, up=True) for lr in (3e-4, 1e-3, 3e-3, 1e-2)] == \
+        [1e-3, 3e-3, 1e-2, 3e-2]
+    assert [compare.next_rung(lr, up=False) for lr in (3e-4, 1e-3, 1e-4)] == [1e-4, 3e-4, 3e-5]
+    assert compare.next_rung(2e-3, up=True) == 3e-3 and compare.next_rung(2e-3, up=False) == 1e-3
+
+
 def test_without_removes_a_flag_and_its_value():
     assert compare.without(["--a", "1", "--warmup", "60", "--b=2", "--warmup=3"],
                            {"--warmup"}) == ["--a", "1", "--b=2"]
@@ -55,7 +62,7 @@ def test_compare_sizes_tunes_and_reports_every_arm(emotion_tiny_dir, tmp_path):
     import sweeps
     out = tmp_path / "compare"
     sweeps.main(["compare", "--seeds", "2", "--arms", "lora,moc,prefix,prefix-paper,head-bias",
-                 "--budget", "6144", "--lrs", "1e-3,3e-2", "--out_dir", str(out),
+                 "--budget", "6144", "--lrs", "1e-3,3e-2", "--extend", "1", "--out_dir", str(out),
                  "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
                  "--block_size", "128", "--max_steps", "2", "--warmup", "1",
                  "--eval_interval", "2", "--eval_iters", "1", "--eval_batch_size", "16",
@@ -72,10 +79,13 @@ def test_compare_sizes_tunes_and_reports_every_arm(emotion_tiny_dir, tmp_path):
     assert "lora-flops-moc" in trainable and "lora-flops-head-bias" not in trainable
     # the merged prefix costs what the prefix arm costs: the MLP is gone after training
     assert flops["prefix-paper"] == flops["prefix"] and "lora-flops-prefix-paper" not in flops
-    val, best = report["sweep_val_loss"], report["best_lr"]
+    val, best, tries = report["sweep_val_loss"], report["best_lr"], report["lrs"]
     for arm in trainable:
         assert len(report["summaries"][arm]) == 2  # both seeds, at the best lr
-        assert val[f"{arm}-lr{best[arm]:g}"] == min(val[f"{arm}-lr{lr:g}"] for lr in (1e-3, 3e-2))
+        assert val[f"{arm}-lr{best[arm]:g}"] == min(val[f"{arm}-lr{lr:g}"] for lr in tries[arm])
+        # an edge best of the first two tried the next rung past it (one extension)
+        first = min((1e-3, 3e-2), key=lambda lr: val[f"{arm}-lr{lr:g}"])
+        assert set(tries[arm]) == {1e-3, 3e-2, compare.next_rung(first, up=first == 3e-2)}
     table = (out / "compare.md").read_text()
     assert "| lora | 6,144 (+0.0%) |" in table and "| regbert | a BERT method" in table
     assert "| moc |" in table and (out / "compare.png").is_file()
@@ -88,8 +98,9 @@ def test_compare_on_phonebook_keeps_the_published_setup_apart(tmp_path):
     import sweeps
     out = tmp_path / "compare"
     sweeps.main(["compare", "--dataset", "phonebook", "--seeds", "1", "--arms", "lora,grit-paper",
-                 "--lrs", "1e-2", "--out_dir", str(out), "--init_from", "scratch", "--n_layer",
-                 "1", "--n_head", "2", "--n_embd", "32", "--length", "100", "--epochs", "1"])
+                 "--lrs", "1e-2", "--extend", "0", "--out_dir", str(out), "--init_from",
+                 "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--length", "100",
+                 "--epochs", "1"])
     report = json.loads((out / "compare.json").read_text())
     assert report["lrs"] == {"lora": [1e-2], "grit-paper": [1e-4, 1e-2]}
     assert {s[0]["dataset"] for s in report["summaries"].values()} == {"phonebook"}
