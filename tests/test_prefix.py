@@ -76,16 +76,13 @@ def test_the_initialisations(init, std, projection):
     assert abs(drawn.std().item() / std - 1) < 0.05, (init, drawn.std().item())
 
 
-def test_a_negative_hidden_width_is_refused(tmp_path):
-    import subprocess
-    import sys
-
-    from helpers import ROOT
-    out = subprocess.run([sys.executable, "train.py", "--method", "prefix", "--prefix_hidden",
-                          "-1", "--init_from", "scratch", "--out_dir", str(tmp_path / "run")],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "--prefix_hidden" in out.stderr + out.stdout
+def test_a_negative_hidden_width_is_refused():
+    from catalog import METHODS
+    from plumbing.cli import InputError
+    from train import parse_args
+    args, _ = parse_args(["--method", "prefix", "--prefix_hidden", "-1"])
+    with pytest.raises(InputError, match="--prefix_hidden"):
+        METHODS["prefix"](args)
 
 
 @pytest.mark.slow
