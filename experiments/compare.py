@@ -198,6 +198,11 @@ def next_rung(lr, up):
     return float(f"{max(v for v in ladder if v < lr / 1.01):.1g}")
 
 
+def at_edge(tried, lr):
+    """Whether lr, the best of the learning rates tried, is the lowest or the highest of them."""
+    return len(tried) > 1 and lr in (min(tried), max(tried))
+
+
 def compare(a, train_flags):
     table = ARMS[a.dataset]
     names = a.arms.split(",") if a.arms else list(table)
@@ -246,7 +251,7 @@ def compare(a, train_flags):
         best = {arm: min(tries[arm], key=lambda lr: score(val[run_name(arm, lr)]))
                 for arm in arms}
         edges = {arm: next_rung(best[arm], up=best[arm] == max(tries[arm])) for arm in arms
-                 if len(tries[arm]) > 1 and best[arm] in (min(tries[arm]), max(tries[arm]))}
+                 if at_edge(tries[arm], best[arm])}
         if not edges or extension == a.extend:
             break
         for arm, lr in edges.items():
@@ -267,9 +272,8 @@ def report(a, budget, arms, flops, tries, best, val, runs, done, settings, names
     deviation = lambda arm: f"{count(arm):,} ({100 * (count(arm) / budget - 1):+.1f}%)"
     dropout = lambda arm: (f"{settings[arm].lora_dropout:g}"
                            if hasattr(settings[arm], "lora_dropout") else "-")
-    at_edge = lambda arm: len(tries[arm]) > 1 and best[arm] in (min(tries[arm]), max(tries[arm]))
     rows = [[arm, deviation(arm), f"{flops[arm]:,.0f}",
-             f"{best[arm]:g}" + (" (edge)" if at_edge(arm) else ""), dropout(arm),
+             f"{best[arm]:g}" + (" (edge)" if at_edge(tries[arm], best[arm]) else ""), dropout(arm),
              f"{settings[arm].grad_clip:g}", column(done[arm], "val_loss"),
              *(column(done[arm], k) for k in scores),
              mean_spread([tail_std(d) for d in runs[arm]])] for arm in arms]
