@@ -359,8 +359,8 @@ FIGURES = {
                   "over training (line: mean, band: the seeds' range)."),
     "compare": (compare, ["compare-emotion", "compare-phonebook"],
                 "Every method at one parameter budget",
-                "Every GPT-side method at one parameter budget (PhoneBook: each arm at its best "
-                "lr, one dropout; emotion: one lr)."),
+                "Every GPT-side method at one parameter budget, each arm at its best lr and one "
+                "dropout (a -paper arm at its published setup)."),
     "model-sites": (model_sites, ["model-sites"], "Where each method attaches in the model",
                     "Where each method changes a GPT, read off the built models."),
 }
